@@ -1,0 +1,53 @@
+"""Shared fixtures: a fresh database per test, and network namespaces that are always removed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from virtualinux.vm_test.netns import Netns
+from virtualinux.vvcm.db import Database
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "cluster.toml"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Lab tests need root; anywhere else they are skipped with the reason printed."""
+    if os.geteuid() == 0:
+        return
+    skip = pytest.mark.skip(reason="lab test: needs root (network namespaces, QEMU, tgt)")
+    for item in items:
+        if "lab" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def db_path(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "cluster.db"
+    monkeypatch.setenv("VLX_DB", str(path))
+    return path
+
+
+@pytest.fixture
+def db(db_path) -> Database:
+    return Database.create(db_path)
+
+
+@pytest.fixture
+def netns():
+    """A registry of namespaces; everything it made is gone after the test, pass or fail."""
+    registry = Netns(prefix="vt")
+    try:
+        yield registry
+    finally:
+        registry.close()
+
+
+def require(*programs: str) -> None:
+    missing = [p for p in programs if shutil.which(p) is None]
+    if missing:
+        pytest.fail(f"missing programs {missing}: `make test` installs them "
+                    "(debian-packages.txt)")

@@ -1,0 +1,254 @@
+"""Inventory fields, declared once on the model's dataclasses and used everywhere.
+
+Each dataclass field of the model carries a `Setting` in its metadata: the key it has in the
+inventory TOML, in `--json` output and as a `--flag` of `vlx`, its help text, and how its value
+is parsed and dumped. Import, export, JSON and argparse are all derived from that one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import re
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from .errors import VlxError
+
+REQUIRED = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    help: str
+    parse: Callable[[Any], Any]
+    dump: Callable[[Any], Any] = lambda value: value
+    default: Any = REQUIRED
+    metavar: str | None = None
+
+
+def setting(help: str, parse: Callable[[Any], Any], dump: Callable[[Any], Any] | None = None,
+            default: Any = REQUIRED, metavar: str | None = None) -> Any:
+    """A dataclass field whose metadata is its inventory `Setting`."""
+    meta = {"setting": Setting(help, parse, dump or (lambda value: value), default, metavar)}
+    if default is REQUIRED:
+        return dataclasses.field(metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def settings_of(cls: type) -> Iterator[tuple[str, Setting]]:
+    for field in dataclasses.fields(cls):
+        if "setting" in field.metadata:
+            yield field.name, field.metadata["setting"]
+
+
+def from_mapping(cls: type, data: Mapping[str, Any], where: str,
+                 ignore: tuple[str, ...] = ()) -> Any:
+    """Build a `cls` from TOML/JSON data, naming `where` and the field in every error."""
+    if not isinstance(data, Mapping):
+        raise VlxError(f"expected a table, got {type(data).__name__}", where)
+    known = {name for name, _ in settings_of(cls)}
+    unknown = sorted(set(data) - known - set(ignore))
+    if unknown:
+        raise VlxError(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})", where)
+    values = {}
+    for name, spec in settings_of(cls):
+        if name not in data or data[name] is None:
+            if spec.default is REQUIRED:
+                raise VlxError(f"missing required key {name!r} ({spec.help})", where)
+            continue
+        try:
+            values[name] = spec.parse(data[name])
+        except (ValueError, TypeError) as err:
+            raise VlxError(f"{name} = {data[name]!r}: {err}", where) from None
+    return cls(**values)
+
+
+def to_mapping(obj: Any, skip_defaults: bool = False) -> dict[str, Any]:
+    """Dumped values of every setting of `obj`, leaving out those that are None."""
+    out = {}
+    for name, spec in settings_of(type(obj)):
+        value = getattr(obj, name)
+        if value is None or (skip_defaults and spec.default is not REQUIRED
+                             and value == spec.default):
+            continue
+        out[name] = spec.dump(value)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, positional: str | None = None,
+                  all_optional: bool = False) -> None:
+    """One `--flag` per setting of `cls` (the `positional` one becomes an argument)."""
+    for name, spec in settings_of(cls):
+        if name == positional:
+            parser.add_argument(name, help=spec.help)
+            continue
+        required = spec.default is REQUIRED and not all_optional
+        default_note = "" if spec.default in (REQUIRED, None) else f" (default: {_show(spec)})"
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, required=required,
+                            metavar=spec.metavar, help=spec.help + default_note)
+
+
+def from_arguments(cls: type, args: argparse.Namespace, where: str = "command line") -> Any:
+    data = {name: getattr(args, name) for name, _ in settings_of(cls)
+            if getattr(args, name, None) is not None}
+    return from_mapping(cls, data, where)
+
+
+def _show(spec: Setting) -> str:
+    dumped = spec.dump(spec.default)
+    if isinstance(dumped, list | tuple):
+        return ",".join(str(v) for v in dumped)
+    return str(dumped)
+
+
+# Parsers. Each raises ValueError with a message that says what a good value looks like.
+
+_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_MAC = re.compile(r"^[0-9a-f]{2}([:-][0-9a-f]{2}){5}$")
+_MEMORY = re.compile(r"^(\d+)\s*(k|m|g|t)?(i?b)?$", re.IGNORECASE)
+_UNITS_MIB = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024, None: 1}
+
+
+def parse_name(value: Any) -> str:
+    if not isinstance(value, str) or not _LABEL.match(value):
+        raise ValueError("not a host name: use 1-63 lower-case letters, digits and '-', "
+                         "not starting or ending with '-'")
+    return value
+
+
+def parse_domain(value: Any) -> str:
+    if not isinstance(value, str) or not value or len(value) > 253:
+        raise ValueError("not a DNS domain")
+    labels = value.rstrip(".").split(".")
+    if not all(_LABEL.match(label) for label in labels):
+        raise ValueError("not a DNS domain: labels are letters, digits and '-'")
+    return value.rstrip(".")
+
+
+def parse_mac(value: Any) -> str:
+    if not isinstance(value, str) or not _MAC.match(value.lower()):
+        raise ValueError("not a MAC address: use six hex pairs like 52:54:00:00:00:11")
+    mac = value.lower().replace("-", ":")
+    if int(mac[:2], 16) & 1:
+        raise ValueError("a multicast MAC address cannot be a boot MAC")
+    return mac
+
+
+def parse_ipv4(value: Any) -> ipaddress.IPv4Address:
+    if not isinstance(value, str | ipaddress.IPv4Address):
+        raise ValueError("not an IPv4 address")
+    try:
+        return ipaddress.IPv4Address(value)
+    except ipaddress.AddressValueError as err:
+        raise ValueError(f"not an IPv4 address ({err})") from None
+
+
+def parse_ipv4_list(value: Any) -> tuple[ipaddress.IPv4Address, ...]:
+    if isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+    if not isinstance(value, list | tuple):
+        raise ValueError("expected a list of IPv4 addresses")
+    return tuple(parse_ipv4(item.strip() if isinstance(item, str) else item) for item in value)
+
+
+def parse_cidr(value: Any) -> ipaddress.IPv4Network:
+    if not isinstance(value, str | ipaddress.IPv4Network):
+        raise ValueError("not a CIDR network")
+    try:
+        network = ipaddress.IPv4Network(value, strict=True)
+    except ValueError as err:
+        raise ValueError(f"not a CIDR network like 198.18.0.0/24 ({err})") from None
+    if network.prefixlen > 30:
+        raise ValueError("a network needs a prefix of /30 or shorter to hold hosts")
+    return network
+
+
+def parse_count(value: Any) -> int:
+    number = _integer(value)
+    if number < 1:
+        raise ValueError("must be at least 1")
+    return number
+
+
+def parse_memory_mib(value: Any) -> int:
+    """Memory as MiB: an integer is MiB, a string may say 512MiB, 4GiB, 4G."""
+    if isinstance(value, bool):
+        raise ValueError("not a memory size")
+    if isinstance(value, int):
+        mib = value
+    elif isinstance(value, str) and (match := _MEMORY.match(value.strip())):
+        unit = match.group(2).lower() if match.group(2) else None
+        mib = int(int(match.group(1)) * _UNITS_MIB[unit])
+    else:
+        raise ValueError("not a memory size: use MiB as an integer, or a string like '512MiB' "
+                         "or '4GiB'")
+    if mib < 16:
+        raise ValueError("memory below 16 MiB cannot boot anything")
+    return mib
+
+
+def dump_memory_mib(mib: int) -> str:
+    return f"{mib // 1024}GiB" if mib % 1024 == 0 else f"{mib}MiB"
+
+
+def parse_ratio(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("not a number")
+    try:
+        ratio = float(value)
+    except (TypeError, ValueError):
+        raise ValueError("not a number") from None
+    if not 0.1 <= ratio <= 64:
+        raise ValueError("must be between 0.1 and 64")
+    return ratio
+
+
+def parse_seconds(value: Any) -> int:
+    number = _integer(value)
+    if not 60 <= number <= 2**31 - 1:
+        raise ValueError("must be between 60 and 2147483647 seconds")
+    return number
+
+
+def ranged_int(low: int, high: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        number = _integer(value)
+        if not low <= number <= high:
+            raise ValueError(f"must be between {low} and {high}")
+        return number
+    return parse
+
+
+def choice_list(choices: tuple[str, ...]) -> Callable[[Any], tuple[str, ...]]:
+    def parse(value: Any) -> tuple[str, ...]:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ValueError("expected a list of names")
+        for item in value:
+            if item not in choices:
+                raise ValueError(f"unknown {item!r} (choose from {', '.join(choices)})")
+        if len(set(value)) != len(value):
+            raise ValueError("names a role twice")
+        return tuple(sorted(value))
+    return parse
+
+
+def dump_str(value: Any) -> str:
+    return str(value)
+
+
+def dump_list(values: tuple[Any, ...]) -> list[Any]:
+    return [str(v) for v in values]
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("not an integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*", value):
+        return int(value)
+    raise ValueError("not an integer")

@@ -1,0 +1,129 @@
+"""The inventory: the TOML file a person writes, read into the database and written back.
+
+Sections: `[cluster]` (the `Settings`), `[[node]]`, `[[vc]]` (with an optional `placement`
+table VM -> node, which `vlx db export` writes so an import reproduces the database exactly)
+and `[[volume]]`. The keys are the model's settings (`fields`), nothing else. Every error
+names the file, the line of the entry's header and the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from . import changes
+from .errors import VlxError
+from .fields import from_mapping, parse_name, to_mapping
+from .model import Cluster, Node, Settings, VirtualCluster, Volume
+
+SECTIONS = {"cluster": Settings, "node": Node, "vc": VirtualCluster, "volume": Volume}
+
+
+@dataclasses.dataclass(frozen=True)
+class Inventory:
+    settings: Settings
+    nodes: tuple[Node, ...]
+    vcs: tuple[tuple[VirtualCluster, dict[str, str] | None], ...]
+    volumes: tuple[Volume, ...]
+
+
+def load(path: Path | str) -> Inventory:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise VlxError(f"cannot read inventory: {err.strerror}", str(path)) from None
+    except UnicodeDecodeError:
+        raise VlxError("inventory is not UTF-8 text", str(path)) from None
+    return parse(text, str(path))
+
+
+def parse(text: str, source: str = "<inventory>") -> Inventory:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise VlxError(f"TOML syntax error: {err}", source) from None
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise VlxError(f"unknown section {unknown[0]!r} (known: "
+                       f"{', '.join(sorted(SECTIONS))})", source)
+    if "cluster" not in data:
+        raise VlxError("missing the [cluster] section (domain, cidr, gateway_vip)", source)
+    settings = from_mapping(Settings, data["cluster"], _where(text, source, "cluster", None))
+    entries = {}
+    for section in ("node", "vc", "volume"):
+        items = data.get(section, [])
+        if not isinstance(items, list):
+            raise VlxError(f"{section} must be written [[{section}]], an array of tables",
+                           source)
+        entries[section] = []
+        for number, item in enumerate(items):
+            where = _where(text, source, section, number, item)
+            ignore = ("placement",) if section == "vc" else ()
+            value = from_mapping(SECTIONS[section], item, where, ignore=ignore)
+            placement = _placement(item.get("placement"), where) if section == "vc" else None
+            entries[section].append((value, placement) if section == "vc" else value)
+    return Inventory(settings, tuple(entries["node"]), tuple(entries["vc"]),
+                     tuple(entries["volume"]))
+
+
+def apply(cluster: Cluster, inventory: Inventory, source: str) -> Cluster:
+    """The cluster as the inventory describes it; credentials of owners it keeps stay."""
+    fresh = Cluster(generation=cluster.generation, settings=None)
+    try:
+        fresh = changes.set_settings(fresh, inventory.settings)
+        for node in inventory.nodes:
+            fresh = changes.add_node(fresh, node)
+        for vc, placement in inventory.vcs:
+            fresh = changes.define_vc(fresh, vc, placement)
+        fresh = changes.put_volumes(fresh, inventory.volumes)
+    except VlxError as err:
+        raise VlxError(err.message, f"{source}: {err.where}" if err.where else source) from None
+    owners = {node.name for node in fresh.nodes} | {vm.name for vm in fresh.vms}
+    return dataclasses.replace(fresh, credentials=tuple(
+        c for c in cluster.credentials if c.owner in owners))
+
+
+def dump(cluster: Cluster) -> str:
+    if cluster.settings is None:
+        raise VlxError("the database holds no cluster yet: nothing to export")
+    data: dict[str, Any] = {"cluster": to_mapping(cluster.settings)}
+    data["node"] = [to_mapping(node) for node in cluster.nodes]
+    data["vc"] = [{**to_mapping(vc),
+                   "placement": {vm.name: vm.node for vm in cluster.vms_of(vc.name)}}
+                  for vc in cluster.vcs]
+    data["volume"] = [to_mapping(volume) for volume in cluster.volumes]
+    header = (f"# virtualinux inventory, exported at generation {cluster.generation}.\n"
+              "# `vlx db import` of this file gives the same cluster.\n\n")
+    return header + tomli_w.dumps({k: v for k, v in data.items() if v})
+
+
+def _placement(value: Any, where: str) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise VlxError("placement must be a table of VM = node", where)
+    try:
+        return {parse_name(vm): parse_name(node) for vm, node in value.items()}
+    except ValueError as err:
+        raise VlxError(f"placement: {err}", where) from None
+
+
+def _where(text: str, source: str, section: str, number: int | None,
+           item: Any = None) -> str:
+    """`FILE:LINE: [[section]] #N (name)`: the line of the entry's header, found in the text."""
+    pattern = (rf"^\s*\[\[\s*{section}\s*\]\]" if number is not None
+               else rf"^\s*\[\s*{section}\s*\]")
+    headers = [i for i, line in enumerate(text.splitlines(), 1) if re.match(pattern, line)]
+    index = number or 0
+    line = f":{headers[index]}" if index < len(headers) else ""
+    label = f"[{section}]" if number is None else f"[[{section}]] #{number + 1}"
+    if isinstance(item, Mapping) and isinstance(item.get("name"), str):
+        label += f" ({item['name']})"
+    return f"{source}{line}: {label}"
