@@ -25,9 +25,10 @@ SERVICE_NAMES = ("dhcp", "tftp", "http", "dns", "heartbeat")
 
 @dataclasses.dataclass(frozen=True)
 class Replica:
-    """Who this replica is: the node it serves as, and where it listens."""
+    """Who this replica is: the node it serves as (None for a replica that is not a cluster
+    node, as in the lab before nodes run a host OS), and where it listens."""
 
-    node: Node
+    node: Node | None
     interface: str
     address: ipaddress.IPv4Address
     netboot_root: Path
