@@ -58,9 +58,10 @@ def define_vc(cluster: Cluster, vc: VirtualCluster,
             raise VlxError(f"VC {vc.name}: placement names {unknown[0]!r}, which is not one of "
                            f"its VMs ({names[0]} .. {names[-1]})")
         missing = [name for name in names if name not in placement]
-        chosen = dict(zip(missing, place(vc, missing, cluster.nodes, cluster.settings,
-                                         cluster.vms, vcs), strict=True))
-        chosen.update(placement)
+        chosen = dict(placement)
+        if missing:
+            chosen.update(zip(missing, place(vc, missing, cluster.nodes, cluster.settings,
+                                             cluster.vms, vcs), strict=True))
         nodes = [chosen[name] for name in names]
     else:
         nodes = place(vc, names, cluster.nodes, cluster.settings, cluster.vms, vcs)

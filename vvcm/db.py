@@ -25,7 +25,8 @@ from .model import VM, Change, Cluster, Credential, Node, Settings, VirtualClust
 
 DEFAULT_PATH = Path("/var/lib/virtualinux/cluster.db")
 SCHEMA_VERSION = 1
-BUSY_TIMEOUT = 30.0
+# How long a writer waits for another to finish before giving up cleanly.
+BUSY_TIMEOUT = float(os.environ.get("VLX_DB_TIMEOUT", "30"))
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -49,8 +50,9 @@ def default_path() -> Path:
 
 
 class Database:
-    def __init__(self, path: Path | str | None = None):
+    def __init__(self, path: Path | str | None = None, busy_timeout: float = BUSY_TIMEOUT):
         self.path = Path(path) if path else default_path()
+        self.busy_timeout = busy_timeout
 
     @classmethod
     def create(cls, path: Path | str | None = None, force: bool = False) -> Database:
@@ -75,7 +77,7 @@ class Database:
         if not self.path.exists():
             raise VlxError(f"no database at {self.path}: run `vlx db init` first "
                            "(or name another with --db PATH or VLX_DB)")
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
         try:
             try:
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -107,8 +109,9 @@ class Database:
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as err:
-                raise DatabaseBusy(f"{self.path} stayed locked by another writer for "
-                                   f"{BUSY_TIMEOUT:g} s ({err}); nothing was changed") from None
+                raise DatabaseBusy(
+                    f"{self.path} stayed locked by another writer for {self.busy_timeout:g} s "
+                    f"({err}); nothing was changed") from None
             try:
                 old = _load(conn)
                 new = change(old)

@@ -85,7 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, positional: str | 
             parser.add_argument(name, help=spec.help)
             continue
         required = spec.default is REQUIRED and not all_optional
-        default_note = "" if spec.default in (REQUIRED, None) else f" (default: {_show(spec)})"
+        shown = "" if spec.default in (REQUIRED, None) else _show(spec)
+        default_note = f" (default: {shown})" if shown else ""
         parser.add_argument("--" + name.replace("_", "-"), dest=name, required=required,
                             metavar=spec.metavar, help=spec.help + default_note)
 

@@ -31,6 +31,8 @@ class Inventory:
     nodes: tuple[Node, ...]
     vcs: tuple[tuple[VirtualCluster, dict[str, str] | None], ...]
     volumes: tuple[Volume, ...]
+    # "section name" -> "FILE:LINE: [[section]] #N (name)", to name the entry in later errors
+    locations: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def load(path: Path | str) -> Inventory:
@@ -56,7 +58,8 @@ def parse(text: str, source: str = "<inventory>") -> Inventory:
     if "cluster" not in data:
         raise VlxError("missing the [cluster] section (domain, cidr, gateway_vip)", source)
     settings = from_mapping(Settings, data["cluster"], _where(text, source, "cluster", None))
-    entries = {}
+    entries: dict[str, list[Any]] = {}
+    locations = {}
     for section in ("node", "vc", "volume"):
         items = data.get(section, [])
         if not isinstance(items, list):
@@ -67,24 +70,29 @@ def parse(text: str, source: str = "<inventory>") -> Inventory:
             where = _where(text, source, section, number, item)
             ignore = ("placement",) if section == "vc" else ()
             value = from_mapping(SECTIONS[section], item, where, ignore=ignore)
+            locations[f"{section} {value.name}"] = where
             placement = _placement(item.get("placement"), where) if section == "vc" else None
             entries[section].append((value, placement) if section == "vc" else value)
     return Inventory(settings, tuple(entries["node"]), tuple(entries["vc"]),
-                     tuple(entries["volume"]))
+                     tuple(entries["volume"]), locations)
 
 
 def apply(cluster: Cluster, inventory: Inventory, source: str) -> Cluster:
     """The cluster as the inventory describes it; credentials of owners it keeps stay."""
     fresh = Cluster(generation=cluster.generation, settings=None)
+    where = source
     try:
         fresh = changes.set_settings(fresh, inventory.settings)
         for node in inventory.nodes:
+            where = inventory.locations.get(f"node {node.name}", source)
             fresh = changes.add_node(fresh, node)
         for vc, placement in inventory.vcs:
+            where = inventory.locations.get(f"vc {vc.name}", source)
             fresh = changes.define_vc(fresh, vc, placement)
+        where = source
         fresh = changes.put_volumes(fresh, inventory.volumes)
     except VlxError as err:
-        raise VlxError(err.message, f"{source}: {err.where}" if err.where else source) from None
+        raise VlxError(err.message, where) from None
     owners = {node.name for node in fresh.nodes} | {vm.name for vm in fresh.vms}
     return dataclasses.replace(fresh, credentials=tuple(
         c for c in cluster.credentials if c.owner in owners))

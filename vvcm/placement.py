@@ -45,8 +45,9 @@ def place(vc: VirtualCluster, vm_names: Sequence[str], nodes: Sequence[Node],
                            for node in nodes)
             raise VlxError(
                 f"VC {vc.name} does not fit in the cluster: {name} needs {vc.vcpus} VCPUs and "
-                f"{vc.memory} MiB, and no node has that room left ({cpu_room:g} VCPUs free in "
-                f"all at cpu_overcommit {settings.cpu_overcommit:g})")
+                f"{vc.memory} MiB, and no node has that room left (the VC needs "
+                f"{vc.vms * vc.vcpus} VCPUs in all; {cpu_room:g} are free at cpu_overcommit "
+                f"{settings.cpu_overcommit:g})")
         best = min(fitting, key=lambda node: (
             own[node.name], vcpus[node.name] / node.cpus, memory[node.name] / node.memory,
             node.name))

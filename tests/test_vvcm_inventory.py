@@ -1,0 +1,91 @@
+"""The inventory TOML: every error names the file, the line of the entry and the field."""
+
+from __future__ import annotations
+
+import pytest
+from virtualinux.vvcm import inventory
+from virtualinux.vvcm.cli import main
+from virtualinux.vvcm.errors import VlxError
+
+from .conftest import EXAMPLE
+
+HEADER = """\
+[cluster]
+domain = "cluster.lab"
+cidr = "198.18.0.0/24"
+gateway_vip = "198.18.0.254"
+"""
+
+
+def node(name: str, mac: str, ip: str, **extra: str) -> str:
+    lines = [f'name = "{name}"', f'mac = "{mac}"', f'ip = "{ip}"', "cpus = 4",
+             'memory = "2GiB"'] + [f"{k} = {v}" for k, v in extra.items()]
+    return "\n[[node]]\n" + "\n".join(lines) + "\n"
+
+
+def refused(text: str, tmp_path) -> str:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(VlxError) as error:
+        cluster = inventory.apply(
+            __import__("virtualinux.vvcm.model", fromlist=["Cluster"]).Cluster(0, None),
+            inventory.load(path), str(path))
+        del cluster
+    return str(error.value)
+
+
+def test_the_example_is_the_papers_cluster():
+    parsed = inventory.load(EXAMPLE)
+    assert [n.name for n in parsed.nodes] == ["node1", "node2", "node3", "node4"]
+    assert all(n.cpus == 4 for n in parsed.nodes)
+    assert [(vc.name, vc.vms, vc.vcpus) for vc, _ in parsed.vcs] == [
+        ("green", 4, 1), ("tan", 2, 2), ("pink", 4, 4)]
+    assert str(parsed.settings.gateway_vip) == "198.18.0.254"
+    assert "gateway-primary" in parsed.nodes[0].roles
+    assert "gateway-backup" in parsed.nodes[1].roles
+
+
+def test_a_toml_syntax_error_names_file_and_line(tmp_path):
+    message = refused(HEADER + "\n[[node]]\nname = \"node1\"\nmac = 52:54\n", tmp_path)
+    assert "bad.toml" in message and "TOML syntax error" in message and "line 8" in message
+
+
+def test_a_bad_field_names_file_line_entry_and_field(tmp_path):
+    text = HEADER + node("node1", "52:54:00:00:00:11", "198.18.0.11") + node(
+        "node2", "52:54:00:00:00:1G", "198.18.0.12")
+    message = refused(text, tmp_path)
+    assert "bad.toml:13: [[node]] #2 (node2)" in message
+    assert "mac = '52:54:00:00:00:1G': not a MAC address" in message
+
+
+@pytest.mark.parametrize("body, expected", [
+    (node("node1", "52:54:00:00:00:11", "198.18.0.11")
+     + node("node2", "52:54:00:00:00:11", "198.18.0.12"),
+     "duplicate MAC 52:54:00:00:00:11 (node node1 and node node2)"),
+    (node("node1", "52:54:00:00:00:11", "198.18.0.11")
+     + node("node2", "52:54:00:00:00:12", "198.18.0.11"), "duplicate cluster IP 198.18.0.11"),
+    (node("node1", "52:54:00:00:00:11", "198.18.7.11"), "outside the cluster network"),
+    (node("node1", "52:54:00:00:00:11", "198.18.0.11", cpus2="1"), "unknown key 'cpus2'"),
+    (node("node1", "52:54:00:00:00:11", "198.18.0.11", roles='["gateway"]'), "unknown 'gateway'"),
+    ('\n[[node]]\nname = "node1"\n', "missing required key 'mac'"),
+    ("\n[nodes]\nx = 1\n", "unknown section 'nodes'"),
+    ("\n[[vc]]\nname = 'x'\nvms = 1\nvcpus = 1\nmemory = 64\ncidr = '10.0.0.0/8'\n"
+     "placement = { x-1 = 'node9' }\n", "unknown node 'node9'"),
+])
+def test_inventory_errors(tmp_path, body, expected):
+    assert expected in refused(HEADER + body, tmp_path)
+
+
+def test_a_cidr_with_host_bits_is_refused(tmp_path):
+    message = refused(HEADER.replace("198.18.0.0/24", "198.18.0.1/24"), tmp_path)
+    assert "bad.toml:1: [cluster]" in message and "host bits set" in message
+
+
+def test_a_failed_import_leaves_the_database_unchanged(db_path, tmp_path, capsys):
+    assert main(["db", "import", str(EXAMPLE)]) == 0
+    before = db_path.read_bytes()
+    bad = tmp_path / "bad.toml"
+    bad.write_text(EXAMPLE.read_text().replace('vms = 4\nvcpus = 4', 'vms = 40\nvcpus = 4'))
+    assert main(["db", "import", "--replace", str(bad)]) == 2
+    assert "does not fit" in capsys.readouterr().err
+    assert db_path.read_bytes() == before

@@ -1,0 +1,77 @@
+"""`vlx node`: the physical nodes of the cluster network."""
+
+from __future__ import annotations
+
+import argparse
+
+from .. import changes
+from ..fields import add_arguments, from_arguments, to_mapping
+from ..model import Cluster, Node
+from .common import add_json_flag, database, print_json, print_table
+
+
+def register(nouns: argparse._SubParsersAction) -> None:
+    parser = nouns.add_parser("node", help="physical nodes",
+                              description="Add, list, show and remove physical nodes.")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    add = verbs.add_parser("add", help="add a node")
+    add_arguments(add, Node, positional="name")
+    add.set_defaults(handler=cmd_add)
+
+    listing = verbs.add_parser("list", help="list the nodes")
+    add_json_flag(listing)
+    listing.set_defaults(handler=cmd_list)
+
+    show = verbs.add_parser("show", help="one node, with the VMs placed on it")
+    show.add_argument("name")
+    add_json_flag(show)
+    show.set_defaults(handler=cmd_show)
+
+    remove = verbs.add_parser("remove", help="remove a node that hosts no VMs")
+    remove.add_argument("name")
+    remove.set_defaults(handler=cmd_remove)
+
+
+def node_json(cluster: Cluster, node: Node) -> dict:
+    return {**to_mapping(node), "memory_mib": node.memory, "fqdn": cluster.fqdn(node.name),
+            "vms": [vm.name for vm in cluster.vms_on(node.name)]}
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    node = from_arguments(Node, args)
+    cluster = database(args).update("node add", node.name,
+                                    lambda cluster: changes.add_node(cluster, node))
+    print(f"added {node.name} {node.mac} {node.ip} (generation {cluster.generation})")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    cluster = database(args).load()
+    if args.json:
+        print_json([node_json(cluster, node) for node in cluster.nodes])
+        return 0
+    print_table(["NAME", "MAC", "IP", "CPUS", "MEMORY", "VMS", "ROLES"],
+                [[node.name, node.mac, node.ip, node.cpus, to_mapping(node)["memory"],
+                  len(cluster.vms_on(node.name)), ",".join(node.roles) or "-"]
+                 for node in cluster.nodes])
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    cluster = database(args).load()
+    data = node_json(cluster, cluster.node(args.name))
+    if args.json:
+        print_json(data)
+        return 0
+    for key, value in data.items():
+        shown = ", ".join(map(str, value)) if isinstance(value, list) else value
+        print(f"{key + ':':<12}{shown or '-'}")
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    cluster = database(args).update("node remove", args.name,
+                                    lambda cluster: changes.remove_node(cluster, args.name))
+    print(f"removed {args.name} (generation {cluster.generation})")
+    return 0

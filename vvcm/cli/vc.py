@@ -1,0 +1,88 @@
+"""`vlx vc`: virtual clusters, their VMs and where the VMs are placed."""
+
+from __future__ import annotations
+
+import argparse
+
+from .. import changes
+from ..fields import add_arguments, from_arguments, to_mapping
+from ..model import Cluster, VirtualCluster
+from .common import add_json_flag, database, print_json, print_table
+
+
+def register(nouns: argparse._SubParsersAction) -> None:
+    parser = nouns.add_parser("vc", help="virtual clusters",
+                              description="Define, list, show and remove virtual clusters.")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    define = verbs.add_parser("define", help="define a VC and place its VMs on nodes")
+    add_arguments(define, VirtualCluster, positional="name")
+    define.set_defaults(handler=cmd_define)
+
+    listing = verbs.add_parser("list", help="list the VCs with their VMs")
+    add_json_flag(listing)
+    listing.set_defaults(handler=cmd_list)
+
+    show = verbs.add_parser("show", help="one VC and its VMs")
+    show.add_argument("name")
+    add_json_flag(show)
+    show.set_defaults(handler=cmd_show)
+
+    remove = verbs.add_parser("remove", help="remove a VC and its VMs")
+    remove.add_argument("name")
+    remove.set_defaults(handler=cmd_remove)
+
+
+def vc_json(cluster: Cluster, vc: VirtualCluster) -> dict:
+    # "vms" is the list here (scripts want the VMs); the count is "vm_count".
+    return {**to_mapping(vc), "memory_mib": vc.memory, "vm_count": vc.vms,
+            "vms": [{"name": vm.name, "node": vm.node, "mac": vm.mac, "ip": str(vm.ip),
+                         "fqdn": cluster.fqdn(vm.name), "volume": vm.volume}
+                        for vm in cluster.vms_of(vc.name)]}
+
+
+def cmd_define(args: argparse.Namespace) -> int:
+    vc = from_arguments(VirtualCluster, args)
+    cluster = database(args).update("vc define", vc.name,
+                                    lambda cluster: changes.define_vc(cluster, vc))
+    placed = ", ".join(f"{vm.name}@{vm.node}" for vm in cluster.vms_of(vc.name))
+    print(f"defined {vc.name}: {placed} (generation {cluster.generation})")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    cluster = database(args).load()
+    if args.json:
+        print_json([vc_json(cluster, vc) for vc in cluster.vcs])
+        return 0
+    rows = []
+    for vc in cluster.vcs:
+        network = f"vlan {vc.vlan}" if vc.vlan is not None else f"vxlan {vc.vxlan}"
+        placement = " ".join(f"{vm.name}@{vm.node}" for vm in cluster.vms_of(vc.name))
+        rows.append([vc.name, f"{vc.vms} x {vc.vcpus} VCPU", to_mapping(vc)["memory"],
+                     vc.cidr, network, placement])
+    print_table(["VC", "VMS", "MEMORY", "NETWORK", "ID", "PLACEMENT"], rows)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    cluster = database(args).load()
+    data = vc_json(cluster, cluster.vc(args.name))
+    if args.json:
+        print_json(data)
+        return 0
+    vms = data.pop("vms")
+    for key, value in data.items():
+        print(f"{key + ':':<12}{value}")
+    print()
+    print_table(["VM", "NODE", "MAC", "IP", "VOLUME"],
+                [[vm["name"], vm["node"], vm["mac"], vm["ip"], vm["volume"] or "-"]
+                 for vm in vms])
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    cluster = database(args).update("vc remove", args.name,
+                                    lambda cluster: changes.remove_vc(cluster, args.name))
+    print(f"removed {args.name} (generation {cluster.generation})")
+    return 0
