@@ -31,3 +31,16 @@ ARCH_BOOTFILES = {
 def node_script_name(mac: str) -> str:
     """`nodes/52-54-00-00-00-11.ipxe` for MAC 52:54:00:00:00:11."""
     return f"{NODE_SCRIPT_DIR}/{mac.lower().replace(':', '-')}.ipxe"
+
+
+# Added for the renderer and the services (names only; what goes in them is netboot/scripts.py).
+KERNEL = f"{IMAGES_DIR}/vmlinuz"
+INITRD = f"{IMAGES_DIR}/initrd.img"
+DISCOVER_SCRIPT = "discover.ipxe"     # what an unknown machine may boot: the discovery image
+MANIFEST = "netboot.json"             # the rendered tree's generation and kernel arguments
+IPXE_BINARIES = ("undionly.kpxe", "ipxe.efi", "snponly.efi")   # from Debian's /usr/lib/ipxe
+
+
+def node_cpio_name(mac: str) -> str:
+    """`nodes/52-54-00-00-00-11.cpio`: the node's second initrd (its iSCSI login, CHAP secret)."""
+    return f"{NODE_SCRIPT_DIR}/{mac.lower().replace(':', '-')}.cpio"

@@ -1,0 +1,199 @@
+"""What a booting node is told: iPXE scripts, kernel command lines and the per-node iSCSI login.
+
+Every function here is pure: (cluster generation, node, kernel arguments) -> text or bytes.
+The renderer writes their output into the netboot tree, and the TFTP and HTTP services call
+the same functions on the fly, so a file on disk and a file made on the fly never differ.
+
+The scripts name their files relative to `${next-server}` (the replica whose DHCP answer the
+client took), so one script is right on every replica.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Sequence
+from pathlib import PurePosixPath
+
+from virtualinux.vvcm import Cluster, Node, VlxError
+from virtualinux.vvcm.model import Volume
+
+from . import cpio, layout
+
+HTTP_BASE = "http://${next-server}"
+ROOT_LABEL = "vroot"          # the golden root file system's label (mkfs.ext4 -L vroot)
+BOOT_INTERFACE = "eth0"       # Debian names the first NIC eth0 in the initramfs
+DISCOVER_MENU_TIMEOUT_MS = 30_000
+
+# Text we put on an iPXE line or a kernel command line: iPXE would expand `${...}` and a space
+# would start a new argument, so anything from the database is checked against this first.
+_SAFE_TOKEN = re.compile(r"[A-Za-z0-9._:,=/+@-]+")
+
+
+class UnsafeValue(VlxError):
+    """A value from the database that cannot go on an iPXE or kernel command line."""
+
+
+def check_token(value: str, what: str) -> str:
+    if not _SAFE_TOKEN.fullmatch(value):
+        raise UnsafeValue(f"{what} {value!r} cannot go on a kernel command line "
+                          "(allowed: letters, digits and . _ : , = / + @ -)")
+    return value
+
+
+def check_kernel_args(args: Sequence[str]) -> tuple[str, ...]:
+    return tuple(check_token(arg, "kernel argument") for arg in args)
+
+
+def boot_script() -> str:
+    """boot.ipxe: the same for every client and every generation."""
+    return f"""#!ipxe
+# virtualinux: every iPXE client runs this first. It chains the script the cluster database
+# has for this MAC; a machine the database does not know gets a menu.
+:start
+chain --autofree {layout.NODE_SCRIPT_DIR}/${{mac:hexhyp}}.ipxe || goto unknown
+
+:unknown
+menu virtualinux: no node with MAC ${{mac}} in the cluster database
+item --key d discover Metamaster discovery (boot the shared image with DHCP)
+item --key l local    Local boot (leave iPXE)
+item --key r retry    Retry (the database may know this machine now)
+choose --timeout {DISCOVER_MENU_TIMEOUT_MS} --default retry target || goto retry
+goto ${{target}}
+
+:discover
+chain --autofree /{layout.DISCOVER_SCRIPT} || goto unknown
+
+:local
+exit
+
+:retry
+goto start
+"""
+
+
+def discover_script(kernel_args: Sequence[str]) -> str:
+    """discover.ipxe: an unknown machine boots the shared image with DHCP, in discovery mode."""
+    args = " ".join(["initrd=" + _basename(layout.INITRD), "ip=dhcp", "vlx.mode=discover",
+                     *check_kernel_args(kernel_args)])
+    return f"""#!ipxe
+# virtualinux: metamaster discovery for a machine the cluster database does not know yet.
+kernel {HTTP_BASE}/{layout.KERNEL} {args} || goto failed
+initrd {HTTP_BASE}/{layout.INITRD} || goto failed
+boot || goto failed
+
+:failed
+echo virtualinux: discovery boot failed
+exit
+"""
+
+
+def root_volume(cluster: Cluster, node: Node) -> Volume | None:
+    """The node's root: a snapshot volume it owns that is exported (has an iqn and a portal)."""
+    candidates = sorted((v for v in cluster.volumes
+                         if v.kind == "snapshot" and v.owner == node.name and v.iqn and v.portal),
+                        key=lambda v: v.name)
+    return candidates[0] if candidates else None
+
+
+def initiator_name(cluster: Cluster, node: Node, volume: Volume) -> str:
+    """The node's iSCSI initiator name: the target's naming authority, then cluster.node.
+
+    The storage side binds its per-initiator ACL to this same name, so it must be derived the
+    same way there (iqn.2026-11.lab.cluster:vlxlab.node1 for the example cluster).
+    """
+    authority = (volume.iqn or "").split(":", 1)[0]
+    name = cluster.settings.name if cluster.settings else "virtualinux"
+    return f"{authority}:{name}.{node.name}"
+
+
+def _portal(volume: Volume) -> tuple[str, str]:
+    address, sep, port = (volume.portal or "").rpartition(":")
+    if not sep:
+        address, port = volume.portal or "", "3260"
+    check_token(address, f"portal of volume {volume.name}")
+    if not port.isdigit():
+        raise UnsafeValue(f"portal {volume.portal!r} of volume {volume.name}: bad port")
+    return address, port
+
+
+def kernel_cmdline(cluster: Cluster, node: Node, kernel_args: Sequence[str]) -> str:
+    """The node's kernel command line: who it is, its address, and where its root lives.
+
+    The CHAP secret is not here (anyone on the node can read /proc/cmdline): it travels in the
+    node's own cpio (`node_cpio`), appended as a second initrd.
+    """
+    if cluster.settings is None:
+        raise VlxError("the cluster has no settings yet (vlx db import an inventory first)")
+    settings = cluster.settings
+    volume = root_volume(cluster, node)
+    args = ["initrd=" + _basename(layout.INITRD)]
+    if volume is not None:
+        args.append("initrd=" + _basename(layout.node_cpio_name(node.mac)))
+    args.append(f"ip={node.ip}::{settings.gateway_vip}:{settings.cidr.netmask}:"
+                f"{check_token(node.name, 'node name')}:{BOOT_INTERFACE}:off")
+    args.append(f"vlx.node={node.name}")
+    if volume is not None:
+        address, port = _portal(volume)
+        iqn = check_token(volume.iqn or "", f"iqn of volume {volume.name}")
+        args += [f"vlx.root=iscsi:{address}:{port}:{iqn}", f"root=LABEL={ROOT_LABEL}", "rw"]
+    args += check_kernel_args(kernel_args)
+    return " ".join(args)
+
+
+def node_script(cluster: Cluster, node: Node, kernel_args: Sequence[str]) -> str:
+    """nodes/MAC.ipxe: kernel, shared initrd, the node's own cpio, and its command line."""
+    cmdline = kernel_cmdline(cluster, node, kernel_args)
+    lines = [
+        "#!ipxe",
+        f"# virtualinux: {node.name} ({node.mac}, {node.ip}), "
+        f"cluster database generation {cluster.generation}",
+        f"kernel {HTTP_BASE}/{layout.KERNEL} {cmdline} || goto failed",
+        f"initrd {HTTP_BASE}/{layout.INITRD} || goto failed",
+    ]
+    if root_volume(cluster, node) is not None:
+        lines.append(f"initrd {HTTP_BASE}/{layout.node_cpio_name(node.mac)} || goto failed")
+    lines += [
+        "boot || goto failed",
+        "",
+        ":failed",
+        f"echo virtualinux: booting {node.name} failed",
+        "exit",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def iscsi_initramfs(cluster: Cluster, node: Node) -> str | None:
+    """etc/iscsi.initramfs for initramfs-tools' open-iscsi hook, or None without a root volume.
+
+    The hook sources this file with the shell, so every value is quoted: a secret is data.
+    """
+    volume = root_volume(cluster, node)
+    if volume is None:
+        return None
+    address, port = _portal(volume)
+    values = {
+        "ISCSI_INITIATOR": initiator_name(cluster, node, volume),
+        "ISCSI_TARGET_NAME": volume.iqn or "",
+        "ISCSI_TARGET_IP": address,
+        "ISCSI_TARGET_PORT": port,
+    }
+    credential = cluster.credential(node.name)
+    if credential is not None:
+        values["ISCSI_USERNAME"] = credential.username
+        values["ISCSI_PASSWORD"] = credential.secret
+    return "".join(f"{key}={shlex.quote(value)}\n" for key, value in values.items())
+
+
+def node_cpio(cluster: Cluster, node: Node) -> bytes | None:
+    """nodes/MAC.cpio: a newc archive holding etc/iscsi.initramfs (mode 0600)."""
+    text = iscsi_initramfs(cluster, node)
+    if text is None:
+        return None
+    return cpio.archive([cpio.Entry("etc", 0o040755),
+                         cpio.Entry("etc/iscsi.initramfs", 0o100600, text.encode())])
+
+
+def _basename(path: str) -> str:
+    return PurePosixPath(path).name
