@@ -1,0 +1,200 @@
+"""The one small interface every storage backend implements, and the registry that picks one.
+
+A backend keeps golden volumes and copy-on-write snapshots of them in a *pool* (a directory on
+btrfs/XFS for `reflink`, a directory for `qcow2`, `VG/THINPOOL` for `lvm-thin`). It knows
+nothing of the database: `volumes` decides names and records results; a backend only makes,
+grows and removes what it is told, all-or-nothing, and raises `VlxError` (exit 2) on a fault
+with nothing changed. Backend modules are `virtualinux.storage.NAME` (dashes become
+underscores) with a `BACKEND` class, like the boot services.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import importlib
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+
+from virtualinux.vvcm.errors import VlxError
+from virtualinux.vvcm.model import Volume
+
+BACKENDS = ("reflink", "lvm-thin", "qcow2")
+CHUNK = 1024 * 1024
+
+
+class NoSpace(VlxError):
+    """The pool has not room for what was asked; nothing was made."""
+
+
+class InUse(VlxError):
+    """A volume is open for writing (or exported) where that is not allowed."""
+
+
+class Backend(ABC):
+    """A family of volumes in one pool; see the module docstring for the contract."""
+
+    name: str = ""
+
+    def __init__(self, pool: str):
+        self.pool = pool
+
+    @classmethod
+    @abstractmethod
+    def pool_of(cls, volume: Volume) -> str:
+        """The pool a recorded volume lives in (snapshots go where their golden is)."""
+
+    @abstractmethod
+    def path_for(self, name: str) -> str:
+        """Where a volume named `name` lives in this pool."""
+
+    @abstractmethod
+    def add_golden(self, name: str, image: Path) -> tuple[str, int]:
+        """Store `image` (a raw disk image) as golden volume `name`; returns (path, size)."""
+
+    @abstractmethod
+    def snapshot(self, golden: Volume, names: Sequence[str]) -> list[str]:
+        """Make one copy-on-write snapshot of `golden` per name, all or none; returns paths."""
+
+    @abstractmethod
+    def remove(self, volume: Volume) -> None:
+        """Delete the volume's storage (a missing one is not an error: it is gone already)."""
+
+    @abstractmethod
+    def grow(self, volume: Volume, size: int) -> None:
+        """Make the volume `size` bytes (never smaller)."""
+
+    @abstractmethod
+    def open_for_writing(self, volume: Volume) -> bool:
+        """True if some process has the volume open for writing right now."""
+
+    def export_path(self, volume: Volume) -> str:
+        """What tgt serves as the LUN for this volume (a raw file or block device)."""
+        return volume.path
+
+    def backup_to(self, volume: Volume, target: Path) -> None:
+        """Write the volume's raw contents to the new file `target`, sparse (zeros skipped)."""
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, volume.size)
+            copy_sparse(Path(self.export_path(volume)), fd, volume.size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def restore_snapshot(self, golden: Volume, name: str, source: Path, size: int) -> str:
+        """Make snapshot `name` of `golden` whose contents are `source` (`size` bytes), writing
+        only the chunks that differ from the golden, so unchanged data stays shared."""
+        path = self.snapshot(golden, [name])[0]
+        volume = Volume(name=name, kind="snapshot", backend=self.name, path=path,
+                        size=golden.size, origin=golden.name)
+        try:
+            if size > golden.size:
+                self.grow(volume, size)
+            fd = os.open(self.export_path(volume), os.O_RDWR)
+            try:
+                with open(source, "rb") as src:
+                    offset = 0
+                    while chunk := src.read(CHUNK):
+                        if os.pread(fd, len(chunk), offset) != chunk:
+                            os.pwrite(fd, chunk, offset)
+                        offset += len(chunk)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            self.remove(volume)
+            raise
+        return path
+
+    def exists(self, name: str) -> bool:
+        return os.path.lexists(self.path_for(name))
+
+
+def backend_class(name: str) -> type[Backend]:
+    if name not in BACKENDS:
+        raise VlxError(f"unknown storage backend {name!r} (choose from {', '.join(BACKENDS)})")
+    module = importlib.import_module(f"virtualinux.storage.{name.replace('-', '_')}")
+    return module.BACKEND
+
+
+def backend_for(volume: Volume) -> Backend:
+    cls = backend_class(volume.backend)
+    return cls(cls.pool_of(volume))
+
+
+# Helpers the file-based backends share.
+
+def file_open_for_writing(path: str) -> bool:
+    """True if any process holds `path` open for writing.
+
+    The kernel grants a read lease only while nobody has the file open for writing (tgtd
+    serving it read-write counts), so trying for one asks exactly our question, race-free at
+    that instant, without scanning /proc.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as err:
+        if err.errno == errno.EAGAIN:
+            return True
+        raise
+    else:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return False
+    finally:
+        os.close(fd)
+
+
+def free_bytes(directory: str) -> int:
+    stat = os.statvfs(directory)
+    return stat.f_bavail * stat.f_frsize
+
+
+def allocated_bytes(path: str) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def fsync_directory(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def copy_sparse(source: Path, target_fd: int, size: int) -> None:
+    """Copy `size` bytes of `source` to `target_fd`, skipping (not writing) zero chunks, so a
+    thin target stays thin. Raises NoSpace if the target fills up."""
+    zero = bytes(CHUNK)
+    with open(source, "rb") as src:
+        offset = 0
+        while offset < size:
+            chunk = src.read(CHUNK)
+            if not chunk:
+                break
+            if chunk != zero[:len(chunk)]:
+                try:
+                    os.pwrite(target_fd, chunk, offset)
+                except OSError as err:
+                    if err.errno == errno.ENOSPC:
+                        raise NoSpace("no space left in the pool") from None
+                    raise
+            offset += len(chunk)
+
+
+def check_image(image: Path) -> int:
+    """The size of a raw image file or block device, or VlxError if it cannot be read."""
+    try:
+        with open(image, "rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+    except OSError as err:
+        raise VlxError(f"cannot read image {image}: {err.strerror}") from None
+    if size == 0:
+        raise VlxError(f"image {image} is empty")
+    return size

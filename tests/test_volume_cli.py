@@ -1,0 +1,168 @@
+"""`vlx volume` bookkeeping and its refusals, on the qcow2 backend (any file system, no root):
+names come from the database, every fault is exit 2 with nothing touched."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+from virtualinux.vvcm.cli import main
+from virtualinux.vvcm.db import Database
+
+from .conftest import EXAMPLE
+
+GOLDEN_SIZE = 4 << 20
+
+
+def vlx(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def pool(tmp_path, monkeypatch):
+    path = tmp_path / "pool"
+    path.mkdir()
+    monkeypatch.setenv("VLX_POOL", str(path))
+    monkeypatch.setenv("VLX_STORAGE_STATE", str(tmp_path / "state"))
+    return path
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "golden.raw"
+    path.write_bytes(os.urandom(GOLDEN_SIZE))
+    return path
+
+
+@pytest.fixture
+def cluster(db_path, pool, image, capsys):
+    assert vlx(capsys, "db", "init")[0] == 0
+    assert vlx(capsys, "db", "import", str(EXAMPLE))[0] == 0
+    code, out, err = vlx(capsys, "volume", "golden", "add", "guest", "--from", str(image),
+                         "--backend", "qcow2")
+    assert code == 0, err
+    return db_path
+
+
+def pool_files(pool) -> list[str]:
+    return sorted(os.listdir(pool))
+
+
+def test_snapshots_are_named_after_the_vms_the_database_maps_them_to(cluster, pool, capsys):
+    code, out, err = vlx(capsys, "volume", "snapshot", "guest", "--for", "vc:green")
+    assert code == 0, err
+    assert "made 4 snapshots of guest: green-1-disk .. green-4-disk" in out
+    volumes = json.loads(vlx(capsys, "volume", "list", "--json")[1])
+    assert [(v["name"], v["kind"], v.get("owner"), v.get("origin")) for v in volumes] == [
+        ("guest", "golden", None, None)] + [
+        (f"green-{i}-disk", "snapshot", f"green-{i}", "guest") for i in range(1, 5)]
+    assert volumes[0]["snapshots"] == 4
+    vc = json.loads(vlx(capsys, "vc", "show", "green", "--json")[1])
+    assert [vm["volume"] for vm in vc["vms"]] == [f"green-{i}-disk" for i in range(1, 5)]
+    overlay = pool / "green-1-disk.qcow2"
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(overlay)],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert info["backing-filename"] == str(pool / "guest.img")
+    assert info["virtual-size"] == GOLDEN_SIZE
+    assert os.stat(overlay).st_size < 1 << 20
+
+
+def test_count_takes_the_next_nodes_without_a_snapshot(cluster, capsys):
+    assert vlx(capsys, "volume", "snapshot", "guest", "--count", "2")[0] == 0
+    code, out, _ = vlx(capsys, "volume", "snapshot", "guest", "--count", "2")
+    assert code == 0 and "node3-root .. node4-root" in out
+    code, _, err = vlx(capsys, "volume", "snapshot", "guest", "--count", "1")
+    assert code == 2 and "only 0 of the nodes have no snapshot of guest" in err
+
+
+def test_name_clash_is_refused_and_nothing_is_made(cluster, pool, capsys):
+    assert vlx(capsys, "volume", "snapshot", "guest", "--for", "node2")[0] == 0
+    before = pool_files(pool)
+    generation = Database(cluster).generation()
+    code, _, err = vlx(capsys, "volume", "snapshot", "guest", "--for", "node1,node2")
+    assert code == 2 and "a volume named node2-root exists already" in err
+    # A stray file in the pool (not in the database) is a clash too.
+    (pool / "node3-root.qcow2").write_bytes(b"someone else's")
+    code, _, err = vlx(capsys, "volume", "snapshot", "guest", "--for", "node3")
+    assert code == 2 and "exists already in the pool but not in the database" in err
+    assert pool_files(pool) == sorted(before + ["node3-root.qcow2"])
+    assert Database(cluster).generation() == generation
+
+
+def test_golden_in_use_read_write_is_not_snapshotted(cluster, pool, capsys):
+    with open(pool / "guest.img", "r+b"):
+        code, _, err = vlx(capsys, "volume", "snapshot", "guest", "--count", "2")
+    assert code == 2 and "in use read-write" in err
+    assert pool_files(pool) == ["guest.img"]
+    # Readers are fine (QEMU opens a backing file read-only).
+    with open(pool / "guest.img", "rb"):
+        assert vlx(capsys, "volume", "snapshot", "guest", "--count", "2")[0] == 0
+
+
+def test_exported_volume_is_not_removed_until_unexported(cluster, pool, capsys):
+    code, _, err = vlx(capsys, "volume", "snapshot", "guest", "--for", "node1",
+                       "--suffix", "disk")
+    assert code == 0, err
+    # qcow2 overlays cannot be served by tgt: refused with the reason.
+    code, _, err = vlx(capsys, "volume", "export", "node1-disk")
+    assert code == 2 and "tgt cannot serve" in err
+    assert json.loads(vlx(capsys, "volume", "show", "node1-disk", "--json")[1]).get(
+        "iqn") is None
+
+
+def test_remove_refusals_and_removal(cluster, pool, capsys):
+    assert vlx(capsys, "volume", "snapshot", "guest", "--for", "vc:tan")[0] == 0
+    code, _, err = vlx(capsys, "volume", "remove", "guest")
+    assert code == 2 and "are snapshots of it" in err
+    code, _, err = vlx(capsys, "volume", "remove", "nosuch")
+    assert code == 2 and "no volume named 'nosuch'" in err
+    assert pool_files(pool) == ["guest.img", "tan-1-disk.qcow2", "tan-2-disk.qcow2"]
+    code, out, _ = vlx(capsys, "volume", "remove", "guest", "--snapshots-of", "guest")
+    assert code == 0 and "removed 3 volumes" in out
+    assert pool_files(pool) == []
+    vc = json.loads(vlx(capsys, "vc", "show", "tan", "--json")[1])
+    assert [vm["volume"] for vm in vc["vms"]] == [None, None]
+
+
+def test_grow_and_refusal_to_shrink(cluster, pool, capsys):
+    assert vlx(capsys, "volume", "snapshot", "guest", "--for", "node1")[0] == 0
+    code, out, _ = vlx(capsys, "volume", "grow", "node1-root", "+4MiB")
+    assert code == 0 and "8 MiB" in out
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json",
+                                      str(pool / "node1-root.qcow2")],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert info["virtual-size"] == 8 << 20
+    code, _, err = vlx(capsys, "volume", "grow", "node1-root", "1MiB")
+    assert code == 2 and "shrinking" in err
+
+
+def test_argument_errors(cluster, image, capsys):
+    for argv, message in [
+        (["volume", "snapshot", "guest"], "--count N"),
+        (["volume", "snapshot", "guest", "--count", "0"], "at least 1"),
+        (["volume", "snapshot", "guest", "--for", "node9"], "neither a node nor a VM"),
+        (["volume", "snapshot", "guest", "--for", "vc:blue"], "no virtual cluster"),
+        (["volume", "snapshot", "nosuch", "--count", "1"], "no volume named"),
+        (["volume", "golden", "add", "guest", "--from", str(image)], "exists already"),
+        (["volume", "golden", "add", "g2", "--from", "/nonexistent"], "cannot read image"),
+        (["volume", "golden", "add", "Bad_Name", "--from", str(image)], "not a host name"),
+        (["volume", "grow", "guest", "lots"], "size 'lots'"),
+        (["volume", "remove"], "name the volumes"),
+    ]:
+        code, _, err = vlx(capsys, *argv)
+        assert code == 2, (argv, err)
+        assert message in err, (argv, err)
+
+
+def test_reflink_pool_on_a_file_system_without_reflink_is_refused(cluster, tmp_path, image,
+                                                                   capsys):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    code, _, err = vlx(capsys, "volume", "golden", "add", "node", "--from", str(image),
+                       "--pool", str(plain))
+    assert code == 2 and "cannot make reflink clones" in err
+    assert os.listdir(plain) == []

@@ -1,0 +1,174 @@
+"""`vlx volume`: golden volumes, copy-on-write snapshots of them for nodes and VMs, and their
+iSCSI exports. The work is done by `virtualinux.storage.volumes`; this module parses and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from virtualinux.storage import volumes
+from virtualinux.storage.backend import BACKENDS
+from virtualinux.storage.naming import format_size, initiator_iqn, parse_size
+
+from ..errors import VlxError
+from ..fields import to_mapping
+from ..model import Cluster, Volume
+from .common import add_json_flag, database, print_json, print_table
+
+
+def register(nouns: argparse._SubParsersAction) -> None:
+    parser = nouns.add_parser(
+        "volume", help="golden and snapshot volumes",
+        description="Golden volumes, copy-on-write snapshots of them named after the nodes "
+                    "or VMs they belong to, and their iSCSI exports.")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    golden = verbs.add_parser("golden", help="golden volumes").add_subparsers(
+        dest="golden_verb", metavar="VERB", required=True)
+    add = golden.add_parser("add", help="store a raw disk image as a golden volume")
+    add.add_argument("name")
+    add.add_argument("--from", dest="image", required=True, type=Path, metavar="IMAGE",
+                     help="raw disk image")
+    add.add_argument("--backend", choices=BACKENDS, default="reflink",
+                     help="storage backend (default: reflink)")
+    add.add_argument("--pool", help="directory (reflink, qcow2) or VG/THINPOOL (lvm-thin); "
+                                    "default: $VLX_POOL or " + volumes.DEFAULT_POOL)
+    add.set_defaults(handler=cmd_golden_add)
+
+    snap = verbs.add_parser(
+        "snapshot", help="copy-on-write snapshots of a golden volume, one per node or VM",
+        description="Snapshot GOLDEN once per node or VM, named OWNER-root (nodes) or "
+                    "OWNER-disk (VMs). All are made or none.")
+    snap.add_argument("golden")
+    snap.add_argument("--count", type=int, metavar="N",
+                      help="the first N owners (nodes unless --for) without a snapshot of it")
+    snap.add_argument("--for", dest="owners", metavar="WHO",
+                      help="nodes, vms, vc:NAME, or NAME,NAME,... of nodes or VMs")
+    snap.add_argument("--suffix", help="name suffix (default: root for nodes, disk for VMs)")
+    _export_flags(snap)
+    snap.set_defaults(handler=cmd_snapshot)
+
+    listing = verbs.add_parser("list", help="list the volumes")
+    add_json_flag(listing)
+    listing.set_defaults(handler=cmd_list)
+
+    show = verbs.add_parser("show", help="one volume with its export")
+    show.add_argument("name")
+    add_json_flag(show)
+    show.set_defaults(handler=cmd_show)
+
+    remove = verbs.add_parser("remove", help="remove volumes that are not exported")
+    remove.add_argument("names", nargs="*", metavar="NAME")
+    remove.add_argument("--snapshots-of", metavar="GOLDEN",
+                        help="also every snapshot of GOLDEN")
+    remove.set_defaults(handler=cmd_remove)
+
+    grow = verbs.add_parser("grow", help="make a volume bigger")
+    grow.add_argument("name")
+    grow.add_argument("size", help="new size (2GiB) or growth (+512MiB)")
+    grow.set_defaults(handler=cmd_grow)
+
+    export = verbs.add_parser("export", help="export volumes over iSCSI")
+    export.add_argument("names", nargs="+", metavar="NAME")
+    export.add_argument("--portal", metavar="IP[:PORT]",
+                        help="iSCSI portal (default: the first storage node, port 3260)")
+    export.set_defaults(handler=cmd_export)
+
+    unexport = verbs.add_parser("unexport", help="stop exporting volumes")
+    unexport.add_argument("names", nargs="+", metavar="NAME")
+    unexport.add_argument("--force", action="store_true",
+                          help="even if an initiator is logged in (it loses its disk)")
+    unexport.set_defaults(handler=cmd_unexport)
+
+
+def _export_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--export", action="store_true",
+                        help="export them over iSCSI (to the first storage node)")
+    parser.add_argument("--portal", metavar="IP[:PORT]",
+                        help="export them on this iSCSI portal (implies --export)")
+
+
+def volume_json(cluster: Cluster, volume: Volume) -> dict:
+    data = to_mapping(volume)
+    if volume.iqn and volume.owner and cluster.settings:
+        credential = cluster.credential(volume.owner)
+        data["initiator"] = initiator_iqn(cluster.settings.name, volume.owner)
+        data["chap_user"] = credential.username if credential else None
+    data["snapshots"] = sum(1 for v in cluster.volumes if v.origin == volume.name)
+    return data
+
+
+def cmd_golden_add(args: argparse.Namespace) -> int:
+    volume = volumes.add_golden(database(args), args.name, args.image, args.backend,
+                                args.pool or volumes.default_pool())
+    print(f"added golden volume {volume.name}: {format_size(volume.size)} at {volume.path}")
+    return 0
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    made = volumes.snapshot_volumes(database(args), args.golden, args.count, args.owners,
+                                    args.suffix, args.portal, args.export)
+    where = f", exported on {made[0].portal}" if made[0].portal else ""
+    print(f"made {len(made)} snapshots of {args.golden}: {made[0].name} .. {made[-1].name}"
+          f"{where}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    cluster = database(args).load()
+    if args.json:
+        print_json([volume_json(cluster, volume) for volume in cluster.volumes])
+        return 0
+    print_table(["NAME", "KIND", "BACKEND", "SIZE", "ORIGIN", "OWNER", "EXPORT"],
+                [[v.name, v.kind, v.backend, format_size(v.size), v.origin or "-",
+                  v.owner or "-", v.portal or "-"] for v in cluster.volumes])
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    cluster = database(args).load()
+    data = volume_json(cluster, cluster.volume(args.name))
+    if args.json:
+        print_json(data)
+        return 0
+    for key, value in data.items():
+        print(f"{key + ':':<12}{value if value is not None else '-'}")
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    db = database(args)
+    names = list(args.names)
+    if args.snapshots_of:
+        cluster = db.load()
+        cluster.volume(args.snapshots_of)
+        names += [v.name for v in cluster.volumes
+                  if v.origin == args.snapshots_of and v.name not in names]
+    if not names:
+        raise VlxError("name the volumes to remove (or --snapshots-of GOLDEN)")
+    gone = volumes.remove(db, names)
+    print(f"removed {len(gone)} volumes: {', '.join(v.name for v in gone[:10])}"
+          f"{' ...' if len(gone) > 10 else ''}")
+    return 0
+
+
+def cmd_grow(args: argparse.Namespace) -> int:
+    db = database(args)
+    current = db.load().volume(args.name)
+    grown = volumes.grow(db, args.name, parse_size(args.size, current.size))
+    print(f"{grown.name} is {format_size(grown.size)}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    done = volumes.export(database(args), args.names, args.portal)
+    for volume in done:
+        print(f"exported {volume.name} as {volume.iqn} on {volume.portal}")
+    return 0
+
+
+def cmd_unexport(args: argparse.Namespace) -> int:
+    done = volumes.unexport(database(args), args.names, args.force)
+    print(f"unexported {', '.join(v.name for v in done)}")
+    return 0
