@@ -1,0 +1,80 @@
+"""`vlx image`: build the node, guest and tiny lab images, and list or show the cached ones."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ...image import cache
+from ...image.tiny import build_tiny
+from ..errors import VlxError
+from .common import add_json_flag, print_json, print_table
+
+KINDS = ("tiny",)
+
+
+def register(nouns: argparse._SubParsersAction) -> None:
+    parser = nouns.add_parser("image", help="node, guest and lab images",
+                              description="Build images (cached by the hash of their inputs) "
+                                          "and look at the ones built.")
+    parser.add_argument("--cache", type=Path, metavar="DIR",
+                        help="image cache (default: $VLX_IMAGE_CACHE or "
+                             f"{cache.DEFAULT_ROOT})")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    build = verbs.add_parser("build", help="build an image, or reuse the cached build")
+    build.add_argument("kind", help=f"what to build: {', '.join(KINDS)}")
+    build.add_argument("--out", type=Path, metavar="DIR",
+                       help="copy the artifacts here (default: print the cache entry)")
+    build.set_defaults(handler=cmd_build)
+
+    listing = verbs.add_parser("list", help="the cached images")
+    add_json_flag(listing)
+    listing.set_defaults(handler=cmd_list)
+
+    show = verbs.add_parser("show", help="one cached image's manifest")
+    show.add_argument("name", help="KIND (the newest of that kind), KIND-KEY or KEY")
+    add_json_flag(show)
+    show.set_defaults(handler=cmd_show)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    if args.kind not in KINDS:
+        raise VlxError(f"unknown image kind {args.kind!r} (choose from {', '.join(KINDS)})",
+                       "vlx image build")
+    print(build_tiny(out_dir=args.out, cache_dir=args.cache))
+    return 0
+
+
+def _size(entry: Path) -> int:
+    return sum(path.stat().st_size for path in entry.iterdir() if path.is_file())
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    found = cache.entries(cache.cache_root(args.cache))
+    if args.json:
+        print_json([{"path": str(entry), **manifest} for entry, manifest in found])
+        return 0
+    print_table(["KIND", "KEY", "SIZE_MB", "PATH"],
+                [[manifest.get("kind", "?"), manifest.get("key", "?"),
+                  f"{_size(entry) / 1e6:.1f}", entry] for entry, manifest in found])
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    found = cache.entries(cache.cache_root(args.cache))
+    matches = [(entry, manifest) for entry, manifest in found
+               if args.name in (manifest.get("kind"), manifest.get("key"), entry.name)]
+    if not matches:
+        raise VlxError(f"no cached image named {args.name!r} (see `vlx image list`)",
+                       "vlx image show")
+    entry, manifest = matches[-1]
+    if args.json:
+        print_json({"path": str(entry), **manifest})
+        return 0
+    print(f"{manifest.get('kind')} {manifest.get('key')}  {entry}")
+    for name, artifact in sorted(manifest.get("artifacts", {}).items()):
+        print(f"  {name:<14} {artifact['size'] / 1e6:9.1f} MB  sha256 {artifact['sha256'][:16]}")
+    for name, value in sorted(manifest.get("inputs", {}).items()):
+        print(f"  input {name}: {value}")
+    return 0
