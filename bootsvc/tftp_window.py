@@ -1,0 +1,272 @@
+"""One TFTP read transfer on its own socket: lock-step (RFC 1350) or windowed (RFC 7440).
+
+The sender keeps absolute block numbers and puts them on the wire modulo 65536, so files
+larger than 65535 blocks roll over to block 0, as iPXE, tftp-hpa and curl expect. A window of
+`windowsize` blocks goes out; the client's ACK names the last block it has in order. An ACK
+for the window's end opens the next window; an ACK inside the window (the client saw a gap)
+restarts the window after it; a repeated ACK is ignored (Sorcerer's Apprentice, RFC 1123),
+and silence is answered by resending the window after the timeout.
+
+Transfers run on a `TransferEngine`: a thread with a plain epoll loop over the transfer
+sockets, no per-packet task, callback object or timer, because per-packet overhead is
+throughput. The service's asyncio loop only takes requests and hands transfers over.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .tftp_wire import (
+    DATA_HEADERS,
+    ERR_UNDEFINED,
+    OP_ACK,
+    OP_ERROR,
+    MalformedPacket,
+    Negotiated,
+    encode_error,
+    parse_header,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 1.0      # seconds before a silent client gets the window again
+MAX_RETRIES = 6
+SPIN_SECONDS = 0.0002      # busy-poll this long for an ACK when no other transfer waits
+
+
+class Transfer:
+    """Sends `data` (a buffer: bytes or an mmap) to the client `sock` is connected to."""
+
+    def __init__(self, sock: socket.socket, data: Any, options: Negotiated,
+                 on_done: Callable[[Transfer, str | None], None], description: str):
+        self.engine: TransferEngine | None = None
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.view = memoryview(data)
+        self.size = len(self.view)
+        self.blksize = options.blksize
+        self.windowsize = options.windowsize
+        self.timeout = options.timeout or DEFAULT_TIMEOUT
+        self.oack = options.oack
+        self.on_done = on_done
+        self.description = description
+        # The last block always exists and is short (0 bytes when size is a multiple).
+        self.last_block = self.size // self.blksize + 1
+        self.acked = 0            # highest block the client has in order
+        self.sent = 0             # highest block sent
+        self.deadline = 0.0
+        self.retries = 0
+        self.retransmits = 0
+        self.malformed = 0
+        self.finished = False
+
+    # -- life cycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Called on the engine's thread once it watches the socket."""
+        if self.oack is not None:
+            self._send(self.oack)
+            self._arm()
+        else:
+            self._send_window()
+
+    def close(self, error: str | None = None) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.engine is not None:
+            self.engine.forget(self)
+        self.sock.close()
+        self.view.release()
+        self.on_done(self, error)
+
+    def abort(self, message: str) -> None:
+        """Tell the client (best effort) and end the transfer."""
+        self._send(encode_error(ERR_UNDEFINED, message))
+        self.close(message)
+
+    def check_timeout(self, now: float) -> None:
+        """Called by the service's ticker: resend the window (or OACK) to a silent client."""
+        if self.finished or now < self.deadline:
+            return
+        self.retries += 1
+        if self.retries > MAX_RETRIES:
+            self.close(f"client silent after {MAX_RETRIES} retries")
+            return
+        self.retransmits += 1
+        if self.oack is not None:
+            self._send(self.oack)
+            self._arm()
+        else:
+            self.sent = self.acked
+            self._send_window()
+
+    # -- packets ---------------------------------------------------------------------------------
+
+    def readable(self) -> None:
+        """The socket has a datagram. One per call while other transfers wait (epoll is
+        level-triggered: a second queued one calls again); alone, busy-poll for the next ACK,
+        since a client a few microseconds away answers before a sleeping thread wakes up."""
+        packet = self._receive()
+        while packet is not None:
+            if len(packet) >= 4 and packet[1] == OP_ACK and packet[0] == 0:
+                self._on_ack(packet[2] << 8 | packet[3])
+            else:
+                self._other(packet)
+            if self.finished or self.engine is None or not self.engine.alone():
+                return
+            packet = self._receive(spin=SPIN_SECONDS)
+
+    def _receive(self, spin: float = 0.0) -> bytes | None:
+        deadline = time.perf_counter() + spin if spin else 0.0
+        while True:
+            try:
+                return self.sock.recv(2048)
+            except BlockingIOError:
+                if not spin or time.perf_counter() > deadline:
+                    return None
+            except OSError as err:          # ICMP port unreachable: the client went away
+                self.close(f"client unreachable: {err.strerror}")
+                return None
+
+    def _other(self, packet: bytes) -> None:
+        try:
+            opcode, number = parse_header(packet)
+        except MalformedPacket:
+            self.malformed += 1
+            return
+        if opcode == OP_ERROR:
+            self.close(f"client sent error {number}: "
+                       f"{packet[4:].rstrip(bytes(1)).decode('ascii', 'replace')[:80]}")
+        else:
+            self.malformed += 1
+
+    def _on_ack(self, wire_block: int) -> None:
+        if self.oack is not None:
+            if wire_block == 0:         # the OACK is acknowledged: data may flow
+                self.oack = None
+                self._send_window()
+            return
+        ahead = (wire_block - self.acked) & 0xFFFF
+        if ahead == 0 or ahead > self.sent - self.acked:
+            return      # a repeated or stale ACK: the timeout handles real loss
+        self.acked += ahead
+        self.retries = 0
+        if self.acked >= self.last_block:
+            self.close(None)
+        else:
+            self._send_window()
+
+    def _send_window(self) -> None:
+        first = self.acked + 1
+        last = min(self.acked + self.windowsize, self.last_block)
+        blksize, view, send = self.blksize, self.view, self.sock.send
+        try:
+            for block in range(first, last + 1):
+                offset = (block - 1) * blksize
+                send(DATA_HEADERS[block & 0xFFFF] + view[offset:offset + blksize])
+        except BlockingIOError:
+            last = block - 1    # socket buffer full: the timeout resends the rest
+        except OSError as err:
+            self.close(f"send failed: {err.strerror}")
+            return
+        self.sent = max(self.sent, last)
+        self._arm()
+
+    def _send(self, packet: bytes) -> None:
+        try:
+            self.sock.send(packet)
+        except OSError:
+            pass        # the client is gone or the buffer is full: the timeout copes
+
+    def _arm(self) -> None:
+        self.deadline = time.monotonic() + self.timeout
+
+
+TICK = 0.1      # seconds between timeout checks
+
+
+class TransferEngine:
+    """A thread that runs transfers: epoll over their sockets, timeouts checked every TICK."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.transfers: dict[int, Transfer] = {}
+        self._incoming: collections.deque[Transfer] = collections.deque()
+        self._epoll = select.epoll()
+        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._epoll.register(self._wake_read, select.EPOLLIN)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, transfer: Transfer) -> None:
+        """Thread-safe: the engine starts the transfer on its own thread."""
+        self._incoming.append(transfer)
+        self._wake()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping = True
+        self._wake()
+        self._thread.join(timeout)
+
+    def alone(self) -> bool:
+        return len(self.transfers) == 1
+
+    def forget(self, transfer: Transfer) -> None:
+        if self.transfers.pop(transfer.fd, None) is not None:
+            self._epoll.unregister(transfer.fd)
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_write, b"!")
+        except BlockingIOError:
+            pass        # the pipe is full of wake-ups already
+
+    def _run(self) -> None:
+        next_tick = time.monotonic() + TICK
+        transfers = self.transfers
+        try:
+            while not self._stopping:
+                for fd, _ in self._epoll.poll(TICK):
+                    transfer = transfers.get(fd)
+                    if transfer is not None:
+                        transfer.readable()
+                    elif fd == self._wake_read:
+                        self._take_incoming()
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + TICK
+                    for transfer in list(transfers.values()):
+                        transfer.check_timeout(now)
+        finally:
+            for transfer in list(transfers.values()):
+                transfer.close("service stopping")
+            while self._incoming:
+                self._incoming.popleft().close("service stopping")
+            self._epoll.close()
+            os.close(self._wake_read)
+            os.close(self._wake_write)
+
+    def _take_incoming(self) -> None:
+        try:
+            while os.read(self._wake_read, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while self._incoming:
+            transfer = self._incoming.popleft()
+            transfer.engine = self
+            self.transfers[transfer.fd] = transfer
+            self._epoll.register(transfer.fd, select.EPOLLIN)
+            transfer.start()
