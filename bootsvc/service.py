@@ -33,6 +33,9 @@ class Replica:
     address: ipaddress.IPv4Address
     netboot_root: Path
     state_dir: Path
+    # Every service this daemon runs, so one can point clients at another (DHCP hands iPXE
+    # an http:// URL only when the http service runs beside it).
+    services: tuple[str, ...] = ()
 
 
 class Service(abc.ABC):

@@ -1,0 +1,363 @@
+"""The DHCP service: answers computed from (database generation, request) alone.
+
+`served_networks(cluster)` says which networks a replica answers for and who is on them (today
+the cluster network and its nodes; VC networks, served on their own bridges, would add entries
+here). A `Responder` holds one generation's answers for one replica: each host's OFFER/ACK is
+built once by `dhcp_wire.encode` and cached; the hot path parses a few fields, patches xid,
+flags, ciaddr, giaddr and chaddr into a copy, and appends option 82 if a relay sent one.
+`DhcpService` binds UDP 67 on the replica's interface and feeds datagrams to the responder.
+Imports the model, `netboot.layout` and `dhcp_wire`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import logging
+import socket
+from collections import Counter
+from typing import NamedTuple
+
+from virtualinux.netboot import layout
+from virtualinux.vvcm import Cluster, Node
+
+from . import dhcp_wire as wire
+from .service import Replica, Service
+
+log = logging.getLogger(__name__)
+
+ZERO = bytes(4)
+# Resolvers use three name servers at most (glibc's MAXNS), and a list of every node would not
+# fit in a DHCP packet on a big cluster: each host is told three other nodes, chosen by its
+# position so the load spreads over all of them.
+DNS_SERVERS_PER_HOST = 3
+BROADCAST = "255.255.255.255"
+# Bounds on what we remember only to avoid repeating a log line.
+LOG_ONCE_LIMIT = 4096
+# Room for a burst of DORA from a rack powering on at once.
+RECEIVE_BUFFER = 4 << 20
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)   # Linux; Python names it from 3.12
+
+
+@dataclasses.dataclass(frozen=True)
+class Host:
+    mac: bytes
+    ip: ipaddress.IPv4Address
+    name: str
+    dns: tuple[ipaddress.IPv4Address, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+    """A network this replica hands addresses on, and everything its answers carry."""
+
+    name: str
+    cidr: ipaddress.IPv4Network
+    router: ipaddress.IPv4Address
+    ntp: tuple[ipaddress.IPv4Address, ...]
+    domain: str
+    lease_time: int
+    hosts: dict[bytes, Host]   # by MAC
+
+    def contains(self, address: bytes) -> bool:
+        return ipaddress.IPv4Address(address) in self.cidr
+
+
+def served_networks(cluster: Cluster) -> tuple[Network, ...]:
+    """The cluster network with its nodes. VMs live on VC networks and are not served here."""
+    settings = cluster.settings
+    if settings is None:
+        return ()
+    nodes = cluster.nodes
+    hosts = {}
+    for index, node in enumerate(nodes):
+        mac = wire.parse_mac(node.mac)
+        hosts[mac] = Host(mac, node.ip, node.name, dns_servers(nodes, index))
+    return (Network(name="cluster", cidr=settings.cidr, router=settings.gateway_vip,
+                    ntp=settings.ntp_servers,
+                    domain=settings.domain, lease_time=settings.lease_time, hosts=hosts),)
+
+
+def dns_servers(nodes: tuple[Node, ...], index: int) -> tuple[ipaddress.IPv4Address, ...]:
+    """The nodes after `index` (wrapping round), not the node itself: its own DNS replica
+    is not running yet while it boots."""
+    others = min(DNS_SERVERS_PER_HOST, len(nodes) - 1)
+    return tuple(nodes[(index + step) % len(nodes)].ip for step in range(1, others + 1))
+
+
+class Reply(NamedTuple):
+    data: bytes
+    address: str
+    port: int
+
+
+class Responder:
+    """One generation's answers for one replica; `respond` is the per-packet hot path."""
+
+    def __init__(self, cluster: Cluster, replica: Replica, counters: Counter[str],
+                 log_events: bool = True):
+        self.generation = cluster.generation
+        self.counters = counters
+        self.log_events = log_events
+        self.server_id = replica.address.packed
+        self.networks = served_networks(cluster)
+        self.local = next((net for net in self.networks if replica.address in net.cidr), None)
+        scheme = "http" if "http" in replica.services else "tftp"
+        self.ipxe_url = f"{scheme}://{replica.address}/{layout.IPXE_SCRIPT}"
+        self._replica_address = replica.address
+        self._templates: dict[tuple[bytes, int, str | None], tuple[bytes, bytes]] = {}
+        self._relay_networks: dict[bytes, Network | None] = {}
+        self._unknown_logged: set[bytes] = set()
+
+    def respond(self, data: bytes) -> Reply | None:
+        """The answer to one datagram, or None; raises `wire.MalformedPacket` for garbage."""
+        request = wire.parse_request(data)
+        kind = request.message_type
+        self.counters[wire.MESSAGE_TYPE_NAMES[kind]] += 1
+        network = self._network(request.giaddr)
+        if network is None:
+            self.counters["ignored_no_network"] += 1
+            return None
+        host = network.hosts.get(request.mac)
+        if host is None:
+            self._unknown(request)
+            return None
+        if kind == wire.DISCOVER:
+            return self._answer(request, network, host, wire.OFFER)
+        if kind == wire.REQUEST:
+            return self._request(request, network, host)
+        if kind == wire.INFORM:
+            return self._answer(request, network, host, wire.INFORM)
+        if kind == wire.RELEASE:
+            self._event("DHCPRELEASE", request, host, logging.INFO)
+        elif kind == wire.DECLINE:
+            # With a fixed map there is no other address to offer: somebody else holds this one.
+            self._event("DHCPDECLINE", request, host, logging.WARNING,
+                        " (the address is in use by another machine: fix the network)")
+        else:
+            self.counters["ignored_server_message"] += 1
+        return None
+
+    def _request(self, request: wire.Request, network: Network, host: Host) -> Reply | None:
+        mine = host.ip.packed
+        if request.server_id is not None:                       # SELECTING
+            if request.server_id != self.server_id:
+                self.counters["ignored_other_server"] += 1
+                return None
+            wanted = request.requested_ip
+        elif request.requested_ip is not None:                  # INIT-REBOOT
+            wanted = request.requested_ip
+        elif request.ciaddr != ZERO:                            # RENEWING or REBINDING
+            wanted = request.ciaddr
+        else:
+            self.counters["ignored_request_without_address"] += 1
+            return None
+        if wanted != mine:
+            return self._nak(request, host, wanted)
+        return self._answer(request, network, host, wire.ACK)
+
+    def _answer(self, request: wire.Request, network: Network, host: Host,
+                kind: int) -> Reply:
+        bootfile = self._bootfile(request)
+        key = (request.mac, kind, bootfile)
+        template = self._templates.get(key)
+        if template is None:
+            template = self._templates[key] = self._build(network, host, kind, bootfile)
+        prefix, tail = template
+        packet = bytearray(prefix)
+        packet[wire.XID] = request.xid
+        packet[wire.FLAGS] = request.flags
+        if kind != wire.OFFER:
+            packet[wire.CIADDR] = request.ciaddr
+        packet[wire.GIADDR] = request.giaddr
+        packet[wire.CHADDR] = request.chaddr
+        if request.relay_agent is not None:
+            packet += request.relay_agent
+            packet.append(wire.OPT_END)
+            if len(packet) < wire.MIN_REPLY_LEN:
+                packet += bytes(wire.MIN_REPLY_LEN - len(packet))
+        else:
+            packet += tail
+        name = "DHCPOFFER" if kind == wire.OFFER else "DHCPACK"
+        self.counters[name] += 1
+        if self.log_events:
+            self._event(name, request, host, logging.INFO)
+        return Reply(bytes(packet), *self._destination(request, nak=False))
+
+    def _nak(self, request: wire.Request, host: Host, wanted: bytes) -> Reply:
+        options = [(wire.OPT_MESSAGE_TYPE, bytes([wire.NAK])),
+                   (wire.OPT_SERVER_ID, self.server_id)]
+        flags = int.from_bytes(request.flags, "big")
+        if request.giaddr != ZERO:
+            flags |= wire.BROADCAST_FLAG   # RFC 2131 4.3.2: the relay broadcasts a NAK
+        message = wire.Message(op=wire.BOOTREPLY, xid=int.from_bytes(request.xid, "big"),
+                               chaddr=request.chaddr, options=tuple(options), flags=flags,
+                               giaddr=ipaddress.IPv4Address(request.giaddr))
+        packet = wire.encode(message, pad_to=0)
+        if request.relay_agent is not None:
+            packet = packet[:-1] + request.relay_agent + bytes([wire.OPT_END])
+        packet = packet.ljust(wire.MIN_REPLY_LEN, b"\0")
+        self.counters["DHCPNAK"] += 1
+        self._event("DHCPNAK", request, host, logging.INFO,
+                    f" (asked for {ipaddress.IPv4Address(wanted)})")
+        return Reply(packet, *self._destination(request, nak=True))
+
+    def _destination(self, request: wire.Request, nak: bool) -> tuple[str, int]:
+        """RFC 2131 4.1: to the relay; else unicast to a client that has its address; else
+        broadcast (a client without an address cannot take unicast before it has ARP, and
+        broadcast works for dhclient, udhcpc and iPXE alike)."""
+        if request.giaddr != ZERO:
+            return socket.inet_ntoa(request.giaddr), wire.SERVER_PORT
+        if request.ciaddr != ZERO and not nak:
+            return socket.inet_ntoa(request.ciaddr), wire.CLIENT_PORT
+        return BROADCAST, wire.CLIENT_PORT
+
+    def _bootfile(self, request: wire.Request) -> str | None:
+        if request.is_ipxe:
+            # Already iPXE: hand it the script, or it would chainload iPXE forever.
+            return self.ipxe_url
+        if request.client_arch is None:
+            return None
+        bootfile = layout.ARCH_BOOTFILES.get(request.client_arch)
+        if bootfile is None:
+            self.counters["unknown_client_arch"] += 1
+        return bootfile
+
+    def _build(self, network: Network, host: Host, kind: int,
+               bootfile: str | None) -> tuple[bytes, bytes]:
+        """One host's answer, without xid and the other per-request fields (patched later)."""
+        options: list[tuple[int, bytes]] = [
+            (wire.OPT_MESSAGE_TYPE, bytes([wire.ACK if kind == wire.INFORM else kind])),
+            (wire.OPT_SERVER_ID, self.server_id)]
+        if kind != wire.INFORM:   # RFC 2131 4.3.5: no lease times in an answer to INFORM
+            lease = network.lease_time
+            options += [(wire.OPT_LEASE_TIME, wire.u32(lease)),
+                        (wire.OPT_RENEWAL_TIME, wire.u32(lease // 2)),
+                        (wire.OPT_REBINDING_TIME, wire.u32(lease * 7 // 8))]
+        options += [(wire.OPT_SUBNET_MASK, network.cidr.netmask.packed),
+                    (wire.OPT_BROADCAST, network.cidr.broadcast_address.packed),
+                    (wire.OPT_ROUTER, network.router.packed)]
+        if host.dns:
+            options.append((wire.OPT_DNS, wire.addresses(host.dns)))
+        options += [(wire.OPT_DOMAIN_NAME, network.domain.encode()),
+                    (wire.OPT_HOST_NAME, host.name.encode())]
+        if network.ntp:
+            options.append((wire.OPT_NTP, wire.addresses(network.ntp)))
+        siaddr = ipaddress.IPv4Address(0)
+        if bootfile is not None:
+            siaddr = self._replica_address
+            options += [(wire.OPT_TFTP_SERVER, str(self._replica_address).encode()),
+                        (wire.OPT_BOOTFILE, bootfile.encode())]
+        message = wire.Message(
+            op=wire.BOOTREPLY, xid=0, chaddr=host.mac, options=tuple(options),
+            yiaddr=host.ip if kind != wire.INFORM else ipaddress.IPv4Address(0),
+            siaddr=siaddr, file=bootfile.encode() if bootfile else b"")
+        packet = wire.encode(message, pad_to=0)
+        prefix = packet[:-1]   # without OPT_END: option 82 goes before it
+        return prefix, packet[-1:].ljust(wire.MIN_REPLY_LEN - len(prefix), b"\0")
+
+    def _network(self, giaddr: bytes) -> Network | None:
+        if giaddr == ZERO:
+            return self.local
+        if giaddr not in self._relay_networks:
+            if len(self._relay_networks) >= LOG_ONCE_LIMIT:
+                self._relay_networks.clear()
+            self._relay_networks[giaddr] = next(
+                (net for net in self.networks if net.contains(giaddr)), None)
+        return self._relay_networks[giaddr]
+
+    def _unknown(self, request: wire.Request) -> None:
+        self.counters["ignored_unknown_mac"] += 1
+        if request.mac not in self._unknown_logged and len(self._unknown_logged) < LOG_ONCE_LIMIT:
+            self._unknown_logged.add(request.mac)
+            log.info("%s from unknown MAC %s: no answer (gen %d)",
+                     wire.MESSAGE_TYPE_NAMES[request.message_type], request.mac_text(),
+                     self.generation)
+
+    def _event(self, name: str, request: wire.Request, host: Host, level: int,
+               note: str = "") -> None:
+        if self.log_events or level > logging.INFO:
+            log.log(level, "%s %s -> %s %s (gen %d)%s", name, request.mac_text(), host.ip,
+                    host.name, self.generation, note)
+
+
+class DhcpService(Service):
+    name = "dhcp"
+
+    def __init__(self, replica: Replica, cluster: Cluster, port: int = wire.SERVER_PORT):
+        super().__init__(replica, cluster)
+        self.port = port
+        self.responder = Responder(cluster, replica, self.counters, self._log_events())
+        self._transport: asyncio.DatagramTransport | None = None
+        self._malformed_logged: set[str] = set()
+
+    @staticmethod
+    def _log_events() -> bool:
+        return log.isEnabledFor(logging.INFO)
+
+    async def start(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            try:   # past net.core.rmem_max, which root (CAP_NET_ADMIN) may do
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
+            except PermissionError:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE,
+                            self.replica.interface.encode())
+            sock.bind(("0.0.0.0", self.port))
+            self.port = sock.getsockname()[1]   # port 0 in a test: the one we got
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        loop = asyncio.get_running_loop()
+        self._transport, _ = await loop.create_datagram_endpoint(
+            lambda: _DhcpProtocol(self), sock=sock)
+        log.info("dhcp listening on %s:%d (%s), gen %d", self.replica.interface, self.port,
+                 self.replica.address, self.cluster.generation)
+
+    async def stop(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    def reload(self, cluster: Cluster) -> None:
+        # Build the whole new responder first, then swap: a packet sees one generation or
+        # the other, never a mix.
+        responder = Responder(cluster, self.replica, self.counters, self._log_events())
+        self.responder = responder
+        super().reload(cluster)
+
+    def handle(self, data: bytes, source: tuple[str, int]) -> None:
+        try:
+            reply = self.responder.respond(data)
+        except wire.MalformedPacket as err:
+            self.counters["dropped_" + err.reason] += 1
+            host = source[0]
+            if host not in self._malformed_logged and len(
+                    self._malformed_logged) < LOG_ONCE_LIMIT:
+                self._malformed_logged.add(host)
+                log.warning("dropped a malformed packet from %s:%d: %s (further ones from "
+                            "there are only counted)", host, source[1], err)
+            return
+        if reply is not None and self._transport is not None:
+            self._transport.sendto(reply.data, (reply.address, reply.port))
+
+
+class _DhcpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, service: DhcpService):
+        self.service = service
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.service.handle(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        # A send to a relay or client that cannot be reached: count it and keep serving.
+        self.service.counters["send_errors"] += 1
+        log.debug("dhcp socket error: %s", exc)
+
+
+SERVICE = DhcpService
