@@ -1,0 +1,142 @@
+"""The boot-service daemon without sockets or root: who the replica is, generations (newer
+reloads, older is refused), the status file, and every bad `vlx bootsvc` input."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import json
+from pathlib import Path
+
+import pytest
+from virtualinux.bootsvc import daemon
+from virtualinux.bootsvc.dhcp import DhcpService
+from virtualinux.vvcm import NotFound, VlxError, changes, inventory
+from virtualinux.vvcm.cli import main
+
+from .conftest import EXAMPLE
+from .test_dhcp_wire import scapy_request
+
+LOOPBACK = ipaddress.IPv4Address("127.0.0.1")
+
+
+@pytest.fixture
+def cluster(db):
+    return db.update("db import", "test",
+                     lambda c: inventory.apply(c, inventory.load(EXAMPLE), "test"))
+
+
+def test_replica_beside_the_nodes_is_not_a_node(cluster, tmp_path):
+    replica = daemon.resolve_replica(cluster, "lo", None, LOOPBACK, tmp_path, tmp_path,
+                                     ("dhcp",))
+    assert replica.node is None and replica.address == LOOPBACK
+    assert replica.services == ("dhcp",)
+
+
+@pytest.mark.parametrize(("interface", "node", "address", "error", "message"), [
+    ("nosuch0", None, None, VlxError, "no network interface 'nosuch0'"),
+    ("lo", "nosuch", None, NotFound, "no node named 'nosuch'"),
+    ("lo", None, None, VlxError, "no node's address is on lo"),
+    ("lo", None, ipaddress.IPv4Address("198.18.0.201"), VlxError,
+     "198.18.0.201 is not an address of lo"),
+    ("lo", "node1", None, VlxError, "198.18.0.11 is not an address of lo"),
+])
+def test_replica_that_cannot_be_is_a_clear_error(cluster, tmp_path, interface, node, address,
+                                                 error, message):
+    with pytest.raises(error, match=message):
+        daemon.resolve_replica(cluster, interface, node, address, tmp_path, tmp_path, ())
+
+
+def _daemon(db, cluster, tmp_path) -> daemon.Daemon:
+    replica = daemon.resolve_replica(cluster, "lo", None, LOOPBACK, tmp_path, tmp_path / "st",
+                                     ("dhcp",))
+    runner = daemon.Daemon(db, replica, ("dhcp",))
+    runner.services = [DhcpService(replica, cluster)]
+    runner.generation = cluster.generation
+    return runner
+
+
+def test_newer_generation_reloads_every_service(db, cluster, tmp_path):
+    runner = _daemon(db, cluster, tmp_path)
+    newer = db.update("settings", "lease", lambda c: changes.set_settings(
+        c, dataclasses.replace(c.settings, lease_time=120)))
+    asyncio.run(runner.poll())
+    assert runner.generation == newer.generation and runner.reloads == 1
+    assert runner.services[0].responder.generation == newer.generation
+    # Relayed: this replica's own address (loopback) is on no network it serves.
+    reply = runner.services[0].responder.respond(
+        scapy_request("discover", bytes.fromhex("525400000011"), giaddr="198.18.0.1"))
+    assert (120).to_bytes(4, "big") in reply.data
+
+
+def test_older_generation_is_refused_and_the_newer_kept(db, db_path, cluster, tmp_path):
+    old_copy = tmp_path / "old.db"
+    old_copy.write_bytes(db_path.read_bytes())
+    db.update("settings", "lease", lambda c: changes.set_settings(
+        c, dataclasses.replace(c.settings, lease_time=120)))
+    runner = _daemon(db, db.load(), tmp_path)
+    served = runner.generation
+    old_copy.replace(db_path)
+    asyncio.run(runner.poll())
+    asyncio.run(runner.poll())
+    assert runner.generation == served and runner.stale_generations == 2
+    assert runner.services[0].responder.generation == served
+
+
+def test_unreadable_database_keeps_the_served_generation(db, db_path, cluster, tmp_path):
+    runner = _daemon(db, cluster, tmp_path)
+    db_path.write_bytes(b"not a database at all")
+    asyncio.run(runner.poll())
+    assert runner.generation == cluster.generation
+
+
+def test_status_file_holds_counters_and_status_reads_it(db, cluster, tmp_path, capsys):
+    runner = _daemon(db, cluster, tmp_path)
+    runner.services[0].handle(b"garbage", ("198.18.0.9", 68))
+    runner.write_status("running")
+    status = json.loads((tmp_path / "st" / daemon.STATUS_FILE).read_text())
+    assert status["generation"] == cluster.generation and status["address"] == "127.0.0.1"
+    assert status["services"]["dhcp"] == {"dropped_short": 1}
+    assert main(["bootsvc", "status", "--state-dir", str(tmp_path / "st")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("running: (not a node) on lo (127.0.0.1)")
+    assert "dhcp     dropped_short  1" in out
+
+
+def test_status_of_a_killed_daemon_says_dead(tmp_path, capsys):
+    (tmp_path / daemon.STATUS_FILE).write_text(json.dumps({
+        "state": "running", "pid": 2**22 + 12345, "node": None, "interface": "eth0",
+        "address": "198.18.0.201", "generation": 3, "updated": "x", "reloads": 0,
+        "stale_generations_refused": 0, "services": {}}))
+    assert main(["bootsvc", "status", "--state-dir", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "dead"
+    assert main(["bootsvc", "status", "--state-dir", str(tmp_path)]) == 1
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--interface", "nosuch0"], "no network interface 'nosuch0'"),
+    (["--interface", "lo", "--services", "dhcp,bogus"], "--services: unknown service 'bogus'"),
+    (["--interface", "lo", "--address", "198.18.0.201"], "not an address of lo"),
+    (["--interface", "lo", "--node", "nosuch"], "no node named 'nosuch'"),
+    (["--interface", "lo", "--poll", "0"], "--poll: must be more than 0 seconds"),
+])
+def test_bad_run_arguments_exit_2_with_one_message(cluster, db_path, capsys, argv, message):
+    assert main(["--db", str(db_path), "bootsvc", "run", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["--interface", "lo", "--services", "dhcp,dhcp"],
+    ["--interface", "lo", "--address", "not-an-ip"],
+    ["--interface", "lo", "--services", ","],
+])
+def test_malformed_run_arguments_are_usage_errors(db_path, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--db", str(db_path), "bootsvc", "run", *argv])
+    assert exit_info.value.code == 2
+
+
+def test_status_without_a_daemon_is_a_clear_error(tmp_path: Path, capsys):
+    assert main(["bootsvc", "status", "--state-dir", str(tmp_path)]) == 2
+    assert "is `vlx bootsvc run` running with this --state-dir?" in capsys.readouterr().err
