@@ -1,0 +1,158 @@
+"""TFTP without root: the wire format, option negotiation, and the windowed sender driven by a
+client written here over a socketpair (loss, repeated ACKs, block-number rollover)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+from pathlib import Path
+
+import pytest
+from virtualinux.bootsvc import tftp_wire
+from virtualinux.bootsvc.tftp_window import Transfer, TransferEngine
+from virtualinux.bootsvc.tftp_wire import MalformedPacket, Request
+
+CORPUS = Path(__file__).parent / "corpus" / "tftp"
+
+
+def rrq(name: bytes, mode: bytes = b"octet", **options: str) -> bytes:
+    packet = struct.pack("!H", 1) + name + b"\0" + mode + b"\0"
+    for key, value in options.items():
+        packet += key.encode() + b"\0" + value.encode() + b"\0"
+    return packet
+
+
+def test_request_decodes_with_options_lowercased():
+    request = tftp_wire.parse_request(rrq(b"boot.ipxe", b"OCTET", BLKSIZE="1468", tsize="0"))
+    assert request == Request(False, "boot.ipxe", "octet", {"blksize": "1468", "tsize": "0"})
+    assert tftp_wire.parse_request(struct.pack("!H", 2) + b"x\0octet\0").write
+
+
+@pytest.mark.parametrize("packet", [
+    b"", b"\x00", b"\x00\x01", b"\x00\x01boot.ipxe", b"\x00\x01boot.ipxe\0octet",
+    b"\x00\x03\x00\x01data", b"\x00\x04\x00\x01", b"\x00\x09x\0octet\0",
+    b"\x00\x01\0octet\0", b"\x00\x01a\0octet\0blksize\0", b"\x00\x01\xff\xfe\0octet\0",
+    b"\x00\x01a\0octet\0" + b"x" * 2000 + b"\0",
+])
+def test_malformed_requests_raise_one_exception_type(packet):
+    with pytest.raises(MalformedPacket):
+        tftp_wire.parse_request(packet)
+
+
+def test_corpus_of_packets_that_once_broke_parsers_is_replayed():
+    """Every file in tests/corpus/tftp parses or raises MalformedPacket; nothing else."""
+    for path in sorted(CORPUS.glob("*.bin")):
+        try:
+            tftp_wire.parse_request(path.read_bytes())
+        except MalformedPacket:
+            pass
+
+
+def test_negotiation_takes_supported_options_and_clamps():
+    request = Request(False, "f", "octet", {"blksize": "99999", "tsize": "0", "timeout": "3",
+                                            "windowsize": "1000", "multicast": ""})
+    negotiated = tftp_wire.negotiate(request, size=12345, max_blksize=1468)
+    assert (negotiated.blksize, negotiated.windowsize, negotiated.timeout) == (1468, 64, 3.0)
+    assert negotiated.oack == (b"\x00\x06blksize\x001468\x00timeout\x003\x00tsize\x0012345\x00"
+                               b"windowsize\x0064\x00")
+
+
+def test_invalid_option_values_are_left_out_of_the_oack():
+    request = Request(False, "f", "octet", {"blksize": "4", "timeout": "0", "windowsize": "x"})
+    assert tftp_wire.negotiate(request, size=1) == tftp_wire.Negotiated()
+
+
+def test_error_packet_and_netascii():
+    assert tftp_wire.encode_error(2, "no") == b"\x00\x05\x00\x02no\x00"
+    assert tftp_wire.to_netascii(b"a\nb\rc") == b"a\r\nb\r\0c"
+
+
+class Client:
+    """A TFTP reader on one end of a socketpair, with a plan of blocks to 'lose'."""
+
+    def __init__(self, sock: socket.socket, windowsize: int, lose: set[int]):
+        self.sock, self.windowsize, self.lose = sock, windowsize, set(lose)
+        self.received = bytearray()
+        self.expected = 1
+        self.acks_sent = 0
+
+    def ack(self, block: int) -> None:
+        self.sock.send(struct.pack("!HH", 4, block & 0xFFFF))
+        self.acks_sent += 1
+
+    def run(self, blksize: int, oack: bool) -> bytes:
+        self.sock.settimeout(10)
+        if oack:
+            assert self.sock.recv(70000)[:2] == b"\x00\x06"
+            self.ack(0)
+            self.ack(0)         # a repeated ACK must not make the server send twice
+        in_window = 0
+        while True:
+            packet = self.sock.recv(70000)
+            opcode, number = struct.unpack("!HH", packet[:4])
+            assert opcode == 3
+            if number != self.expected & 0xFFFF:
+                self.ack(self.expected - 1)     # a gap: ACK the last block in order (RFC 7440)
+                in_window = 0
+                continue
+            if self.expected in self.lose:
+                self.lose.discard(self.expected)
+                continue
+            self.received += packet[4:]
+            self.expected += 1
+            in_window += 1
+            last = len(packet) - 4 < blksize
+            if last or in_window == self.windowsize:
+                self.ack(self.expected - 1)
+                in_window = 0
+            if last:
+                return bytes(self.received)
+
+
+def transfer(data: bytes, blksize: int, windowsize: int, lose: set[int] = frozenset(),
+             oack: bool = True) -> tuple[bytes, Transfer, list]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ours.setblocking(False)
+    done = threading.Event()
+    results: list = []
+    options = tftp_wire.Negotiated(blksize, windowsize, 0.2 if lose else None,
+                                   b"\x00\x06blksize\x00x\x00" if oack else None)
+
+    def finished(transfer, error):
+        results.append(error)
+        done.set()
+
+    sender = Transfer(ours, data, options, finished, "test")
+    engine = TransferEngine("test")
+    engine.start()
+    try:
+        engine.submit(sender)
+        received = Client(theirs, windowsize, lose).run(blksize, oack)
+        assert done.wait(10)
+    finally:
+        engine.stop()
+        theirs.close()
+    return received, sender, results
+
+
+@pytest.mark.parametrize("windowsize", [1, 4, 16])
+def test_window_sends_the_file_and_recovers_lost_blocks(windowsize):
+    data = os.urandom(100 * 512 + 17)
+    received, sender, results = transfer(data, 512, windowsize, lose={1, 7, 50, 101})
+    assert received == data and results == [None]
+    assert sender.retransmits >= 1 or windowsize > 1
+
+
+def test_file_of_whole_blocks_ends_with_an_empty_block():
+    data = os.urandom(8 * 512)
+    received, sender, _ = transfer(data, 512, 4, oack=False)
+    assert received == data and sender.last_block == 9
+
+
+def test_block_numbers_roll_over_after_65535():
+    data = os.urandom(70_000 * 8 + 3)
+    received, sender, results = transfer(data, 8, 64, lose={65_535, 65_536, 65_537})
+    assert received == data and results == [None]
+    assert sender.acked == sender.last_block > 65_536

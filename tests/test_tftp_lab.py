@@ -1,0 +1,174 @@
+"""TFTP against real clients in namespaces: tftp-hpa, curl and atftp download byte-identical
+files, traversal is refused with a TFTP error, bad packets do not stop the service, and 50
+clients at once all finish. The `bootfiles_lab` fixture is shared with test_http_lab.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from virtualinux.netboot import render, scripts
+from virtualinux.vvcm import Credential, Volume, changes, inventory
+
+from .conftest import EXAMPLE, require
+
+pytestmark = pytest.mark.lab
+
+SERVER, CLIENT = "198.18.0.1", "198.18.0.200"
+BIG = 10 << 20
+ROLLOVER = 65_536 * 512 + 1000      # more blocks than a 16-bit block number counts at 512
+
+
+@dataclasses.dataclass
+class BootFilesLab:
+    client: object          # the client Namespace
+    tree: Path              # the rendered tree (OUT/current)
+    cluster: object
+    process: subprocess.Popen
+    download: Path          # a directory for what clients fetch
+
+    def stop(self) -> dict:
+        """Stop the services; their counters."""
+        self.process.terminate()
+        out, _ = self.process.communicate(timeout=20)
+        return json.loads(out.strip().splitlines()[-1])
+
+    def run(self, cmd: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
+        return self.client.run(cmd, check=False, timeout=timeout)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def bootfiles_lab(db, db_path, netns, tmp_path):
+    cluster = db.update("db import", "test",
+                        lambda c: inventory.apply(c, inventory.load(EXAMPLE), "test"))
+    golden = Volume(name="golden", kind="golden", backend="reflink", path="/pool/golden",
+                    size=1 << 30)
+    volume = Volume(name="node1-root", kind="snapshot", backend="reflink", path="/pool/n1",
+                    size=1 << 30, origin="golden", owner="node1",
+                    iqn="iqn.2026-11.org.virtualinux:vlxlab.node1-root", portal="198.18.0.11:3260")
+    cluster = db.update("volume put", "test", lambda c: dataclasses.replace(
+        changes.put_volumes(c, [golden, volume]),
+        credentials=(Credential("node1", "node1", "pw"),)))
+    image = tmp_path / "image"
+    image.mkdir()
+    (image / "vmlinuz").write_bytes(os.urandom(BIG))
+    (image / "initrd.img").write_bytes(os.urandom(ROLLOVER))
+    out = tmp_path / "netboot"
+    render.render(cluster, image, out, ["console=ttyS0"])
+    (out / render.CURRENT / "notes.txt").write_text("line one\nline two\r\nend\n")
+    (tmp_path / "outside.txt").write_text("secret")
+    os.symlink(tmp_path / "outside.txt", out / render.CURRENT / "escape")
+
+    client = netns.namespace("client")
+    bridge = netns.bridge(client)
+    client.ip("addr", "add", f"{CLIENT}/24", "dev", bridge)
+    server = netns.namespace("server")
+    netns.plug(client, bridge, server, address=f"{SERVER}/24")
+    process = server.popen(
+        [sys.executable, "-m", "virtualinux.bootsvc.standalone", "--db", str(db_path),
+         "--root", str(out / render.CURRENT), "--address", SERVER, "tftp", "http"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert process.stdout.readline().startswith("ready"), "services did not start"
+        download = tmp_path / "download"
+        download.mkdir()
+        yield BootFilesLab(client, out / render.CURRENT, cluster, process, download)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+def test_real_clients_download_byte_identical_files(bootfiles_lab):
+    require("tftp", "curl", "atftp")
+    lab, tree, got = bootfiles_lab, bootfiles_lab.tree, bootfiles_lab.download
+    fetches = {
+        "tftp-hpa": ["tftp", "-m", "binary", SERVER, "-c", "get", "images/vmlinuz",
+                     str(got / "tftp-hpa")],
+        "curl": ["curl", "-sS", "--fail", "-o", str(got / "curl"),
+                 f"tftp://{SERVER}/images/vmlinuz"],
+        "curl-1468": ["curl", "-sS", "--fail", "--tftp-blksize", "1468",
+                      "-o", str(got / "curl-1468"), f"tftp://{SERVER}/images/vmlinuz"],
+        "atftp-window16": ["atftp", "--option", "blksize 1468", "--option", "windowsize 16",
+                           "-g", "-r", "images/vmlinuz", "-l", str(got / "atftp-window16"),
+                           SERVER],
+    }
+    for name, cmd in fetches.items():
+        result = lab.run(cmd)
+        assert result.returncode == 0, (name, result.stderr)
+        assert digest(got / name) == digest(tree / "images/vmlinuz"), name
+    # More than 65535 blocks of 512 bytes: the block number rolls over, windowed and not.
+    for name, window in (("rollover-lockstep", "1"), ("rollover-window8", "8")):
+        result = lab.run(["atftp", "--option", "blksize 512", "--option", f"windowsize {window}",
+                          "-g", "-r", "images/initrd.img", "-l", str(got / name), SERVER])
+        assert result.returncode == 0, (name, result.stderr)
+        assert digest(got / name) == digest(tree / "images/initrd.img"), name
+    counters = lab.stop()["tftp"]
+    assert counters["sent"] == 6 and counters.get("failed", 0) == 0
+
+
+def test_node_script_is_made_from_the_database_and_netascii_converts(bootfiles_lab):
+    lab = bootfiles_lab
+    result = lab.run(["curl", "-sS", "--fail", f"tftp://{SERVER}/nodes/52-54-00-00-00-11.ipxe"])
+    cluster = lab.cluster
+    assert result.stdout == scripts.node_script(cluster, cluster.node("node1"), ["console=ttyS0"])
+    # tftp-hpa in ascii mode turns the netascii we send back into the file's own line ends.
+    result = lab.run(["tftp", SERVER, "-c", "get", "notes.txt", str(lab.download / "notes")])
+    assert result.returncode == 0, result.stderr
+    assert (lab.download / "notes").read_bytes() == (lab.tree / "notes.txt").read_bytes()
+
+
+@pytest.mark.parametrize("path, code", [
+    ("../outside.txt", 2), ("images/../../outside.txt", 2), ("escape", 2),
+    ("/etc/passwd", 1), ("no-such-file", 1), ("x" * 300, 2)])
+def test_traversal_and_missing_files_get_tftp_errors(bootfiles_lab, path, code):
+    result = bootfiles_lab.run(["tftp", "-m", "binary", SERVER, "-c", "get", path,
+                                str(bootfiles_lab.download / "out")])
+    assert f"Error code {code}:" in result.stderr + result.stdout
+    assert not (bootfiles_lab.download / "out").exists() or \
+        (bootfiles_lab.download / "out").stat().st_size == 0
+
+
+def test_bad_packets_are_dropped_and_the_service_keeps_serving(bootfiles_lab):
+    lab = bootfiles_lab
+    garbage = [b"", b"\x00", b"\xff\xff\xff\xff", b"\x00\x01no-nul", b"\x00\x03\x00\x01x",
+               b"\x00\x01a\0octet\0blksize\0", os.urandom(600), b"\x00\x02w\0octet\0",
+               b"\x00\x01a\0mail\0", b"\x00\x01\xc3\xa9\0octet\0"]
+    sender = ("import socket, sys\n"
+              "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+              f"for p in {garbage!r}:\n"
+              f"    s.sendto(p, ('{SERVER}', 69))\n")
+    assert lab.run([sys.executable, "-c", sender]).returncode == 0
+    time.sleep(0.3)
+    result = lab.run(["curl", "-sS", "--fail", f"tftp://{SERVER}/boot.ipxe"])
+    assert result.returncode == 0 and result.stdout.startswith("#!ipxe")
+    counters = lab.stop()["tftp"]
+    assert counters["malformed"] >= 6
+    assert counters["write"] == 1 and counters["bad_mode"] == 1 and counters["sent"] == 1
+
+
+def test_fifty_clients_at_once_all_finish_byte_identical(bootfiles_lab):
+    require("curl")
+    lab, got = bootfiles_lab, bootfiles_lab.download
+    script = " ".join(
+        f"curl -sS --fail --max-time 240 --tftp-blksize 1468 -o {got}/c{i} "
+        f"tftp://{SERVER}/images/vmlinuz &" for i in range(50)) + " wait"
+    started = time.monotonic()
+    result = lab.run(["sh", "-c", script], timeout=300)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    expected = digest(lab.tree / "images/vmlinuz")
+    assert [i for i in range(50) if digest(got / f"c{i}") != expected] == []
+    counters = lab.stop()["tftp"]
+    assert counters["sent"] == 50, (counters, elapsed)
