@@ -61,8 +61,10 @@ class Namespace:
 class Netns:
     """Makes namespaces and links; `close()` removes all of them and what runs inside."""
 
-    def __init__(self, prefix: str = "vlx"):
-        self.prefix = f"{prefix}{uuid.uuid4().hex[:6]}"
+    def __init__(self, prefix: str = "vlx", unique: bool = True):
+        # unique=False: the caller owns `prefix` and makes sure no one else uses it (the lab,
+        # whose namespace names must be known to `vlx lab down` from its state directory).
+        self.prefix = f"{prefix}{uuid.uuid4().hex[:6]}" if unique else prefix
         self.namespaces: list[Namespace] = []
         self._links = 0
 
@@ -102,6 +104,13 @@ class Netns:
             ns.ip("addr", "add", address, "dev", ifname)
         ns.ip("link", "set", ifname, "up")
         return outer
+
+    def tap(self, hub: Namespace, bridge: str, name: str) -> str:
+        """A persistent tap device `name` in `hub`, enslaved to `bridge` (QEMU opens it)."""
+        hub.ip("tuntap", "add", "dev", name, "mode", "tap")
+        hub.ip("link", "set", name, "master", bridge)
+        hub.ip("link", "set", name, "up")
+        return name
 
     def close(self) -> None:
         for ns in reversed(self.namespaces):

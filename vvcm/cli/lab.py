@@ -1,0 +1,265 @@
+"""`vlx lab up|status|console|down`: the virtual lab (vm-test/lab.py) from the command line.
+
+This module joins the areas the lab needs: the inventory goes into the lab's own database,
+`image.tiny` builds the boot image (cached), `netboot.render` renders the tree the replicas
+serve, and `vm_test.lab` makes the network, the replicas and the QEMU nodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+from virtualinux.vm_test import console, lab, plan, qemu
+from virtualinux.vm_test.progress import PHASES, NodeProgress
+
+from .. import inventory
+from ..db import Database
+from ..errors import VlxError
+from ..model import Cluster
+from .common import add_json_flag, print_json, print_table
+
+DEFAULT_TIMEOUT = 600.0
+# The lab's nodes print their boot on the first serial port (its log is the progress source).
+LAB_KERNEL_ARGS = ("console=ttyS0",)
+
+
+def register(nouns: argparse._SubParsersAction) -> None:
+    parser = nouns.add_parser("lab", help="the virtual lab: QEMU nodes PXE-booting from "
+                                          "replicated boot services")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    up = verbs.add_parser("up", help="make the lab network, start the replicas, boot the nodes")
+    up.add_argument("--inventory", type=Path, metavar="FILE",
+                    help="the cluster to boot (default: the cluster in --db)")
+    up.add_argument("--nodes", type=int, metavar="N",
+                    help="boot only the first N nodes of the inventory (default: all)")
+    up.add_argument("--replicas", type=int, default=plan.DEFAULT_REPLICAS, metavar="N",
+                    help=f"boot-service replicas (default: {plan.DEFAULT_REPLICAS})")
+    up.add_argument("--firmware", choices=qemu.FIRMWARES, default="bios",
+                    help="the nodes' firmware: SeaBIOS or OVMF (UEFI); default bios")
+    up.add_argument("--image-dir", type=Path, metavar="DIR",
+                    help="boot this vmlinuz + initrd.img instead of the tiny lab image")
+    up.add_argument("--kernel-arg", action="append", default=[], metavar="ARG",
+                    help="one more kernel argument for every node (repeatable)")
+    up.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                    help=f"how long to wait for every node to be ready "
+                         f"(default: {DEFAULT_TIMEOUT:g})")
+    up.add_argument("--no-wait", action="store_true",
+                    help="return once the nodes are powered on")
+    _state_dir_flag(up)
+    up.set_defaults(handler=cmd_up)
+
+    status = verbs.add_parser("status", help="the lab's nodes and replicas")
+    _state_dir_flag(status)
+    add_json_flag(status)
+    status.set_defaults(handler=cmd_status)
+
+    cons = verbs.add_parser("console", help="follow a node's serial console (^C stops)")
+    cons.add_argument("node", metavar="NODE")
+    cons.add_argument("--attach", action="store_true",
+                      help="attach to the serial port instead (type into it; Ctrl-] detaches)")
+    cons.add_argument("--no-follow", action="store_true",
+                      help="print the serial log so far and return")
+    _state_dir_flag(cons)
+    cons.set_defaults(handler=cmd_console)
+
+    down = verbs.add_parser("down", help="remove everything the lab made")
+    _state_dir_flag(down)
+    down.set_defaults(handler=cmd_down)
+
+
+def _state_dir_flag(parser: argparse.ArgumentParser) -> None:
+    default = Path(os.environ.get("VLX_LAB_DIR") or plan.DEFAULT_STATE_DIR)
+    parser.add_argument("--state-dir", type=Path, default=default, metavar="DIR",
+                        help=f"where the lab keeps its record, database and logs "
+                             f"(default: $VLX_LAB_DIR or {plan.DEFAULT_STATE_DIR})")
+
+
+def _cluster_to_boot(args: argparse.Namespace) -> tuple[Cluster, str]:
+    """The cluster the lab boots, checked in memory before anything is made."""
+    if args.inventory is not None:
+        source = str(args.inventory)
+        return inventory.apply(Cluster(generation=0, settings=None),
+                               inventory.load(args.inventory), source), source
+    db = Database(args.db)
+    if not db.path.exists():
+        raise VlxError(f"no database at {db.path}: name the cluster with --inventory FILE",
+                       "--inventory")
+    return db.load(), str(db.path)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    # Imported here: building images and rendering trees is only for `up`.
+    from virtualinux.bootsvc.service import service_class
+    from virtualinux.image.tiny import build_tiny
+    from virtualinux.netboot import render
+
+    if args.timeout <= 0:
+        raise VlxError("must be more than 0 seconds", "--timeout")
+    cluster, source = _cluster_to_boot(args)
+    state_dir = args.state_dir.absolute()
+    layout = plan.plan(cluster, state_dir, args.nodes, args.replicas, args.firmware)
+    lab.preflight(layout)
+    services = lab.REPLICA_SERVICES
+    for name in services:
+        service_class(name)   # a service not built yet fails here, before anything is made
+    kernel_args = (*LAB_KERNEL_ARGS, *args.kernel_arg)
+    image_dir = args.image_dir
+    if image_dir is None:
+        print("building the tiny lab image (cached after the first time) ...", flush=True)
+        image_dir = build_tiny()
+    render.boot_image(image_dir)   # vmlinuz and initrd.img are there
+
+    def fill(db: Database) -> Cluster:
+        return db.update("lab up", f"import {source}",
+                         lambda old: _copy_of(cluster, old))
+
+    def render_tree(fresh: Cluster, out: Path) -> None:
+        render.render(fresh, image_dir, out, kernel_args)
+
+    print(f"lab {layout.prefix}: {len(layout.nodes)} node(s), {len(layout.replicas)} replicas "
+          f"({', '.join(str(r.address) for r in layout.replicas)}), {layout.firmware}, "
+          f"state in {state_dir}", flush=True)
+    running = lab.start(layout, fill, render_tree, services)
+    if args.no_wait:
+        print("nodes powered on; `vlx lab status` follows them")
+        return 0
+    display = ProgressDisplay([p.node.name for p in layout.nodes], sys.stdout)
+    try:
+        watcher = running.wait(args.timeout, "ready", display.show)
+    except KeyboardInterrupt:
+        print("\nstopped waiting; the lab stays up (`vlx lab down` removes it)")
+        return 130
+    display.finish()
+    print()
+    _print_status(lab.status(state_dir), watcher.nodes)
+    late = [node.name for node in watcher.nodes.values() if node.phase != "ready"]
+    if late:
+        print(f"\nnot ready after {args.timeout:g} s: {', '.join(late)}; the lab stays up for "
+              "a look (`vlx lab console NODE`), `vlx lab down` removes it", file=sys.stderr)
+        return 1
+    print(f"\nthe lab is up: `vlx lab console {layout.nodes[0].node.name}`, "
+          "`vlx lab status`, `vlx lab down`")
+    return 0
+
+
+def _copy_of(cluster: Cluster, old: Cluster) -> Cluster:
+    return dataclasses.replace(cluster, generation=old.generation)
+
+
+class ProgressDisplay:
+    """One line per node; redrawn in place on a terminal, a line per change otherwise."""
+
+    def __init__(self, names: list[str], out) -> None:
+        self.names = names
+        self.out = out
+        self.tty = out.isatty()
+        self.rows = {name: "off" for name in names}
+        self.times = {name: 0.0 for name in names}
+        self.width = max(map(len, names))
+        if self.tty:
+            self._draw(first=True)
+
+    def show(self, node: NodeProgress, elapsed: float) -> None:
+        self.rows[node.name] = node.describe()
+        self.times[node.name] = elapsed
+        if self.tty:
+            self._draw()
+        else:
+            print(f"{elapsed:7.1f}s  {node.name:<{self.width}}  {node.describe()}",
+                  file=self.out, flush=True)
+
+    def _draw(self, first: bool = False) -> None:
+        if not first:
+            self.out.write(f"\x1b[{len(self.names)}A")
+        steps = PHASES[1:]
+        for name in self.names:
+            phase = self.rows[name]
+            done = steps.index(phase) + 1 if phase in steps else 0
+            bar = "#" * done + "." * (len(steps) - done)
+            self.out.write(f"\x1b[2K  {name:<{self.width}}  [{bar}]  {phase:<10} "
+                           f"{self.times[name]:6.1f}s\n")
+        self.out.flush()
+
+    def finish(self) -> None:
+        self.out.flush()
+
+
+def _print_status(report: dict, progress: dict[str, NodeProgress] | None = None) -> None:
+    rows = []
+    for node in report["nodes"]:
+        seen = progress[node["name"]].seen if progress else {}
+        start = seen.get("powered")
+        booted = (f"{seen['init'] - start:.1f}" if start is not None and "init" in seen
+                  else "-")
+        rows.append((node["name"], node["mac"], node["ip"], node["phase"], booted,
+                     node["qemu_pid"] or "-"))
+    print_table(("NODE", "MAC", "ADDRESS", "PHASE", "INIT AFTER (s)", "QEMU PID"), rows)
+    print()
+    rows = []
+    for replica in report["replicas"]:
+        counters = replica["counters"]
+        acks = counters.get("dhcp", {}).get("DHCPACK", 0)
+        rows.append((replica["name"], replica["address"], replica["state"],
+                     replica["pid"] or "-", replica["generation"], acks, replica["log"]))
+    print_table(("REPLICA", "ADDRESS", "STATE", "PID", "GEN", "DHCPACKS", "LOG"), rows)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    report = lab.status(args.state_dir.absolute())
+    if args.json:
+        print_json(report)
+    else:
+        print(f"lab {report['prefix']} ({report['phase']}, {report['firmware']}) in "
+              f"{report['state_dir']}\n")
+        _print_status(report)
+    return 0
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    report = lab.status(args.state_dir.absolute())
+    node = next((n for n in report["nodes"] if n["name"] == args.node), None)
+    if node is None:
+        names = ", ".join(n["name"] for n in report["nodes"])
+        raise VlxError(f"no node {args.node!r} in this lab (it has {names})", "NODE")
+    log = Path(node["serial_log"])
+    if args.attach:
+        if node["qemu_pid"] is None:
+            raise VlxError(f"{args.node} is not running: nothing to attach to", "NODE")
+        print(f"attached to {args.node}'s serial port; Ctrl-] detaches", file=sys.stderr)
+        console.attach(log.with_name("serial.sock"))
+        return 0
+    if not log.exists():
+        raise VlxError(f"{args.node} has written nothing yet ({log})", "NODE")
+    if args.no_follow:
+        console.follow(log, sys.stdout.buffer, stop=lambda: True)
+        return 0
+    qemu_pid = node["qemu_pid"]
+    console.follow(log, sys.stdout.buffer,
+                   stop=lambda: qemu_pid is None or not _alive(qemu_pid))
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    removed = lab.down(args.state_dir.absolute())
+    if not removed:
+        print(f"no lab in {args.state_dir}: nothing to remove")
+        return 0
+    for item in removed:
+        print(f"removed {item}")
+    print(f"the lab is down ({time.monotonic() - started:.1f} s)")
+    return 0
