@@ -1,0 +1,72 @@
+"""`vlx netboot render|show` as an administrator uses them, and their bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from virtualinux.vvcm.cli import main
+
+from .conftest import EXAMPLE
+
+
+def vlx(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def cluster_db(db_path, capsys):
+    assert vlx(capsys, "db", "init")[0] == 0
+    assert vlx(capsys, "db", "import", str(EXAMPLE))[0] == 0
+    return db_path
+
+
+@pytest.fixture
+def image(tmp_path):
+    image = tmp_path / "image"
+    image.mkdir()
+    (image / "vmlinuz").write_bytes(b"k" * 4096)
+    (image / "initrd.img").write_bytes(b"i" * 4096)
+    return image
+
+
+def test_render_then_show_a_node(cluster_db, image, tmp_path, capsys):
+    out = tmp_path / "netboot"
+    code, text, _ = vlx(capsys, "netboot", "render", "--image", str(image), "--out", str(out),
+                        "--kernel-arg", "console=ttyS0")
+    assert code == 0 and "now current" in text
+    code, text, _ = vlx(capsys, "netboot", "render", "--image", str(image), "--out", str(out),
+                        "--kernel-arg", "console=ttyS0")
+    assert "unchanged, already current" in text
+    code, text, _ = vlx(capsys, "netboot", "show", "node2", "--out", str(out), "--json")
+    shown = json.loads(text)
+    assert shown["cmdline"] == ("initrd=initrd.img "
+                                "ip=198.18.0.12::198.18.0.254:255.255.255.0:node2:eth0:off "
+                                "vlx.node=node2 console=ttyS0")
+    assert shown["script"] == "nodes/52-54-00-00-00-12.ipxe" and shown["cpio"] is None
+    code, text, _ = vlx(capsys, "netboot", "show", "--out", str(out))
+    assert code == 0 and "nodes/52-54-00-00-00-14.ipxe" in text and "tree_generation: 1" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--image", "/nonexistent"], "vmlinuz is missing"),
+    (["--kernel-arg", "a b"], "cannot go on a kernel command line"),
+    (["--kernel-arg", "x=${evil}"], "cannot go on a kernel command line"),
+])
+def test_bad_render_input_exits_2_and_keeps_the_current_tree(cluster_db, image, tmp_path,
+                                                             capsys, argv, message):
+    out = tmp_path / "netboot"
+    assert vlx(capsys, "netboot", "render", "--image", str(image), "--out", str(out))[0] == 0
+    before = (out / "current").resolve()
+    args = ["netboot", "render", "--out", str(out)]
+    args += argv if "--image" in argv else ["--image", str(image), *argv]
+    code, _, err = vlx(capsys, *args)
+    assert code == 2 and message in err
+    assert (out / "current").resolve() == before
+
+
+def test_show_unknown_node_exits_2(cluster_db, capsys):
+    code, _, err = vlx(capsys, "netboot", "show", "node9")
+    assert code == 2 and "no node named 'node9'" in err
