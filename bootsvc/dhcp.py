@@ -37,6 +37,11 @@ BROADCAST = "255.255.255.255"
 LOG_ONCE_LIMIT = 4096
 # Room for a burst of DORA from a rack powering on at once.
 RECEIVE_BUFFER = 4 << 20
+# Datagrams read per wake-up of the event loop before others get a turn.
+DRAIN_BATCH = 64
+# Bigger than any DHCP message (RFC 2131 allows up to the client's option 57, at most 64 KiB
+# in UDP); a datagram cut at this size is dropped, not parsed.
+MAX_DATAGRAM = 65535
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)   # Linux; Python names it from 3.12
 
 
@@ -283,13 +288,17 @@ class Responder:
 
 
 class DhcpService(Service):
+    """UDP 67 on the replica's interface. The socket is drained in batches from the event
+    loop's reader callback: under load one wake-up serves many datagrams."""
+
     name = "dhcp"
 
     def __init__(self, replica: Replica, cluster: Cluster, port: int = wire.SERVER_PORT):
         super().__init__(replica, cluster)
         self.port = port
         self.responder = Responder(cluster, replica, self.counters, self._log_events())
-        self._transport: asyncio.DatagramTransport | None = None
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._malformed_logged: set[str] = set()
 
     @staticmethod
@@ -313,16 +322,18 @@ class DhcpService(Service):
         except OSError:
             sock.close()
             raise
-        loop = asyncio.get_running_loop()
-        self._transport, _ = await loop.create_datagram_endpoint(
-            lambda: _DhcpProtocol(self), sock=sock)
+        self._sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._drain)
         log.info("dhcp listening on %s:%d (%s), gen %d", self.replica.interface, self.port,
                  self.replica.address, self.cluster.generation)
 
     async def stop(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
+        if self._sock is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
 
     def reload(self, cluster: Cluster) -> None:
         # Build the whole new responder first, then swap: a packet sees one generation or
@@ -330,6 +341,22 @@ class DhcpService(Service):
         responder = Responder(cluster, self.replica, self.counters, self._log_events())
         self.responder = responder
         super().reload(cluster)
+
+    def _drain(self) -> None:
+        sock = self._sock
+        for _ in range(DRAIN_BATCH):
+            try:
+                data, _, flags, source = sock.recvmsg(MAX_DATAGRAM)
+            except BlockingIOError:
+                return
+            except OSError as err:
+                self.counters["receive_errors"] += 1
+                log.debug("dhcp receive error: %s", err)
+                return
+            if flags & socket.MSG_TRUNC:
+                self.counters["dropped_oversized"] += 1
+                continue
+            self.handle(data, source)
 
     def handle(self, data: bytes, source: tuple[str, int]) -> None:
         try:
@@ -343,21 +370,15 @@ class DhcpService(Service):
                 log.warning("dropped a malformed packet from %s:%d: %s (further ones from "
                             "there are only counted)", host, source[1], err)
             return
-        if reply is not None and self._transport is not None:
-            self._transport.sendto(reply.data, (reply.address, reply.port))
-
-
-class _DhcpProtocol(asyncio.DatagramProtocol):
-    def __init__(self, service: DhcpService):
-        self.service = service
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.service.handle(data, addr)
-
-    def error_received(self, exc: Exception) -> None:
-        # A send to a relay or client that cannot be reached: count it and keep serving.
-        self.service.counters["send_errors"] += 1
-        log.debug("dhcp socket error: %s", exc)
+        if reply is not None and self._sock is not None:
+            try:
+                self._sock.sendto(reply.data, (reply.address, reply.port))
+            except BlockingIOError:
+                self.counters["dropped_send_buffer_full"] += 1
+            except OSError as err:
+                # A relay or client that cannot be reached: count it and keep serving.
+                self.counters["send_errors"] += 1
+                log.debug("dhcp send to %s failed: %s", reply.address, err)
 
 
 SERVICE = DhcpService

@@ -289,7 +289,7 @@ def test_fuzzed_datagrams_are_dropped_and_counted_never_raised(cluster, data):
 def test_service_loop_counts_each_kind_of_garbage_and_still_serves(cluster):
     service = DhcpService(replica(), cluster)
     sent = []
-    service._transport = _Recorder(sent)
+    service._sock = _Recorder(sent)
     valid = scapy_request("discover", NODE1)
     garbage = [valid[:100], valid[:236] + b"\0\0\0\0" + valid[240:],
                scapy_request(op=2), valid[:240] + bytes([53, 1, 1, 12, 200])]
@@ -303,7 +303,7 @@ def test_service_loop_counts_each_kind_of_garbage_and_still_serves(cluster):
 
 
 class _Recorder:
-    """Stands where the datagram transport stands, keeping what would have been sent."""
+    """Stands where the socket stands, keeping what would have been sent."""
 
     def __init__(self, sent: list):
         self.sent = sent
