@@ -316,3 +316,22 @@ def test_sigterm_stops_the_daemon_cleanly_and_status_says_so(lab_db, segment, tm
     stopped = subprocess.run(vlx, capture_output=True, text=True, timeout=20)
     assert stopped.returncode == 1 and stopped.stdout.startswith("stopped:")
     assert "bootsvc stopped at gen 2" in replica.log.read_text()
+
+
+def test_replica_on_a_node_finds_its_node_from_the_interface(lab_db, segment, tmp_path):
+    ns = segment.plug("node2", "198.18.0.12/24")
+    state_dir = tmp_path / "state-node2"
+    log = tmp_path / "node2.log"
+    process = ns.popen([*VLX, "--db", str(segment.db_path), "bootsvc", "run", "--interface",
+                        "eth0", "--state-dir", str(state_dir)],
+                       stdout=log.open("w"), stderr=subprocess.STDOUT)
+    replica = Replica("198.18.0.12", process, state_dir, log)
+    segment.replicas.append(replica)
+    wait_for(lambda: (state_dir / "status.json").exists() or process.poll() is not None, 10,
+             "the replica to start")
+    assert replica.status()["node"] == "node2", log.read_text()
+    client = segment.plug("client", mac=NODE1_MAC)
+    script, out = recording_script(tmp_path, "udhcpc")
+    assert client.run(udhcpc(client, script, "-q", "-n"), timeout=20).returncode == 0
+    assert events(out)[-1]["serverid"] == "198.18.0.12"
+    assert "bootsvc node2 on eth0 (198.18.0.12)" in log.read_text()
