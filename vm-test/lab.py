@@ -80,8 +80,6 @@ class Paths:
 
 def preflight(lab: LabPlan) -> None:
     """Everything checked before anything is made: root, programs, the host, an old lab."""
-    if os.geteuid() != 0:
-        raise VlxError("the lab needs root (network namespaces, taps, QEMU)")
     missing = [program for program in REQUIRED_PROGRAMS if shutil.which(program) is None]
     if missing:
         raise VlxError(f"missing programs: {', '.join(missing)} (make lab installs them)")
@@ -92,6 +90,8 @@ def preflight(lab: LabPlan) -> None:
         raise VlxError(f"the state directory's path is too long for QEMU's unix sockets "
                        f"({longest} > {MAX_SOCKET_PATH} characters)", "--state-dir")
     check_not_running(lab.state_dir, lab.prefix)
+    if os.geteuid() != 0:
+        raise VlxError("the lab needs root (network namespaces, taps, QEMU)")
 
 
 def check_not_running(state_dir: Path, prefix: str) -> None:
@@ -208,20 +208,32 @@ class Lab:
         return make_watcher(self.record, self.paths)
 
     def wait(self, timeout: float, until: str = "ready",
-             show: Callable[[NodeProgress, float], None] | None = None) -> Watcher:
+             show: Callable[[NodeProgress, str, float], None] | None = None) -> Watcher:
         """Follow the nodes until all reach `until` or `timeout` seconds pass."""
         watcher = self.watcher()
-        for name in self.power_on:
-            watcher.power_on(name)
+        for name, when in self.power_on.items():
+            watcher.power_on(name, when)
         start = min(self.power_on.values(), default=time.monotonic())
         deadline = time.monotonic() + timeout
         while True:
-            for node in watcher.poll():
+            for node, phase in watcher.poll():
                 if show is not None:
-                    show(node, time.monotonic() - start)
+                    show(node, phase, time.monotonic() - start)
             if watcher.all_at(until) or time.monotonic() > deadline:
+                self.remember(watcher)
                 return watcher
             time.sleep(0.2)
+
+
+    def remember(self, watcher: Watcher) -> None:
+        """Keep when each node reached each phase (seconds after its power-on) in the record,
+        for `status` later."""
+        for name, progress in watcher.nodes.items():
+            on = progress.seen.get("powered")
+            if on is not None:
+                self.record.nodes[name]["seen"] = {phase: round(when - on, 1) for phase, when
+                                                   in progress.seen.items()}
+        self.record.save()
 
 
 def make_watcher(record: LabRecord, paths: Paths) -> Watcher:
@@ -336,6 +348,7 @@ def status(state_dir: Path) -> dict[str, Any]:
         nodes.append({"name": name, "mac": info["mac"], "ip": info["ip"],
                       "phase": progress.describe() if running else "off",
                       "qemu_pid": entry.pid if running and entry else None,
+                      "seen": info.get("seen", {}),
                       "serial_log": str(paths.node_dir(name) / "serial.log")})
     replicas = []
     for name, info in record.replicas.items():

@@ -98,16 +98,19 @@ class Watcher:
         self._dhcp = {node.mac.lower(): node for node in nodes}
         self._addresses = [(_address_pattern(node.ip), node) for node in nodes]
 
-    def power_on(self, name: str) -> None:
-        self.nodes[name].reach("powered", self.clock())
+    def power_on(self, name: str, when: float | None = None) -> None:
+        node = self.nodes[name]
+        node.seen["powered"] = self.clock() if when is None else when
+        node.reach("powered", node.seen["powered"])
 
-    def poll(self) -> list[NodeProgress]:
+    def poll(self) -> list[tuple[NodeProgress, str]]:
+        """Read what is new; the (node, phase) steps it made, in the order they happened."""
         now = self.clock()
-        moved: dict[str, NodeProgress] = {}
+        steps: list[tuple[NodeProgress, str]] = []
 
         def reach(node: NodeProgress, phase: str) -> None:
             if node.reach(phase, now):
-                moved[node.name] = node
+                steps.append((node, phase))
 
         for tail in self.replicas:
             for line in tail.lines():
@@ -125,7 +128,7 @@ class Watcher:
             for node in self.nodes.values():
                 if node.phase == "init" and not node.wrong_address and self.ping(node.ip):
                     reach(node, "ready")
-        return list(moved.values())
+        return steps
 
     def _replica_line(self, line: str,
                       reach: Callable[[NodeProgress, str], None]) -> None:

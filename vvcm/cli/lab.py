@@ -137,7 +137,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 130
     display.finish()
     print()
-    _print_status(lab.status(state_dir), watcher.nodes)
+    _print_status(lab.status(state_dir))
     late = [node.name for node in watcher.nodes.values() if node.phase != "ready"]
     if late:
         print(f"\nnot ready after {args.timeout:g} s: {', '.join(late)}; the lab stays up for "
@@ -165,14 +165,16 @@ class ProgressDisplay:
         if self.tty:
             self._draw(first=True)
 
-    def show(self, node: NodeProgress, elapsed: float) -> None:
-        self.rows[node.name] = node.describe()
+    def show(self, node: NodeProgress, phase: str, elapsed: float) -> None:
+        # A node that came up on the wrong address says so instead of "init".
+        shown = node.describe() if phase == node.phase else phase
+        self.rows[node.name] = shown
         self.times[node.name] = elapsed
         if self.tty:
             self._draw()
         else:
-            print(f"{elapsed:7.1f}s  {node.name:<{self.width}}  {node.describe()}",
-                  file=self.out, flush=True)
+            print(f"{elapsed:7.1f}s  {node.name:<{self.width}}  {shown}", file=self.out,
+                  flush=True)
 
     def _draw(self, first: bool = False) -> None:
         if not first:
@@ -180,7 +182,10 @@ class ProgressDisplay:
         steps = PHASES[1:]
         for name in self.names:
             phase = self.rows[name]
-            done = steps.index(phase) + 1 if phase in steps else 0
+            if phase == "off":
+                done = 0
+            else:   # not a phase name: came up on the wrong address, shown as far as init
+                done = steps.index(phase) + 1 if phase in steps else steps.index("init") + 1
             bar = "#" * done + "." * (len(steps) - done)
             self.out.write(f"\x1b[2K  {name:<{self.width}}  [{bar}]  {phase:<10} "
                            f"{self.times[name]:6.1f}s\n")
@@ -190,13 +195,11 @@ class ProgressDisplay:
         self.out.flush()
 
 
-def _print_status(report: dict, progress: dict[str, NodeProgress] | None = None) -> None:
+def _print_status(report: dict) -> None:
     rows = []
     for node in report["nodes"]:
-        seen = progress[node["name"]].seen if progress else {}
-        start = seen.get("powered")
-        booted = (f"{seen['init'] - start:.1f}" if start is not None and "init" in seen
-                  else "-")
+        after = node["seen"].get("init")
+        booted = f"{after:.1f}" if after is not None else "-"
         rows.append((node["name"], node["mac"], node["ip"], node["phase"], booted,
                      node["qemu_pid"] or "-"))
     print_table(("NODE", "MAC", "ADDRESS", "PHASE", "INIT AFTER (s)", "QEMU PID"), rows)
