@@ -11,6 +11,7 @@ and 50 at once (aggregate MB/s). A second table sets our HTTP beside our TFTP fo
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m virtualinux.bench.http")
     parser.add_argument("--size-mb", type=int, default=100, help="file size per HTTP client")
     parser.add_argument("--tftp-size-mb", type=int, default=10, help="file size for TFTP")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per one-client row")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per row and server")
     args = parser.parse_args(argv)
     size, tftp_size = args.size_mb << 20, args.tftp_size_mb << 20
     name, tftp_name = "images/bench-http.bin", "images/bench-tftp.bin"
@@ -36,24 +37,30 @@ def main(argv: list[str] | None = None) -> int:
         lab.start_anchor([sys.executable, "-m", "http.server", "--bind", ANCHOR,
                           "--directory", str(lab.tree), "80"], 80)
 
-        def rate(commands, repeat: int, nbytes: int) -> float:
-            return len(commands) * nbytes / statistics.median(
-                lab.timed(commands) for _ in range(repeat)) / 1e6
+        def rates(commands_by_server: dict[str, list], nbytes: int) -> dict[str, float]:
+            """MB/s per server: runs interleaved, so load from elsewhere falls on both alike."""
+            times: dict[str, list[float]] = {server: [] for server in commands_by_server}
+            for _ in range(args.repeat):
+                for server, commands in commands_by_server.items():
+                    times[server].append(lab.timed(commands))
+            return {server: len(commands_by_server[server]) * nbytes
+                    / statistics.median(runs) / 1e6 for server, runs in times.items()}
 
         for clients in (1, 20, 50):
-            repeat = args.repeat if clients == 1 else 1
-            ours = rate([curl_http(OURS, name)] * clients, repeat, size)
-            anchor = rate([curl_http(ANCHOR, name)] * clients, repeat, size)
+            got = rates({OURS: [curl_http(OURS, name)] * clients,
+                         ANCHOR: [curl_http(ANCHOR, name)] * clients}, size)
             label = "curl, one client" if clients == 1 else f"{clients} x curl"
-            rows.append([label, f"{ours:.0f}", f"{anchor:.0f}", f"{ours / anchor:.2f}"])
-        http_one = rate([curl_http(OURS, name)], args.repeat, size)
+            rows.append([label, f"{got[OURS]:.0f}", f"{got[ANCHOR]:.0f}",
+                         f"{got[OURS] / got[ANCHOR]:.2f}"])
         for label, command in (
-                ("TFTP curl, blksize 1468", curl_tftp(OURS, tftp_name, 1468)),
-                ("TFTP atftp, blksize 1468, windowsize 16", atftp(OURS, tftp_name, 1468, 16))):
-            tftp = rate([command], args.repeat, tftp_size)
+                ("curl, blksize 1468", curl_tftp(OURS, tftp_name, 1468)),
+                ("atftp, blksize 1468, windowsize 16", atftp(OURS, tftp_name, 1468, 16))):
+            http_one = rates({OURS: [curl_http(OURS, name)]}, size)[OURS]
+            tftp = rates({OURS: [command]}, tftp_size)[OURS]
             versus_tftp.append([label, f"{http_one:.0f}", f"{tftp:.1f}", f"{http_one / tftp:.1f}"])
-    print_table(f"HTTP, {args.size_mb} MB per client, MB/s (median of {args.repeat} for one "
-                "client)", ["row", "ours", "http.server", "ours/http.server"], rows)
+    print_table(f"HTTP, {args.size_mb} MB per client, MB/s (median of {args.repeat} runs, "
+                f"load average {os.getloadavg()[0]:.1f})",
+                ["row", "ours", "http.server", "ours/http.server"], rows)
     print()
     print_table("Our HTTP against our TFTP, one client, MB/s",
                 ["TFTP client", "HTTP", "TFTP", "HTTP/TFTP"], versus_tftp)

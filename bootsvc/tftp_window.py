@@ -39,7 +39,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 1.0      # seconds before a silent client gets the window again
 MAX_RETRIES = 6
-SPIN_SECONDS = 0.0002      # busy-poll this long for an ACK when no other transfer waits
+# After a packet, the engine polls without sleeping this long before it blocks in epoll: a
+# client a few microseconds away answers before a sleeping thread would even be woken, and
+# each wake-up costs more than the answer (an inter-processor interrupt, worse in a VM).
+SPIN_SECONDS = 0.0002
 
 
 class Transfer:
@@ -112,30 +115,19 @@ class Transfer:
     # -- packets ---------------------------------------------------------------------------------
 
     def readable(self) -> None:
-        """The socket has a datagram. One per call while other transfers wait (epoll is
-        level-triggered: a second queued one calls again); alone, busy-poll for the next ACK,
-        since a client a few microseconds away answers before a sleeping thread wakes up."""
-        packet = self._receive()
-        while packet is not None:
-            if len(packet) >= 4 and packet[1] == OP_ACK and packet[0] == 0:
-                self._on_ack(packet[2] << 8 | packet[3])
-            else:
-                self._other(packet)
-            if self.finished or self.engine is None or not self.engine.alone():
-                return
-            packet = self._receive(spin=SPIN_SECONDS)
-
-    def _receive(self, spin: float = 0.0) -> bytes | None:
-        deadline = time.perf_counter() + spin if spin else 0.0
-        while True:
-            try:
-                return self.sock.recv(2048)
-            except BlockingIOError:
-                if not spin or time.perf_counter() > deadline:
-                    return None
-            except OSError as err:          # ICMP port unreachable: the client went away
-                self.close(f"client unreachable: {err.strerror}")
-                return None
+        """The socket has a datagram: take one. epoll is level-triggered, so a second queued
+        one calls again, and we save the BlockingIOError a drain loop would raise each time."""
+        try:
+            packet = self.sock.recv(2048)
+        except BlockingIOError:
+            return
+        except OSError as err:          # ICMP port unreachable: the client went away
+            self.close(f"client unreachable: {err.strerror}")
+            return
+        if len(packet) >= 4 and packet[1] == OP_ACK and packet[0] == 0:
+            self._on_ack(packet[2] << 8 | packet[3])
+        else:
+            self._other(packet)
 
     def _other(self, packet: bytes) -> None:
         try:
@@ -220,9 +212,6 @@ class TransferEngine:
         self._wake()
         self._thread.join(timeout)
 
-    def alone(self) -> bool:
-        return len(self.transfers) == 1
-
     def forget(self, transfer: Transfer) -> None:
         if self.transfers.pop(transfer.fd, None) is not None:
             self._epoll.unregister(transfer.fd)
@@ -236,14 +225,23 @@ class TransferEngine:
     def _run(self) -> None:
         next_tick = time.monotonic() + TICK
         transfers = self.transfers
+        spin_until = 0.0
         try:
             while not self._stopping:
-                for fd, _ in self._epoll.poll(TICK):
-                    transfer = transfers.get(fd)
-                    if transfer is not None:
-                        transfer.readable()
-                    elif fd == self._wake_read:
-                        self._take_incoming()
+                events = self._epoll.poll(0 if spin_until else TICK)
+                if events:
+                    for fd, _ in events:
+                        transfer = transfers.get(fd)
+                        if transfer is not None:
+                            transfer.readable()
+                        elif fd == self._wake_read:
+                            self._take_incoming()
+                    spin_until = time.perf_counter() + SPIN_SECONDS if transfers else 0.0
+                elif spin_until:
+                    if time.perf_counter() >= spin_until:
+                        spin_until = 0.0
+                    else:
+                        os.sched_yield()    # a client on this CPU gets to answer meanwhile
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + TICK
