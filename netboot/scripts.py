@@ -54,7 +54,7 @@ def boot_script() -> str:
 chain --autofree {layout.NODE_SCRIPT_DIR}/${{mac:hexhyp}}.ipxe || goto unknown
 
 :unknown
-menu virtualinux: no node with MAC ${{mac}} in the cluster database
+menu virtualinux: MAC ${{mac}} has no node in the cluster database, or its boot failed
 item --key d discover Metamaster discovery (boot the shared image with DHCP)
 item --key l local    Local boot (leave iPXE)
 item --key r retry    Retry (the database may know this machine now)
@@ -62,7 +62,7 @@ choose --timeout {DISCOVER_MENU_TIMEOUT_MS} --default retry target || goto retry
 goto ${{target}}
 
 :discover
-chain --autofree /{layout.DISCOVER_SCRIPT} || goto unknown
+chain --autofree {layout.DISCOVER_SCRIPT} || goto unknown
 
 :local
 exit
@@ -84,7 +84,7 @@ boot || goto failed
 
 :failed
 echo virtualinux: discovery boot failed
-exit
+exit 1
 """
 
 
@@ -158,7 +158,7 @@ def node_script(cluster: Cluster, node: Node, kernel_args: Sequence[str]) -> str
         "",
         ":failed",
         f"echo virtualinux: booting {node.name} failed",
-        "exit",
+        "exit 1",
         "",
     ]
     return "\n".join(lines)

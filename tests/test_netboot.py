@@ -25,7 +25,7 @@ boot || goto failed
 
 :failed
 echo virtualinux: booting node1 failed
-exit
+exit 1
 """
 
 NODE3_SCRIPT = """#!ipxe
@@ -37,7 +37,7 @@ boot || goto failed
 
 :failed
 echo virtualinux: booting node3 failed
-exit
+exit 1
 """
 
 NODE1_ISCSI = """ISCSI_INITIATOR=iqn.2026-11.lab.cluster:vlxlab.node1
@@ -88,12 +88,49 @@ def test_chap_secret_is_quoted_for_the_shell_and_kept_off_the_command_line(clust
     assert "s3cr" not in scripts.kernel_cmdline(cluster, node, [])
 
 
+BOOT_SCRIPT = """#!ipxe
+# virtualinux: every iPXE client runs this first. It chains the script the cluster database
+# has for this MAC; a machine the database does not know gets a menu.
+:start
+chain --autofree nodes/${mac:hexhyp}.ipxe || goto unknown
+
+:unknown
+menu virtualinux: MAC ${mac} has no node in the cluster database, or its boot failed
+item --key d discover Metamaster discovery (boot the shared image with DHCP)
+item --key l local    Local boot (leave iPXE)
+item --key r retry    Retry (the database may know this machine now)
+choose --timeout 30000 --default retry target || goto retry
+goto ${target}
+
+:discover
+chain --autofree discover.ipxe || goto unknown
+
+:local
+exit
+
+:retry
+goto start
+"""
+
+DISCOVER_SCRIPT = """#!ipxe
+# virtualinux: metamaster discovery for a machine the cluster database does not know yet.
+kernel http://${next-server}/images/vmlinuz initrd=initrd.img ip=dhcp vlx.mode=discover \
+console=ttyS0 || goto failed
+initrd http://${next-server}/images/initrd.img || goto failed
+boot || goto failed
+
+:failed
+echo virtualinux: discovery boot failed
+exit 1
+"""
+
+
 def test_boot_script_chains_the_mac_script_and_offers_a_menu():
-    text = scripts.boot_script()
-    assert text.startswith("#!ipxe\n")
-    assert "chain --autofree nodes/${mac:hexhyp}.ipxe || goto unknown" in text
-    for label in ("discover", "local", "retry"):
-        assert f"item --key {label[0]} {label}" in text and f":{label}\n" in text
+    assert scripts.boot_script() == BOOT_SCRIPT
+
+
+def test_discover_script_boots_the_shared_image_with_dhcp():
+    assert scripts.discover_script(["console=ttyS0"]) == DISCOVER_SCRIPT
 
 
 def test_unsafe_database_values_are_refused(cluster):
@@ -102,6 +139,14 @@ def test_unsafe_database_values_are_refused(cluster):
         scripts.node_script(bad, bad.node("node1"), [])
     with pytest.raises(VlxError, match="kernel argument"):
         scripts.node_script(cluster, cluster.node("node3"), ["a b"])
+
+
+def test_initiator_name_is_the_one_the_storage_side_admits(cluster):
+    from virtualinux.storage import naming
+
+    node = cluster.node("node1")
+    volume = root_volume(iqn=naming.target_iqn("vlxlab", "node1-root"))
+    assert scripts.initiator_name(cluster, node, volume) == naming.initiator_iqn("vlxlab", "node1")
 
 
 def test_cpio_unpacks_with_gnu_cpio(cluster, tmp_path):
