@@ -327,6 +327,9 @@ class DhcpService(Service):
         self._loop.add_reader(sock.fileno(), self._drain)
         log.info("dhcp listening on %s:%d (%s), gen %d", self.replica.interface, self.port,
                  self.replica.address, self.cluster.generation)
+        if self.responder.local is None:
+            log.warning("%s is on no network this replica serves: only relayed requests will "
+                        "be answered", self.replica.address)
 
     async def stop(self) -> None:
         if self._sock is not None:
