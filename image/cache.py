@@ -151,3 +151,11 @@ def entries(root: Path) -> list[tuple[Path, dict]]:
         except (OSError, ValueError):
             continue    # an unreadable manifest is not a finished entry
     return sorted(found, key=lambda item: (item[0] / MANIFEST).stat().st_mtime)
+
+
+def retire(entry: Path) -> None:
+    """Remove an entry that a rebuild replaces: renamed away first, so no reader ever sees it
+    half-deleted."""
+    doomed = entry.with_name(f".{entry.name}.retired-{os.getpid()}")
+    entry.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)

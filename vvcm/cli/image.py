@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from ...image import cache
+from ...image.build import ELEMENTS, build_image, image_spec
 from ...image.tiny import build_tiny
 from ..errors import VlxError
 from .common import add_json_flag, print_json, print_table
 
-KINDS = ("tiny",)
+KINDS = (*ELEMENTS, "tiny")
 
 
 def register(nouns: argparse._SubParsersAction) -> None:
@@ -26,6 +28,19 @@ def register(nouns: argparse._SubParsersAction) -> None:
     build.add_argument("kind", help=f"what to build: {', '.join(KINDS)}")
     build.add_argument("--out", type=Path, metavar="DIR",
                        help="copy the artifacts here (default: print the cache entry)")
+    build.add_argument("--release", default="bookworm", help="Debian release (node, guest)")
+    build.add_argument("--mirror", metavar="URL",
+                       help="Debian mirror (default: $VLX_DEBIAN_MIRROR or deb.debian.org)")
+    build.add_argument("--security-mirror", metavar="URL",
+                       help="Debian security mirror (default: $VLX_DEBIAN_SECURITY_MIRROR or "
+                            "deb.debian.org/debian-security)")
+    build.add_argument("--root-size", type=int, metavar="MIB",
+                       help="size of root.img (default: the tree plus headroom)")
+    build.add_argument("--xen", action="store_true", help="node: add the Xen hypervisor")
+    build.add_argument("--source", type=Path, metavar="DIR",
+                       help="node: the virtualinux checkout to install (default: this one)")
+    build.add_argument("--rebuild", action="store_true",
+                       help="build even if a cached image has the same inputs")
     build.set_defaults(handler=cmd_build)
 
     listing = verbs.add_parser("list", help="the cached images")
@@ -42,7 +57,15 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.kind not in KINDS:
         raise VlxError(f"unknown image kind {args.kind!r} (choose from {', '.join(KINDS)})",
                        "vlx image build")
-    print(build_tiny(out_dir=args.out, cache_dir=args.cache))
+    if args.kind == "tiny":
+        print(build_tiny(out_dir=args.out, cache_dir=args.cache))
+        return 0
+    spec = image_spec(args.kind, release=args.release,
+                      mirror=args.mirror or os.environ.get("VLX_DEBIAN_MIRROR"),
+                      security_mirror=(args.security_mirror
+                                       or os.environ.get("VLX_DEBIAN_SECURITY_MIRROR")),
+                      root_size_mib=args.root_size, xen=args.xen, source=args.source)
+    print(build_image(spec, out_dir=args.out, cache_dir=args.cache, rebuild=args.rebuild))
     return 0
 
 

@@ -1,0 +1,1 @@
+export DIB_VLX_XEN=${DIB_VLX_XEN:-0}
