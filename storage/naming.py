@@ -37,12 +37,14 @@ def target_iqn(cluster_name: str, volume: str) -> str:
 
 
 def initiator_iqn(cluster_name: str, owner: str) -> str:
-    """The initiator name a node (or the host of a VM) logs in with for `owner`'s volumes.
+    """`iqn.2026-11.org.virtualinux:vlxlab.node1`: the initiator name `owner` (a node, or the
+    host of a VM on its behalf) logs in with; the target's ACL admits only it.
 
-    Volume names are DNS labels (no dots), so `CLUSTER.initiator.OWNER` never equals a target
-    name `CLUSTER.VOLUME`.
+    netboot (`scripts.initiator_name`) derives the same name for the node it boots.
+    Initiator and target names live in separate iSCSI namespaces, so a volume that shared an
+    owner's name would still not be confused with it.
     """
-    return f"{IQN_AUTHORITY}:{cluster_name}.initiator.{owner}"
+    return f"{IQN_AUTHORITY}:{cluster_name}.{owner}"
 
 
 def volume_name(name: str) -> str:

@@ -47,7 +47,7 @@ def state_dir() -> Path:
 
 def default_control_port(portal: str) -> int:
     """A control port derived from the portal, away from tgtd's default 0 (a system tgtd)."""
-    return 20000 + zlib.crc32(portal.encode()) % 20000
+    return 20000 + zlib.crc32(portal.encode()) % 12000  # tgtd takes at most 32767
 
 
 @dataclasses.dataclass(frozen=True)
