@@ -99,6 +99,7 @@ def perfdhcp(client: Namespace, macs: Path, count: int, rate: int, seconds: floa
 
 RATE_STEPS = (500, 1000, 1500, 2000, 3000, 4000, 6000, 8000, 10000, 12000, 16000, 20000)
 REFINE_STEPS = 2    # bisections between the last clean rate and the first with drops
+MIN_RATE = 16       # below this a server is reported as having no clean rate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +138,12 @@ def best_clean_rate(client: Namespace, server: Namespace, pid: int, macs: Path, 
             failed = rate
             break
         best = result
+    # Even the first step had drops: halve until a rate is clean (or too low to matter).
+    rate = RATE_STEPS[0] // 2
+    while best is None and rate >= MIN_RATE:
+        best = clean_run(rate)
+        if best is None:
+            failed, rate = rate, rate // 2
     for _ in range(REFINE_STEPS if failed is not None else 0):
         low = best.rate if best else 0
         rate = (low + failed) // 2
