@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import dataclasses
 import ipaddress
+import json
 import os
 import re
 import signal
@@ -233,6 +234,9 @@ def run_ours(work: Path, count: int, seconds: float, log=print) -> ServerResult:
             rss = peak_rss_kib(process.pid)
         finally:
             _stop(process)
+    # Its own account: every answer it sent, and whether any send failed.
+    counters = json.loads((state / "status.json").read_text())["services"]["dhcp"]
+    log("    server counters: " + ", ".join(f"{k} {v}" for k, v in counters.items()))
     return ServerResult("virtualinux", count, best, rss)
 
 
