@@ -153,7 +153,7 @@ class Lab:
                    "--interface", REPLICA_INTERFACE, "--address", str(replica.address),
                    "--services", ",".join(services), "--state-dir", str(directory),
                    "--netboot-root", str(self.paths.netboot_root)]
-            procs[replica.name] = self._spawn(f"replica-{replica.name}", replica.namespace,
+            procs[replica.name] = self.spawn(f"replica-{replica.name}", replica.namespace,
                                               cmd, self.paths.replica_log(replica.name))
         for replica in self.plan.replicas:
             self._await_replica(replica.name, procs[replica.name])
@@ -181,7 +181,7 @@ class Lab:
             self.netns.tap(hub, BRIDGE, node_plan.tap)
             machine = self.machine(node_plan.node.name)
             qemu.prepare(machine)
-            self._spawn(f"qemu-{node.name}", self.plan.hub, qemu.command(machine),
+            self.spawn(f"qemu-{node.name}", self.plan.hub, qemu.command(machine),
                         machine.node_dir / "qemu.log")
             self.power_on[node.name] = time.monotonic()
 
@@ -190,7 +190,7 @@ class Lab:
         return qemu.Machine(node_plan.node, node_plan.tap, self.paths.node_dir(name),
                             self.plan.firmware)
 
-    def _spawn(self, role: str, netns: str, cmd: list[str], log: Path) -> subprocess.Popen:
+    def spawn(self, role: str, netns: str, cmd: list[str], log: Path) -> subprocess.Popen:
         entry = self.record.add_process(role, netns)
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as output:
