@@ -112,52 +112,59 @@ def choose_owners(cluster: Cluster, golden: str, count: int | None,
 def snapshot_volumes(db: Database, golden_name: str, count: int | None = None,
                      owners: str | None = None, suffix: str | None = None,
                      portal: str | None = None, export: bool = False) -> list[Volume]:
-    """Snapshot `golden_name` once per chosen owner, all or none; export them if asked."""
-    cluster = db.load()
-    golden = cluster.volume(golden_name)
-    if golden.kind != "golden":
-        raise VlxError(f"{golden_name} is a snapshot: snapshots are made of golden volumes")
-    chosen = choose_owners(cluster, golden_name, count, owners)
-    names = [snapshot_name(owner, suffix or (NODE_SUFFIX if kind == "node" else VM_SUFFIX))
-             for owner, kind in chosen]
-    _absent(cluster, names)
-    store = backend_for(golden)
-    clashing = [name for name in names if store.exists(name)]
-    if clashing:
-        raise VlxError(f"{store.path_for(clashing[0])} exists already in the pool but not in "
-                       "the database: remove it or choose another --suffix")
-    if golden.iqn:
-        raise InUse(f"golden volume {golden_name} is exported read-write: unexport it first")
-    if store.open_for_writing(golden):
-        raise InUse(f"golden volume {golden_name} is in use read-write ({golden.path} is open "
-                    "for writing): snapshots of it would not be consistent")
-    if export or portal:
-        portal = parse_portal(portal) if portal else default_portal(cluster)
-        tgt.running_daemon(portal)  # a dead tgtd fails here, before anything is made
-        _check_exportable(golden)
-    paths = store.snapshot(golden, names)
-    volumes = [Volume(name=name, kind="snapshot", backend=golden.backend, path=path,
-                      size=golden.size, origin=golden.name, owner=owner,
-                      iqn=target_iqn(cluster_name(cluster), name) if portal else None,
-                      portal=portal)
-               for name, path, (owner, _) in zip(names, paths, chosen, strict=True)]
+    """Snapshot `golden_name` once per chosen owner, all or none; export them if asked.
 
-    def change(current: Cluster) -> Cluster:
-        current = changes.put_volumes(_absent(current, names), volumes)
+    Checks, clones and the record happen under the database's write lock (inside the
+    update), so two concurrent commands cannot both take a name, and the cluster is read
+    once, not twice (it matters at a thousand nodes).
+    """
+    store = None
+    made: list[Volume] = []
+
+    def change(cluster: Cluster) -> Cluster:
+        nonlocal store, portal
+        golden = cluster.volume(golden_name)
+        if golden.kind != "golden":
+            raise VlxError(f"{golden_name} is a snapshot: snapshots are made of golden volumes")
+        chosen = choose_owners(cluster, golden_name, count, owners)
+        names = [snapshot_name(owner, suffix or (NODE_SUFFIX if kind == "node" else VM_SUFFIX))
+                 for owner, kind in chosen]
+        _absent(cluster, names)
+        store = backend_for(golden)
+        clashing = [name for name in names if store.exists(name)]
+        if clashing:
+            raise VlxError(f"{store.path_for(clashing[0])} exists already in the pool but not "
+                           "in the database: remove it or choose another --suffix")
+        if golden.iqn:
+            raise InUse(f"golden volume {golden_name} is exported read-write: unexport it "
+                        "first")
+        if store.open_for_writing(golden):
+            raise InUse(f"golden volume {golden_name} is in use read-write ({golden.path} is "
+                        "open for writing): snapshots of it would not be consistent")
+        if export or portal:
+            portal = parse_portal(portal) if portal else default_portal(cluster)
+            tgt.running_daemon(portal)  # a dead tgtd fails here, before anything is made
+            _check_exportable(golden)
+        iqn_base = cluster_name(cluster) if portal else ""
+        paths = store.snapshot(golden, names)
+        made.extend(Volume(name=name, kind="snapshot", backend=golden.backend, path=path,
+                           size=golden.size, origin=golden.name, owner=owner,
+                           iqn=target_iqn(iqn_base, name) if portal else None, portal=portal)
+                    for name, path, (owner, _) in zip(names, paths, chosen, strict=True))
+        cluster = changes.put_volumes(cluster, made)
         if portal:
-            current = ensure_credentials(current, (owner for owner, _ in chosen))
-        return assign_vm_volumes(current, volumes)
+            cluster = ensure_credentials(cluster, (owner for owner, _ in chosen))
+        return assign_vm_volumes(cluster, made)
 
+    detail = f"{golden_name} for {owners or 'nodes'}" + (f", {count}" if count else "")
     try:
-        cluster = db.update("volume snapshot",
-                            f"{len(volumes)} of {golden_name}: {names[0]} .. {names[-1]}",
-                            change)
+        cluster = db.update("volume snapshot", detail, change)
     except BaseException:
-        for volume in volumes:
+        for volume in made:
             store.remove(volume)
         raise
-    tgt.sync_if_served(cluster, volumes)
-    return volumes
+    tgt.sync_if_served(cluster, made)
+    return made
 
 
 def export(db: Database, names: Sequence[str], portal: str | None = None) -> list[Volume]:
