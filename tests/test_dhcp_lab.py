@@ -201,7 +201,7 @@ def test_client_rebinds_with_other_replica_after_kill(lab_db, segment, tmp_path)
 
 
 def test_perfdhcp_completes_dora_with_no_drops(segment, db_path, tmp_path):
-    count = 200
+    count = 1000
     bench.cluster_database(db_path, count)
     segment.replica(str(bench.SERVER_ADDRESS), "--quiet", prefix=bench.CIDR.prefixlen)
     client = segment.plug("perf", f"{bench.CLIENT_ADDRESS}/{bench.CIDR.prefixlen}")
