@@ -225,8 +225,15 @@ def _build(spec: ImageSpec, staged: Path, root: Path, inputs: dict[str, str], ke
         wheels = sorted(path.name for path in wheel_dir.glob("*.whl"))
         extra_env["DIB_VLX_WHEEL_DIR"] = str(wheel_dir)
     clock.say(f"dib: {' '.join(ELEMENTS[spec.kind])} ({spec.release}, {spec.mirrors.debian})")
-    env = dib.environment(spec.release, spec.mirrors, root / "dib-cache", ROOT_LABEL, extra_env)
-    dib.disk_image_create(ELEMENTS[spec.kind], staged / "dib" / spec.kind, log_path, env, clock)
+    dib_cache = root / "dib-cache"
+    dib_cache.mkdir(exist_ok=True)
+    env = dib.environment(spec.release, spec.mirrors, dib_cache, ROOT_LABEL, extra_env)
+    # DIB bind-mounts one apt archive from its cache into every build's chroot, and two apt
+    # runs on it at once fail on its lock: DIB runs of one cache take turns.
+    with cache.build_lock(dib_cache, "dib", "shared-cache",
+                          waiting=lambda: clock.say("waiting for another build's DIB run")):
+        dib.disk_image_create(ELEMENTS[spec.kind], staged / "dib" / spec.kind, log_path, env,
+                              clock)
     clock.say("extract: root tree, kernel and initrd")
     rootfs = staged / "rootfs"
     rootfs.mkdir()

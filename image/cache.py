@@ -18,7 +18,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from ..vvcm.errors import VlxError
@@ -82,10 +82,17 @@ def cached(root: Path, kind: str, key: str) -> Path | None:
 
 
 @contextlib.contextmanager
-def build_lock(root: Path, kind: str, key: str) -> Iterator[None]:
-    """Two builds of the same key wait for each other instead of racing on one entry."""
+def build_lock(root: Path, kind: str, key: str,
+               waiting: Callable[[], None] | None = None) -> Iterator[None]:
+    """Two builds of the same key wait for each other instead of racing on one entry.
+    `waiting` is called once if another holder makes us wait."""
     with (root / f".{kind}-{key}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting is not None:
+                waiting()
+            fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
         finally:
