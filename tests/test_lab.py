@@ -350,3 +350,18 @@ def test_status_reports_a_lab_whose_processes_are_gone(tmp_path, capsys):
     assert code == 0
     code, _, err = vlx(capsys, "lab", "console", "node9", "--state-dir", str(tmp_path))
     assert code == 2 and "no node 'node9' in this lab (it has node1)" in err
+
+
+def test_progress_display_prints_a_line_per_step_when_not_a_terminal():
+    import io
+
+    from virtualinux.vvcm.cli.lab import ProgressDisplay
+    out = io.StringIO()
+    display = ProgressDisplay(["node1", "node10"], out)
+    node = progress.NodeProgress("node10", "52:54:00:00:00:1a", "198.18.0.10", phase="dhcp")
+    display.show(node, "dhcp", 5.25)
+    node.phase, node.reported_ip = "init", "198.18.0.99"
+    display.show(node, "init", 20.0)
+    assert out.getvalue().splitlines() == [
+        "    5.2s  node10  dhcp",
+        "   20.0s  node10  init on 198.18.0.99, not 198.18.0.10"]
