@@ -26,12 +26,10 @@ from typing import Any
 
 from .tftp_wire import (
     DATA_HEADERS,
-    ERR_UNDEFINED,
     OP_ACK,
     OP_ERROR,
     MalformedPacket,
     Negotiated,
-    encode_error,
     parse_header,
 )
 
@@ -91,13 +89,8 @@ class Transfer:
         self.view.release()
         self.on_done(self, error)
 
-    def abort(self, message: str) -> None:
-        """Tell the client (best effort) and end the transfer."""
-        self._send(encode_error(ERR_UNDEFINED, message))
-        self.close(message)
-
     def check_timeout(self, now: float) -> None:
-        """Called by the service's ticker: resend the window (or OACK) to a silent client."""
+        """Called by the engine every TICK: resend the window (or OACK) to a silent client."""
         if self.finished or now < self.deadline:
             return
         self.retries += 1
