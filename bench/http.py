@@ -15,6 +15,7 @@ import os
 import statistics
 import sys
 
+from . import tftp as tftp_bench
 from .tftp import ANCHOR, CLIENT_TIMEOUT, OURS, BenchLab, atftp, curl_tftp, print_table
 
 
@@ -28,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-mb", type=int, default=100, help="file size per HTTP client")
     parser.add_argument("--tftp-size-mb", type=int, default=10, help="file size for TFTP")
     parser.add_argument("--repeat", type=int, default=3, help="runs per row and server")
+    tftp_bench.add_pin_flag(parser)
     args = parser.parse_args(argv)
+    tftp_bench.set_pinning(args)
     size, tftp_size = args.size_mb << 20, args.tftp_size_mb << 20
     name, tftp_name = "images/bench-http.bin", "images/bench-tftp.bin"
     rows, versus_tftp = [], []
@@ -59,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             tftp = rates({OURS: [command]}, tftp_size)[OURS]
             versus_tftp.append([label, f"{http_one:.0f}", f"{tftp:.1f}", f"{http_one / tftp:.1f}"])
     print_table(f"HTTP, {args.size_mb} MB per client, MB/s (median of {args.repeat} runs, "
-                f"load average {os.getloadavg()[0]:.1f})",
+                f"load average {os.getloadavg()[0]:.1f}, "
+                f"{'pinned' if tftp_bench.PIN else 'not pinned'})",
                 ["row", "ours", "http.server", "ours/http.server"], rows)
     print()
     print_table("Our HTTP against our TFTP, one client, MB/s",

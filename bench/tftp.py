@@ -37,8 +37,11 @@ CLIENT_TIMEOUT = 300        # seconds for one row, all clients together
 SERVER_CPU, CLIENT_CPU = "1", "0"
 
 
+PIN = (os.cpu_count() or 1) > 1       # --no-pin: leave placement to the scheduler
+
+
 def pinned(cpu: str, cmd: Sequence[str]) -> list[str]:
-    return (["taskset", "-c", cpu] if (os.cpu_count() or 1) > 1 else []) + list(cmd)
+    return (["taskset", "-c", cpu] if PIN else []) + list(cmd)
 
 
 class BenchLab:
@@ -150,6 +153,16 @@ def atftp(server: str, name: str, blksize: int, windowsize: int) -> list[str]:
             "--option", f"windowsize {windowsize}", "-g", "-r", name, "-l", "/dev/null", server]
 
 
+def add_pin_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-pin", action="store_true",
+                        help="do not pin servers to CPU 1 and clients to CPU 0")
+
+
+def set_pinning(args: argparse.Namespace) -> None:
+    global PIN
+    PIN = PIN and not args.no_pin
+
+
 def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     print(title)
     widths = [max(len(str(row[i])) for row in [headers, *rows]) for i in range(len(headers))]
@@ -163,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-mb", type=int, default=10, help="file size per client")
     parser.add_argument("--repeat", type=int, default=3, help="runs per row and server")
     parser.add_argument("--rows", help="only these rows, e.g. 1,5 (default: all)")
+    add_pin_flag(parser)
     args = parser.parse_args(argv)
     size = args.size_mb << 20
     name = "images/bench.bin"
@@ -174,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         ("20 x curl, blksize 1468", 20, lambda s: curl_tftp(s, name, 1468)),
         ("50 x curl, blksize 1468", 50, lambda s: curl_tftp(s, name, 1468)),
     ]
+    set_pinning(args)
     if args.rows:
         rows_spec = [rows_spec[int(i) - 1] for i in args.rows.split(",")]
     rows = []
@@ -193,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append([label, f"{rates[OURS]:.1f}", f"{rates[ANCHOR]:.1f}",
                          f"{rates[OURS] / rates[ANCHOR]:.2f}"])
     print_table(f"TFTP, {args.size_mb} MB per client, MB/s (median of {args.repeat} runs, "
-                f"load average {os.getloadavg()[0]:.1f})",
+                f"load average {os.getloadavg()[0]:.1f}, {'pinned' if PIN else 'not pinned'})",
                 ["row", "ours", "dnsmasq", "ours/dnsmasq"], rows)
     return 0
 
