@@ -160,7 +160,8 @@ def run(sizes: list[int], cp_sizes: list[int], golden_mib: int, workdir: Path) -
 
 def report(rows: list[dict], golden_mib: int) -> bool:
     print(f"\nsnapshots of a {golden_mib} MiB golden on loop-mounted btrfs (2 cores)\n")
-    print(f"vlx time: best (worst) of {REPEATS} runs of the whole command\n")
+    print(f"vlx time: best (worst) of {REPEATS} runs of the whole command; load average "
+          f"at the end {os.getloadavg()[0]:.1f} (others share this machine)\n")
     print("| N | vlx volume snapshot | space per snapshot | cp --reflink=never | space per copy "
           "| cp / vlx | export (vlx volume export) | re-export after tgtd restart |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")

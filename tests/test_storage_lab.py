@@ -10,6 +10,8 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -279,6 +281,22 @@ def test_nodes_attach_only_their_own_volume_over_iscsi_and_exports_survive_tgtd(
     assert [(s["portal"], s["alive"], s["targets"], s["missing"]) for s in status] == [
         (PORTAL, True, 2, [])]
 
+    # A volume a node is logged in to is not unexported unless forced.
+    options = (f"driver=iscsi,transport=tcp,portal={PORTAL},target={target2},lun=1,"
+               f"initiator-name={init2},user=node2,password={node2.secret}")
+    session = client.popen(["qemu-io", "--image-opts", options], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        session.stdin.write(b"read 0 512\n")
+        session.stdin.flush()
+        assert b"read 512/512" in session.stdout.readline()
+        code, _, err = vlx(capsys, "volume", "unexport", "node2-root")
+        assert code == 2 and "has an iSCSI session" in err
+        assert Database(db_path).load().volume("node2-root").iqn == target2
+    finally:
+        session.stdin.close()
+        session.wait(timeout=30)
+
     # Unexport ends the target; then the volume may go.
     assert vlx(capsys, "volume", "unexport", "node2-root")[0] == 0
     listing = client.run(["iscsi-ls", "-i", init2,
@@ -291,6 +309,43 @@ def test_nodes_attach_only_their_own_volume_over_iscsi_and_exports_survive_tgtd(
     assert code == 0
     assert not tgt.Daemon(PORTAL, int(port), daemon.pid).alive()
     assert tgt.recorded_daemons() == []
+
+
+def test_serve_watch_restarts_a_dying_tgtd_with_its_exports(san, btrfs_pool, db_path,
+                                                            tmp_path, capsys):
+    server, client = san
+    vlx(capsys, "db", "init")
+    vlx(capsys, "db", "import", str(EXAMPLE))
+    write_image(tmp_path / "node.raw", 4)
+    vlx(capsys, "volume", "golden", "add", "node", "--from", str(tmp_path / "node.raw"))
+    assert vlx(capsys, "volume", "snapshot", "node", "--for", "node3", "--portal", PORTAL)[0] == 0
+    credential = Database(db_path).load().credential("node3")
+    url = iscsi_url(target_iqn("vlxlab", "node3-root"), "node3", credential.secret) + "/1"
+    init3 = initiator_iqn("vlxlab", "node3")
+    vlx_script = Path(sys.executable).with_name("vlx")
+    watcher = subprocess.Popen([str(vlx_script), "storage", "serve", "--portal", PORTAL,
+                                "--control-port", str(31000 + os.getpid() % 700), "--netns",
+                                server.name, "--watch"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        assert "started" in watcher.stdout.readline()
+        first = tgt.recorded_daemon(PORTAL)
+        assert client.run(["iscsi-inq", "-i", init3, url], check=False).returncode == 0
+        os.kill(first.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while True:
+            current = tgt.recorded_daemon(PORTAL)
+            if current and current.pid != first.pid and current.alive():
+                break
+            assert time.monotonic() < deadline, "the watcher did not restart tgtd"
+            time.sleep(0.2)
+        assert client.run(["iscsi-inq", "-i", init3, url], check=False).returncode == 0
+    finally:
+        watcher.send_signal(signal.SIGTERM)
+        watcher.wait(timeout=30)
+    assert watcher.returncode == 0, watcher.stderr.read()
+    assert tgt.recorded_daemons() == []
+    assert not current.alive()
 
 
 def test_vc_backup_and_restore_round_trip_verified_by_checksums(btrfs_pool, db_path, tmp_path,

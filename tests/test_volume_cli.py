@@ -166,3 +166,52 @@ def test_reflink_pool_on_a_file_system_without_reflink_is_refused(cluster, tmp_p
                        "--pool", str(plain))
     assert code == 2 and "cannot make reflink clones" in err
     assert os.listdir(plain) == []
+
+
+def test_qcow2_vc_backup_and_restore(cluster, pool, tmp_path, capsys):
+    from virtualinux.storage import backup
+
+    assert vlx(capsys, "volume", "snapshot", "guest", "--for", "vc:tan")[0] == 0
+    written = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x33 65536 65536",
+                              str(pool / "tan-2-disk.qcow2")], capture_output=True, text=True)
+    assert written.returncode == 0, written.stderr
+    db = Database(cluster)
+    before = db.load()
+    manifest = backup.backup_vc(db, "tan", tmp_path / "backup")
+    raw = (tmp_path / "backup" / "tan-2-disk.raw").read_bytes()
+    assert raw[65536:131072] == b"\x33" * 65536 and len(raw) == GOLDEN_SIZE
+    assert [entry["file"] for entry in manifest["volumes"]] == ["tan-1-disk.raw",
+                                                                "tan-2-disk.raw"]
+    code, _, err = vlx(capsys, "volume", "remove", "tan-1-disk", "tan-2-disk")
+    assert code == 0, err
+    assert vlx(capsys, "vc", "remove", "tan")[0] == 0
+
+    backup.restore_vc(db, tmp_path / "backup")
+    after = db.load()
+    assert after.vms_of("tan") == before.vms_of("tan")
+    assert after.volume("tan-2-disk") == before.volume("tan-2-disk")
+    compared = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw",
+                               str(pool / "tan-2-disk.qcow2"),
+                               str(tmp_path / "backup" / "tan-2-disk.raw")],
+                              capture_output=True, text=True)
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+
+    # Restoring over a VC that exists changes nothing.
+    generation = db.generation()
+    with pytest.raises(backup.VlxError, match="exists already"):
+        backup.restore_vc(db, tmp_path / "backup")
+    assert db.generation() == generation
+
+
+def test_backup_refuses_a_non_empty_directory_and_a_missing_vc(cluster, tmp_path):
+    from virtualinux.storage import backup
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(backup.VlxError, match="not empty"):
+        backup.backup_vc(Database(cluster), "green", tmp_path / "full")
+    with pytest.raises(backup.VlxError, match="no virtual cluster"):
+        backup.backup_vc(Database(cluster), "blue", tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(backup.VlxError, match="no vc.json"):
+        backup.restore_vc(Database(cluster), tmp_path / "full")
