@@ -281,8 +281,11 @@ def recorded_daemons(directory: Path | None = None) -> list[Daemon]:
     root = directory or state_dir()
     daemons = []
     for path in sorted(root.glob("tgtd-*.json")):
-        data = json.loads(path.read_text())
-        daemon = recorded_daemon(data["portal"], root)
+        try:
+            portal = json.loads(path.read_text())["portal"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise VlxError(f"state file {path} is damaged ({err}): remove it") from None
+        daemon = recorded_daemon(portal, root)
         if daemon:
             daemons.append(daemon)
     return daemons
