@@ -94,7 +94,7 @@ class BenchLab:
     def start_anchor(self, cmd: Sequence[str], port: int, udp: bool = False) -> None:
         self.processes.append(self.server.popen(pinned(SERVER_CPU, cmd), stdout=subprocess.DEVNULL,
                                                 stderr=subprocess.DEVNULL))
-        wait_listening(self.server, port, udp)
+        wait_listening(self.server, ANCHOR, port, udp)
 
     def timed(self, commands: Sequence[Sequence[str]]) -> float:
         """Run the client commands at once in the client namespace; seconds until all are done."""
@@ -131,11 +131,11 @@ class BenchLab:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def wait_listening(ns, port: int, udp: bool, timeout: float = 10) -> None:
+def wait_listening(ns, address: str, port: int, udp: bool, timeout: float = 10) -> None:
     flag = "-uln" if udp else "-tln"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if f":{port} " in ns.run(["ss", flag], check=False).stdout:
+        if f"{address}:{port} " in ns.run(["ss", flag], check=False).stdout:
             return
         time.sleep(0.05)
     raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
