@@ -79,7 +79,8 @@ def test_node_comes_up_with_the_address_of_ip_and_answers_ping(netns, tiny, tmp_
     try:
         assert UP_LINE.findall(console) == [("node1", "198.18.0.11")]
         assert "ignoring a bad vlx.hostname" in console
-        ping = hub.run(["busybox", "ping", "-c", "1", "-W", "5", "198.18.0.11"], check=False, timeout=20)
+        ping = hub.run(["busybox", "ping", "-c", "1", "-W", "5", "198.18.0.11"], check=False,
+                       timeout=20)
         assert ping.returncode == 0, ping.stdout + ping.stderr
     finally:
         stop(qemu)
