@@ -397,10 +397,3 @@ def test_vc_backup_and_restore_round_trip_verified_by_checksums(btrfs_pool, db_p
         backup.restore_vc(db, directory)
     assert db.generation() == generation
 
-
-def test_lvm_thin_backend_needs_device_mapper():
-    if not Path("/dev/mapper/control").exists():
-        pytest.skip("lvm-thin: device-mapper is absent on this host (LAB.md), so thin pools "
-                    "cannot be made here; its lvcreate/lvremove/lvextend commands are checked "
-                    "by tests/test_storage_naming.py::test_lvm_thin_commands")
-    pytest.skip("lvm-thin on a real thin pool runs only inside a QEMU guest: not automated yet")
