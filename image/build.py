@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import errno
+import os
 import re
 import shutil
 import subprocess
@@ -57,6 +58,7 @@ class ImageSpec:
     root_size_mib: int | None = None     # None: what the tree needs plus headroom
     xen: bool = False
     source: Path = REPOSITORY            # the virtualinux checkout installed in node images
+                                         # (--source, else $VLX_IMAGE_SOURCE, else this one)
 
 
 def image_spec(kind: str, release: str = "bookworm", mirror: str | None = None,
@@ -78,7 +80,7 @@ def image_spec(kind: str, release: str = "bookworm", mirror: str | None = None,
         raise VlxError(f"--root-size {root_size_mib} MiB is below {MIN_ROOT_MIB} MiB", where)
     if xen and kind != "node":
         raise VlxError("--xen is for node images only", where)
-    source = (source or REPOSITORY).resolve()
+    source = (source or Path(os.environ.get("VLX_IMAGE_SOURCE") or REPOSITORY)).resolve()
     if kind == "node" and not (source / "pyproject.toml").is_file():
         raise VlxError(f"{source} is not a virtualinux checkout (no pyproject.toml); "
                        "give --source DIR", where)

@@ -38,7 +38,8 @@ def register(nouns: argparse._SubParsersAction) -> None:
                        help="size of root.img (default: the tree plus headroom)")
     build.add_argument("--xen", action="store_true", help="node: add the Xen hypervisor")
     build.add_argument("--source", type=Path, metavar="DIR",
-                       help="node: the virtualinux checkout to install (default: this one)")
+                       help="node: the virtualinux checkout to install (default: "
+                            "$VLX_IMAGE_SOURCE or this one)")
     build.add_argument("--rebuild", action="store_true",
                        help="build even if a cached image has the same inputs")
     build.set_defaults(handler=cmd_build)
