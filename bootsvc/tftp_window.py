@@ -122,6 +122,10 @@ class Transfer:
         else:
             self._other(packet)
 
+    def pending(self) -> bool:
+        """Is a datagram waiting in the socket?"""
+        return bool(select.select([self.sock], [], [], 0)[0])
+
     def _other(self, packet: bytes) -> None:
         try:
             opcode, number = parse_header(packet)
@@ -242,6 +246,10 @@ class TransferEngine:
                         transfer.check_timeout(now)
         finally:
             for transfer in list(transfers.values()):
+                # ACKs already queued still count: a client whose last ACK is in our socket
+                # has its whole file.
+                while not transfer.finished and transfer.pending():
+                    transfer.readable()
                 transfer.close("service stopping")
             while self._incoming:
                 self._incoming.popleft().close("service stopping")

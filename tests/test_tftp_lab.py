@@ -35,7 +35,9 @@ class BootFilesLab:
     download: Path          # a directory for what clients fetch
 
     def stop(self) -> dict:
-        """Stop the services; their counters."""
+        """Stop the services; their counters. A client exits as soon as it has sent its last
+        ACK, so give that ACK a moment to arrive before the service stops."""
+        time.sleep(0.3)
         self.process.terminate()
         out, _ = self.process.communicate(timeout=20)
         return json.loads(out.strip().splitlines()[-1])
