@@ -104,8 +104,10 @@ class Backend(ABC):
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        except BaseException:
+        except BaseException as err:
             self.remove(volume)
+            if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+                raise NoSpace(f"no space left in the pool restoring {name}; not kept") from None
             raise
         return path
 
@@ -143,6 +145,9 @@ def file_open_for_writing(path: str) -> bool:
     except OSError as err:
         if err.errno == errno.EAGAIN:
             return True
+        if err.errno in (errno.EACCES, errno.EPERM):
+            raise VlxError(f"cannot tell whether {path} is open for writing: only its owner "
+                           "or root may ask (run vlx as root)") from None
         raise
     else:
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
