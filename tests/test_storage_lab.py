@@ -225,6 +225,10 @@ def test_nodes_attach_only_their_own_volume_over_iscsi_and_exports_survive_tgtd(
     target1, target2 = target_iqn("vlxlab", "node1-root"), target_iqn("vlxlab", "node2-root")
     init1, init2 = initiator_iqn("vlxlab", "node1"), initiator_iqn("vlxlab", "node2")
     assert cluster.volume("node1-root").iqn == target1
+    shown = json.loads(vlx(capsys, "volume", "show", "node1-root", "--json")[1])
+    assert (shown["iqn"], shown["portal"], shown["initiator"], shown["chap_user"]) == (
+        target1, PORTAL, init1, "node1")
+    assert node1.secret not in json.dumps(shown)
 
     # Discovery as node1 shows node1's target only, disk on LUN 1.
     listing = client.run(["iscsi-ls", "-s", "-i", init1,
