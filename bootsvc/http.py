@@ -200,7 +200,7 @@ class HttpService(Service):
             await self._respond_error(writer, 405, keep_alive, {"Allow": "GET, HEAD"})
             return keep_alive
         try:
-            found = self.files.lookup(request.path)
+            found = self.files.lookup(request.path, peer[0])
         except RequestRefused as err:
             self._drop("refused", peer, f"{request.path[:100]!r}: {err}")
             await self._respond_error(writer, 403, keep_alive)

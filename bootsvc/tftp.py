@@ -111,7 +111,7 @@ class TftpService(Service):
 
     def serve(self, request: Request, peer: tuple[str, int]) -> None:
         try:
-            found = self.files.lookup(request.filename)
+            found = self.files.lookup(request.filename, peer[0])
             data = _contents(found, request.mode)
         except RequestRefused as err:
             self.refuse(peer, ERR_ACCESS, f"access violation: {err}", "refused",

@@ -8,7 +8,8 @@ Path rules (a request that breaks one is refused, never served):
   tree: "/etc/passwd" names the tree's etc/passwd, which does not exist;
 - regular files only.
 `nodes/MAC.ipxe` and `nodes/MAC.cpio` come from the service's own database generation (so a
-node added since the last render boots at once); an unknown MAC is simply not found.
+node added since the last render boots at once); an unknown MAC is simply not found. A node's
+cpio (its CHAP secret) is refused to any address but the node's own.
 """
 
 from __future__ import annotations
@@ -91,12 +92,14 @@ class BootFiles:
         self.cluster = cluster
         self._made = {}
 
-    def lookup(self, request: str) -> BootFile:
+    def lookup(self, request: str, client: str | None = None) -> BootFile:
+        """The file `request` names, for the client at address `client` (None: no check)."""
         relative = clean_path(request)
         tree = os.path.realpath(self.root)
         match = _NODE_FILE.fullmatch(relative)
         if match:
-            return self._node_file(tree, match.group(1).replace("-", ":"), match.group(2))
+            return self._node_file(tree, match.group(1).replace("-", ":"), match.group(2),
+                                   client)
         candidate = os.path.realpath(os.path.join(tree, relative))
         if not candidate.startswith(tree + os.sep):
             raise RequestRefused("resolves outside the netboot tree")
@@ -108,10 +111,14 @@ class BootFiles:
             raise FileMissing(relative)
         return DiskFile(candidate, info.st_size)
 
-    def _node_file(self, tree: str, mac: str, kind: str) -> BootFile:
+    def _node_file(self, tree: str, mac: str, kind: str, client: str | None) -> BootFile:
         node = self.cluster.nodes_by_mac.get(mac)
         if node is None:
             raise FileMissing(f"no node with MAC {mac}")
+        if kind == "cpio" and client is not None and client != str(node.ip):
+            # The cpio holds the node's CHAP secret: only the address DHCP gives that node
+            # may fetch it (the database fixes both, so every replica decides the same).
+            raise RequestRefused(f"{node.name}'s iSCSI login goes to {node.ip} only")
         if tree != self._made_for_tree:
             self._made, self._made_for_tree = {}, tree
         key = f"{mac}.{kind}"

@@ -48,8 +48,12 @@ def test_head_and_node_files_from_the_database(bootfiles_lab):
     result = curl(lab, "--fail", f"{URL}/nodes/52-54-00-00-00-11.ipxe")
     node = lab.cluster.node("node1")
     assert result.stdout == scripts.node_script(lab.cluster, node, ["console=ttyS0"])
-    result = lab.run(["curl", "-sS", "--fail", "-o", str(lab.download / "cpio"),
-                      f"{URL}/nodes/52-54-00-00-00-11.cpio"])
+    cpio_url = f"{URL}/nodes/52-54-00-00-00-11.cpio"
+    assert curl(lab, "-o", "/dev/null", "-w", "%{http_code}", cpio_url).stdout == "403"
+    lab.client.ip("addr", "add", f"{node.ip}/24", "dev", "br0")     # now we are node1
+    result = curl(lab, "--fail", "--interface", str(node.ip), "-o", str(lab.download / "cpio"),
+                  cpio_url)
+    assert result.returncode == 0, result.stderr
     assert (lab.download / "cpio").read_bytes() == scripts.node_cpio(lab.cluster, node)
 
 

@@ -219,8 +219,10 @@ def test_absolute_paths_are_relative_to_the_tree(boot_files):
 def test_node_files_are_made_from_the_services_generation(boot_files, cluster):
     made = boot_files.lookup("nodes/52-54-00-00-00-11.ipxe")
     assert made == files.MemoryFile(NODE1_SCRIPT.encode())
-    assert boot_files.lookup("nodes/52-54-00-00-00-11.cpio").data == \
+    assert boot_files.lookup("nodes/52-54-00-00-00-11.cpio", "198.18.0.11").data == \
         scripts.node_cpio(cluster, cluster.node("node1"))
+    with pytest.raises(files.RequestRefused, match="goes to 198.18.0.11 only"):
+        boot_files.lookup("nodes/52-54-00-00-00-11.cpio", "198.18.0.200")
     with pytest.raises(files.FileMissing):
         boot_files.lookup("nodes/52-54-00-00-00-99.ipxe")
     with pytest.raises(files.FileMissing):

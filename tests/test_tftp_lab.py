@@ -125,6 +125,15 @@ def test_node_script_is_made_from_the_database_and_netascii_converts(bootfiles_l
     result = lab.run(["curl", "-sS", "--fail", f"tftp://{SERVER}/nodes/52-54-00-00-00-11.ipxe"])
     cluster = lab.cluster
     assert result.stdout == scripts.node_script(cluster, cluster.node("node1"), ["console=ttyS0"])
+    # The node's cpio (its CHAP secret) goes to the node's own address only.
+    cpio = f"tftp://{SERVER}/nodes/52-54-00-00-00-11.cpio"
+    result = lab.run(["curl", "-sS", "-o", "/dev/null", cpio])
+    assert result.returncode == 69          # curl's "TFTP: access violation"
+    lab.client.ip("addr", "add", "198.18.0.11/24", "dev", "br0")
+    result = lab.run(["curl", "-sS", "--fail", "--interface", "198.18.0.11",
+                      "-o", str(lab.download / "cpio"), cpio])
+    assert result.returncode == 0, result.stderr
+    assert (lab.download / "cpio").read_bytes() == scripts.node_cpio(cluster, cluster.node("node1"))
     # tftp-hpa in ascii mode turns the netascii we send back into the file's own line ends.
     result = lab.run(["tftp", SERVER, "-c", "get", "notes.txt", str(lab.download / "notes")])
     assert result.returncode == 0, result.stderr
