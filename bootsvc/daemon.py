@@ -162,7 +162,9 @@ class Daemon:
                 "database": str(self.database.path), "generation": self.generation,
                 "reloads": self.reloads, "stale_generations_refused": self.stale_generations,
                 "services": {service.name: dict(sorted(service.counters.items()))
-                             for service in self.services}}
+                             for service in self.services},
+                "details": {service.name: details for service in self.services
+                            if (details := service.details())}}
 
     def write_status(self, state: str) -> None:
         path = self.replica.state_dir / STATUS_FILE

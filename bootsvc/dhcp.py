@@ -6,8 +6,9 @@ here). A `Responder` holds one generation's answers for one replica: each host's
 (per boot file) is built by `dhcp_wire.encode` the first time it is asked for and kept for the
 generation, which also keeps a reload of a 10,000-node cluster quick; the hot path parses a few
 fields, patches xid, flags, ciaddr, giaddr and chaddr into a copy, and appends option 82 if a
-relay sent one. Unknown MACs are counted and logged once: that is where a discovery pool for
-the metamaster would hand out addresses, once the database has one.
+relay sent one. Unknown MACs are counted and logged once, and get no answer unless the cluster
+has a `discovery_pool`: then each gets the pool address its MAC hashes to (the same on every
+replica, no lease state) and is remembered in `discovered` for the metamaster to adopt.
 `DhcpService` binds UDP 67 on the replica's interface and feeds datagrams to the responder.
 Imports the model, `netboot.layout` and `dhcp_wire`.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import ipaddress
 import logging
 import socket
@@ -67,6 +69,17 @@ class Network:
     domain: str
     lease_time: int
     hosts: dict[bytes, Host]   # by MAC
+    pool: tuple[ipaddress.IPv4Address, int] | None = None   # first address, size
+
+    def pool_host(self, mac: bytes) -> Host | None:
+        """The host an unknown MAC is while the metamaster learns it: the pool address its
+        MAC hashes to, so every replica offers the same one without sharing leases."""
+        if self.pool is None:
+            return None
+        first, size = self.pool
+        index = int.from_bytes(hashlib.sha256(mac).digest()[:8], "big") % size
+        dns = tuple(host.ip for host in list(self.hosts.values())[:DNS_SERVERS_PER_HOST])
+        return Host(mac, first + index, "new-" + mac.hex(), dns)
 
     def contains(self, address: bytes) -> bool:
         return ipaddress.IPv4Address(address) in self.cidr
@@ -82,9 +95,13 @@ def served_networks(cluster: Cluster) -> tuple[Network, ...]:
     for index, node in enumerate(nodes):
         mac = wire.parse_mac(node.mac)
         hosts[mac] = Host(mac, node.ip, node.name, dns_servers(nodes, index))
+    pool = None
+    if settings.discovery_pool is not None:
+        first, last = settings.discovery_pool
+        pool = (first, int(last) - int(first) + 1)
     return (Network(name="cluster", cidr=settings.cidr, router=settings.gateway_vip,
-                    ntp=settings.ntp_servers,
-                    domain=settings.domain, lease_time=settings.lease_time, hosts=hosts),)
+                    ntp=settings.ntp_servers, domain=settings.domain,
+                    lease_time=settings.lease_time, hosts=hosts, pool=pool),)
 
 
 def dns_servers(nodes: tuple[Node, ...], index: int) -> tuple[ipaddress.IPv4Address, ...]:
@@ -104,9 +121,11 @@ class Responder:
     """One generation's answers for one replica; `respond` is the per-packet hot path."""
 
     def __init__(self, cluster: Cluster, replica: Replica, counters: Counter[str],
-                 log_events: bool = True):
+                 log_events: bool = True, discovered: dict[str, str] | None = None):
         self.generation = cluster.generation
         self.counters = counters
+        # MAC -> pool address of unknown machines seen; kept across generations by the service.
+        self.discovered = discovered if discovered is not None else {}
         self.log_events = log_events
         self.server_id = replica.address.packed
         self.networks = served_networks(cluster)
@@ -128,15 +147,20 @@ class Responder:
             self.counters["ignored_no_network"] += 1
             return None
         host = network.hosts.get(request.mac)
+        cache = True
         if host is None:
-            self._unknown(request)
-            return None
+            host = network.pool_host(request.mac)
+            if host is None:
+                self._unknown(request)
+                return None
+            self._discovered(request, host)
+            cache = False   # a flood of made-up MACs must not grow the template cache
         if kind == wire.DISCOVER:
-            return self._answer(request, network, host, wire.OFFER)
+            return self._answer(request, network, host, wire.OFFER, cache)
         if kind == wire.REQUEST:
-            return self._request(request, network, host)
+            return self._request(request, network, host, cache)
         if kind == wire.INFORM:
-            return self._answer(request, network, host, wire.INFORM)
+            return self._answer(request, network, host, wire.INFORM, cache)
         if kind == wire.RELEASE:
             self._event("DHCPRELEASE", request, host, logging.INFO)
         elif kind == wire.DECLINE:
@@ -147,7 +171,8 @@ class Responder:
             self.counters["ignored_server_message"] += 1
         return None
 
-    def _request(self, request: wire.Request, network: Network, host: Host) -> Reply | None:
+    def _request(self, request: wire.Request, network: Network, host: Host,
+                 cache: bool = True) -> Reply | None:
         mine = host.ip.packed
         if request.server_id is not None:                       # SELECTING
             if request.server_id != self.server_id:
@@ -163,15 +188,17 @@ class Responder:
             return None
         if wanted != mine:
             return self._nak(request, host, wanted)
-        return self._answer(request, network, host, wire.ACK)
+        return self._answer(request, network, host, wire.ACK, cache)
 
     def _answer(self, request: wire.Request, network: Network, host: Host,
-                kind: int) -> Reply:
+                kind: int, cache: bool = True) -> Reply:
         bootfile = self._bootfile(request)
         key = (request.mac, kind, bootfile)
         template = self._templates.get(key)
         if template is None:
-            template = self._templates[key] = self._build(network, host, kind, bootfile)
+            template = self._build(network, host, kind, bootfile)
+            if cache:
+                self._templates[key] = template
         prefix, tail = template
         packet = bytearray(prefix)
         packet[wire.XID] = request.xid
@@ -275,6 +302,14 @@ class Responder:
                 (net for net in self.networks if net.contains(giaddr)), None)
         return self._relay_networks[giaddr]
 
+    def _discovered(self, request: wire.Request, host: Host) -> None:
+        self.counters["discovery_pool_answers"] += 1
+        mac = request.mac_text()
+        if mac not in self.discovered and len(self.discovered) < LOG_ONCE_LIMIT:
+            self.discovered[mac] = str(host.ip)
+            log.info("DISCOVERED %s: unknown MAC, offered pool address %s (gen %d)", mac,
+                     host.ip, self.generation)
+
     def _unknown(self, request: wire.Request) -> None:
         self.counters["ignored_unknown_mac"] += 1
         if request.mac not in self._unknown_logged and len(self._unknown_logged) < LOG_ONCE_LIMIT:
@@ -299,7 +334,9 @@ class DhcpService(Service):
     def __init__(self, replica: Replica, cluster: Cluster, port: int = wire.SERVER_PORT):
         super().__init__(replica, cluster)
         self.port = port
-        self.responder = Responder(cluster, replica, self.counters, self._log_events())
+        self.discovered: dict[str, str] = {}
+        self.responder = Responder(cluster, replica, self.counters, self._log_events(),
+                                   self.discovered)
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._malformed_logged: set[str] = set()
@@ -344,9 +381,14 @@ class DhcpService(Service):
     def reload(self, cluster: Cluster) -> None:
         # Build the whole new responder first, then swap: a packet sees one generation or
         # the other, never a mix.
-        responder = Responder(cluster, self.replica, self.counters, self._log_events())
+        responder = Responder(cluster, self.replica, self.counters, self._log_events(),
+                              self.discovered)
         self.responder = responder
         super().reload(cluster)
+
+    def details(self) -> dict[str, object]:
+        """Unknown MACs answered from the discovery pool, for `vlx bootsvc discovered`."""
+        return {"discovered": dict(sorted(self.discovered.items()))} if self.discovered else {}
 
     def _drain(self) -> None:
         sock = self._sock

@@ -55,6 +55,10 @@ class Service(abc.ABC):
     def reload(self, cluster: Cluster) -> None:
         self.cluster = cluster
 
+    def details(self) -> dict[str, object]:
+        """What the service has seen beyond its counters, for the status file."""
+        return {}
+
 
 def service_class(name: str) -> type[Service]:
     if name not in SERVICE_NAMES:

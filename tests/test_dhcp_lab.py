@@ -18,6 +18,7 @@ from virtualinux.bench import dhcp as bench
 from virtualinux.bootsvc import dhcp_wire as wire
 from virtualinux.vm_test.netns import Namespace, Netns
 from virtualinux.vvcm import Node, changes, inventory
+from virtualinux.vvcm.cli import main
 
 from .conftest import EXAMPLE, require
 from .test_dhcp_wire import scapy_request
@@ -346,3 +347,23 @@ def test_replica_on_a_node_finds_its_node_from_the_interface(lab_db, segment, tm
     assert client.run(udhcpc(client, script, "-q", "-n"), timeout=20).returncode == 0
     assert events(out)[-1]["serverid"] == "198.18.0.12"
     assert "bootsvc node2 on eth0 (198.18.0.12)" in log.read_text()
+
+
+def test_metamaster_learns_an_unknown_machine_from_the_discovery_pool(lab_db, segment,
+                                                                      tmp_path, capsys):
+    pool = (ipaddress.IPv4Address("198.18.0.100"), ipaddress.IPv4Address("198.18.0.149"))
+    lab_db.update("settings", "pool", lambda c: changes.set_settings(
+        c, dataclasses.replace(c.settings, discovery_pool=pool)))
+    replica = segment.replica(A)
+    mac = "52:54:00:00:00:77"
+    client = segment.plug("client", mac=mac)
+    script, out = recording_script(tmp_path, "udhcpc")
+    result = client.run(udhcpc(client, script, "-q", "-n"), check=False, timeout=30)
+    assert result.returncode == 0, result.stderr
+    lease = events(out)[-1]
+    assert pool[0] <= ipaddress.IPv4Address(lease["ip"]) <= pool[1]
+    assert lease["hostname"] == "new-525400000077"
+    wait_for(lambda: replica.status().get("details", {}).get("dhcp"), 3,
+             "the discovered MAC in the status file")
+    assert main(["bootsvc", "discovered", "--state-dir", str(replica.state_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"mac": mac, "ip": lease["ip"]}]

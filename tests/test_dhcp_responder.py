@@ -310,3 +310,46 @@ class _Recorder:
 
     def sendto(self, data, address):
         self.sent.append((data, address))
+
+
+@pytest.fixture
+def pooled(db, cluster):
+    pool = (ipaddress.IPv4Address("198.18.0.100"), ipaddress.IPv4Address("198.18.0.149"))
+    return db.update("settings", "pool", lambda c: changes.set_settings(
+        c, dataclasses.replace(c.settings, discovery_pool=pool)))
+
+
+def test_unknown_mac_gets_a_pool_address_and_is_remembered_when_a_pool_is_set(pooled):
+    r = responder(pooled)
+    reply, offer = answer(r, "discover", UNKNOWN)
+    assert offer.message_type == wire.OFFER
+    address = offer.yiaddr
+    assert ipaddress.IPv4Address("198.18.0.100") <= address <= ipaddress.IPv4Address(
+        "198.18.0.149")
+    assert offer.option(wire.OPT_HOST_NAME) == b"new-525400000099"
+    _, ack = answer(r, "request", UNKNOWN, extra=[("requested_addr", str(address)),
+                                                  ("server_id", str(A))])
+    assert ack.message_type == wire.ACK and ack.yiaddr == address
+    assert r.discovered == {"52:54:00:00:00:99": str(address)}
+    assert r.counters["discovery_pool_answers"] == 2
+    assert r.counters["ignored_unknown_mac"] == 0
+
+
+def test_every_replica_offers_an_unknown_mac_the_same_pool_address(pooled):
+    offers = {answer(responder(pooled, address), "discover", UNKNOWN)[1].yiaddr
+              for address in (A, B)}
+    assert len(offers) == 1
+    other = answer(responder(pooled), "discover", bytes.fromhex("525400000098"))[1].yiaddr
+    assert other in pooled.settings.cidr   # another MAC: its own hash, same pool
+
+
+def test_a_flood_of_made_up_macs_does_not_grow_the_answer_cache(pooled):
+    r = responder(pooled)
+    for i in range(200):
+        answer(r, "discover", bytes([0x02, 0, 0, 0, i >> 8, i & 0xFF]))
+    assert len(r._templates) == 0 and len(r.discovered) == 200
+
+
+def test_a_known_node_never_gets_a_pool_address(pooled):
+    assert answer(responder(pooled), "discover", NODE1)[1].yiaddr == ipaddress.IPv4Address(
+        "198.18.0.11")

@@ -161,3 +161,24 @@ def test_commands_without_a_database_say_how_to_make_one(db_path, capsys):
     code, _, err = vlx(capsys, "node", "list")
     assert code == 2 and "vlx db init" in err
     assert not db_path.exists()
+
+
+@pytest.mark.parametrize("pool, message", [
+    ("198.18.0.100-198.18.0.149", None),
+    ("198.18.0.149-198.18.0.100", "runs backwards"),
+    ("198.18.0.250-198.18.1.10", "not inside 198.18.0.0/24"),
+    ("198.18.0.10-198.18.0.20", "holds 198.18.0.11 of node node1"),
+    ("198.18.0.100", "FIRST-LAST"),
+])
+def test_the_discovery_pool_must_be_free_addresses_of_the_cluster_network(
+        db_path, tmp_path, capsys, pool, message):
+    text = EXAMPLE.read_text().replace("lease_time = 3600",
+                                       f'lease_time = 3600\ndiscovery_pool = "{pool}"')
+    inventory_file = tmp_path / "pool.toml"
+    inventory_file.write_text(text)
+    code, _, err = vlx(capsys, "db", "import", str(inventory_file))
+    if message is None:
+        assert code == 0
+        assert json.loads(vlx(capsys, "db", "show", "--json")[1])["discovery_pool"] == pool
+    else:
+        assert (code, message in err) == (2, True), err

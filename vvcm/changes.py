@@ -122,6 +122,16 @@ def validated(cluster: Cluster) -> Cluster:
             + [(vm.mac, f"VM {vm.name}") for vm in cluster.vms])
     _unique("cluster IP", [(node.ip, f"node {node.name}") for node in cluster.nodes]
             + [(settings.gateway_vip, "gateway_vip")])
+    if settings.discovery_pool is not None:
+        first, last = settings.discovery_pool
+        if not (_is_host(first, net) and _is_host(last, net)):
+            raise VlxError(f"discovery_pool {first}-{last} is not inside {net}", "cluster")
+        taken = [(node.ip, f"node {node.name}") for node in cluster.nodes] + [
+            (settings.gateway_vip, "gateway_vip")]
+        for address, owner in taken:
+            if first <= address <= last:
+                raise VlxError(f"discovery_pool {first}-{last} holds {address} of {owner}",
+                               "cluster")
     for node in cluster.nodes:
         if not _is_host(node.ip, net):
             raise VlxError(f"ip {node.ip} is outside the cluster network {net}",

@@ -154,6 +154,20 @@ def parse_ipv4_list(value: Any) -> tuple[ipaddress.IPv4Address, ...]:
     return tuple(parse_ipv4(item.strip() if isinstance(item, str) else item) for item in value)
 
 
+def parse_address_range(value: Any) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:
+    """`FIRST-LAST`, both included."""
+    if not isinstance(value, str) or value.count("-") != 1:
+        raise ValueError("not an address range: use FIRST-LAST like 198.18.0.100-198.18.0.149")
+    first, last = (parse_ipv4(part.strip()) for part in value.split("-"))
+    if first > last:
+        raise ValueError(f"the range runs backwards ({first} after {last})")
+    return first, last
+
+
+def dump_address_range(value: tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]) -> str:
+    return f"{value[0]}-{value[1]}"
+
+
 def parse_cidr(value: Any) -> ipaddress.IPv4Network:
     if not isinstance(value, str | ipaddress.IPv4Network):
         raise ValueError("not a CIDR network")

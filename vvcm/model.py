@@ -15,9 +15,11 @@ from functools import cached_property
 from .errors import NotFound
 from .fields import (
     choice_list,
+    dump_address_range,
     dump_list,
     dump_memory_mib,
     dump_str,
+    parse_address_range,
     parse_cidr,
     parse_count,
     parse_domain,
@@ -55,6 +57,10 @@ class Settings:
         "NTP servers outside the cluster, reached through the gateway", parse_ipv4_list,
         dump_list, default=(), metavar="IP,...")
     lease_time: int = setting("DHCP lease time in seconds", parse_seconds, default=3600)
+    discovery_pool: tuple[ipaddress.IPv4Address, ipaddress.IPv4Address] | None = setting(
+        "FIRST-LAST addresses DHCP hands to unknown MACs, so a metamaster learns new nodes "
+        "(default: unknown MACs get no answer)", parse_address_range, dump_address_range,
+        default=None, metavar="FIRST-LAST")
     cpu_overcommit: float = setting("VCPUs a node may carry per physical CPU", parse_ratio,
                                     default=1.0)
     memory_overcommit: float = setting("VM memory a node may carry per MiB it has",

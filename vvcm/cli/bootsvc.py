@@ -1,4 +1,5 @@
-"""`vlx bootsvc run|status`: run this machine's boot-service replica, and read its counters."""
+"""`vlx bootsvc run|status|discovered`: run this machine's boot-service replica, read its
+counters, and list the unknown machines it has seen."""
 
 from __future__ import annotations
 
@@ -48,6 +49,12 @@ def register(nouns: argparse._SubParsersAction) -> None:
     status.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR")
     add_json_flag(status)
     status.set_defaults(handler=cmd_status)
+
+    found = verbs.add_parser("discovered",
+                             help="unknown MACs this replica answered from the discovery pool")
+    found.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR")
+    add_json_flag(found)
+    found.set_defaults(handler=cmd_discovered)
 
 
 def _address(text: str) -> ipaddress.IPv4Address:
@@ -109,3 +116,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         print()
         print_table(("SERVICE", "COUNTER", "VALUE"), rows)
     return 0 if status["state"] == "running" else 1
+
+
+def cmd_discovered(args: argparse.Namespace) -> int:
+    status = daemon.read_status(args.state_dir)
+    found = status.get("details", {}).get("dhcp", {}).get("discovered", {})
+    if args.json:
+        print_json([{"mac": mac, "ip": ip} for mac, ip in found.items()])
+        return 0
+    if not found:
+        print("no unknown MACs seen (is discovery_pool set in [cluster]?)")
+        return 0
+    print_table(["MAC", "POOL ADDRESS"], sorted(found.items()))
+    print("\nadd one with: vlx node add NAME --mac MAC --ip IP --cpus N --memory SIZE")
+    return 0
