@@ -17,6 +17,7 @@ import logging
 import mmap
 import os
 import socket
+import time
 from pathlib import Path
 
 from virtualinux.netboot.files import BootFiles, DiskFile, FileMissing, RequestRefused
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 TFTP_PORT = 69
 MAX_TRANSFERS = 512              # a rack powering on at once fits many times over
 MAX_NETASCII_SIZE = 16 << 20     # netascii is converted in memory: text files only
+STOP_GRACE = 2.0                 # seconds running transfers get to finish on stop
 WORKERS = 1                      # transfer threads (bench/tftp.py measures 1 against 2)
 LOGGED_PER_REASON = 5            # then only every 1000th, so a flood cannot fill the log
 
@@ -73,10 +75,15 @@ class TftpService(Service):
         log.info("TFTP on %s:%d serving %s (gen %d)", self.replica.address, self.port,
                  self.replica.netboot_root, self.cluster.generation)
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = STOP_GRACE) -> None:
+        """Take no new requests; give running transfers `grace` seconds to finish (a node
+        half-way through its kernel should not start over), then end the rest."""
         if self._endpoint:
             self._endpoint.close()
             self._endpoint = None
+        deadline = time.monotonic() + grace
+        while self.transfers and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         for engine in self._engines:
             await asyncio.to_thread(engine.stop)
         self._engines = []

@@ -35,9 +35,7 @@ class BootFilesLab:
     download: Path          # a directory for what clients fetch
 
     def stop(self) -> dict:
-        """Stop the services; their counters. A client exits as soon as it has sent its last
-        ACK, so give that ACK a moment to arrive before the service stops."""
-        time.sleep(0.3)
+        """Stop the services (running transfers get to finish); their counters."""
         self.process.terminate()
         out, _ = self.process.communicate(timeout=20)
         return json.loads(out.strip().splitlines()[-1])
@@ -163,10 +161,10 @@ def test_bad_packets_are_dropped_and_the_service_keeps_serving(bootfiles_lab):
     assert lab.run([sys.executable, "-c", sender]).returncode == 0
     time.sleep(0.3)
     result = lab.run(["curl", "-sS", "--fail", f"tftp://{SERVER}/boot.ipxe"])
-    assert result.returncode == 0 and result.stdout.startswith("#!ipxe")
+    assert result.returncode == 0 and result.stdout.startswith("#!ipxe"), result.stderr
     counters = lab.stop()["tftp"]
-    assert counters["malformed"] >= 6
-    assert counters["write"] == 1 and counters["bad_mode"] == 1 and counters["sent"] == 1
+    assert counters["malformed"] >= 6, counters
+    assert (counters["write"], counters["bad_mode"], counters["sent"]) == (1, 1, 1), counters
 
 
 def test_fifty_clients_at_once_all_finish_byte_identical(bootfiles_lab):
