@@ -181,3 +181,18 @@ def test_fifty_clients_at_once_all_finish_byte_identical(bootfiles_lab):
     assert [i for i in range(50) if digest(got / f"c{i}") != expected] == []
     counters = lab.stop()["tftp"]
     assert counters["sent"] == 50, (counters, elapsed)
+
+
+def test_tsize_timeout_blksize_and_windowsize_are_acknowledged(bootfiles_lab):
+    require("atftp")
+    lab = bootfiles_lab
+    size = (lab.tree / "boot.ipxe").stat().st_size
+    result = lab.run(["atftp", "--trace", "--option", "tsize 0", "--option", "timeout 2",
+                      "--option", "blksize 1000", "--option", "windowsize 4", "-g",
+                      "-r", "boot.ipxe", "-l", str(lab.download / "boot.ipxe"), SERVER])
+    assert result.returncode == 0, result.stderr
+    oack = next(line for line in (result.stdout + result.stderr).splitlines()
+                if line.startswith("received OACK"))
+    for option in (f"tsize: {size},", "timeout: 2,", "blksize: 1000,", "windowsize: 4,"):
+        assert option in oack, oack
+    assert (lab.download / "boot.ipxe").read_bytes() == (lab.tree / "boot.ipxe").read_bytes()
