@@ -46,7 +46,7 @@ def apparent_mb(paths: list[Path]) -> float:
 
 def plain_dib(release: str, work: Path) -> Row:
     work.mkdir(parents=True)
-    env = dib.environment(release, dib.Mirrors(), work / "dib-cache", "cloudimg-rootfs", {})
+    env = dib.environment(release, dib.Mirrors(), work / "dib-cache", {})
     env.pop("ELEMENTS_PATH")
     times = []
     for run in (1, 2):

@@ -44,7 +44,7 @@ ROOT_IMAGE = "root.img"
 MIN_ROOT_MIB = 256
 # Bump when this driver changes what it makes of DIB's output (mkfs options, file names, ...).
 # Not a hash of this file: a full rebuild takes minutes, a comment fix should not cost one.
-OUTPUT_FORMAT = "2"
+OUTPUT_FORMAT = "3"
 HERE = Path(__file__).resolve().parent
 REPOSITORY = HERE.parent     # an editable install: the checkout whose wheel goes into the node
 
@@ -229,13 +229,13 @@ def _build(spec: ImageSpec, staged: Path, root: Path, inputs: dict[str, str], ke
     clock.say(f"dib: {' '.join(ELEMENTS[spec.kind])} ({spec.release}, {spec.mirrors.debian})")
     dib_cache = root / "dib-cache"
     dib_cache.mkdir(exist_ok=True)
-    env = dib.environment(spec.release, spec.mirrors, dib_cache, ROOT_LABEL, extra_env)
+    env = dib.environment(spec.release, spec.mirrors, dib_cache, extra_env)
     # DIB bind-mounts one apt archive from its cache into every build's chroot, and two apt
     # runs on it at once fail on its lock: DIB runs of one cache take turns.
     with cache.build_lock(dib_cache, "dib", "shared-cache",
                           waiting=lambda: clock.say("waiting for another build's DIB run")):
-        dib.disk_image_create(ELEMENTS[spec.kind], staged / "dib" / spec.kind, log_path, env,
-                              clock)
+        dib.disk_image_create(ELEMENTS[spec.kind], staged / "dib" / spec.kind, ROOT_LABEL,
+                              log_path, env, clock)
     clock.say("extract: root tree, kernel and initrd")
     rootfs = staged / "rootfs"
     rootfs.mkdir()

@@ -71,7 +71,7 @@ def element_of(phase: str, script: str, paths: Sequence[Path]) -> str:
     return "?"
 
 
-def environment(release: str, mirrors: Mirrors, dib_cache: Path, root_label: str,
+def environment(release: str, mirrors: Mirrors, dib_cache: Path,
                 extra: dict[str, str]) -> dict[str, str]:
     env = dict(os.environ)
     bin_dir = str(Path(sys.executable).parent)    # disk-image-create sits beside our python
@@ -83,22 +83,21 @@ def environment(release: str, mirrors: Mirrors, dib_cache: Path, root_label: str
         "DIB_DEBIAN_MIRROR": mirrors.debian,
         "DIB_DEBIAN_SECURITY_MIRROR": mirrors.security,
         "DIB_IMAGE_CACHE": str(dib_cache),    # debootstrap's tarball, reused by later builds
-        # DIB writes /etc/fstab with this label; build.py gives the root file system the same.
-        "DIB_ROOT_LABEL": root_label,
         **extra,
     })
     return env
 
 
-def disk_image_create(elements: Sequence[str], output: Path, log_path: Path, env: dict[str, str],
-                      clock: Clock) -> None:
-    """`disk-image-create -t tar -o OUTPUT ELEMENTS...`, its output into `log_path`, its hooks
-    reported as phases. Raises VlxError naming the failing element and phase."""
+def disk_image_create(elements: Sequence[str], output: Path, root_label: str, log_path: Path,
+                      env: dict[str, str], clock: Clock) -> None:
+    """`disk-image-create -t tar --root-label LABEL -o OUTPUT ELEMENTS...`, its output into
+    `log_path`, its hooks reported as phases. Raises VlxError naming the failing element and
+    phase. DIB writes the label into /etc/fstab; the caller labels the file system the same."""
     program = shutil.which("disk-image-create", path=env["PATH"])
     if program is None:
         raise VlxError("disk-image-create is not installed (pip install diskimage-builder)",
                        "image build")
-    cmd = [program, "-t", "tar", "-o", str(output), *elements]
+    cmd = [program, "-t", "tar", "--root-label", root_label, "-o", str(output), *elements]
     position = HookPosition()
     no_space = False
     with log_path.open("a") as log:
