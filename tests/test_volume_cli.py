@@ -215,3 +215,21 @@ def test_backup_refuses_a_non_empty_directory_and_a_missing_vc(cluster, tmp_path
     assert not (tmp_path / "new").exists()
     with pytest.raises(backup.VlxError, match="no vc.json"):
         backup.restore_vc(Database(cluster), tmp_path / "full")
+
+
+def test_vlx_vc_backup_and_restore(cluster, pool, tmp_path, capsys):
+    assert vlx(capsys, "volume", "snapshot", "guest", "--for", "vc:green")[0] == 0
+    code, out, err = vlx(capsys, "vc", "backup", "green", str(tmp_path / "b"))
+    assert code == 0, err
+    assert f"backed up green: 4 VMs, 4 volumes to {tmp_path / 'b'}" in out
+    code, _, err = vlx(capsys, "vc", "backup", "green", str(tmp_path / "b"))
+    assert code == 2 and "not empty" in err
+    names = [f"green-{i}-disk" for i in range(1, 5)]
+    assert vlx(capsys, "volume", "remove", *names)[0] == 0
+    assert vlx(capsys, "vc", "remove", "green")[0] == 0
+    code, out, err = vlx(capsys, "vc", "restore", str(tmp_path / "b"))
+    assert code == 0 and "restored green" in out, err
+    vc = json.loads(vlx(capsys, "vc", "show", "green", "--json")[1])
+    assert [vm["volume"] for vm in vc["vms"]] == names
+    code, _, err = vlx(capsys, "vc", "restore", str(tmp_path / "nowhere"))
+    assert code == 2 and "no vc.json" in err

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from virtualinux.storage import backup as vc_backup
 
 from .. import changes
 from ..fields import add_arguments, from_arguments, to_mapping
@@ -31,6 +34,17 @@ def register(nouns: argparse._SubParsersAction) -> None:
     remove = verbs.add_parser("remove", help="remove a VC and its VMs")
     remove.add_argument("name")
     remove.set_defaults(handler=cmd_remove)
+
+    backup = verbs.add_parser("backup", help="save a VC: its volumes (sparse, checksummed) "
+                                             "and its database rows, to a new directory")
+    backup.add_argument("name")
+    backup.add_argument("directory", type=Path)
+    backup.set_defaults(handler=cmd_backup)
+
+    restore = verbs.add_parser("restore", help="recreate a VC from a backup directory "
+                                               "(checksums verified first)")
+    restore.add_argument("directory", type=Path)
+    restore.set_defaults(handler=cmd_restore)
 
 
 def vc_json(cluster: Cluster, vc: VirtualCluster) -> dict:
@@ -85,4 +99,17 @@ def cmd_remove(args: argparse.Namespace) -> int:
     cluster = database(args).update("vc remove", args.name,
                                     lambda cluster: changes.remove_vc(cluster, args.name))
     print(f"removed {args.name} (generation {cluster.generation})")
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    manifest = vc_backup.backup_vc(database(args), args.name, args.directory)
+    print(f"backed up {args.name}: {len(manifest['vms'])} VMs, {len(manifest['volumes'])} "
+          f"volumes to {args.directory}")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    vc = vc_backup.restore_vc(database(args), args.directory)
+    print(f"restored {vc.name} from {args.directory}")
     return 0
