@@ -191,6 +191,15 @@ def san(netns, storage_state):
     return server, client
 
 
+def finish(process: subprocess.Popen) -> None:
+    """Wait for a process we started to end; kill it if it will not."""
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def iscsi_url(target: str, user: str, secret: str) -> str:
     return f"iscsi://{user}%{secret}@{PORTAL}/{target}"
 
@@ -299,7 +308,7 @@ def test_nodes_attach_only_their_own_volume_over_iscsi_and_exports_survive_tgtd(
         assert Database(db_path).load().volume("node2-root").iqn == target2
     finally:
         session.stdin.close()
-        session.wait(timeout=30)
+        finish(session)
 
     # Unexport ends the target; then the volume may go.
     assert vlx(capsys, "volume", "unexport", "node2-root")[0] == 0
@@ -346,7 +355,7 @@ def test_serve_watch_restarts_a_dying_tgtd_with_its_exports(san, btrfs_pool, db_
         assert client.run(["iscsi-inq", "-i", init3, url], check=False).returncode == 0
     finally:
         watcher.send_signal(signal.SIGTERM)
-        watcher.wait(timeout=30)
+        finish(watcher)
     assert watcher.returncode == 0, watcher.stderr.read()
     assert tgt.recorded_daemons() == []
     assert not current.alive()
