@@ -37,6 +37,8 @@ class Backend(ABC):
     """A family of volumes in one pool; see the module docstring for the contract."""
 
     name: str = ""
+    # Whether `open_for_writing` can tell writers from readers (LVM only knows "open").
+    knows_open_mode = True
 
     def __init__(self, pool: str):
         self.pool = pool

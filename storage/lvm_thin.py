@@ -75,6 +75,7 @@ def run_lvm(cmd: list[str]) -> str:
 
 class LvmThinBackend(Backend):
     name = "lvm-thin"
+    knows_open_mode = False
 
     def __init__(self, pool: str):
         super().__init__(pool)

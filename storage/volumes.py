@@ -139,8 +139,9 @@ def snapshot_volumes(db: Database, golden_name: str, count: int | None = None,
             raise InUse(f"golden volume {golden_name} is exported read-write: unexport it "
                         "first")
         if store.open_for_writing(golden):
+            how = "open for writing" if store.knows_open_mode else "open, and LVM cannot say how"
             raise InUse(f"golden volume {golden_name} is in use read-write ({golden.path} is "
-                        "open for writing): snapshots of it would not be consistent")
+                        f"{how}): snapshots of it would not be consistent")
         if export or portal:
             portal = parse_portal(portal) if portal else default_portal(cluster)
             tgt.running_daemon(portal)  # a dead tgtd fails here, before anything is made
