@@ -35,12 +35,14 @@ def vlx(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 @contextlib.contextmanager
-def loop_filesystem(backing: Path, size: int, mountpoint: Path):
-    """A btrfs in a sparse file, loop-mounted; unmounted and its loop device gone afterwards."""
-    require("mkfs.btrfs", "losetup")
+def loop_filesystem(backing: Path, size: int, mountpoint: Path, fstype: str = "btrfs"):
+    """A file system in a sparse file, loop-mounted; unmounted and its loop device gone
+    afterwards."""
+    mkfs = {"btrfs": ["mkfs.btrfs", "-q"], "xfs": ["mkfs.xfs", "-q", "-m", "reflink=1"]}[fstype]
+    require(mkfs[0], "losetup")
     with open(backing, "wb") as handle:
         handle.truncate(size)
-    subprocess.run(["mkfs.btrfs", "-q", str(backing)], check=True, capture_output=True)
+    subprocess.run(mkfs + [str(backing)], check=True, capture_output=True)
     mountpoint.mkdir()
     subprocess.run(["mount", "-o", "loop", str(backing), str(mountpoint)], check=True)
     try:
@@ -132,6 +134,27 @@ def test_100_snapshots_share_the_golden_until_one_is_written(btrfs_pool, db_path
     assert untouched == {hashlib.sha256(original).hexdigest()}
     assert exclusive_bytes(snapshots[41], snapshots[40]) == {"node42-root.img": MIB,
                                                              "node41-root.img": 0}
+
+
+def test_reflink_pool_on_xfs(tmp_path, db_path, monkeypatch, capsys):
+    with loop_filesystem(tmp_path / "xfs.fs", 512 * MIB, tmp_path / "xfs", "xfs") as pool:
+        monkeypatch.setenv("VLX_POOL", str(pool))
+        vlx(capsys, "db", "init")
+        vlx(capsys, "db", "import", str(EXAMPLE))
+        original = write_image(tmp_path / "node.raw", 8)
+        assert vlx(capsys, "volume", "golden", "add", "node", "--from",
+                   str(tmp_path / "node.raw"))[0] == 0
+        code, _, err = vlx(capsys, "volume", "snapshot", "node", "--for", "nodes")
+        assert code == 0, err
+        extents = subprocess.run(["filefrag", "-v", str(pool / "node3-root.img")],
+                                 capture_output=True, text=True, check=True).stdout
+        assert "shared" in extents  # XFS says the clone's extents are shared
+        with open(pool / "node1-root.img", "r+b") as disk:
+            os.pwrite(disk.fileno(), b"\x77" * MIB, 0)
+        assert (pool / "node.img").read_bytes() == original
+        assert all((pool / f"node{i}-root.img").read_bytes() == original for i in (2, 3, 4))
+        assert vlx(capsys, "volume", "remove", "--snapshots-of", "node", "node")[0] == 0
+        assert os.listdir(pool) == []
 
 
 def fill(directory: Path) -> None:

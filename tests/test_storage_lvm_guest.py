@@ -163,7 +163,7 @@ def sections(console: str) -> dict[str, list[str]]:
 
 def run_guest(tmp_path: Path, script: str, python: bool = False) -> str:
     """Boot a throw-away guest that runs `script` against a 512 MiB virtio disk; its console."""
-    require("qemu-system-x86_64", "lvm", "cpio", "busybox")
+    require("qemu-system-x86_64", "lvm", "cpio", "busybox", "python3.11")
     from virtualinux.image import kernel
 
     try:
