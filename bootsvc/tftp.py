@@ -2,9 +2,9 @@
 the database (netboot.files), with blksize, timeout, tsize and windowsize (RFC 7440).
 
 The request port is an asyncio datagram endpoint; each transfer gets a socket of its own
-(a new TID, connected to the client) and runs on the same loop (bootsvc.tftp_window). A bad
-request gets a TFTP error; a malformed packet is counted, logged once with its source, and
-dropped. Start one from a test or the daemon with
+(a new TID, connected to the client) and runs on a transfer thread (bootsvc.tftp_window). A
+bad request gets a TFTP error; a malformed packet is counted, logged (the first few of each
+kind, with their source) and dropped. Start one from a test or the daemon with
 
     service = TftpService(replica, cluster, port=69)
     await service.start(); ...; service.reload(newer_cluster); ...; await service.stop()
