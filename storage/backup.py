@@ -3,9 +3,9 @@ rows (the VC, its VMs' placement and disks, their volumes and CHAP credentials) 
 `vc.json`, and a SHA-256 of every file, checked before a restore touches anything.
 
 A restore makes each disk a fresh snapshot of the same golden volume and writes only the
-chunks that differ from it, so unchanged data is shared with the golden again (qcow2: see
-`qcow2.Qcow2Backend.restore_snapshot`). It needs the golden volume to be there already: a
-golden belongs to the whole cluster, not to one VC.
+chunks that differ from it, so unchanged data is shared with the golden again (qcow2 overlays
+included, see `qcow2.Qcow2Backend.restore_snapshot`). It needs the golden volume to be there
+already: a golden belongs to the whole cluster, not to one VC.
 """
 
 from __future__ import annotations

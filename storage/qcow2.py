@@ -12,6 +12,7 @@ import errno
 import fcntl
 import os
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,11 +20,12 @@ from pathlib import Path
 from virtualinux.vvcm.errors import VlxError
 from virtualinux.vvcm.model import Volume
 
-from .backend import NoSpace, free_bytes, fsync_directory
+from .backend import CHUNK, NoSpace, free_bytes, fsync_directory
 from .reflink import FICLONE, ReflinkBackend
 
 OVERLAY_SUFFIX = ".qcow2"
 OVERLAY_RESERVE = 1024 * 1024
+QEMU_IO_BATCH = 256  # commands per qemu-io process: keeps the argument list short
 
 
 def overlay_command(golden_path: str, overlay: str, size: int | None = None) -> list[str]:
@@ -118,19 +120,48 @@ class Qcow2Backend(ReflinkBackend):
                       volume.path, str(target)])
 
     def restore_snapshot(self, golden: Volume, name: str, source: Path, size: int) -> str:
-        # qemu-img convert -B names the golden as backing file but writes every cluster: the
-        # restored overlay is correct, yet shares less with the golden than the original did.
-        target = self.path_for(name)
-        if os.path.lexists(target):
-            raise VlxError(f"{target} exists already (a volume not in the database?)")
+        """A fresh overlay of `golden`, then only the chunks of `source` that differ from the
+        golden written into it (by qemu-io, each from a small file of its own): unchanged
+        data stays in the golden, as it was before the backup."""
+        path = self.snapshot(golden, [name])[0]
+        volume = Volume(name=name, kind="snapshot", backend=self.name, path=path,
+                        size=golden.size, origin=golden.name)
         try:
-            run_qemu_img(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", "-B",
-                          os.path.abspath(golden.path), "-F", "raw", str(source), target])
-        except BaseException:
-            if os.path.lexists(target):
-                os.unlink(target)
+            if size > golden.size:
+                self.grow(volume, size)
+            with tempfile.TemporaryDirectory(dir=self.pool, prefix=".restore-") as scratch:
+                commands = []
+                with open(source, "rb") as src, open(golden.path, "rb") as base:
+                    offset = 0
+                    while chunk := src.read(CHUNK):
+                        if base.read(len(chunk)) != chunk:
+                            piece = os.path.join(scratch, str(offset))
+                            with open(piece, "wb") as out:
+                                out.write(chunk)
+                            commands.append(f"write -q -s {piece} {offset} {len(chunk)}")
+                        offset += len(chunk)
+                for first in range(0, len(commands), QEMU_IO_BATCH):
+                    _run_qemu_io(path, commands[first:first + QEMU_IO_BATCH])
+        except BaseException as err:
+            self.remove(volume)
+            if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+                raise NoSpace(f"no space left in the pool restoring {name}; not kept") from None
             raise
-        return target
+        return path
+
+
+def _run_qemu_io(image: str, commands: list[str]) -> None:
+    argv = ["qemu-io", "-f", "qcow2"]
+    for command in commands:
+        argv += ["-c", command]
+    result = subprocess.run(argv + [image], capture_output=True, text=True)
+    # qemu-io reports a failed command ("write failed: ...") and may still exit 0.
+    failed = result.returncode != 0 or "failed" in (result.stdout + result.stderr)
+    if failed:
+        message = (result.stderr or result.stdout).strip()[-300:]
+        if "No space left" in message:
+            raise NoSpace(f"no space left in the pool ({message})")
+        raise VlxError(f"qemu-io into {image} failed: {message}")
 
 
 BACKEND = Qcow2Backend

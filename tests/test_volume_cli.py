@@ -48,6 +48,10 @@ def cluster(db_path, pool, image, capsys):
     return db_path
 
 
+def allocated(path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
 def pool_files(pool) -> list[str]:
     return sorted(os.listdir(pool))
 
@@ -195,6 +199,9 @@ def test_qcow2_vc_backup_and_restore(cluster, pool, tmp_path, capsys):
                                str(tmp_path / "backup" / "tan-2-disk.raw")],
                               capture_output=True, text=True)
     assert compared.returncode == 0, compared.stdout + compared.stderr
+    # Only the written chunk came back into the overlay; the rest is the golden's again.
+    assert allocated(pool / "tan-1-disk.qcow2") < 512 * 1024
+    assert allocated(pool / "tan-2-disk.qcow2") < 512 * 1024 + (1 << 20)
 
     # Restoring over a VC that exists changes nothing.
     generation = db.generation()
