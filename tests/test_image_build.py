@@ -1,0 +1,179 @@
+"""Real node and guest builds (diskimage-builder, minutes when cold; the cache under
+/var/cache/virtualinux/images keeps later runs to seconds): the node's kernel and initrd boot
+in QEMU to its initramfs, its root image holds virtualinux and nothing per node, the guest
+boots to a login prompt with the name and address DHCP gave it, and a failing element is
+named with its phase while nothing half-built is left."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from virtualinux.image import build, cache
+from virtualinux.image.build import build_image, image_spec
+from virtualinux.vvcm.errors import VlxError
+
+from .conftest import require
+
+pytestmark = pytest.mark.lab
+BOOT_TIMEOUT = 240
+
+
+@pytest.fixture(scope="module")
+def node_image() -> Path:
+    return build_image(image_spec("node"))
+
+
+@pytest.fixture(scope="module")
+def guest_image() -> Path:
+    return build_image(image_spec("guest"))
+
+
+def cpio_names(initrd: Path) -> set[str]:
+    """File names in an initramfs-tools initrd: an optional plain early archive, then one
+    compressed archive (zstd here)."""
+    data = initrd.read_bytes()
+    names: set[str] = set()
+    if data.startswith(b"070701"):
+        end = data.index(b"TRAILER!!!") + len(b"TRAILER!!!")
+        names |= {n.decode() for n in re.findall(rb"070701[0-9A-Fa-f]{104}([^\0]+)\0",
+                                                  data[:end])}
+        data = data[end:].lstrip(b"\0")
+    plain = subprocess.run(["zstd", "-dc"], input=data, capture_output=True, check=True).stdout
+    names |= {n.decode() for n in re.findall(rb"070701[0-9A-Fa-f]{104}([^\0]+)\0", plain)}
+    return {name.removeprefix("./") for name in names}
+
+
+def run_until(cmd: list[str], log: Path, pattern: re.Pattern[str]) -> str:
+    """Start QEMU, wait for `pattern` on its serial log, always kill it; the console text."""
+    qemu = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while time.monotonic() < deadline:
+            console = log.read_text(errors="replace") if log.exists() else ""
+            if pattern.search(console):
+                return console
+            if qemu.poll() is not None:
+                pytest.fail(f"QEMU exited {qemu.returncode}: {qemu.stderr.read()!r}\n"
+                            f"{console[-3000:]}")
+            time.sleep(0.5)
+        pytest.fail(f"no {pattern.pattern!r} within {BOOT_TIMEOUT}s:\n{console[-3000:]}")
+    finally:
+        qemu.kill()
+        qemu.wait(timeout=10)
+
+
+def qemu_cmd(image: Path, log: Path, append: str, *extra: str) -> list[str]:
+    return ["qemu-system-x86_64", "-accel", "tcg", "-m", "1024", "-no-reboot",
+            "-display", "none", "-monitor", "none", "-serial", f"file:{log}",
+            "-kernel", str(image / "vmlinuz"), "-initrd", str(image / "initrd.img"),
+            "-append", f"console=ttyS0 {append}", *extra]
+
+
+def test_node_initrd_carries_the_iscsi_hook_and_an_empty_iscsi_config(node_image):
+    require("zstd")
+    names = cpio_names(node_image / "initrd.img")
+    assert {"usr/sbin/iscsistart", "etc/iscsi.initramfs", "scripts/local-top/iscsi"} <= names \
+        or {"sbin/iscsistart", "etc/iscsi.initramfs", "scripts/local-top/iscsi"} <= names
+    assert any(name.endswith("/iscsi_tcp.ko") for name in names)
+    assert "etc/initiatorname.iscsi" not in names
+
+
+def test_node_kernel_and_initrd_boot_in_qemu_to_the_initramfs(node_image, tmp_path):
+    require("qemu-system-x86_64")
+    log = tmp_path / "serial.log"
+    # break=mount: initramfs-tools stops with a shell just before it would mount the root.
+    console = run_until(qemu_cmd(node_image, log, "break=mount", "-nic", "none"), log,
+                        re.compile(r"Spawning shell within the initramfs"))
+    assert "Run /init as init process" in console
+
+
+def test_node_root_image_holds_virtualinux_and_no_node_identity(node_image, tmp_path):
+    manifest = cache.read_manifest(node_image)
+    assert any(wheel.startswith("virtualinux-") for wheel in manifest["wheels"])
+    assert {"open-iscsi", "libvirt-daemon-system", "chrony", "qemu-system-x86"} \
+        <= set(manifest["packages"])
+    mount = tmp_path / "root"
+    mount.mkdir()
+    subprocess.run(["mount", "-o", "loop,ro,noload", str(node_image / "root.img"), str(mount)],
+                   check=True, capture_output=True)
+    try:
+        imported = subprocess.run(
+            ["chroot", str(mount), "/opt/virtualinux/bin/python", "-c",
+             "import virtualinux.vvcm.model, virtualinux.image.tiny; print('ok')"],
+            capture_output=True, text=True, timeout=60)
+        assert imported.stdout.strip() == "ok", imported.stderr
+        assert os.path.islink(mount / "usr/local/bin/vlx")
+        assert not (mount / "etc/hostname").exists()
+        # Empty, or DIB's "uninitialized" (systemd: first boot, make one): never an id.
+        assert (mount / "etc/machine-id").read_text() in ("", "uninitialized\n")
+        assert not list((mount / "etc/ssh").glob("ssh_host_*_key"))
+        assert not (mount / "etc/iscsi/initiatorname.iscsi").exists()
+        assert "LABEL=vroot" in (mount / "etc/fstab").read_text()
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_unchanged_inputs_return_the_cached_node_at_once(node_image):
+    started = time.monotonic()
+    assert build_image(image_spec("node"), progress=lambda message: None) == node_image
+    assert time.monotonic() - started < 10
+
+
+def test_guest_boots_to_login_with_the_name_and_address_from_dhcp(netns, guest_image,
+                                                                   tmp_path):
+    require("qemu-system-x86_64", "dnsmasq")
+    hub = netns.namespace("hub")
+    bridge = netns.bridge(hub)
+    hub.ip("addr", "add", "198.18.0.254/24", "dev", bridge)
+    tap = netns.tap(hub, bridge, "tap0")
+    dnsmasq = hub.popen(["dnsmasq", "--keep-in-foreground", "--port=0", "--no-resolv",
+                         "--no-hosts", f"--interface={bridge}", "--bind-interfaces",
+                         f"--dhcp-leasefile={tmp_path / 'leases'}", "--pid-file",
+                         "--dhcp-range=198.18.0.100,198.18.0.150,255.255.255.0,2m",
+                         "--dhcp-host=52:54:00:00:00:31,198.18.0.31,vm1"],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        log = tmp_path / "serial.log"
+        # snapshot=on: the guest writes to a temporary overlay, never to the golden image.
+        cmd = hub.prefix(qemu_cmd(
+            guest_image, log, "root=LABEL=vroot rw",
+            "-drive", f"file={guest_image / 'root.img'},format=raw,if=virtio,snapshot=on",
+            "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
+            "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:00:00:31,romfile="))
+        run_until(cmd, log, re.compile(r"^vm1 login:", re.MULTILINE))
+        assert "198.18.0.31" in (tmp_path / "leases").read_text()
+    finally:
+        dnsmasq.terminate()
+        dnsmasq.wait(timeout=10)
+
+
+def test_a_failing_element_is_named_with_its_phase_and_leaves_nothing(tmp_path, monkeypatch):
+    # No wheels: virtualinux-node's extra-data.d script must stop the build.
+    def no_wheels(spec, work, log_path):
+        (work / "wheels").mkdir()
+        return work / "wheels"
+
+    monkeypatch.setattr(build, "build_wheels", no_wheels)
+    root = tmp_path / "cache"
+    root.mkdir()
+    shared = cache.cache_root() / "dib-cache"    # reuse debootstrap's tarball: seconds, not 1 min
+    shared.mkdir(exist_ok=True)
+    (root / "dib-cache").symlink_to(shared)
+    out = tmp_path / "out"
+    with pytest.raises(VlxError) as failure:
+        build_image(image_spec("node"), out_dir=out, cache_dir=root,
+                    progress=lambda message: None)
+    message = str(failure.value)
+    assert "element virtualinux-node, phase extra-data.d, script 50-virtualinux-wheels" \
+        in message
+    log = Path(re.search(r"full log: (\S+)", message).group(1))
+    assert "DIB_VLX_WHEEL_DIR names no directory" in log.read_text()
+    assert not out.exists()
+    assert cache.entries(root) == []
+    assert not [path for path in root.iterdir() if "building" in path.name]
