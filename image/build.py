@@ -129,15 +129,19 @@ def image_inputs(spec: ImageSpec) -> dict[str, str]:
 
 
 def check_mirror(spec: ImageSpec) -> None:
-    """Fail in a second, not after a debootstrap timeout, when the mirror does not answer."""
-    url = f"{spec.mirrors.debian.rstrip('/')}/dists/{spec.release}/Release"
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=20):
-            pass
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        reason = getattr(err, "reason", err)
-        raise VlxError(f"the Debian mirror does not answer for {spec.release}: {url}: {reason}",
-                       "image build, phase mirror") from err
+    """Fail in a second, not after a debootstrap or apt timeout, when a mirror does not
+    answer for the release."""
+    for name, url in (
+            ("Debian mirror", f"{spec.mirrors.debian.rstrip('/')}/dists/{spec.release}/Release"),
+            ("Debian security mirror",
+             f"{spec.mirrors.security.rstrip('/')}/dists/{spec.release}-security/Release")):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=20):
+                pass
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            reason = getattr(err, "reason", err)
+            raise VlxError(f"the {name} does not answer for {spec.release}: {url}: {reason}",
+                           "image build, phase mirror") from err
 
 
 def run_logged(cmd: list[str], log_path: Path, phase: str, cwd: Path | None = None) -> str:

@@ -161,6 +161,32 @@ def test_a_mirror_that_does_not_answer_fails_at_once_and_leaves_nothing(tmp_path
     assert cache.entries(tmp_path / "cache") == []
 
 
+def test_a_security_mirror_that_does_not_answer_is_named(tmp_path, monkeypatch):
+    answered = []
+
+    class Reply:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def urlopen(request, timeout):
+        # The main mirror answers; the security mirror's port refuses, as a dead host would.
+        if "127.0.0.1:9" in request.full_url:
+            raise build.urllib.error.URLError("Connection refused")
+        answered.append(request.full_url)
+        return Reply()
+
+    monkeypatch.setattr(build.urllib.request, "urlopen", urlopen)
+    spec = image_spec("guest", security_mirror="http://127.0.0.1:9/debian-security")
+    with pytest.raises(VlxError, match="Debian security mirror does not answer for bookworm: "
+                                       "http://127.0.0.1:9/debian-security/dists/"
+                                       "bookworm-security/Release"):
+        build.check_mirror(spec)
+    assert answered == ["http://deb.debian.org/debian/dists/bookworm/Release"]
+
+
 def test_hook_lines_name_the_phase_and_the_element_that_ships_the_script():
     line = ("2026-11-25 14:22:50.652 | dib-run-parts Running "
             "/tmp/dib_build.Ngk/hooks/install.d/60-virtualinux-install\n")
