@@ -40,7 +40,11 @@ MAX_RETRIES = 6
 # After a packet, the engine polls without sleeping this long before it blocks in epoll: a
 # client a few microseconds away answers before a sleeping thread would even be woken, and
 # each wake-up costs more than the answer (an inter-processor interrupt, worse in a VM).
+# It only does so while the CPU has nothing else to run: when a sched_yield() takes longer
+# than PREEMPTED, others wanted the CPU, and the engine sleeps in epoll for SPIN_BACKOFF.
 SPIN_SECONDS = 0.0002
+PREEMPTED = 0.00005
+SPIN_BACKOFF = 0.5
 
 
 class Transfer:
@@ -222,7 +226,9 @@ class TransferEngine:
     def _run(self) -> None:
         next_tick = time.monotonic() + TICK
         transfers = self.transfers
-        spin_until = 0.0
+        spin_until = 0.0        # busy-poll until then
+        last_spin = 0.0
+        quiet_until = 0.0       # no busy-polling until then: the CPU has other work
         try:
             while not self._stopping:
                 events = self._epoll.poll(0 if spin_until else TICK)
@@ -233,11 +239,19 @@ class TransferEngine:
                             transfer.readable()
                         elif fd == self._wake_read:
                             self._take_incoming()
-                    spin_until = time.perf_counter() + SPIN_SECONDS if transfers else 0.0
+                    last_spin = time.perf_counter()
+                    spin_until = (last_spin + SPIN_SECONDS
+                                  if transfers and last_spin >= quiet_until else 0.0)
                 elif spin_until:
-                    if time.perf_counter() >= spin_until:
+                    now = time.perf_counter()
+                    if now - last_spin > PREEMPTED:
+                        # sched_yield gave the CPU to someone else: spinning on a busy CPU
+                        # only gets us preempted, while a sleeper is woken promptly.
+                        spin_until, quiet_until = 0.0, now + SPIN_BACKOFF
+                    elif now >= spin_until:
                         spin_until = 0.0
                     else:
+                        last_spin = now
                         os.sched_yield()    # a client on this CPU gets to answer meanwhile
                 now = time.monotonic()
                 if now >= next_tick:
