@@ -43,6 +43,11 @@ class TgtDown(VlxError):
     """The tgtd serving a portal is not running (it died, or was never started)."""
 
 
+class ExportsFailed(VlxError):
+    """Some exports could not be made; every other one is served (one bad volume must not keep
+    a whole cluster from booting)."""
+
+
 def state_dir() -> Path:
     return Path(os.environ.get("VLX_STORAGE_STATE") or DEFAULT_STATE_DIR)
 
@@ -209,7 +214,9 @@ def sync(admin: TgtAdmin, cluster: Cluster, portal: str, force: bool = False) ->
     """Make tgtd's targets what the database says; returns (added, removed).
 
     A target that is no longer wanted but still has a session is kept unless `force`
-    (a node is using that disk): VlxError, and nothing else changes.
+    (a node is using that disk): VlxError, and nothing else changes. A volume that cannot be
+    exported (its file is gone, say) does not stop the others: ExportsFailed names it after
+    all the rest are served.
     """
     wanted = wanted_exports(cluster, portal)
     current = admin.targets()
@@ -225,18 +232,31 @@ def sync(admin: TgtAdmin, cluster: Cluster, portal: str, force: bool = False) ->
     accounts = admin.accounts()
     new_accounts = {e.username: e.secret for e in wanted.values() if e.username not in accounts}
     first_tid = max((t.tid for t in current.values()), default=0) + 1
+    failures = [f"{e.iqn}: {e.path} is missing" for iqn, e in wanted.items()
+                if iqn not in current and not os.path.exists(e.path)]
     new_targets = [(tid, export) for tid, export in enumerate(
-        (e for iqn, e in wanted.items() if iqn not in current), start=first_tid)]
+        (e for iqn, e in wanted.items() if iqn not in current and os.path.exists(e.path)),
+        start=first_tid)]
     # Each tgtadm call is a process start and one request; a few in flight at once keep
     # tgtd busy while the next process starts (1,000 exports: ~2x faster than one by one).
     with ThreadPoolExecutor(max_workers=PARALLEL_TGTADM) as pool:
         for done in [pool.submit(admin.add_account, user, secret)
                      for user, secret in new_accounts.items()]:
             done.result()
-        for done in [pool.submit(admin.add_target, tid, export)
-                     for tid, export in new_targets]:
-            done.result()
-    return len(new_targets), len(stale)
+        jobs = [(export, pool.submit(admin.add_target, tid, export))
+                for tid, export in new_targets]
+        for export, done in jobs:
+            try:
+                done.result()
+            except TgtDown:
+                raise
+            except VlxError as err:
+                failures.append(f"{export.iqn}: {err}")
+    if failures:
+        raise ExportsFailed(f"{len(failures)} of {len(wanted)} exports on {portal} failed "
+                            f"(the others are served): {'; '.join(failures[:5])}"
+                            f"{' ...' if len(failures) > 5 else ''}")
+    return len(new_targets) - len(failures), len(stale)
 
 
 # The daemon.
@@ -397,6 +417,8 @@ def serve(cluster: Cluster, portal: str, control_port: int, netns: str | None = 
         started = True
     try:
         added, _ = sync(daemon.admin, cluster, portal)
+    except ExportsFailed:
+        raise  # tgtd stays up, serving every export that could be made
     except BaseException:
         if started:
             stop(daemon, directory)

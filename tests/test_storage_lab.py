@@ -384,6 +384,31 @@ def test_serve_watch_restarts_a_dying_tgtd_with_its_exports(san, btrfs_pool, db_
     assert not current.alive()
 
 
+def test_a_lost_volume_does_not_keep_the_others_from_being_served(san, btrfs_pool, db_path,
+                                                                  tmp_path, capsys):
+    server, client = san
+    vlx(capsys, "db", "init")
+    vlx(capsys, "db", "import", str(EXAMPLE))
+    write_image(tmp_path / "node.raw", 4)
+    vlx(capsys, "volume", "golden", "add", "node", "--from", str(tmp_path / "node.raw"))
+    assert vlx(capsys, "volume", "snapshot", "node", "--count", "2", "--export")[0] == 0
+    (btrfs_pool / "node2-root.img").unlink()  # lost behind our back
+    port = str(31700 + os.getpid() % 290)
+    code, _, err = vlx(capsys, "storage", "serve", "--control-port", port,
+                       "--netns", server.name)
+    assert code == 2
+    assert "1 of 2 exports on 198.18.0.11:3260 failed (the others are served)" in err
+    assert "node2-root.img is missing" in err
+    credential = Database(db_path).load().credential("node1")
+    url = iscsi_url(target_iqn("vlxlab", "node1-root"), "node1", credential.secret) + "/1"
+    inquiry = client.run(["iscsi-inq", "-i", initiator_iqn("vlxlab", "node1"), url],
+                         check=False)
+    assert inquiry.returncode == 0, inquiry.stderr
+    status = json.loads(vlx(capsys, "storage", "status", "--json")[1])
+    assert [(s["targets"], s["missing"]) for s in status] == [
+        (1, [target_iqn("vlxlab", "node2-root")])]
+
+
 def test_vc_backup_and_restore_round_trip_verified_by_checksums(btrfs_pool, db_path, tmp_path,
                                                                 capsys):
     vlx(capsys, "db", "init")

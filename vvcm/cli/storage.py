@@ -64,9 +64,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     db = database(args)
     portal = _portal(args)
     control_port = args.control_port or tgt.default_control_port(portal)
-    daemon, added, started = tgt.serve(db.load(), portal, control_port, args.netns)
-    print(f"tgtd pid {daemon.pid} {'started' if started else 'running'} on {portal} "
-          f"(control port {daemon.control_port}): {added} targets added")
+    try:
+        daemon, added, started = tgt.serve(db.load(), portal, control_port, args.netns)
+    except tgt.ExportsFailed as err:
+        if not args.watch:
+            raise
+        log.error("%s", err)  # keep watching what is served
+        daemon = tgt.recorded_daemon(portal)
+    else:
+        print(f"tgtd pid {daemon.pid} {'started' if started else 'running'} on {portal} "
+              f"(control port {daemon.control_port}): {added} targets added", flush=True)
     if not args.watch:
         return 0
     stopping = False
@@ -86,6 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     daemon, added, _ = tgt.serve(db.load(), portal, control_port, args.netns)
                 except VlxError as err:  # keep watching: the next round tries again
                     log.error("restart failed: %s", err)
+                    daemon = tgt.recorded_daemon(portal) or daemon
                     continue
                 log.info("tgtd pid %d restored %d targets", daemon.pid, added)
     finally:
