@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--state-dir", type=Path, default=Path("/tmp"))
     parser.add_argument("--port", action="append", default=[], metavar="SERVICE=PORT",
                         help="listen on another port, e.g. tftp=6969 (0: any free port)")
+    parser.add_argument("--set", action="append", default=[], metavar="SERVICE.NAME=INT",
+                        help="another integer setting of a service, e.g. tftp.workers=2")
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("services", nargs="+", metavar="SERVICE")
     return parser.parse_args(argv)
@@ -42,9 +44,15 @@ async def run(args: argparse.Namespace) -> dict[str, dict[str, int]]:
     cluster = database.load()
     replica = Replica(None, args.interface, args.address, args.root, args.state_dir)
     ports = dict(item.split("=", 1) for item in args.port)
+    settings: dict[str, dict[str, int]] = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        service_name, _, setting = key.partition(".")
+        settings.setdefault(service_name, {})[setting] = int(value)
     services = []
     for name in args.services:
         kwargs = {"port": int(ports[name])} if name in ports else {}
+        kwargs.update(settings.get(name, {}))
         services.append(service_class(name)(replica, cluster, **kwargs))
     for service in services:
         await service.start()

@@ -49,7 +49,13 @@ def digest(path: Path) -> str:
 
 
 @pytest.fixture
-def bootfiles_lab(db, db_path, netns, tmp_path):
+def service_settings() -> list[str]:
+    """Extra `--set SERVICE.NAME=INT` for the services; a test overrides this fixture."""
+    return []
+
+
+@pytest.fixture
+def bootfiles_lab(db, db_path, netns, tmp_path, service_settings):
     cluster = db.update("db import", "test",
                         lambda c: inventory.apply(c, inventory.load(EXAMPLE), "test"))
     golden = Volume(name="golden", kind="golden", backend="reflink", path="/pool/golden",
@@ -77,7 +83,8 @@ def bootfiles_lab(db, db_path, netns, tmp_path):
     netns.plug(client, bridge, server, address=f"{SERVER}/24")
     process = server.popen(
         [sys.executable, "-m", "virtualinux.bootsvc.standalone", "--db", str(db_path),
-         "--root", str(out / render.CURRENT), "--address", SERVER, "tftp", "http"],
+         "--root", str(out / render.CURRENT), "--address", SERVER,
+         *[f"--set={setting}" for setting in service_settings], "tftp", "http"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert process.stdout.readline().startswith("ready"), "services did not start"
@@ -167,6 +174,8 @@ def test_bad_packets_are_dropped_and_the_service_keeps_serving(bootfiles_lab):
     assert (counters["write"], counters["bad_mode"], counters["sent"]) == (1, 1, 1), counters
 
 
+@pytest.mark.parametrize("service_settings", [["tftp.workers=1"], ["tftp.workers=2"]],
+                         ids=["one-transfer-thread", "two-transfer-threads"])
 def test_fifty_clients_at_once_all_finish_byte_identical(bootfiles_lab):
     require("curl")
     lab, got = bootfiles_lab, bootfiles_lab.download
