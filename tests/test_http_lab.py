@@ -12,7 +12,7 @@ import pytest
 from virtualinux.netboot import scripts
 
 from .conftest import require
-from .test_tftp_lab import SERVER, bootfiles_lab, digest  # noqa: F401
+from .test_tftp_lab import SERVER, bootfiles_lab, digest, service_settings  # noqa: F401
 
 pytestmark = pytest.mark.lab
 URL = f"http://{SERVER}"
