@@ -68,7 +68,10 @@ chain --autofree {layout.DISCOVER_SCRIPT} || goto unknown
 exit
 
 :retry
-goto start
+# Ask DHCP again: the replica that handed out this script may be the one that failed, and
+# ${{filename}} then names boot.ipxe on a replica that answers.
+dhcp || goto retry
+chain --autofree ${{filename}} || goto unknown
 """
 
 

@@ -109,7 +109,10 @@ chain --autofree discover.ipxe || goto unknown
 exit
 
 :retry
-goto start
+# Ask DHCP again: the replica that handed out this script may be the one that failed, and
+# ${filename} then names boot.ipxe on a replica that answers.
+dhcp || goto retry
+chain --autofree ${filename} || goto unknown
 """
 
 DISCOVER_SCRIPT = """#!ipxe
