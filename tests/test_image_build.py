@@ -1,8 +1,9 @@
 """Real node and guest builds (diskimage-builder, minutes when cold; the cache under
 /var/cache/virtualinux/images keeps later runs to seconds): the node's kernel and initrd boot
 in QEMU to its initramfs, its root image holds virtualinux and nothing per node, the guest
-boots to a login prompt with the name and address DHCP gave it, and a failing element is
-named with its phase while nothing half-built is left."""
+boots to a login prompt with the name and address DHCP gave it, the node mounts its root over
+iSCSI from tgt, and a failing element is named with its phase while nothing half-built is
+left."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from virtualinux.image import build, cache
+from virtualinux.image import build, cache, cpio
 from virtualinux.image.build import build_image, image_spec
 from virtualinux.vvcm.errors import VlxError
 
@@ -177,3 +178,71 @@ def test_a_failing_element_is_named_with_its_phase_and_leaves_nothing(tmp_path, 
     assert not out.exists()
     assert cache.entries(root) == []
     assert not [path for path in root.iterdir() if "building" in path.name]
+
+
+@pytest.fixture
+def tgt_target(netns, node_image, tmp_path):
+    """A private tgtd (own control port) in a lab namespace exporting a copy of the node's
+    root.img as LUN 1; everything is removed afterwards, pass or fail."""
+    require("tgtd", "tgtadm")
+    hub = netns.namespace("hub")
+    bridge = netns.bridge(hub)
+    hub.ip("addr", "add", "198.18.0.254/24", "dev", bridge)
+    tap = netns.tap(hub, bridge, "tap0")
+    clone = tmp_path / "node1.img"
+    subprocess.run(["cp", "--reflink=auto", "--sparse=always", str(node_image / "root.img"),
+                    str(clone)], check=True)
+    control = str(5000 + os.getpid() % 10000)    # tgtd takes at most 32767; storage uses 20000+
+    tgtd = hub.popen(["tgtd", "-f", "-C", control, "--iscsi", "portal=198.18.0.254:3260"],
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def tgtadm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(["tgtadm", "-C", control, "--lld", "iscsi", *args],
+                              capture_output=True, text=True, check=check)
+
+    iqn = "iqn.2026-11.lab.virtualinux:node1"
+    try:
+        deadline = time.monotonic() + 10
+        while tgtadm("--op", "show", "--mode", "target", check=False).returncode != 0:
+            assert time.monotonic() < deadline, "tgtd did not start"
+            time.sleep(0.2)
+        tgtadm("--op", "new", "--mode", "target", "--tid", "1", "-T", iqn)
+        tgtadm("--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1",
+               "-b", str(clone))
+        tgtadm("--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL")
+        yield hub, tap, iqn
+    finally:
+        # A guest killed mid-session leaves its session: --force (LAB.md).
+        tgtadm("--op", "delete", "--mode", "target", "--tid", "1", "--force", check=False)
+        tgtd.terminate()
+        try:
+            tgtd.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            tgtd.kill()
+            tgtd.wait()
+        for leftover in (f"socket.{control}", f"socket.{control}.lock"):   # tgtd leaves them
+            Path("/var/run/tgtd", leftover).unlink(missing_ok=True)
+
+
+def test_node_mounts_its_root_over_iscsi_and_reaches_login(tgt_target, node_image, tmp_path):
+    """The shared initrd plus a per-node cpio holding etc/iscsi.initramfs (as netboot appends
+    it, after padding the base to 512 bytes): open-iscsi's hook logs in, the root is found
+    by its label, and the node comes up with the name that ip= gave it."""
+    hub, tap, iqn = tgt_target
+    settings = (f"ISCSI_INITIATOR=iqn.2026-11.lab.virtualinux:initiator.node1\n"
+                f"ISCSI_TARGET_NAME={iqn}\nISCSI_TARGET_IP=198.18.0.254\n"
+                "ISCSI_TARGET_PORT=3260\n").encode()
+    base = (node_image / "initrd.img").read_bytes()
+    initrd = tmp_path / "initrd-node1.img"
+    initrd.write_bytes(base + b"\0" * (-len(base) % 512) + cpio.archive(
+        [cpio.directory("etc"), cpio.regular("etc/iscsi.initramfs", settings)]))
+    log = tmp_path / "serial.log"
+    cmd = qemu_cmd(node_image, log,
+                   "ip=198.18.0.11::198.18.0.254:255.255.255.0:node1:eth0:off "
+                   "root=LABEL=vroot rw panic=-1",
+                   "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
+                   "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:00:00:11,romfile=")
+    cmd[cmd.index("-initrd") + 1] = str(initrd)
+    console = run_until(hub.prefix(cmd), log, re.compile(r"^node1 login:", re.MULTILINE))
+    assert f"Connection1:0 to [target: {iqn}, portal: 198.18.0.254,3260]" in console
+    assert "is operational now" in console
