@@ -46,7 +46,17 @@ def _apt(*args: str, cwd: Path | None = None) -> str:
 
 
 def candidate(meta_package: str = META_PACKAGE) -> KernelPackage:
-    """The kernel package the meta package points at now, from the local apt lists only."""
+    """The kernel package the meta package points at now. apt's lists may be missing (a new
+    machine whose packages were all installed already) or old (the archive has moved on to a
+    newer kernel and dropped the one they name): then they are refreshed once and asked again."""
+    try:
+        return _candidate(meta_package)
+    except VlxError:
+        _apt("apt-get", "update", "-qq")
+        return _candidate(meta_package)
+
+
+def _candidate(meta_package: str) -> KernelPackage:
     depends = _apt("apt-cache", "depends", "--important", meta_package)
     names = re.findall(r"^\s*Depends:\s*(linux-image-\S+)$", depends, re.MULTILINE)
     if not names:
@@ -67,7 +77,11 @@ def fetch(package: KernelPackage, deb_dir: Path) -> Path:
     filename = f"{package.name}_{package.version.replace(':', '%3a')}_amd64.deb"
     deb = deb_dir / filename
     if not deb.exists():
-        _apt("apt-get", "download", "-q", f"{package.name}={package.version}", cwd=deb_dir)
+        try:
+            _apt("apt-get", "download", "-q", f"{package.name}={package.version}", cwd=deb_dir)
+        except VlxError:
+            _apt("apt-get", "update", "-qq")
+            _apt("apt-get", "download", "-q", f"{package.name}={package.version}", cwd=deb_dir)
         if not deb.exists():
             raise VlxError(f"apt-get download gave no {filename}", "image kernel")
     return deb

@@ -16,8 +16,10 @@ import subprocess
 import time
 from pathlib import Path
 
+from virtualinux.netboot import cpio
+
 from ..vvcm.errors import VlxError
-from . import cache, cpio, kernel
+from . import cache, kernel
 
 KIND = "tiny"
 # virtio_ring before virtio, then the PCI transport and the devices; kernel.py adds whatever
@@ -28,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 INIT_SCRIPT = HERE / "tiny-init.sh"
 UDHCPC_SCRIPT = HERE / "tiny-udhcpc.sh"
 # The code that decides the output: a change to any of it is a new image.
-BUILDER_SOURCES = [Path(__file__).resolve(), HERE / "cpio.py", HERE / "kernel.py",
+BUILDER_SOURCES = [Path(__file__).resolve(), Path(cpio.__file__).resolve(), HERE / "kernel.py",
                    INIT_SCRIPT, UDHCPC_SCRIPT]
 
 

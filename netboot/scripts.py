@@ -194,8 +194,8 @@ def node_cpio(cluster: Cluster, node: Node) -> bytes | None:
     text = iscsi_initramfs(cluster, node)
     if text is None:
         return None
-    return cpio.archive([cpio.Entry("etc", 0o040755),
-                         cpio.Entry("etc/iscsi.initramfs", 0o100600, text.encode())])
+    return cpio.archive([cpio.directory("etc"),
+                         cpio.regular("etc/iscsi.initramfs", text.encode(), 0o600)], align=512)
 
 
 def _basename(path: str) -> str:

@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-from virtualinux.image import build, cache, cpio
+from virtualinux.image import build, cache
 from virtualinux.image.build import build_image, image_spec
+from virtualinux.netboot import cpio
 from virtualinux.vvcm.errors import VlxError
 
 from .conftest import require

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from virtualinux.image import cpio
 from virtualinux.image.tiny import build_tiny
+from virtualinux.netboot import cpio
 
 from .conftest import require
 
