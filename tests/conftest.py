@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from virtualinux.vm_test.netns import Netns
+from virtualinux.vvcm.cli import main
 from virtualinux.vvcm.db import Database
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +45,13 @@ def netns():
         yield registry
     finally:
         registry.close()
+
+
+def vlx(capsys, *argv: str) -> tuple[int, str, str]:
+    """Run `vlx ARGV` in this process: exit code, stdout, stderr."""
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def require(*programs: str) -> None:

@@ -5,15 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from virtualinux.vvcm.cli import main
 
-from .conftest import EXAMPLE
-
-
-def vlx(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+from .conftest import EXAMPLE, vlx
 
 
 @pytest.fixture

@@ -8,15 +8,8 @@ import os
 
 import pytest
 from virtualinux.storage import tgt
-from virtualinux.vvcm.cli import main
 
-from .conftest import EXAMPLE
-
-
-def vlx(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+from .conftest import EXAMPLE, vlx
 
 
 @pytest.fixture

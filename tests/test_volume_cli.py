@@ -8,18 +8,11 @@ import os
 import subprocess
 
 import pytest
-from virtualinux.vvcm.cli import main
 from virtualinux.vvcm.db import Database
 
-from .conftest import EXAMPLE
+from .conftest import EXAMPLE, vlx
 
 GOLDEN_SIZE = 4 << 20
-
-
-def vlx(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture
