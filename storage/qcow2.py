@@ -59,11 +59,7 @@ class Qcow2Backend(ReflinkBackend):
         """Overlays need no reflink: any file system will do."""
 
     def snapshot(self, golden: Volume, names: Sequence[str]) -> list[str]:
-        self._check_pool()
-        targets = [self.path_for(name) for name in names]
-        existing = [t for t in targets if os.path.lexists(t)]
-        if existing:
-            raise VlxError(f"{existing[0]} exists already (a volume not in the database?)")
+        targets = self._new_paths(names)
         if free_bytes(self.pool) < OVERLAY_RESERVE * len(targets):
             raise NoSpace(f"no space left in pool {self.pool} for {len(targets)} overlays")
         template = os.path.join(self.pool, f".template-{uuid.uuid4().hex[:8]}{OVERLAY_SUFFIX}")

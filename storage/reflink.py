@@ -112,12 +112,17 @@ class ReflinkBackend(Backend):
                                "use a btrfs or XFS (reflink=1) file system") from None
         os.unlink(probe)
 
-    def snapshot(self, golden: Volume, names: Sequence[str]) -> list[str]:
+    def _new_paths(self, names: Sequence[str]) -> list[str]:
+        """The pool paths of `names`, none of which may exist yet."""
         self._check_pool()
         targets = [self.path_for(name) for name in names]
         existing = [t for t in targets if os.path.lexists(t)]
         if existing:
             raise VlxError(f"{existing[0]} exists already (a volume not in the database?)")
+        return targets
+
+    def snapshot(self, golden: Volume, names: Sequence[str]) -> list[str]:
+        targets = self._new_paths(names)
         needed = CLONE_RESERVE * len(targets)
         if free_bytes(self.pool) < needed:
             raise NoSpace(f"no space left in pool {self.pool}: {len(targets)} snapshots need "
