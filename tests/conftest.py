@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -59,3 +61,25 @@ def require(*programs: str) -> None:
     if missing:
         pytest.fail(f"missing programs {missing}: `make test` installs them "
                     "(debian-packages.txt)")
+
+
+@contextlib.contextmanager
+def dnsmasq_dhcp(netns, leases: Path, host: str):
+    """A hub namespace with a bridge at 198.18.0.254/24, a tap on it and dnsmasq handing out
+    DHCP (`host` is a dhcp-host entry MAC,IP,NAME): yields (hub, tap); dnsmasq always stops."""
+    require("dnsmasq")
+    hub = netns.namespace("hub")
+    bridge = netns.bridge(hub)
+    hub.ip("addr", "add", "198.18.0.254/24", "dev", bridge)
+    tap = netns.tap(hub, bridge, "tap0")
+    dnsmasq = hub.popen(["dnsmasq", "--keep-in-foreground", "--port=0", "--no-resolv",
+                         "--no-hosts", f"--interface={bridge}", "--bind-interfaces",
+                         f"--dhcp-leasefile={leases}", "--pid-file",
+                         "--dhcp-range=198.18.0.100,198.18.0.150,255.255.255.0,2m",
+                         f"--dhcp-host={host}"],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield hub, tap
+    finally:
+        dnsmasq.terminate()
+        dnsmasq.wait(timeout=10)

@@ -19,7 +19,7 @@ from virtualinux.image.build import build_image, image_spec
 from virtualinux.netboot import cpio
 from virtualinux.vvcm.errors import VlxError
 
-from .conftest import require
+from .conftest import dnsmasq_dhcp, require
 
 pytestmark = pytest.mark.lab
 BOOT_TIMEOUT = 240
@@ -130,17 +130,8 @@ def test_unchanged_inputs_return_the_cached_node_at_once(node_image):
 def test_guest_boots_to_login_with_the_name_and_address_from_dhcp(netns, guest_image,
                                                                    tmp_path):
     require("qemu-system-x86_64", "dnsmasq")
-    hub = netns.namespace("hub")
-    bridge = netns.bridge(hub)
-    hub.ip("addr", "add", "198.18.0.254/24", "dev", bridge)
-    tap = netns.tap(hub, bridge, "tap0")
-    dnsmasq = hub.popen(["dnsmasq", "--keep-in-foreground", "--port=0", "--no-resolv",
-                         "--no-hosts", f"--interface={bridge}", "--bind-interfaces",
-                         f"--dhcp-leasefile={tmp_path / 'leases'}", "--pid-file",
-                         "--dhcp-range=198.18.0.100,198.18.0.150,255.255.255.0,2m",
-                         "--dhcp-host=52:54:00:00:00:31,198.18.0.31,vm1"],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    leases = tmp_path / "leases"
+    with dnsmasq_dhcp(netns, leases, "52:54:00:00:00:31,198.18.0.31,vm1") as (hub, tap):
         log = tmp_path / "serial.log"
         # snapshot=on: the guest writes to a temporary overlay, never to the golden image.
         cmd = hub.prefix(qemu_cmd(
@@ -150,9 +141,6 @@ def test_guest_boots_to_login_with_the_name_and_address_from_dhcp(netns, guest_i
             "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:00:00:31,romfile="))
         run_until(cmd, log, re.compile(r"^vm1 login:", re.MULTILINE))
         assert "198.18.0.31" in (tmp_path / "leases").read_text()
-    finally:
-        dnsmasq.terminate()
-        dnsmasq.wait(timeout=10)
 
 
 def test_a_failing_element_is_named_with_its_phase_and_leaves_nothing(tmp_path, monkeypatch):

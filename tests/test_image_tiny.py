@@ -13,7 +13,7 @@ import pytest
 from virtualinux.image.tiny import build_tiny
 from virtualinux.netboot import cpio
 
-from .conftest import require
+from .conftest import dnsmasq_dhcp, require
 
 UP_LINE = re.compile(r"^virtualinux: node (\S+) up (\S+)\r?$", re.MULTILINE)
 BOOT_TIMEOUT = 90
@@ -89,23 +89,11 @@ def test_node_comes_up_with_the_address_of_ip_and_answers_ping(netns, tiny, tmp_
 @pytest.mark.lab
 def test_node_without_ip_takes_address_and_name_from_dhcp(netns, tiny, tmp_path):
     require("qemu-system-x86_64", "dnsmasq")
-    hub = netns.namespace("hub")
-    bridge = netns.bridge(hub)
-    hub.ip("addr", "add", "198.18.0.254/24", "dev", bridge)
-    tap = netns.tap(hub, bridge, "tap0")
-    dnsmasq = hub.popen(["dnsmasq", "--keep-in-foreground", "--port=0", "--no-resolv",
-                         "--no-hosts", f"--interface={bridge}", "--bind-interfaces",
-                         f"--dhcp-leasefile={tmp_path / 'leases'}", "--pid-file",
-                         "--dhcp-range=198.18.0.100,198.18.0.150,255.255.255.0,2m",
-                         "--dhcp-host=52:54:00:00:00:12,198.18.0.12,node2"],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
+    leases = tmp_path / "leases"
+    with dnsmasq_dhcp(netns, leases, "52:54:00:00:00:12,198.18.0.12,node2") as (hub, tap):
         qemu, console = boot(hub, tiny, tap, "52:54:00:00:00:12", "", tmp_path / "serial.log",
                              UP_LINE)
         try:
             assert UP_LINE.findall(console) == [("node2", "198.18.0.12")]
         finally:
             stop(qemu)
-    finally:
-        dnsmasq.terminate()
-        dnsmasq.wait(timeout=10)
