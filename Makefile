@@ -26,8 +26,9 @@ debian-packages:
 		| awk '/no packages found matching/ {print $$NF; next} !/ install ok installed$$/ {print $$1}'); \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:" $$missing; \
-		apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		apt-get -o DPkg::Lock::Timeout=600 update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+			--no-install-recommends \
 			$(PACKAGES) >/dev/null || exit 1; \
 	fi
 
