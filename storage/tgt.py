@@ -10,7 +10,9 @@ export back. We run tgtd with its own control port (`-C N`) and remember it in a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import ipaddress
 import json
 import logging
 import os
@@ -41,6 +43,12 @@ PARALLEL_TGTADM = 4
 
 class TgtDown(VlxError):
     """The tgtd serving a portal is not running (it died, or was never started)."""
+
+
+class PortalNotBound(VlxError):
+    """tgtd does not listen on exactly its portal. When it cannot bind the portal's address
+    (the address is not on this host), tgtd falls back to every address (0.0.0.0 and [::]),
+    which would offer every node's root volume on every interface."""
 
 
 class ExportsFailed(VlxError):
@@ -274,6 +282,18 @@ class Daemon:
     def admin(self) -> TgtAdmin:
         return TgtAdmin(self.control_port)
 
+    def listening(self) -> list[str]:
+        return listening_addresses(self.pid)
+
+    def check_bound(self) -> None:
+        """PortalNotBound unless tgtd listens on its portal and nowhere else."""
+        listening = self.listening()
+        if listening != [self.portal]:
+            raise PortalNotBound(
+                f"tgtd pid {self.pid} listens on {', '.join(listening) or 'nothing'}, not only "
+                f"on its portal {self.portal}: stop it (`vlx storage stop --portal "
+                f"{self.portal}`)")
+
     def alive(self) -> bool:
         try:
             stat = Path(f"/proc/{self.pid}/stat").read_text()
@@ -282,6 +302,41 @@ class Daemon:
             return False
         # A zombie has exited; a recycled pid runs something else.
         return stat.rsplit(")", 1)[1].split()[0] != "Z" and b"tgtd" in cmdline
+
+
+_LISTEN = "0A"
+
+
+def listening_addresses(pid: int) -> list[str]:
+    """The TCP addresses process `pid` listens on ("IP:PORT", "[IPv6]:PORT"), read from its
+    own network namespace's /proc/PID/net/tcp{,6} and matched to its sockets by inode."""
+    inodes = set()
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    except OSError:
+        return []
+    found = []
+    for table, width in (("tcp", 4), ("tcp6", 16)):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] != _LISTEN or fields[9] not in inodes:
+                continue
+            hex_address, hex_port = fields[1].split(":")
+            # The kernel prints each 32-bit word of the address in host (little-endian) order.
+            raw = b"".join(bytes.fromhex(hex_address[i:i + 8])[::-1]
+                           for i in range(0, 2 * width, 8))
+            address = ipaddress.ip_address(raw)
+            shown = f"[{address}]" if address.version == 6 else str(address)
+            found.append(f"{shown}:{int(hex_port, 16)}")
+    return sorted(found)
 
 
 def state_file(portal: str, directory: Path | None = None) -> Path:
@@ -322,6 +377,7 @@ def running_daemon(portal: str, directory: Path | None = None) -> Daemon | None:
     if not daemon.alive():
         raise TgtDown(f"tgtd for portal {portal} (pid {daemon.pid}) has died: "
                       "`vlx storage serve` restarts it and restores its exports")
+    daemon.check_bound()
     return daemon
 
 
@@ -339,6 +395,7 @@ def start(portal: str, control_port: int, netns: str | None = None,
         cmd = ["nsenter", f"--net=/run/netns/{netns}", "--"] + cmd
     logfile = root / f"tgtd-{portal.replace(':', '-')}.log"
     with open(logfile, "ab") as out:
+        log_start = out.tell()
         process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     daemon = Daemon(portal, control_port, process.pid, netns)
@@ -351,6 +408,18 @@ def start(portal: str, control_port: int, netns: str | None = None,
             raise VlxError(f"tgtd did not start on {portal} (control port {control_port}): "
                            f"{' / '.join(tail) or 'no output'}")
         time.sleep(0.05)
+    listening = daemon.listening()
+    if listening != [portal]:
+        stop(daemon, root)
+        with open(logfile, "rb") as out:
+            out.seek(log_start)
+            lines = out.read().decode(errors="replace").splitlines()
+        reason = next((line.split(", ", 1)[-1] for line in lines if "unable to bind" in line),
+                      "")
+        because = f" ({reason}: is {address} an address of this host?)" if reason else ""
+        raise PortalNotBound(f"tgtd could not bind its portal {portal}{because} and listened "
+                             f"on {', '.join(listening) or 'nothing'} instead: stopped it; "
+                             "nothing is exported")
     state_file(portal, root).write_text(json.dumps(dataclasses.asdict(daemon)))
     log.info("tgtd pid %d serving %s (control port %d)", daemon.pid, portal, control_port)
     return daemon
@@ -415,6 +484,8 @@ def serve(cluster: Cluster, portal: str, control_port: int, netns: str | None = 
     if daemon is None:
         daemon = start(portal, control_port, netns, directory)
         started = True
+    else:
+        daemon.check_bound()
     try:
         added, _ = sync(daemon.admin, cluster, portal)
     except ExportsFailed:

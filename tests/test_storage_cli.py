@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 
 import pytest
 from virtualinux.storage import tgt
@@ -56,3 +57,16 @@ def test_default_portal_needs_a_storage_node(db_path, tmp_path, monkeypatch, cap
     vlx(capsys, "db", "init")
     code, _, err = vlx(capsys, "storage", "stop")
     assert code == 2 and "no node has the storage role" in err
+
+
+def test_listening_addresses_are_read_from_the_process_own_sockets():
+    with socket.socket() as v4, socket.socket(socket.AF_INET6) as v6, socket.socket() as idle:
+        v4.bind(("127.0.0.1", 0))
+        v4.listen()
+        v6.bind(("::1", 0))
+        v6.listen()
+        idle.bind(("127.0.0.1", 0))   # bound, not listening: not offered to anyone
+        expected = sorted([f"127.0.0.1:{v4.getsockname()[1]}", f"[::1]:{v6.getsockname()[1]}"])
+        mine = tgt.listening_addresses(os.getpid())
+        assert sorted(a for a in mine if a in expected or a.endswith(
+            f":{idle.getsockname()[1]}")) == expected

@@ -214,6 +214,13 @@ def san(netns, storage_state):
     return server, client
 
 
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""      # gone meanwhile
+
+
 def finish(process: subprocess.Popen) -> None:
     """Wait for a process we started to end; kill it if it will not."""
     try:
@@ -314,8 +321,8 @@ def test_nodes_attach_only_their_own_volume_over_iscsi_and_exports_survive_tgtd(
     result = qemu_io(client, target1, init1, "node1", node1.secret, f"read -P 0x5a {MIB} 65536")
     assert result.returncode == 0, result.stderr
     status = json.loads(vlx(capsys, "storage", "status", "--json")[1])
-    assert [(s["portal"], s["alive"], s["targets"], s["missing"]) for s in status] == [
-        (PORTAL, True, 2, [])]
+    assert [(s["portal"], s["alive"], s["listening"], s["targets"], s["missing"])
+            for s in status] == [(PORTAL, True, [PORTAL], 2, [])]
 
     # A volume a node is logged in to is not unexported unless forced.
     options = (f"driver=iscsi,transport=tcp,portal={PORTAL},target={target2},lun=1,"
@@ -382,6 +389,32 @@ def test_serve_watch_restarts_a_dying_tgtd_with_its_exports(san, btrfs_pool, db_
     assert watcher.returncode == 0, watcher.stderr.read()
     assert tgt.recorded_daemons() == []
     assert not current.alive()
+
+
+def test_serve_on_an_address_the_host_lacks_offers_no_volume_anywhere(san, btrfs_pool, db_path,
+                                                                     tmp_path, capsys):
+    """tgtd falls back to 0.0.0.0 and [::] when it cannot bind its portal: that tgtd must be
+    stopped before any target is added, with one line that says why."""
+    server, client = san
+    vlx(capsys, "db", "init")
+    vlx(capsys, "db", "import", str(EXAMPLE))
+    write_image(tmp_path / "node.raw", 4)
+    vlx(capsys, "volume", "golden", "add", "node", "--from", str(tmp_path / "node.raw"))
+    elsewhere = "198.18.0.99:3260"      # not an address of the storage namespace
+    assert vlx(capsys, "volume", "snapshot", "node", "--count", "2", "--export",
+               "--portal", elsewhere)[0] == 0
+    port = 32700 + os.getpid() % 60
+    code, out, err = vlx(capsys, "storage", "serve", "--portal", elsewhere, "--control-port",
+                         str(port), "--netns", server.name)
+    assert code == 2 and out == ""
+    assert (f"tgtd could not bind its portal {elsewhere} (Cannot assign requested address"
+            in err and "0.0.0.0:3260" in err and "nothing is exported" in err), err
+    assert tgt.recorded_daemons() == []
+    assert [pid for pid in server.pids() if b"tgtd" in cmdline(pid)] == []
+    # Nothing answers on the storage namespace's real address either.
+    probe = client.run([sys.executable, "-c", "import socket; socket.create_connection("
+                        "('198.18.0.11', 3260), timeout=5)"], check=False)
+    assert probe.returncode != 0 and "ConnectionRefusedError" in probe.stderr
 
 
 def test_a_lost_volume_does_not_keep_the_others_from_being_served(san, btrfs_pool, db_path,

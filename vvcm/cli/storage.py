@@ -119,17 +119,25 @@ def cmd_status(args: argparse.Namespace) -> int:
         targets = daemon.admin.targets() if alive else {}
         wanted = tgt.wanted_exports(cluster, daemon.portal)
         rows.append({"portal": daemon.portal, "pid": daemon.pid, "alive": alive,
+                     "listening": daemon.listening() if alive else [],
                      "control_port": daemon.control_port, "targets": len(targets),
                      "sessions": sum(t.sessions for t in targets.values()),
                      "missing": sorted(set(wanted) - set(targets)) if alive else sorted(wanted)})
     if args.json:
         print_json(rows)
     else:
-        print_table(["PORTAL", "PID", "STATE", "TARGETS", "SESSIONS", "MISSING"],
-                    [[r["portal"], r["pid"], "running" if r["alive"] else "DEAD", r["targets"],
-                      r["sessions"], len(r["missing"])] for r in rows])
+        print_table(["PORTAL", "PID", "STATE", "LISTENING", "TARGETS", "SESSIONS", "MISSING"],
+                    [[r["portal"], r["pid"], "running" if r["alive"] else "DEAD",
+                      ",".join(r["listening"]) or "-", r["targets"], r["sessions"],
+                      len(r["missing"])] for r in rows])
     dead = [r["portal"] for r in rows if not r["alive"]]
     if dead:
         raise tgt.TgtDown(f"tgtd for {', '.join(dead)} has died: `vlx storage serve` "
                           "restarts it and restores its exports")
+    exposed = [r for r in rows if r["alive"] and r["listening"] != [r["portal"]]]
+    if exposed:
+        raise tgt.PortalNotBound(
+            f"tgtd for {exposed[0]['portal']} listens on {', '.join(exposed[0]['listening'])}, "
+            f"not only on its portal: stop it (`vlx storage stop --portal "
+            f"{exposed[0]['portal']}`)")
     return 0
