@@ -154,6 +154,22 @@ def parse_ipv4_list(value: Any) -> tuple[ipaddress.IPv4Address, ...]:
     return tuple(parse_ipv4(item.strip() if isinstance(item, str) else item) for item in value)
 
 
+# A kernel argument goes on an iPXE line: no spaces, no `${` (netboot checks it again).
+_KERNEL_ARG = re.compile(r"[A-Za-z0-9._:,=/+@-]+")
+
+
+def parse_kernel_args(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = value.split()
+    if not isinstance(value, list | tuple):
+        raise ValueError("expected a list of kernel arguments")
+    for item in value:
+        if not isinstance(item, str) or not _KERNEL_ARG.fullmatch(item):
+            raise ValueError(f"{item!r} cannot go on a kernel command line (allowed: letters, "
+                             "digits and . _ : , = / + @ -)")
+    return tuple(value)
+
+
 def parse_address_range(value: Any) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:
     """`FIRST-LAST`, both included."""
     if not isinstance(value, str) or value.count("-") != 1:

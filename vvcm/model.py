@@ -25,6 +25,7 @@ from .fields import (
     parse_domain,
     parse_ipv4,
     parse_ipv4_list,
+    parse_kernel_args,
     parse_mac,
     parse_memory_mib,
     parse_name,
@@ -56,6 +57,10 @@ class Settings:
     ntp_servers: tuple[ipaddress.IPv4Address, ...] = setting(
         "NTP servers outside the cluster, reached through the gateway", parse_ipv4_list,
         dump_list, default=(), metavar="IP,...")
+    kernel_args: tuple[str, ...] = setting(
+        "kernel arguments every node boots with, after its own (e.g. console=ttyS0); every "
+        "node renders its netboot tree with them", parse_kernel_args, list, default=(),
+        metavar="ARG,...")
     lease_time: int = setting("DHCP lease time in seconds", parse_seconds, default=3600)
     discovery_pool: tuple[ipaddress.IPv4Address, ipaddress.IPv4Address] | None = setting(
         "FIRST-LAST addresses DHCP hands to unknown MACs, so a metamaster learns new nodes "

@@ -25,7 +25,8 @@ def register(nouns: argparse._SubParsersAction) -> None:
     render.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
                         help=f"where trees live; OUT/current is served (default {DEFAULT_OUT})")
     render.add_argument("--kernel-arg", action="append", default=[], metavar="ARG",
-                        help="one more kernel argument for every node, e.g. console=ttyS0")
+                        help="one more kernel argument for every node, e.g. console=ttyS0 "
+                             "(default: the cluster setting kernel_args)")
     render.add_argument("--ipxe-dir", type=Path, default=Path("/usr/lib/ipxe"), metavar="DIR",
                         help="where Debian's ipxe package put its binaries")
     add_json_flag(render)
@@ -45,7 +46,10 @@ def cmd_render(args: argparse.Namespace) -> int:
     cluster = database(args).load()
     if cluster.settings is None:
         raise VlxError("the database has no cluster yet (vlx db import FILE first)")
-    rendered = render.render(cluster, args.image, args.out, args.kernel_arg, args.ipxe_dir)
+    # The database's kernel_args unless the command line names others: every node renders its
+    # own tree with the database's, so the trees agree.
+    kernel_args = args.kernel_arg or cluster.settings.kernel_args
+    rendered = render.render(cluster, args.image, args.out, kernel_args, args.ipxe_dir)
     if args.json:
         print_json({"tree": str(rendered.root), "current": str(args.out / render.CURRENT),
                     "generation": rendered.generation, "changed": rendered.changed,

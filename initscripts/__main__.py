@@ -1,0 +1,52 @@
+"""`python -m virtualinux.initscripts`: run a node's start-up steps (the unit
+virtualinux-startup.service does this at boot). Exit 0 when every step succeeded, 1 when one
+failed (the others still ran), 2 when start-up could not begin."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from virtualinux.vvcm import Database, VlxError
+
+from .startup import Boot, discover, node_from_cmdline, read_cmdline, run_steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m virtualinux.initscripts",
+                                     description="Run this node's start-up steps.")
+    parser.add_argument("--node", help="the node to start as (default: vlx.node= on the "
+                                       "kernel command line)")
+    parser.add_argument("--root", type=Path, default=Path("/"),
+                        help="write under this directory instead of / and start nothing")
+    parser.add_argument("--only", action="append", default=[], metavar="STEP",
+                        help="run only this step (repeatable)")
+    parser.add_argument("--list", action="store_true", help="list the steps and exit")
+    args = parser.parse_args(argv)
+    try:
+        steps = discover()
+        if args.list:
+            for step in steps:
+                needs = f" (needs {', '.join(step.needs)})" if step.needs else ""
+                print(f"{step.order:02d} {step.name}: {step.makes}{needs}")
+            return 0
+        unknown = sorted(set(args.only) - {step.name for step in steps})
+        if unknown:
+            raise VlxError(f"no start-up step {unknown[0]!r} "
+                           f"(there are {', '.join(s.name for s in steps)})")
+        cluster = Database().load()
+        cmdline = read_cmdline()
+        node = cluster.node(args.node) if args.node else node_from_cmdline(cluster, cmdline)
+    except VlxError as err:
+        print(f"virtualinux: start-up cannot begin: {err}", file=sys.stderr)
+        return 2
+    live = args.root == Path("/")
+    boot = Boot(node=node, cluster=cluster, root=args.root, cmdline=cmdline, live=live)
+    chosen = [step for step in steps if not args.only or step.name in args.only]
+    outcomes = run_steps(boot, chosen)
+    return 0 if all(outcome.state == "ok" for outcome in outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""A node's start-up steps, run against a directory standing for the node's root: what each
+step writes, that running it twice changes nothing, and that one failing step skips only the
+steps that need it."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import pytest
+from virtualinux.initscripts import startup
+from virtualinux.initscripts.__main__ import main as startup_main
+from virtualinux.initscripts.files import plain
+from virtualinux.initscripts.steps import bootsvc, chrony, identity, libvirtd
+from virtualinux.netboot import layout, render
+from virtualinux.vvcm import VlxError
+
+from .conftest import EXAMPLE, vlx
+
+INITIATOR = "iqn.2026-11.org.virtualinux:vlxlab.node2"
+
+
+@pytest.fixture
+def cluster(db, capsys):
+    assert vlx(capsys, "db", "import", str(EXAMPLE))[0] == 0
+    return db.load()
+
+
+def node_root(tmp_path: Path, name: str = "root") -> Path:
+    """A node's root as the golden image has it: one kernel and its initrd in /boot, Debian's
+    iPXE binaries, and the root's iSCSI session in sysfs."""
+    root = tmp_path / name
+    (root / "boot").mkdir(parents=True)
+    (root / "boot" / "vmlinuz-6.1.0-test").write_bytes(b"kernel" * 100)
+    (root / "boot" / "initrd.img-6.1.0-test").write_bytes(b"initrd" * 100)
+    shutil.copytree(render.IPXE_DIR, root / "usr/lib/ipxe", symlinks=False)
+    session = root / "sys/class/iscsi_session/session1"
+    session.mkdir(parents=True)
+    (session / "initiatorname").write_text(INITIATOR + "\n")
+    return root
+
+
+def boot_of(cluster, root: Path, node: str = "node2") -> startup.Boot:
+    return startup.Boot(node=cluster.node(node), cluster=cluster, root=root,
+                        cmdline=(f"vlx.node={node}", "vlx.root=iscsi:198.18.0.11:3260:iqn.x"))
+
+
+def test_steps_are_found_by_where_they_live_and_run_in_order():
+    names = [(step.order, step.name) for step in startup.discover()]
+    assert names == [(10, "identity"), (20, "time"), (50, "bootsvc"), (60, "libvirtd")]
+
+
+def test_a_failing_step_skips_only_the_steps_that_need_it(cluster, tmp_path):
+    ran = []
+
+    def fail(boot):
+        raise startup.StepFailed("no iSCSI session")
+
+    def work(name):
+        def run(boot):
+            ran.append(name)
+            return f"{name} done"
+        return run
+
+    steps = [startup.Step("first", 10, "a", fail),
+             startup.Step("second", 20, "b", work("second"), needs=("first",)),
+             startup.Step("third", 30, "c", work("third")),
+             startup.Step("fourth", 40, "d", work("fourth"), needs=("third",))]
+    out = io.StringIO()
+    outcomes = startup.run_steps(boot_of(cluster, tmp_path), steps, out)
+    assert [o.state for o in outcomes] == ["failed", "skipped", "ok", "ok"]
+    assert ran == ["third", "fourth"]
+    assert out.getvalue().splitlines() == [
+        "virtualinux: [10 first] FAILED: no iSCSI session",
+        "virtualinux: [20 second] skipped: needs first, which did not succeed",
+        "virtualinux: [30 third] ok: third done",
+        "virtualinux: [40 fourth] ok: fourth done"]
+
+
+def test_identity_writes_name_hosts_and_the_session_initiator(cluster, tmp_path):
+    root = node_root(tmp_path)
+    said = identity.run(boot_of(cluster, root))
+    assert said == f"node2 198.18.0.12, /etc/hosts 5 names, initiator {INITIATOR}"
+    assert (root / "etc/hostname").read_text() == "node2\n"
+    hosts = (root / "etc/hosts").read_text().splitlines()
+    assert "198.18.0.12\tnode2.cluster.lab\tnode2" in hosts
+    assert "198.18.0.254\tgateway.cluster.lab\tgateway" in hosts
+    assert (root / "etc/iscsi/initiatorname.iscsi").read_text() == f"InitiatorName={INITIATOR}\n"
+
+
+def test_identity_without_the_root_session_fails_and_names_it(cluster, tmp_path):
+    root = node_root(tmp_path)
+    shutil.rmtree(root / "sys")
+    with pytest.raises(startup.StepFailed, match="no iSCSI session shows"):
+        identity.run(boot_of(cluster, root))
+
+
+def test_running_every_step_twice_changes_nothing_the_second_time(cluster, tmp_path):
+    root = node_root(tmp_path)
+    boot = boot_of(cluster, root)
+    first = startup.run_steps(boot, startup.discover(), io.StringIO())
+    assert [o.state for o in first] == ["ok"] * 4, [o.message for o in first]
+    written = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+    second = startup.run_steps(boot, startup.discover(), io.StringIO())
+    assert all(o.state == "ok" for o in second)
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == written
+    assert "(unchanged)" in second[1].message and "(unchanged)" in second[2].message
+
+
+def test_chrony_serves_the_cluster_peers_a_few_nodes_and_has_an_orphan_stratum(cluster):
+    conf = chrony.chrony_conf(cluster, cluster.node("node2"))
+    lines = conf.splitlines()
+    assert lines[1:3] == ["server 198.18.1.123 iburst", lines[2]]
+    peers = [line for line in lines if line.startswith("peer ")]
+    assert len(peers) == 3 and "peer 198.18.0.12" not in peers   # every other node, not itself
+    assert "allow 198.18.0.0/24" in lines and "local stratum 10 orphan" in lines
+    # The peer choice is symmetric, so two nodes that pick each other agree.
+    one, two = cluster.node("node1"), cluster.node("node3")
+    assert chrony._affinity(one.name, two.name) == chrony._affinity(two.name, one.name)
+
+
+def test_two_nodes_render_byte_identical_netboot_trees(cluster, tmp_path):
+    trees = []
+    for name, node in (("a", "node1"), ("b", "node3")):
+        root = node_root(tmp_path, name)
+        bootsvc.run(boot_of(cluster, root, node))
+        current = (root / "var/lib/virtualinux/netboot/current").resolve()
+        trees.append({p.relative_to(current): p.read_bytes()
+                      for p in current.rglob("*") if p.is_file()})
+        env = (root / "etc/default/virtualinux-bootsvc").read_text()
+        assert f"VLX_NODE={node}" in env and "VLX_INTERFACE=eth0" in env
+        assert "VLX_SERVICES=dhcp,tftp,http" in env
+    assert trees[0] == trees[1]
+    assert trees[0][Path(layout.KERNEL)] == b"kernel" * 100
+
+
+def test_a_node_without_its_kernel_cannot_serve(cluster, tmp_path):
+    root = node_root(tmp_path)
+    (root / "boot" / "initrd.img-6.1.0-test").unlink()
+    with pytest.raises(startup.StepFailed, match="initrd.img-6.1.0-test is missing"):
+        bootsvc.run(boot_of(cluster, root))
+
+
+def test_libvirtd_host_uuid_is_stable_per_node_and_distinct(cluster, tmp_path):
+    uuids = {libvirtd.host_uuid(boot_of(cluster, tmp_path, node.name)) for node in cluster.nodes}
+    assert len(uuids) == len(cluster.nodes)
+    assert libvirtd.host_uuid(boot_of(cluster, tmp_path)) == \
+        libvirtd.host_uuid(boot_of(cluster, tmp_path))
+
+
+@pytest.mark.parametrize("hostile", ["a b", "x;reboot", "$(id)", "a\nb", "'q'"])
+def test_values_that_reach_configuration_files_are_checked(hostile):
+    with pytest.raises(VlxError, match="cannot go into a configuration file"):
+        plain(hostile, "value")
+
+
+def test_start_up_command_runs_every_step_under_a_root(cluster, tmp_path, capsys):
+    root = node_root(tmp_path)
+    assert startup_main(["--node", "node2", "--root", str(root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("]")[0] for line in lines] == [
+        "virtualinux: [10 identity", "virtualinux: [20 time", "virtualinux: [50 bootsvc",
+        "virtualinux: [60 libvirtd"]
+    assert startup_main(["--node", "node2", "--root", str(root), "--only", "nosuch"]) == 2
+    assert "no start-up step 'nosuch'" in capsys.readouterr().err
+
+
+def test_nodes_render_with_the_kernel_arguments_of_the_database(db, tmp_path, capsys):
+    inventory = tmp_path / "cluster.toml"
+    inventory.write_text(EXAMPLE.read_text().replace(
+        "lease_time = 3600", 'lease_time = 3600\nkernel_args = ["console=ttyS0", "panic=10"]'))
+    assert vlx(capsys, "db", "import", str(inventory))[0] == 0
+    cluster = db.load()
+    assert cluster.settings.kernel_args == ("console=ttyS0", "panic=10")
+    root = node_root(tmp_path)
+    bootsvc.run(boot_of(cluster, root, "node1"))
+    script = root / "var/lib/virtualinux/netboot/current" / layout.node_script_name(
+        cluster.node("node3").mac)
+    assert " vlx.node=node3 console=ttyS0 panic=10 " in script.read_text()
+    inventory.write_text(EXAMPLE.read_text().replace(
+        "lease_time = 3600", 'lease_time = 3600\nkernel_args = ["console=${x}"]'))
+    code, _, err = vlx(capsys, "db", "import", "--replace", str(inventory))
+    assert code == 2 and "kernel_args" in err and "cannot go on a kernel command line" in err
