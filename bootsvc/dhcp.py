@@ -27,6 +27,7 @@ from typing import NamedTuple
 from virtualinux.netboot import layout
 from virtualinux.vvcm import Cluster, Node
 
+from . import balance
 from . import dhcp_wire as wire
 from .service import Replica, Service
 
@@ -121,7 +122,9 @@ class Responder:
     """One generation's answers for one replica; `respond` is the per-packet hot path."""
 
     def __init__(self, cluster: Cluster, replica: Replica, counters: Counter[str],
-                 log_events: bool = True, discovered: dict[str, str] | None = None):
+                 log_events: bool = True, discovered: dict[str, str] | None = None,
+                 previous: Responder | None = None,
+                 transactions: balance.Transactions | None = None):
         self.generation = cluster.generation
         self.counters = counters
         # MAC -> pool address of unknown machines seen; kept across generations by the service.
@@ -130,6 +133,10 @@ class Responder:
         self.server_id = replica.address.packed
         self.networks = served_networks(cluster)
         self.local = next((net for net in self.networks if replica.address in net.cidr), None)
+        self.balancer = balance.for_replica(
+            cluster, replica.node.name if replica.node else None,
+            (mac for net in self.networks for mac in net.hosts),
+            previous.balancer if previous else None, transactions)
         scheme = "http" if "http" in replica.services else "tftp"
         self.ipxe_url = f"{scheme}://{replica.address}/{layout.IPXE_SCRIPT}"
         self._replica_address = replica.address
@@ -155,6 +162,17 @@ class Responder:
                 return None
             self._discovered(request, host)
             cache = False   # a flood of made-up MACs must not grow the template cache
+        # RFC 3074: a broadcast from a client looking for any server (DISCOVER, INIT-REBOOT)
+        # is answered by the replicas its hash picks. A relayed request, a REQUEST naming a
+        # server (decided below) and a client that has an address (renewing, rebinding,
+        # INFORM) are answered as without balancing.
+        if (self.balancer is not None and request.giaddr == ZERO and request.ciaddr == ZERO
+                and request.server_id is None
+                and (kind == wire.DISCOVER or kind == wire.REQUEST)
+                and not self.balancer.decide(balance.client_key(request.mac, request.client_id),
+                                             request.secs, request.xid + request.mac,
+                                             self.counters)):
+            return None
         if kind == wire.DISCOVER:
             return self._answer(request, network, host, wire.OFFER, cache)
         if kind == wire.REQUEST:
@@ -335,8 +353,9 @@ class DhcpService(Service):
         super().__init__(replica, cluster)
         self.port = port
         self.discovered: dict[str, str] = {}
+        self.transactions = balance.Transactions()
         self.responder = Responder(cluster, replica, self.counters, self._log_events(),
-                                   self.discovered)
+                                   self.discovered, transactions=self.transactions)
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._malformed_logged: set[str] = set()
@@ -382,7 +401,7 @@ class DhcpService(Service):
         # Build the whole new responder first, then swap: a packet sees one generation or
         # the other, never a mix.
         responder = Responder(cluster, self.replica, self.counters, self._log_events(),
-                              self.discovered)
+                              self.discovered, self.responder, self.transactions)
         self.responder = responder
         super().reload(cluster)
 
