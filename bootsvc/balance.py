@@ -18,7 +18,7 @@ The client is identified by its client identifier (option 61) when it sends one,
 MAC; an identifier that is just hardware type 1 and the MAC (what udhcpc and iPXE send) is the
 MAC, so the decision for every node of the database is precomputed per generation. Scores use a
 64-bit hash of the client and of the replica name, mixed per pair by the SplitMix64 finalizer:
-`hashlib` per pair would cost ~1.3x more (see `bench/storm.py`, which reports the cost per pair).
+`hashlib` per pair would cost ~1.3x more (bench/storm.py reports the precompute per pair).
 Imports the model only.
 """
 
@@ -73,15 +73,16 @@ def client_key(mac: bytes, client_id: bytes | None) -> bytes:
     return b"id" + client_id   # never equal to a 6-byte MAC
 
 
+def mix(z: int) -> int:
+    """SplitMix64's finalizer: a client's score for a replica is mix(client ^ replica)."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
+    return z ^ (z >> 31)
+
+
 def scores(client: int, replicas: Iterable[int]) -> list[int]:
-    """The score of each replica for one client (SplitMix64's finalizer of their XOR)."""
-    out = []
-    for replica in replicas:
-        z = client ^ replica
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
-        out.append(z ^ (z >> 31))
-    return out
+    """The score of each replica for one client."""
+    return [mix(client ^ replica) for replica in replicas]
 
 
 def choose(key: bytes, names: tuple[str, ...], k: int) -> tuple[str, ...]:
@@ -139,32 +140,42 @@ class Balancer:
         self._extra: dict[bytes, bool] = {}
 
     def _compute(self, key: bytes) -> bool:
-        if self._mine_index is None:
+        me = self._mine_index
+        if me is None:
             return False
         if self.k >= len(self.names):
             return True
-        all_scores = scores(client_hash(key), self._hashes)
-        mine = all_scores[self._mine_index]
-        # Ties (a 2^-64 chance) go to the replica whose name sorts last, as in `choose`.
+        client = client_hash(key)
+        mine = mix(client ^ self._hashes[me])
+        # Stop at the k-th replica above this one: for a replica that is not chosen that comes
+        # after ~k ln N of the N, so a reload is ~N k ln N mixes, not N^2. Ties (a 2^-64
+        # chance) go to the replica whose name sorts last, as in `choose`.
         higher = 0
-        for index, score in enumerate(all_scores):
-            if score > mine or (score == mine and index > self._mine_index):
+        for index, replica in enumerate(self._hashes):
+            score = mix(client ^ replica)
+            if score > mine or (score == mine and index > me):
                 higher += 1
-        return higher < self.k
+                if higher >= self.k:
+                    return False
+        return True
 
     def chosen(self, key: bytes) -> bool:
         decided = self._decided.get(key)
+        return self._decide_extra(key) if decided is None else decided
+
+    def _decide_extra(self, key: bytes) -> bool:
+        decided = self._extra.get(key)
         if decided is None:
-            decided = self._extra.get(key)
-            if decided is None:
-                if len(self._extra) >= MAX_COMPUTED:
-                    self._extra.clear()
-                decided = self._extra[key] = self._compute(key)
+            if len(self._extra) >= MAX_COMPUTED:
+                self._extra.clear()
+            decided = self._extra[key] = self._compute(key)
         return decided
 
     def decide(self, key: bytes, secs: int, transaction: bytes, counters: Counter[str]) -> int:
         """CHOSEN, FALLBACK or LEAVE for one broadcast request, counted in `counters`."""
-        if self.chosen(key):
+        # The hot path: one dict lookup for every client of the database.
+        decided = self._decided.get(key)
+        if decided or (decided is None and self._decide_extra(key)):
             counters["answered_chosen"] += 1
             return CHOSEN
         if secs >= self.fallback_secs:
