@@ -9,10 +9,12 @@ chosen for, and every replica holding the same generation computes the same k.
 The replica set is the nodes whose role says they serve DHCP: the nodes with role `dhcp`, or
 every node when no node has it (`replica_names`). k is `Settings.dhcp_answering` (0: every
 replica answers every client), and `Settings.dhcp_fallback_secs` is how long a client may have
-been trying (its `secs` field) before every replica answers it anyway. A client that does not
-set `secs` (busybox udhcpc sends 0) is covered by the repeat rule: the same transaction (xid and
-MAC) seen again `REPEAT_DELAY` seconds or more after its first copy was left to the others is a
-retransmission, so the chosen ones did not answer it, and every replica answers.
+been trying (its `secs` field) before every replica answers it anyway. The repeat rule answers
+sooner, and covers clients that leave `secs` at 0: the same transaction (xid and MAC) seen
+again `REPEAT_DELAY` seconds or more after its first copy was left to the others is a
+retransmission, so the chosen ones did not answer it, and every replica answers. (udhcpc of
+busybox 1.35 keeps its xid and counts secs 0, 1, 2, ... on a one-second retry; dhclient and
+iPXE count secs too.)
 
 The client is identified by its client identifier (option 61) when it sends one, else by its
 MAC; an identifier that is just hardware type 1 and the MAC (what udhcpc and iPXE send) is the
@@ -171,7 +173,8 @@ class Balancer:
             decided = self._extra[key] = self._compute(key)
         return decided
 
-    def decide(self, key: bytes, secs: int, transaction: bytes, counters: Counter[str]) -> int:
+    def decide(self, key: bytes, secs: int, xid: bytes, mac: bytes,
+               counters: Counter[str]) -> int:
         """CHOSEN, FALLBACK or LEAVE for one broadcast request, counted in `counters`."""
         # The hot path: one dict lookup for every client of the database.
         decided = self._decided.get(key)
@@ -181,7 +184,7 @@ class Balancer:
         if secs >= self.fallback_secs:
             counters["answered_fallback"] += 1
             return FALLBACK
-        if self.transactions.repeated(transaction):
+        if self.transactions.repeated(xid + mac):
             counters["answered_fallback"] += 1
             counters["fallback_repeated_transaction"] += 1
             return FALLBACK

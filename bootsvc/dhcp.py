@@ -6,11 +6,13 @@ here). A `Responder` holds one generation's answers for one replica: each host's
 (per boot file) is built by `dhcp_wire.encode` the first time it is asked for and kept for the
 generation, which also keeps a reload of a 10,000-node cluster quick; the hot path parses a few
 fields, patches xid, flags, ciaddr, giaddr and chaddr into a copy, and appends option 82 if a
-relay sent one. Unknown MACs are counted and logged once, and get no answer unless the cluster
-has a `discovery_pool`: then each gets the pool address its MAC hashes to (the same on every
-replica, no lease state) and is remembered in `discovered` for the metamaster to adopt.
+relay sent one. Which replicas answer a client's broadcast at all is `balance`'s decision
+(RFC 3074 load balancing over the nodes). Unknown MACs are counted and logged once, and get no
+answer unless the cluster has a `discovery_pool`: then each gets the pool address its MAC
+hashes to (the same on every replica, no lease state) and is remembered in `discovered` for
+the metamaster to adopt.
 `DhcpService` binds UDP 67 on the replica's interface and feeds datagrams to the responder.
-Imports the model, `netboot.layout` and `dhcp_wire`.
+Imports the model, `netboot.layout`, `balance` and `dhcp_wire`.
 """
 
 from __future__ import annotations
@@ -170,7 +172,7 @@ class Responder:
                 and request.server_id is None
                 and (kind == wire.DISCOVER or kind == wire.REQUEST)
                 and not self.balancer.decide(balance.client_key(request.mac, request.client_id),
-                                             request.secs, request.xid + request.mac,
+                                             request.secs, request.xid, request.mac,
                                              self.counters)):
             return None
         if kind == wire.DISCOVER:

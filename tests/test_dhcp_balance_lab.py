@@ -159,10 +159,13 @@ def test_udhcpc_gets_its_lease_with_the_chosen_replicas_killed(six, tmp_path):
     lease = events(out)[-1]
     assert lease["ip"] == CLIENT_IP
     assert lease["serverid"] not in {f"198.18.0.1{name[-1]}" for name in chosen}
-    # udhcpc sends secs 0 on every try: the repeat rule answered its second DISCOVER.
+    # udhcpc retries after 1 s (-T 1) with the same xid and secs 1, under the threshold of 3:
+    # the repeat rule answered its second DISCOVER.
     survivors = [r for r in six.replicas if r.process.poll() is None]
     wait_for(lambda: sum(counters(r).get("fallback_repeated_transaction", 0)
                          for r in survivors) >= len(survivors), 5, "the fallback counters")
+    assert all(counters(r).get("answered_fallback") == counters(r).get(
+        "fallback_repeated_transaction") for r in survivors)
     assert took < 10, f"udhcpc took {took:.1f} s"
 
 
