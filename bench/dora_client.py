@@ -79,22 +79,27 @@ def run(macs: list[bytes], rate: float, timeout: float, retry: float) -> dict[st
                 data = sock.recv(4096, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 break
-            try:
-                reply = wire.decode(data)
-            except wire.MalformedPacket:
+            # Every client hears every broadcast answer: read the xid and the message type
+            # (our replicas put option 53 first) and decode only the OFFER it will take.
+            if len(data) < wire.OPTIONS_START + 3 or data[0] != wire.BOOTREPLY:
                 continue
-            state = pending.get(reply.xid)
-            if state is None or reply.op != wire.BOOTREPLY:
+            state = pending.get(int.from_bytes(data[4:8], "big"))
+            if state is None:
                 continue
-            if reply.message_type == wire.OFFER:
+            kind = data[242] if data[240] == wire.OPT_MESSAGE_TYPE else None
+            if kind == wire.OFFER:
                 offers += 1
                 if state[1][242] == wire.DISCOVER:   # the first OFFER: take it
+                    try:
+                        reply = wire.decode(data)
+                    except wire.MalformedPacket:
+                        continue
                     state[1] = request(state[0], reply.xid, reply.option(wire.OPT_SERVER_ID),
                                        reply.yiaddr.packed)
                     state[2] = time.monotonic()
                     sock.sendto(state[1], BROADCAST)
                     sent += 1
-            elif reply.message_type == wire.ACK:
+            elif kind == wire.ACK:
                 acks += 1
                 if not state[3]:
                     state[3] = True
