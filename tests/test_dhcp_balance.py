@@ -155,6 +155,9 @@ def test_client_identifier_is_hashed_unless_it_is_the_mac():
     request = wire.parse_request(scapy_request("discover", NODE1, extra=[
         ("client_id", b"\xffsome-duid")]))
     assert request.client_id == b"\xffsome-duid" and request.secs == 0
+    waited = bytearray(scapy_request("discover", NODE1))
+    waited[8:10] = (0x0102).to_bytes(2, "big")
+    assert wire.parse_request(bytes(waited)).secs == 0x0102
 
 
 def test_a_replica_that_is_not_a_node_and_k_0_answer_every_client(cluster, db):
