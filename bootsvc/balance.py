@@ -20,7 +20,8 @@ The client is identified by its client identifier (option 61) when it sends one,
 MAC; an identifier that is just hardware type 1 and the MAC (what udhcpc and iPXE send) is the
 MAC, so the decision for every node of the database is precomputed per generation. Scores use a
 64-bit hash of the client and of the replica name, mixed per pair by the SplitMix64 finalizer:
-`hashlib` per pair would cost ~1.3x more (bench/storm.py reports the precompute per pair).
+`hashlib` per pair measured ~1.3x slower. A reload stops scoring a client at the k-th replica
+above this one (`Balancer._compute`); bench/storm.py reports its cost per client.
 Imports the model only.
 """
 
