@@ -6,11 +6,13 @@ here). A `Responder` holds one generation's answers for one replica: each host's
 (per boot file) is built by `dhcp_wire.encode` the first time it is asked for and kept for the
 generation, which also keeps a reload of a 10,000-node cluster quick; the hot path parses a few
 fields, patches xid, flags, ciaddr, giaddr and chaddr into a copy, and appends option 82 if a
-relay sent one. Unknown MACs are counted and logged once, and get no answer unless the cluster
-has a `discovery_pool`: then each gets the pool address its MAC hashes to (the same on every
-replica, no lease state) and is remembered in `discovered` for the metamaster to adopt.
+relay sent one. Which replicas answer a client's broadcast at all is `balance`'s decision
+(RFC 3074 load balancing over the nodes). Unknown MACs are counted and logged once, and get no
+answer unless the cluster has a `discovery_pool`: then each gets the pool address its MAC
+hashes to (the same on every replica, no lease state) and is remembered in `discovered` for
+the metamaster to adopt.
 `DhcpService` binds UDP 67 on the replica's interface and feeds datagrams to the responder.
-Imports the model, `netboot.layout` and `dhcp_wire`.
+Imports the model, `netboot.layout`, `balance` and `dhcp_wire`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import NamedTuple
 from virtualinux.netboot import layout
 from virtualinux.vvcm import Cluster, Node
 
+from . import balance
 from . import dhcp_wire as wire
 from .service import Replica, Service
 
@@ -121,7 +124,9 @@ class Responder:
     """One generation's answers for one replica; `respond` is the per-packet hot path."""
 
     def __init__(self, cluster: Cluster, replica: Replica, counters: Counter[str],
-                 log_events: bool = True, discovered: dict[str, str] | None = None):
+                 log_events: bool = True, discovered: dict[str, str] | None = None,
+                 previous: Responder | None = None,
+                 transactions: balance.Transactions | None = None):
         self.generation = cluster.generation
         self.counters = counters
         # MAC -> pool address of unknown machines seen; kept across generations by the service.
@@ -130,6 +135,10 @@ class Responder:
         self.server_id = replica.address.packed
         self.networks = served_networks(cluster)
         self.local = next((net for net in self.networks if replica.address in net.cidr), None)
+        self.balancer = balance.for_replica(
+            cluster, replica.node.name if replica.node else None,
+            (mac for net in self.networks for mac in net.hosts),
+            previous.balancer if previous else None, transactions)
         scheme = "http" if "http" in replica.services else "tftp"
         self.ipxe_url = f"{scheme}://{replica.address}/{layout.IPXE_SCRIPT}"
         self._replica_address = replica.address
@@ -155,6 +164,17 @@ class Responder:
                 return None
             self._discovered(request, host)
             cache = False   # a flood of made-up MACs must not grow the template cache
+        # RFC 3074: a broadcast from a client looking for any server (DISCOVER, INIT-REBOOT)
+        # is answered by the replicas its hash picks. A relayed request, a REQUEST naming a
+        # server (decided below) and a client that has an address (renewing, rebinding,
+        # INFORM) are answered as without balancing.
+        if (self.balancer is not None and request.giaddr == ZERO and request.ciaddr == ZERO
+                and request.server_id is None
+                and (kind == wire.DISCOVER or kind == wire.REQUEST)
+                and not self.balancer.decide(balance.client_key(request.mac, request.client_id),
+                                             request.secs, request.xid, request.mac,
+                                             self.counters)):
+            return None
         if kind == wire.DISCOVER:
             return self._answer(request, network, host, wire.OFFER, cache)
         if kind == wire.REQUEST:
@@ -335,8 +355,9 @@ class DhcpService(Service):
         super().__init__(replica, cluster)
         self.port = port
         self.discovered: dict[str, str] = {}
+        self.transactions = balance.Transactions()
         self.responder = Responder(cluster, replica, self.counters, self._log_events(),
-                                   self.discovered)
+                                   self.discovered, transactions=self.transactions)
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._malformed_logged: set[str] = set()
@@ -382,7 +403,7 @@ class DhcpService(Service):
         # Build the whole new responder first, then swap: a packet sees one generation or
         # the other, never a mix.
         responder = Responder(cluster, self.replica, self.counters, self._log_events(),
-                              self.discovered)
+                              self.discovered, self.responder, self.transactions)
         self.responder = responder
         super().reload(cluster)
 

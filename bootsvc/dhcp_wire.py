@@ -127,6 +127,8 @@ class Request(NamedTuple):
     client_arch: int | None        # option 93 (the first architecture listed)
     is_ipxe: bool                  # option 175 present, or user class "iPXE"
     relay_agent: bytes | None      # option 82 as it came: code, length and value
+    secs: int = 0                  # seconds since the client began trying
+    client_id: bytes | None = None  # option 61
 
     def mac_text(self) -> str:
         return format_mac(self.mac)
@@ -150,7 +152,7 @@ def parse_request(data: bytes) -> Request:
         raise NotEthernet(f"hardware type {data[1]} length {data[2]}")
     if data[HEADER_LEN:OPTIONS_START] != MAGIC_COOKIE:
         raise BadCookie(f"magic cookie {data[HEADER_LEN:OPTIONS_START].hex()}")
-    message_type = requested_ip = server_id = client_arch = relay_agent = None
+    message_type = requested_ip = server_id = client_arch = relay_agent = client_id = None
     is_ipxe = False
     end = len(data)
     i = OPTIONS_START
@@ -193,11 +195,13 @@ def parse_request(data: bytes) -> Request:
             is_ipxe = is_ipxe or value == b"iPXE" or value == b"\x04iPXE"
         elif code == OPT_RELAY_AGENT and relay_agent is None:
             relay_agent = data[i - length - 2:i]
+        elif code == OPT_CLIENT_ID and client_id is None:
+            client_id = data[start:i]
     if message_type is None:
         raise NoMessageType("no DHCP message type (option 53)")
     return Request(message_type, data[4:8], data[10:12], data[12:16], data[24:28],
                    data[28:44], data[28:34], requested_ip, server_id, client_arch, is_ipxe,
-                   relay_agent)
+                   relay_agent, (data[8] << 8) | data[9], client_id)
 
 
 def _address_option(code: int, data: bytes, start: int, length: int) -> bytes:

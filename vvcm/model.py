@@ -35,7 +35,8 @@ from .fields import (
     setting,
 )
 
-ROLES = ("gateway-primary", "gateway-backup", "storage", "metamaster")
+# "dhcp": when any node has it, only those nodes are DHCP replicas (bootsvc/balance.py).
+ROLES = ("gateway-primary", "gateway-backup", "storage", "metamaster", "dhcp")
 VOLUME_KINDS = ("golden", "snapshot")
 
 
@@ -66,6 +67,13 @@ class Settings:
         "FIRST-LAST addresses DHCP hands to unknown MACs, so a metamaster learns new nodes "
         "(default: unknown MACs get no answer)", parse_address_range, dump_address_range,
         default=None, metavar="FIRST-LAST")
+    dhcp_answering: int = setting(
+        "DHCP replicas that answer each client at once, picked by a hash of its MAC among the "
+        "nodes with role dhcp (or all nodes); 0: every replica answers", ranged_int(0, 65535),
+        default=2)
+    dhcp_fallback_secs: int = setting(
+        "a client whose DHCP secs field reached this many seconds is answered by every "
+        "replica, in case its chosen ones are down", ranged_int(0, 65535), default=3)
     cpu_overcommit: float = setting("VCPUs a node may carry per physical CPU", parse_ratio,
                                     default=1.0)
     memory_overcommit: float = setting("VM memory a node may carry per MiB it has",
