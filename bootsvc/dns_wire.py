@@ -80,6 +80,12 @@ class TrailingJunk(MalformedQuery):
     reason = "trailing_junk"
 
 
+class CountsTooLarge(MalformedQuery):
+    """The header announces more records than the datagram could hold."""
+
+    reason = "counts_too_large"
+
+
 class Unusual(Exception):
     """A query the fast path does not read; dnspython's parser gets it. Not an error."""
 
@@ -112,6 +118,9 @@ def parse_query(data: bytes) -> Query:
     qid, flags, qdcount, ancount, nscount, arcount = HEADER.unpack_from(data)
     if flags & QR:
         raise IsResponse("QR is set")
+    if 12 + qdcount * 5 + (ancount + nscount + arcount) * 11 > size:
+        # Each question takes 5 octets at least, each record 11: refuse before any walking.
+        raise CountsTooLarge(f"{qdcount}/{ancount}/{nscount}/{arcount} records in {size} octets")
     if flags & OPCODE_MASK or qdcount != 1 or ancount or nscount or arcount > 1:
         raise Unusual("not a plain one-question QUERY")
     position = 12
