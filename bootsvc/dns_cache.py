@@ -234,11 +234,13 @@ class Forwarder:
             soas = [rrset for rrset in authority if rrset.rdtype == SOA]
             ttl = min(min(soas[0].ttl, soas[0][0].minimum), NEGATIVE_TTL_CAP) if soas else 0
         ttl = max(0, min(ttl, self.max_ttl))
+        # No record is handed out for longer than we keep the entry: the SOA of a negative
+        # answer shows the negative TTL (RFC 2308 section 3).
+        records = self._records(answers, ttl), self._records(authority, ttl)
         encoder = RecordEncoder(qname, qtype)
-        an = encoder.section(self._records(answers))
-        ns = encoder.section(self._records(authority))
-        ttls = tuple(record.ttl for record in (*self._records(answers),
-                                               *self._records(authority)))
+        an = encoder.section(records[0])
+        ns = encoder.section(records[1])
+        ttls = tuple(record.ttl for record in (*records[0], *records[1]))
         return CacheEntry(int(rcode), an.count, ns.count, encoder.body(),
                           an.ttl_offsets + ns.ttl_offsets, ttls, ttl, now), ttl
 
@@ -264,8 +266,9 @@ class Forwarder:
                     changed = True
         return [rrset for index, rrset in enumerate(rrsets) if index in kept], owners
 
-    def _records(self, rrsets: list[dns.rrset.RRset]) -> list[Record]:
-        return [Record(rrset.name, min(rrset.ttl, self.max_ttl), rdata)
+    @staticmethod
+    def _records(rrsets: list[dns.rrset.RRset], ttl: int) -> list[Record]:
+        return [Record(rrset.name, min(rrset.ttl, ttl), rdata)
                 for rrset in rrsets for rdata in rrset]
 
 
