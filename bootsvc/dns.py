@@ -106,6 +106,7 @@ class DnsService(Service):
         max_forwarding: int = 1024      # cache misses in flight; more are answered SERVFAIL
         tcp_clients: int = 256
         tcp_idle_s: int = 10
+        memo_entries: int = 65536       # UDP local answers kept by query bytes (see _drain)
 
     def __init__(self, replica: Replica, cluster: Cluster, options: Options | None = None,
                  **overrides: int):
@@ -127,6 +128,13 @@ class DnsService(Service):
         self._tasks: set[asyncio.Task] = set()
         self._tcp_clients = 0
         self._logged: set[str] = set()
+        # A local answer is a pure function of the query's bytes after the ID and of the
+        # generation: the last `memo_entries` are kept whole, so a repeated query costs one
+        # dict lookup (random names cannot grow it: it is cleared when full).
+        self._memo: dict[bytes, bytes] = {}
+        # The same for cache hits, for one second of the monotonic clock at most.
+        self._hit_memo: dict[bytes, bytes] = {}
+        self._hit_second = 0
 
     def _upstreams(self, cluster: Cluster) -> tuple[Upstream, ...]:
         servers = cluster.settings.upstream_dns if cluster.settings else ()
@@ -174,6 +182,7 @@ class DnsService(Service):
     def reload(self, cluster: Cluster) -> None:
         zones = ClusterZones(cluster)       # built whole, then swapped: no query sees a mix
         self.zones = zones
+        self._memo = {}
         self.forwarder.upstreams = self._upstreams(cluster)
         super().reload(cluster)
 
@@ -198,9 +207,10 @@ class DnsService(Service):
             return self._slow_path(data, source, udp)
         except wire.MalformedQuery as err:
             return self._malformed(data, err.reason, source, str(err))
-        return self._answer(query, udp)
+        return self._answer(query, udp, data[2:] if udp else None)
 
-    def _answer(self, query: wire.Query, udp: bool) -> bytes | Awaitable[bytes]:
+    def _answer(self, query: wire.Query, udp: bool, memo_key: bytes | None = None
+                ) -> bytes | Awaitable[bytes]:
         size = wire.udp_limit(query) if udp else TCP_MAX
         if query.qclass != wire.CLASS_IN:
             self.counters["refused_class"] += 1
@@ -208,11 +218,25 @@ class DnsService(Service):
         body = self.zones.lookup(query.qname, query.qtype)
         if body is not None:
             self.counters["answered_local"] += 1
-            return wire.assemble(query, body, size)
-        body = self.cache.get((query.qname, query.qtype), time.monotonic())
+            reply = wire.assemble(query, body, size)
+            if memo_key is not None:
+                if len(self._memo) >= self.options.memo_entries:
+                    self._memo.clear()
+                self._memo[memo_key] = reply[2:]
+            return reply
+        now = time.monotonic()
+        key = (query.qname, query.qtype)
+        body = self.cache.get(key, now)
         if body is not None:
             self.counters["cache_hit"] += 1
-            return wire.assemble(query, body, size)
+            reply = wire.assemble(query, body, size)
+            # Kept for the rest of this second (TTLs count in whole seconds), if the entry
+            # outlives it.
+            if memo_key is not None and self.cache.expires(key) - now >= 1:
+                if len(self._hit_memo) >= self.options.memo_entries:
+                    self._hit_memo.clear()
+                self._hit_memo[memo_key] = reply[2:]
+            return reply
         self.counters["cache_miss"] += 1
         if not self.forwarder.upstreams or len(self._tasks) >= self.options.max_forwarding:
             self.counters["servfail_no_upstream" if not self.forwarder.upstreams
@@ -270,9 +294,11 @@ class DnsService(Service):
     # -- UDP -------------------------------------------------------------------------------------
 
     def _drain(self) -> None:
-        sock = self._udp
-        limiter = self.limiter
+        sock, limiter, memo, counters = self._udp, self.limiter, self._memo, self.counters
         now = time.monotonic()
+        if int(now) != self._hit_second:
+            self._hit_memo, self._hit_second = {}, int(now)
+        hit_memo = self._hit_memo
         for _ in range(DRAIN_BATCH):
             try:
                 data, source = sock.recvfrom(MAX_QUERY)
@@ -284,6 +310,19 @@ class DnsService(Service):
                 return
             if limiter is not None and not limiter.allow(source[0], now):
                 self.counters["rate_limited"] += 1
+                continue
+            key = data[2:]
+            tail = memo.get(key)
+            if tail is not None:
+                counters["queries"] += 1
+                counters["answered_local"] += 1
+                self._send(data[:2] + tail, source)
+                continue
+            tail = hit_memo.get(key)
+            if tail is not None:
+                counters["queries"] += 1
+                counters["cache_hit"] += 1
+                self._send(data[:2] + tail, source)
                 continue
             reply = self.respond(data, source[0], True)
             if reply is None:

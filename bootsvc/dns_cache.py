@@ -96,6 +96,10 @@ class Cache:
         self._entries.move_to_end(key)
         return entry.body(now)
 
+    def expires(self, key: tuple[bytes, int]) -> float:
+        entry = self._entries.get(key)
+        return entry.expires if entry is not None else 0.0
+
     def put(self, key: tuple[bytes, int], entry: CacheEntry) -> None:
         if key in self._entries:
             self._remove(key)

@@ -118,13 +118,13 @@ def parse_query(data: bytes) -> Query:
     qid, flags, qdcount, ancount, nscount, arcount = HEADER.unpack_from(data)
     if flags & QR:
         raise IsResponse("QR is set")
-    if 12 + qdcount * 5 + (ancount + nscount + arcount) * 11 > size:
-        # Each question takes 5 octets at least, each record 11: refuse before any walking.
-        raise CountsTooLarge(f"{qdcount}/{ancount}/{nscount}/{arcount} records in {size} octets")
     if flags & OPCODE_MASK or qdcount != 1 or ancount or nscount or arcount > 1:
+        if 12 + qdcount * 5 + (ancount + nscount + arcount) * 11 > size:
+            # Each question takes 5 octets at least, each record 11: refuse before walking.
+            raise CountsTooLarge(f"{qdcount}/{ancount}/{nscount}/{arcount} records in "
+                                 f"{size} octets")
         raise Unusual("not a plain one-question QUERY")
     position = 12
-    name = bytearray()
     while True:
         if position >= size:
             raise Truncated("the question name runs past the end")
@@ -136,14 +136,9 @@ def parse_query(data: bytes) -> Query:
                 raise Unusual("compression pointer in the question")
             # A length above 63 sets a label-type bit: 0x40 and 0x80 are not in use.
             raise BadLabelType(f"label type {length >> 6:#x} (a label of more than 63 octets)")
-        end = position + 1 + length
-        if end > size:
-            raise Truncated("a label runs past the end")
-        name += data[position:end]
-        position = end
-        if len(name) >= MAX_NAME:
+        position += length + 1
+        if position > MAX_NAME + 11:
             raise NameTooLong("the question name is longer than 255 octets")
-    name.append(0)
     question_end = position + 5
     if question_end > size:
         raise Truncated("no room for the question's type and class")
@@ -154,7 +149,9 @@ def parse_query(data: bytes) -> Query:
         edns = _parse_opt(data, question_end)
     elif question_end != size:
         raise TrailingJunk(f"{size - question_end} octets after the question")
-    return Query(qid, flags, bytes(name).lower(), qtype, qclass, data[12:question_end], edns)
+    # Length octets are at most 63, below b"A": lower() changes only the labels' letters.
+    return Query(qid, flags, data[12:position + 1].lower(), qtype, qclass,
+                 data[12:question_end], edns)
 
 
 def _parse_opt(data: bytes, position: int) -> int:

@@ -118,6 +118,15 @@ def test_question_case_id_rd_and_edns_are_echoed(service):
     assert plain.edns == -1 and plain.flags & dns.flags.RD
 
 
+def test_local_udp_answers_are_kept_by_query_bytes_until_the_next_generation(service, db):
+    query = dns.message.make_query("node4.cluster.lab", "A").to_wire()
+    reply = ask(service, query)
+    assert service._memo[query[2:]] == reply[2:]
+    assert ask(service, query, udp=False) and len(service._memo) == 1     # TCP is not kept
+    service.reload(db.load())
+    assert service._memo == {}
+
+
 def test_an_answer_over_the_udp_size_is_truncated_and_whole_over_tcp(service):
     query = wire.parse_query(dns.message.make_query("cluster.lab", "NS").to_wire())
     body = service.zones.lookup(query.qname, query.qtype)
