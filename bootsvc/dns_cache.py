@@ -241,7 +241,7 @@ class Forwarder:
         # No record is handed out for longer than we keep the entry: the SOA of a negative
         # answer shows the negative TTL (RFC 2308 section 3).
         records = self._records(answers, ttl), self._records(authority, ttl)
-        encoder = RecordEncoder(qname, qtype)
+        encoder = RecordEncoder(qname.to_wire(), qtype)
         an = encoder.section(records[0])
         ns = encoder.section(records[1])
         ttls = tuple(record.ttl for record in (*records[0], *records[1]))
@@ -272,8 +272,8 @@ class Forwarder:
 
     @staticmethod
     def _records(rrsets: list[dns.rrset.RRset], ttl: int) -> list[Record]:
-        return [Record(rrset.name, min(rrset.ttl, ttl), rdata)
-                for rrset in rrsets for rdata in rrset]
+        return [Record(owner, min(rrset.ttl, ttl), rdata)
+                for rrset in rrsets for owner in (rrset.name.to_wire(),) for rdata in rrset]
 
 
 class _random_port_socket:

@@ -17,14 +17,12 @@ reason. Imports nothing of the project.
 
 from __future__ import annotations
 
-import io
 import struct
 from collections.abc import Iterable
 from typing import NamedTuple
 
 import dns.name
 import dns.rdata
-import dns.rdatatype
 
 HEADER = struct.Struct(">HHHHHH")
 ID_FLAGS = struct.Struct(">HH")
@@ -198,7 +196,7 @@ def error_reply(data: bytes, rcode: int) -> bytes | None:
 
 
 class Record(NamedTuple):
-    name: dns.name.Name
+    owner: bytes          # wire form (any case)
     ttl: int
     rdata: dns.rdata.Rdata
 
@@ -206,44 +204,56 @@ class Record(NamedTuple):
 class Encoded(NamedTuple):
     data: bytes
     count: int
-    ttl_offsets: tuple[int, ...]    # where each record's TTL sits in `data`
+    ttl_offsets: tuple[int, ...]    # where each record's TTL sits in the body
 
 
 class RecordEncoder:
-    """Encodes resource records the way they follow a question for `qname`: dnspython writes
-    the names (compressed against the question and each other) and rdata; we write the fixed
-    fields ourselves, so we know where every TTL is and can count it down later."""
+    """Encodes resource records the way they follow a question for `qname` (wire form):
+    dnspython writes each record's rdata (`Rdata.to_wire`, uncompressed); we write the owner
+    names, compressed against the question and earlier owners, and the fixed fields, so we
+    know where every TTL is and can count it down later. (Our own compression table is keyed
+    by wire bytes: dnspython's is keyed by Name objects, whose hashing cost more than all the
+    rest of a 10,000-node reload.)"""
 
-    def __init__(self, qname: dns.name.Name | None, qtype: int):
+    def __init__(self, qname: bytes | None, qtype: int):
         """With qname None, nothing is compressed: the bytes then follow any question."""
-        self._file = io.BytesIO()
-        self._compress: dict[dns.name.Name, int] | None = None
+        self._out = bytearray()
+        self._suffixes: dict[bytes, int] | None = None
         if qname is not None:
-            self._file.write(bytes(12))
-            self._compress = {}
-            qname.to_wire(self._file, self._compress)
-            self._file.write(struct.pack(">HH", qtype, CLASS_IN))
-        self._start = self._file.tell()
+            self._out += bytes(12)
+            self._suffixes = {}
+            self._name(qname)
+            self._out += struct.pack(">HH", qtype, CLASS_IN)
+        self._start = len(self._out)
+
+    def _name(self, wire: bytes) -> None:
+        out, suffixes = self._out, self._suffixes
+        if suffixes is None:
+            out += wire
+            return
+        lower, position = wire.lower(), 0
+        while wire[position]:
+            offset = suffixes.get(lower[position:])
+            if offset is not None:
+                out += struct.pack(">H", 0xC000 | offset)
+                return
+            if len(out) < 0x3FFF:          # a pointer holds 14 bits
+                suffixes[lower[position:]] = len(out)
+            end = position + wire[position] + 1
+            out += wire[position:end]
+            position = end
+        out.append(0)
 
     def section(self, records: Iterable[Record]) -> Encoded:
-        file, begin, count, offsets = self._file, self._file.tell(), 0, []
+        out, begin, offsets = self._out, len(self._out), []
         for record in records:
-            record.name.to_wire(file, self._compress)
-            fixed = file.tell()
-            file.write(RR_FIXED.pack(record.rdata.rdtype, record.rdata.rdclass, record.ttl, 0))
-            record.rdata.to_wire(file, self._compress)
-            end = file.tell()
-            file.seek(fixed + 8)
-            file.write(struct.pack(">H", end - fixed - 10))
-            file.seek(end)
-            offsets.append(fixed + 4 - self._start)
-            count += 1
-        return Encoded(file.getvalue()[begin:], count, tuple(offsets))
+            self._name(record.owner)
+            rdata = record.rdata.to_wire()
+            offsets.append(len(out) + 4 - self._start)
+            out += RR_FIXED.pack(record.rdata.rdtype, record.rdata.rdclass, record.ttl,
+                                 len(rdata))
+            out += rdata
+        return Encoded(bytes(out[begin:]), len(offsets), tuple(offsets))
 
     def body(self) -> bytes:
-        return self._file.getvalue()[self._start:]
-
-
-def rdata_type(name: str) -> int:
-    """A type mnemonic or number as dnspython reads it (A, PTR, TYPE65...)."""
-    return int(dns.rdatatype.from_text(name))
+        return bytes(self._out[self._start:])

@@ -61,12 +61,18 @@ def reverse_zones(network: ipaddress.IPv4Network) -> list[dns.name.Name]:
     return names
 
 
-def ptr_name(address: ipaddress.IPv4Address) -> dns.name.Name:
-    return dns.name.from_text(address.reverse_pointer + ".")
+def ptr_wire(address: ipaddress.IPv4Address) -> bytes:
+    return label_wire(*address.reverse_pointer.split(".")) + b"\0"
+
+
+def label_wire(*labels: str) -> bytes:
+    """The wire form of labels the model has checked (DNS labels: ASCII, 1-63 octets)."""
+    return b"".join(bytes((len(label),)) + label.encode() for label in labels)
 
 
 class ClusterZones:
-    """One generation's authoritative answers, precomputed."""
+    """One generation's authoritative answers, precomputed. Names are handled as wire bytes
+    (lower-cased for keys): dnspython Name objects only where an rdata needs one."""
 
     def __init__(self, cluster: Cluster):
         self.generation = cluster.generation
@@ -78,73 +84,76 @@ class ClusterZones:
         if settings is None:
             return
         domain = dns.name.from_text(settings.domain + ".")
-        records: dict[dns.name.Name, dict[int, list[Record]]] = defaultdict(
-            lambda: defaultdict(list))
+        domain_wire = domain.to_wire()
+        records: dict[bytes, dict[int, list[Record]]] = defaultdict(lambda: defaultdict(list))
 
-        def add(name: dns.name.Name, rdata, ttl: int = RECORD_TTL) -> None:
-            records[name][int(rdata.rdtype)].append(Record(name, ttl, rdata))
+        def add(owner: bytes, rdata, ttl: int = RECORD_TTL) -> None:
+            records[owner.lower()][int(rdata.rdtype)].append(Record(owner, ttl, rdata))
 
-        def a(address: ipaddress.IPv4Address) -> dns.rdtypes.IN.A.A:
-            return dns.rdtypes.IN.A.A(IN, dns.rdatatype.A, str(address))
+        def host(labels: tuple[str, ...], address: ipaddress.IPv4Address) -> dns.name.Name:
+            name = dns.name.Name(labels + domain.labels)
+            add(label_wire(*labels) + domain_wire,
+                dns.rdtypes.IN.A.A(IN, dns.rdatatype.A, str(address)))
+            add(ptr_wire(address), dns.rdtypes.ANY.PTR.PTR(IN, dns.rdatatype.PTR, name))
+            return name
 
-        def ptr(target: dns.name.Name) -> dns.rdtypes.ANY.PTR.PTR:
-            return dns.rdtypes.ANY.PTR.PTR(IN, dns.rdatatype.PTR, target)
-
-        node_names = {node.name for node in cluster.nodes}
         for node in cluster.nodes:
-            name = dns.name.Name((node.name,)) + domain
-            add(name, a(node.ip))
-            add(ptr_name(node.ip), ptr(name))
-        if GATEWAY_LABEL not in node_names:
-            gateway = dns.name.Name((GATEWAY_LABEL,)) + domain
-            add(gateway, a(settings.gateway_vip))
-            add(ptr_name(settings.gateway_vip), ptr(gateway))
+            host((node.name,), node.ip)
+        if GATEWAY_LABEL not in {node.name for node in cluster.nodes}:
+            host((GATEWAY_LABEL,), settings.gateway_vip)
         for vm in cluster.vms:
-            name = dns.name.Name((vm.name, vm.vc)) + domain
-            add(name, a(vm.ip))
-            add(ptr_name(vm.ip), ptr(name))
+            host((vm.name, vm.vc), vm.ip)
 
-        servers = [dns.name.Name((node.name,)) + domain for node in cluster.nodes[:NS_COUNT]]
+        servers = [dns.name.Name((node.name,) + domain.labels)
+                   for node in cluster.nodes[:NS_COUNT]]
         if not servers:   # no node yet: the gateway name stands for the cluster's servers
-            servers = [dns.name.Name((GATEWAY_LABEL,)) + domain]
+            servers = [dns.name.Name((GATEWAY_LABEL,) + domain.labels)]
         soa = dns.rdtypes.ANY.SOA.SOA(
-            IN, dns.rdatatype.SOA, servers[0], dns.name.Name((HOSTMASTER,)) + domain,
+            IN, dns.rdatatype.SOA, servers[0], dns.name.Name((HOSTMASTER,) + domain.labels),
             cluster.generation % 2**32, *SOA_TIMERS, NEGATIVE_TTL)
         origins = [domain, *reverse_zones(settings.cidr)]
         for vc in cluster.vcs:
             origins.extend(reverse_zones(vc.cidr))
         for origin in dict.fromkeys(origins):      # in order, each once
             self.origins.append(origin)
-            add(origin, soa, NEGATIVE_TTL)
+            apex = origin.to_wire()
+            add(apex, soa, NEGATIVE_TTL)
             for server in servers:
-                add(origin, dns.rdtypes.ANY.NS.NS(IN, dns.rdatatype.NS, server))
-            self.zones[origin.to_wire().lower()] = self._negative(Record(origin, NEGATIVE_TTL,
-                                                                         soa))
-        for name, by_type in records.items():
-            self._add_name(name, by_type, records)
+                add(apex, dns.rdtypes.ANY.NS.NS(IN, dns.rdatatype.NS, server))
+            self.zones[apex.lower()] = self._negative(Record(apex, NEGATIVE_TTL, soa))
+        for key, by_type in records.items():
+            self._add_name(key, by_type, records)
 
-    def _add_name(self, name: dns.name.Name, by_type: dict[int, list[Record]],
-                  records: dict[dns.name.Name, dict[int, list[Record]]]) -> None:
-        key = name.to_wire().lower()
+    def _add_name(self, key: bytes, by_type: dict[int, list[Record]],
+                  records: dict[bytes, dict[int, list[Record]]]) -> None:
         self.names.add(key)
-        parent = name.parent()
-        while parent != dns.name.root and parent.to_wire().lower() not in self.names:
-            self.names.add(parent.to_wire().lower())    # empty non-terminals answer NODATA
-            parent = parent.parent()
+        position = key[0] + 1
+        while key[position] and key[position:] not in self.names:
+            self.names.add(key[position:])     # empty non-terminals answer NODATA
+            position += key[position] + 1
         for qtype, found in by_type.items():
-            encoder = RecordEncoder(name, qtype)
+            encoder = RecordEncoder(key, qtype)
             answers = encoder.section(found)
             glue = encoder.section(self._glue(found, records)) if qtype == NS else None
             self.answers[key, qtype] = Body(wire.AA, answers.count, 0,
                                             glue.count if glue else 0, encoder.body())
-        encoder = RecordEncoder(name, ANY)
+        only = next(iter(by_type)) if len(by_type) == 1 else None
+        if only is not None and not self.answers[key, only].additional:
+            # The question's type does not change where its name sits: the same bytes.
+            self.answers[key, ANY] = self.answers[key, only]
+        else:
+            self.answers[key, ANY] = self._any(key, by_type)
+
+    @staticmethod
+    def _any(key: bytes, by_type: dict[int, list[Record]]) -> Body:
+        encoder = RecordEncoder(key, ANY)
         answers = encoder.section(r for found in by_type.values() for r in found)
-        self.answers[key, ANY] = Body(wire.AA, answers.count, 0, 0, encoder.body())
+        return Body(wire.AA, answers.count, 0, 0, encoder.body())
 
     @staticmethod
     def _glue(found: list[Record], records) -> list[Record]:
         return [glue for record in found
-                for glue in records.get(record.rdata.target, {}).get(A, ())]
+                for glue in records.get(record.rdata.target.to_wire().lower(), {}).get(A, ())]
 
     @staticmethod
     def _negative(soa: Record) -> tuple[Body, Body]:
