@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 DRAIN_BATCH = 64                 # datagrams per wake-up of the event loop before others run
 MAX_QUERY = 4096                 # a DNS query is a few dozen octets; longer ones are garbage
 TCP_MAX = 65535
-RECEIVE_BUFFER = 4 << 20
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 LOG_ONCE_LIMIT = 4096
 REFUSED = wire.Body(wire.REFUSED, 0, 0, 0, b"")
@@ -107,6 +106,7 @@ class DnsService(Service):
         tcp_clients: int = 256
         tcp_idle_s: int = 10
         memo_entries: int = 65536       # UDP local answers kept by query bytes (see _drain)
+        receive_buffer: int = 4 << 20   # UDP socket buffer for bursts; 0: the kernel's default
 
     def __init__(self, replica: Replica, cluster: Cluster, options: Options | None = None,
                  **overrides: int):
@@ -147,10 +147,12 @@ class DnsService(Service):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            buffer = self.options.receive_buffer
             try:   # past net.core.rmem_max, which root may do: room for a burst
-                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
+                if buffer:
+                    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, buffer)
             except PermissionError:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
             sock.bind((address, self.port))
             self.port = sock.getsockname()[1]
             sock.setblocking(False)
