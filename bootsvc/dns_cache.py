@@ -23,6 +23,7 @@ import asyncio
 import dataclasses
 import errno
 import ipaddress
+import logging
 import secrets
 import socket
 import time
@@ -39,6 +40,8 @@ import dns.rrset
 
 from . import dns_wire as wire
 from .dns_wire import Body, Record, RecordEncoder
+
+log = logging.getLogger(__name__)
 
 CNAME, DNAME, SOA, NS, ANY = (int(t) for t in (dns.rdatatype.CNAME, dns.rdatatype.DNAME,
                                                dns.rdatatype.SOA, dns.rdatatype.NS,
@@ -158,6 +161,15 @@ class Forwarder:
         except UpstreamFailed:
             self.counters["upstream_failed"] += 1
             body = Body(wire.SERVFAIL, 0, 0, 0, b"")
+        except Exception as err:       # a bug must cost one answer, not the waiters' forever
+            self.counters["upstream_failed"] += 1
+            self.counters["forward_error_" + type(err).__name__] += 1
+            if self.counters["forward_error_" + type(err).__name__] == 1:
+                log.exception("forwarding %s failed", dns.name.from_wire(qname, 0)[0])
+            body = Body(wire.SERVFAIL, 0, 0, 0, b"")
+        except BaseException:          # cancelled (the service stops): so are the waiters
+            future.cancel()
+            raise
         finally:
             del self._pending[key]
         future.set_result(body)

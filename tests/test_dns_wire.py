@@ -5,6 +5,7 @@ counted by reason; a hypothesis fuzzer; and the corpus in tests/corpus/dns repla
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import struct
 from pathlib import Path
@@ -225,3 +226,12 @@ def test_corpus_input_gets_the_outcome_its_name_records(service, path):
 
 def test_corpus_is_not_empty():
     assert len(corpus_files()) >= 10
+
+
+def test_external_names_without_upstreams_get_servfail_at_once(service, db):
+    cluster = db.load()
+    service.reload(dataclasses.replace(cluster, settings=dataclasses.replace(
+        cluster.settings, upstream_dns=())))
+    reply = dns.message.from_wire(ask(service, dns.message.make_query("example.com", "A")))
+    assert reply.rcode() == dns.rcode.SERVFAIL
+    assert service.counters["servfail_no_upstream"] == 1
