@@ -13,8 +13,9 @@ receive buffer (ours is told so: its own default of 4 MiB would turn stalls into
 the peers lose queries). The rate steps are interleaved (ours, dnsmasq, unbound at one rate,
 then the next rate) so the shared machine's load hits all three alike. Reported: the highest
 dnsperf -Q with no query lost and at least 90% of it completed (a failed step is run once
-more before it counts), the queries/s and mean latency dnsperf measured there, and each
-server's peak RSS; then our ratio against the stronger peer.
+more before it counts), the queries/s and mean latency dnsperf measured there, the server's
+CPU time per query in that run (which a busy machine disturbs least), and each server's peak
+RSS; then our ratio against the stronger peer.
 Needs root. With --profile SECONDS, py-spy (if installed) samples our server under a fixed
 load afterwards and prints where the time goes.
 """
@@ -38,7 +39,7 @@ from pathlib import Path
 from virtualinux.vm_test.netns import Namespace, Netns
 from virtualinux.vvcm import changes
 
-from .dhcp import cluster_database, node_ip, peak_rss_kib
+from .dhcp import cluster_database, cpu_seconds, node_ip, peak_rss_kib
 
 CLIENT = "198.18.0.200"
 SERVERS = {"virtualinux": "198.18.0.201", "dnsmasq": "198.18.0.202", "unbound": "198.18.0.203"}
@@ -60,6 +61,7 @@ class Run:
     lost: int
     qps: float
     latency_ms: float
+    cpu_us: float = 0.0          # server CPU per completed query (robust on a busy machine)
 
 
 @dataclasses.dataclass
@@ -220,9 +222,13 @@ def measure(client: Namespace, servers: list[Server], files: dict[str, Path], se
                 if label in server.done:
                     continue
                 for attempt in (1, 2):
+                    before = cpu_seconds(server.process.pid)
                     run = dnsperf(client, server.address, queries, rate, seconds)
+                    run = dataclasses.replace(run, cpu_us=(cpu_seconds(server.process.pid)
+                                                           - before) / max(run.sent - run.lost,
+                                                                           1) * 1e6)
                     log(f"    {server.name:<12} -Q {rate:>6}: {run.qps:>9.0f} q/s, "
-                        f"{run.lost} lost, {run.latency_ms:.3f} ms" +
+                        f"{run.lost} lost, {run.latency_ms:.3f} ms, {run.cpu_us:.1f} us CPU/q" +
                         (", again" if attempt == 2 else ""))
                     if run.lost == 0 and run.qps >= KEPT_UP * rate:
                         server.best[label] = run
@@ -299,7 +305,8 @@ def profile_ours(client: Namespace, ours: Server, queries: Path, seconds: float,
                                  "--nonblocking"], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
     best = ours.best.get("cluster names")
-    dnsperf(client, ours.address, queries, best.rate if best else 5000, seconds)
+    # Past the best clean rate, so the server is busy all the time being sampled.
+    dnsperf(client, ours.address, queries, 4 * best.rate if best else 40000, seconds)
     recorder.wait(seconds + 30)
     totals: dict[str, int] = {}
     samples = 0
@@ -342,13 +349,14 @@ def main(argv: list[str] | None = None) -> int:
                              lambda line: print(line, flush=True)))
     print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
     print("| nodes | server | query set | highest -Q with 0 lost | q/s measured | mean latency "
-          "| peak RSS |")
-    print("| ---: | --- | --- | ---: | ---: | ---: | ---: |")
+          "| server CPU per query | peak RSS |")
+    print("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for count, name, best, rss in rows:
         for label, run in best.items():
             print(f"| {count} | {name} | {label} | {run.rate if run else '-'} | "
                   f"{run.qps if run else 0:.0f} | "
-                  f"{f'{run.latency_ms:.3f} ms' if run else '-'} | {rss:.1f} MiB |")
+                  f"{f'{run.latency_ms:.3f} ms' if run else '-'} | "
+                  f"{f'{run.cpu_us:.1f} us' if run else '-'} | {rss:.1f} MiB |")
     print()
     for count in dict.fromkeys(row[0] for row in rows):
         by_name = {name: best for c, name, best, _ in rows if c == count}
@@ -358,8 +366,10 @@ def main(argv: list[str] | None = None) -> int:
                      if by_name[p][label]]
             if ours and peers:
                 qps, peer = max(peers)
+                cpu = by_name[peer][label].cpu_us
                 print(f"{count} nodes, {label}: virtualinux / {peer} (the stronger peer) = "
-                      f"{ours.qps / qps:.2f}x q/s at 0% lost")
+                      f"{ours.qps / qps:.2f}x q/s at 0% lost; CPU per query "
+                      f"{ours.cpu_us:.1f} us against {cpu:.1f} us ({ours.cpu_us / cpu:.1f}x)")
     return 0
 
 
