@@ -70,6 +70,7 @@ class Server:
     address: str
     process: subprocess.Popen
     best: dict[str, Run | None] = dataclasses.field(default_factory=dict)
+    runs: dict[str, dict[int, Run]] = dataclasses.field(default_factory=dict)   # last per -Q
     done: set[str] = dataclasses.field(default_factory=set)
 
     @property
@@ -230,6 +231,7 @@ def measure(client: Namespace, servers: list[Server], files: dict[str, Path], se
                     log(f"    {server.name:<12} -Q {rate:>6}: {run.qps:>9.0f} q/s, "
                         f"{run.lost} lost, {run.latency_ms:.3f} ms, {run.cpu_us:.1f} us CPU/q" +
                         (", again" if attempt == 2 else ""))
+                    server.runs.setdefault(label, {})[rate] = run
                     if run.lost == 0 and run.qps >= KEPT_UP * rate:
                         server.best[label] = run
                         break
@@ -285,7 +287,8 @@ def run_size(count: int, seconds: float, max_rate: int, profile: float, log=prin
         measured = [s for s in servers if s.name != "upstream"]
         try:
             measure(hub, measured, files, seconds, max_rate, log)
-            rows = [(count, server.name, server.best, server.rss_mib) for server in measured]
+            rows = [(count, server.name, server.best, server.rss_mib, server.runs)
+                    for server in measured]
             if profile:
                 profile_ours(hub, measured[0], files["cluster names"], profile, work, log)
         finally:
@@ -351,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| nodes | server | query set | highest -Q with 0 lost | q/s measured | mean latency "
           "| server CPU per query | peak RSS |")
     print("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    for count, name, best, rss in rows:
+    for count, name, best, rss, _ in rows:
         for label, run in best.items():
             print(f"| {count} | {name} | {label} | {run.rate if run else '-'} | "
                   f"{run.qps if run else 0:.0f} | "
@@ -359,17 +362,25 @@ def main(argv: list[str] | None = None) -> int:
                   f"{f'{run.cpu_us:.1f} us' if run else '-'} | {rss:.1f} MiB |")
     print()
     for count in dict.fromkeys(row[0] for row in rows):
-        by_name = {name: best for c, name, best, _ in rows if c == count}
-        for label in by_name["virtualinux"]:
-            ours = by_name["virtualinux"][label]
-            peers = [(by_name[p][label].qps, p) for p in ("dnsmasq", "unbound")
-                     if by_name[p][label]]
+        by_name = {name: (best, runs) for c, name, best, _, runs in rows if c == count}
+        for label in by_name["virtualinux"][0]:
+            ours = by_name["virtualinux"][0][label]
+            peers = [(by_name[p][0][label].qps, p) for p in ("dnsmasq", "unbound")
+                     if by_name[p][0][label]]
             if ours and peers:
                 qps, peer = max(peers)
-                cpu = by_name[peer][label].cpu_us
                 print(f"{count} nodes, {label}: virtualinux / {peer} (the stronger peer) = "
-                      f"{ours.qps / qps:.2f}x q/s at 0% lost; CPU per query "
-                      f"{ours.cpu_us:.1f} us against {cpu:.1f} us ({ours.cpu_us / cpu:.1f}x)")
+                      f"{ours.qps / qps:.2f}x q/s at 0% lost")
+            # CPU per query depends on the rate (batching): compare at one rate all ran.
+            common = set.intersection(*(set(runs.get(label, {})) for _, runs in
+                                        by_name.values()))
+            if common:
+                rate = max(common)
+                cpu = {name: runs[label][rate].cpu_us for name, (_, runs) in by_name.items()}
+                peer_cpu = min(cpu["dnsmasq"], cpu["unbound"])
+                print(f"    server CPU per query at -Q {rate}: " + ", ".join(
+                    f"{name} {value:.1f} us" for name, value in cpu.items()) +
+                    f" (ours / best peer = {cpu['virtualinux'] / peer_cpu:.2f}x)")
     return 0
 
 
