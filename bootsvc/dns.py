@@ -132,9 +132,8 @@ class DnsService(Service):
         # generation: the last `memo_entries` are kept whole, so a repeated query costs one
         # dict lookup (random names cannot grow it: it is cleared when full).
         self._memo: dict[bytes, bytes] = {}
-        # The same for cache hits, for one second of the monotonic clock at most.
-        self._hit_memo: dict[bytes, bytes] = {}
-        self._hit_second = 0
+        # The same for cache hits, each until its TTLs would change (at most a second).
+        self._hit_memo: dict[bytes, tuple[bytes, float]] = {}
 
     def _upstreams(self, cluster: Cluster) -> tuple[Upstream, ...]:
         servers = cluster.settings.upstream_dns if cluster.settings else ()
@@ -184,7 +183,7 @@ class DnsService(Service):
     def reload(self, cluster: Cluster) -> None:
         zones = ClusterZones(cluster)       # built whole, then swapped: no query sees a mix
         self.zones = zones
-        self._memo = {}
+        self._memo, self._hit_memo = {}, {}     # a forwarded name may be ours from now on
         self.forwarder.upstreams = self._upstreams(cluster)
         super().reload(cluster)
 
@@ -195,7 +194,7 @@ class DnsService(Service):
                 "cache_bytes": self.cache.bytes,
                 "hit_ratio": round(hits / (hits + misses), 4) if hits + misses else None,
                 "upstreams": [str(u) for u in self.forwarder.upstreams],
-                "rate_limited_sources": len(self.limiter) if self.limiter else 0}
+                "rate_table_sources": len(self.limiter) if self.limiter else 0}
 
     # -- answering -------------------------------------------------------------------------------
 
@@ -232,12 +231,11 @@ class DnsService(Service):
         if body is not None:
             self.counters["cache_hit"] += 1
             reply = wire.assemble(query, body, size)
-            # Kept for the rest of this second (TTLs count in whole seconds), if the entry
-            # outlives it.
-            if memo_key is not None and self.cache.expires(key) - now >= 1:
+            # Kept until its TTLs would count down by one (or the entry expires).
+            if memo_key is not None:
                 if len(self._hit_memo) >= self.options.memo_entries:
                     self._hit_memo.clear()
-                self._hit_memo[memo_key] = reply[2:]
+                self._hit_memo[memo_key] = (reply[2:], self.cache.same_until(key, now))
             return reply
         self.counters["cache_miss"] += 1
         if not self.forwarder.upstreams or len(self._tasks) >= self.options.max_forwarding:
@@ -298,8 +296,6 @@ class DnsService(Service):
     def _drain(self) -> None:
         sock, limiter, memo, counters = self._udp, self.limiter, self._memo, self.counters
         now = time.monotonic()
-        if int(now) != self._hit_second:
-            self._hit_memo, self._hit_second = {}, int(now)
         hit_memo = self._hit_memo
         for _ in range(DRAIN_BATCH):
             try:
@@ -320,11 +316,11 @@ class DnsService(Service):
                 counters["answered_local"] += 1
                 self._send(data[:2] + tail, source)
                 continue
-            tail = hit_memo.get(key)
-            if tail is not None:
+            hit = hit_memo.get(key)
+            if hit is not None and now < hit[1]:
                 counters["queries"] += 1
                 counters["cache_hit"] += 1
-                self._send(data[:2] + tail, source)
+                self._send(data[:2] + hit[0], source)
                 continue
             reply = self.respond(data, source[0], True)
             if reply is None:

@@ -99,9 +99,13 @@ class Cache:
         self._entries.move_to_end(key)
         return entry.body(now)
 
-    def expires(self, key: tuple[bytes, int]) -> float:
+    def same_until(self, key: tuple[bytes, int], now: float) -> float:
+        """Until when the entry's rendering at `now` stays right: its next whole second (TTLs
+        count down then) or its expiry."""
         entry = self._entries.get(key)
-        return entry.expires if entry is not None else 0.0
+        if entry is None:
+            return 0.0
+        return min(entry.expires, entry.stored + int(now - entry.stored) + 1)
 
     def put(self, key: tuple[bytes, int], entry: CacheEntry) -> None:
         if key in self._entries:

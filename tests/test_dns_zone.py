@@ -136,6 +136,15 @@ def test_cache_is_bounded_in_entries_and_bytes_least_recently_used_first():
     assert cache.get((b"big", 1), 61.0) is None           # expired
 
 
+def test_a_cached_rendering_holds_until_the_next_whole_second_or_the_expiry():
+    cache = Cache(max_entries=3, max_bytes=10_000, counters=Counter())
+    cache.put((b"a", 1), CacheEntry(0, 0, 0, b"", (), (), 120, 1000.0))
+    assert cache.same_until((b"a", 1), 1000.4) == 1001.0
+    assert cache.same_until((b"a", 1), 1005.9) == 1006.0
+    assert cache.same_until((b"a", 1), 1119.5) == 1120.0
+    assert cache.same_until((b"b", 1), 1000.0) == 0.0
+
+
 def reassemble(name: str, body: wire.Body) -> dns.message.Message:
     query = wire.parse_query(dns.message.make_query(name, "A").to_wire())
     return dns.message.from_wire(wire.assemble(query, body, 65535))
