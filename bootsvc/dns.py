@@ -350,7 +350,7 @@ class DnsService(Service):
 
     async def _tcp_client(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")[0]
+        peer = (writer.get_extra_info("peername") or ("unknown",))[0]
         if self._tcp_clients >= self.options.tcp_clients:
             self.counters["dropped_tcp_busy"] += 1
             writer.close()
