@@ -221,9 +221,7 @@ class DnsService(Service):
             self.counters["answered_local"] += 1
             reply = wire.assemble(query, body, size)
             if memo_key is not None:
-                if len(self._memo) >= self.options.memo_entries:
-                    self._memo.clear()
-                self._memo[memo_key] = reply[2:]
+                self._keep(self._memo, memo_key, reply[2:])
             return reply
         now = time.monotonic()
         key = (query.qname, query.qtype)
@@ -233,9 +231,7 @@ class DnsService(Service):
             reply = wire.assemble(query, body, size)
             # Kept until its TTLs would count down by one (or the entry expires).
             if memo_key is not None:
-                if len(self._hit_memo) >= self.options.memo_entries:
-                    self._hit_memo.clear()
-                self._hit_memo[memo_key] = (reply[2:], self.cache.same_until(key, now))
+                self._keep(self._hit_memo, memo_key, (reply[2:], self.cache.same_until(key, now)))
             return reply
         self.counters["cache_miss"] += 1
         if not self.forwarder.upstreams or len(self._tasks) >= self.options.max_forwarding:
@@ -243,6 +239,11 @@ class DnsService(Service):
                           else "servfail_busy"] += 1
             return wire.assemble(query, SERVFAIL, size)
         return self._forward(query, size)
+
+    def _keep(self, memo: dict, key: bytes, value: object) -> None:
+        if len(memo) >= self.options.memo_entries:    # random names cannot grow it
+            memo.clear()
+        memo[key] = value
 
     async def _forward(self, query: wire.Query, size: int) -> bytes:
         body = await self.forwarder.resolve(query.qname, query.qtype)
