@@ -1,0 +1,387 @@
+"""The DNS service: authoritative for the cluster's zones (`dns_zone`), cache-only forwarding
+for everything else (`dns_cache`), on UDP and TCP at the replica's address.
+
+Per UDP datagram the hot path is: token bucket of the source, `dns_wire.parse_query`, one dict
+lookup in the zones or the cache, `dns_wire.assemble` (header, the client's question, the
+precomputed body) and `sendto`; no dnspython object is built. Queries the strict parser does
+not take go to dnspython's parser (`_slow_path`) and then the same tables. A cache miss becomes
+a task that asks the upstreams and answers when it is done. Malformed queries get FORMERR when
+the header is readable and is not a response, otherwise they are dropped; both are counted by
+reason and logged once per source. Per-source rate limiting (token buckets in a bounded table)
+runs before any parsing, so a flood from one address costs a dict lookup per datagram and
+cannot starve the others.
+
+Start one from a test or the daemon with
+
+    service = DnsService(replica, cluster, DnsService.Options(port=5353))
+    await service.start(); ...; service.reload(newer_cluster); ...; await service.stop()
+
+Imports the model, `dns_wire`, `dns_zone` and `dns_cache`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import re
+import socket
+import struct
+import time
+from collections.abc import Awaitable
+
+import dns.exception
+import dns.message
+import dns.opcode
+import dns.rcode
+from virtualinux.vvcm import Cluster
+
+from . import dns_wire as wire
+from .dns_cache import Cache, Forwarder, Upstream
+from .dns_zone import ClusterZones
+from .service import Replica, Service
+
+log = logging.getLogger(__name__)
+
+DRAIN_BATCH = 64                 # datagrams per wake-up of the event loop before others run
+MAX_QUERY = 4096                 # a DNS query is a few dozen octets; longer ones are garbage
+TCP_MAX = 65535
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+LOG_ONCE_LIMIT = 4096
+REFUSED = wire.Body(wire.REFUSED, 0, 0, 0, b"")
+SERVFAIL = wire.Body(wire.SERVFAIL, 0, 0, 0, b"")
+
+
+class RateLimiter:
+    """A token bucket per source address: `rate` queries a second, bursts of `burst`. The
+    table holds at most `max_sources`; when full, buckets that have refilled (idle sources)
+    go first, then the oldest half."""
+
+    def __init__(self, rate: int, burst: int, max_sources: int):
+        self.rate, self.burst, self.max_sources = float(rate), float(max(burst, 1)), max_sources
+        self._buckets: dict[str, list[float]] = {}
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def allow(self, source: str, now: float) -> bool:
+        bucket = self._buckets.get(source)
+        if bucket is None:
+            if len(self._buckets) >= self.max_sources:
+                self._prune(now)
+            self._buckets[source] = [self.burst - 1, now]
+            return True
+        tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+        bucket[1] = now
+        if tokens < 1:
+            bucket[0] = tokens
+            return False
+        bucket[0] = tokens - 1
+        return True
+
+    def _prune(self, now: float) -> None:
+        refill = self.burst / self.rate
+        self._buckets = {source: bucket for source, bucket in self._buckets.items()
+                         if now - bucket[1] < refill}
+        if len(self._buckets) >= self.max_sources:
+            keep = list(self._buckets.items())[self.max_sources // 2:]
+            self._buckets = dict(keep)
+
+
+class DnsService(Service):
+    name = "dns"
+
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        port: int = 53
+        rate_limit: int = 2000          # queries a second per source address; 0: no limit
+        rate_burst: int = 4000
+        rate_sources: int = 65536       # token buckets kept
+        cache_entries: int = 100_000
+        cache_bytes: int = 64 << 20
+        max_ttl: int = 86400
+        upstream_port: int = 53
+        upstream_timeout_ms: int = 1500  # per upstream, then the next one is asked
+        max_forwarding: int = 1024      # cache misses in flight; more are answered SERVFAIL
+        tcp_clients: int = 256
+        tcp_idle_s: int = 10
+        memo_entries: int = 65536       # UDP local answers kept by query bytes (see _drain)
+        receive_buffer: int = 4 << 20   # UDP socket buffer for bursts; 0: the kernel's default
+
+    def __init__(self, replica: Replica, cluster: Cluster, options: Options | None = None,
+                 **overrides: int):
+        super().__init__(replica, cluster)
+        # `overrides` are the `port=`/`--set` integers bootsvc.standalone passes today.
+        self.options = dataclasses.replace(options or self.Options(), **overrides)
+        self.port = self.options.port
+        self.zones = ClusterZones(cluster)
+        self.cache = Cache(self.options.cache_entries, self.options.cache_bytes, self.counters)
+        self.forwarder = Forwarder(self.cache, self.counters,
+                                   self.options.upstream_timeout_ms / 1000, self.options.max_ttl)
+        self.forwarder.upstreams = self._upstreams(cluster)
+        self.limiter = (RateLimiter(self.options.rate_limit, self.options.rate_burst,
+                                    self.options.rate_sources)
+                        if self.options.rate_limit > 0 else None)
+        self._udp: socket.socket | None = None
+        self._tcp: asyncio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._tcp_clients = 0
+        self._logged: set[str] = set()
+        # A local answer is a pure function of the query's bytes after the ID and of the
+        # generation: the last `memo_entries` are kept whole, so a repeated query costs one
+        # dict lookup (random names cannot grow it: it is cleared when full).
+        self._memo: dict[bytes, bytes] = {}
+        # The same for cache hits, each until its TTLs would change (at most a second).
+        self._hit_memo: dict[bytes, tuple[bytes, float]] = {}
+
+    def _upstreams(self, cluster: Cluster) -> tuple[Upstream, ...]:
+        servers = cluster.settings.upstream_dns if cluster.settings else ()
+        return tuple(Upstream(address, self.options.upstream_port) for address in servers)
+
+    # -- life cycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        address = str(self.replica.address)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            buffer = self.options.receive_buffer
+            try:   # past net.core.rmem_max, which root may do: room for a burst
+                if buffer:
+                    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, buffer)
+            except PermissionError:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
+            sock.bind((address, self.port))
+            self.port = sock.getsockname()[1]
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._udp = sock
+        self._loop = asyncio.get_running_loop()
+        self._tcp = await asyncio.start_server(self._tcp_client, address, self.port,
+                                               reuse_address=True)
+        self._loop.add_reader(sock.fileno(), self._drain)
+        log.info("dns on %s:%d (udp, tcp): %d names in %d zones, upstreams %s (gen %d)",
+                 address, self.port, len(self.zones.names), len(self.zones.zones),
+                 ", ".join(map(str, self.forwarder.upstreams)) or "none", self.zones.generation)
+
+    async def stop(self) -> None:
+        if self._udp is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(self._udp.fileno())
+            self._udp.close()
+            self._udp = None
+        if self._tcp is not None:
+            self._tcp.close()
+            self._tcp = None
+        for task in list(self._tasks):
+            task.cancel()
+        self._tasks.clear()
+
+    def reload(self, cluster: Cluster) -> None:
+        zones = ClusterZones(cluster)       # built whole, then swapped: no query sees a mix
+        self.zones = zones
+        self._memo, self._hit_memo = {}, {}     # a forwarded name may be ours from now on
+        self.forwarder.upstreams = self._upstreams(cluster)
+        super().reload(cluster)
+
+    def details(self) -> dict[str, object]:
+        hits, misses = self.counters["cache_hit"], self.counters["cache_miss"]
+        return {"generation": self.zones.generation, "zones": [str(z) for z in self.zones.origins],
+                "names": len(self.zones.names), "cache_entries": len(self.cache),
+                "cache_bytes": self.cache.bytes,
+                "hit_ratio": round(hits / (hits + misses), 4) if hits + misses else None,
+                "upstreams": [str(u) for u in self.forwarder.upstreams],
+                "rate_table_sources": len(self.limiter) if self.limiter else 0}
+
+    # -- answering -------------------------------------------------------------------------------
+
+    def respond(self, data: bytes, source: str, udp: bool) -> bytes | None | Awaitable[bytes]:
+        """The reply to one query (cut to the client's UDP size when `udp`), None to drop it,
+        or an awaitable reply when upstreams must be asked."""
+        self.counters["queries"] += 1
+        try:
+            query = wire.parse_query(data)
+        except wire.Unusual:
+            return self._slow_path(data, source, udp)
+        except wire.MalformedQuery as err:
+            return self._malformed(data, err.reason, source, str(err))
+        return self._answer(query, udp, data[2:] if udp else None)
+
+    def _answer(self, query: wire.Query, udp: bool, memo_key: bytes | None = None
+                ) -> bytes | Awaitable[bytes]:
+        size = wire.udp_limit(query) if udp else TCP_MAX
+        if query.qclass != wire.CLASS_IN:
+            self.counters["refused_class"] += 1
+            return wire.assemble(query, REFUSED, size)
+        body = self.zones.lookup(query.qname, query.qtype)
+        if body is not None:
+            self.counters["answered_local"] += 1
+            reply = wire.assemble(query, body, size)
+            if memo_key is not None:
+                self._keep(self._memo, memo_key, reply[2:])
+            return reply
+        now = time.monotonic()
+        key = (query.qname, query.qtype)
+        body = self.cache.get(key, now)
+        if body is not None:
+            self.counters["cache_hit"] += 1
+            reply = wire.assemble(query, body, size)
+            # Kept until its TTLs would count down by one (or the entry expires).
+            if memo_key is not None:
+                self._keep(self._hit_memo, memo_key, (reply[2:], self.cache.same_until(key, now)))
+            return reply
+        self.counters["cache_miss"] += 1
+        if not self.forwarder.upstreams or len(self._tasks) >= self.options.max_forwarding:
+            self.counters["servfail_no_upstream" if not self.forwarder.upstreams
+                          else "servfail_busy"] += 1
+            return wire.assemble(query, SERVFAIL, size)
+        return self._forward(query, size)
+
+    def _keep(self, memo: dict, key: bytes, value: object) -> None:
+        if len(memo) >= self.options.memo_entries:    # random names cannot grow it
+            memo.clear()
+        memo[key] = value
+
+    async def _forward(self, query: wire.Query, size: int) -> bytes:
+        body = await self.forwarder.resolve(query.qname, query.qtype)
+        return wire.assemble(query, body, size)
+
+    def _slow_path(self, data: bytes, source: str, udp: bool) -> bytes | None | Awaitable[bytes]:
+        """dnspython's parser for what the fast one does not read; then the same tables."""
+        self.counters["slow_path"] += 1
+        try:
+            message = dns.message.from_wire(data)
+        except dns.exception.DNSException as err:
+            return self._malformed(data, _snake(type(err).__name__), source, str(err))
+        if message.opcode() != dns.opcode.QUERY:
+            return self._rcode_reply(message, dns.rcode.NOTIMP, "notimp")
+        if len(message.question) != 1:
+            return self._malformed(data, "question_count", source,
+                                   f"{len(message.question)} questions")
+        if message.edns > 0:
+            return self._rcode_reply(message, dns.rcode.BADVERS, "badvers")
+        question = message.question[0]
+        qname = question.name.to_wire()
+        query = wire.Query(message.id, message.flags, qname.lower(), question.rdtype,
+                           question.rdclass, qname + struct.pack(">HH", question.rdtype,
+                                                                     question.rdclass),
+                           max(message.payload, wire.MAX_UDP_PLAIN) if message.edns == 0 else 0)
+        return self._answer(query, udp)
+
+    def _rcode_reply(self, message: dns.message.Message, rcode: dns.rcode.Rcode,
+                     counter: str) -> bytes:
+        self.counters[counter] += 1
+        reply = dns.message.make_response(message)
+        reply.set_rcode(rcode)
+        return reply.to_wire()
+
+    def _malformed(self, data: bytes, reason: str, source: str, detail: str) -> bytes | None:
+        reply = wire.error_reply(data, wire.FORMERR)
+        if reply is None:
+            self.counters["dropped_" + reason] += 1
+        else:
+            self.counters["formerr"] += 1
+            self.counters["formerr_" + reason] += 1
+        if source not in self._logged and len(self._logged) < LOG_ONCE_LIMIT:
+            self._logged.add(source)
+            log.warning("malformed query from %s (%s): %s; %s (further ones from there are "
+                        "only counted)", source, reason, detail,
+                        "FORMERR" if reply else "dropped")
+        return reply
+
+    # -- UDP -------------------------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        sock, limiter, memo, counters = self._udp, self.limiter, self._memo, self.counters
+        now = time.monotonic()
+        hit_memo = self._hit_memo
+        for _ in range(DRAIN_BATCH):
+            try:
+                data, source = sock.recvfrom(MAX_QUERY)
+            except BlockingIOError:
+                return
+            except OSError as err:
+                self.counters["receive_errors"] += 1
+                log.debug("dns receive error: %s", err)
+                return
+            if limiter is not None and not limiter.allow(source[0], now):
+                self.counters["rate_limited"] += 1
+                continue
+            key = data[2:]
+            tail = memo.get(key)
+            if tail is not None:
+                counters["queries"] += 1
+                counters["answered_local"] += 1
+                self._send(data[:2] + tail, source)
+                continue
+            hit = hit_memo.get(key)
+            if hit is not None and now < hit[1]:
+                counters["queries"] += 1
+                counters["cache_hit"] += 1
+                self._send(data[:2] + hit[0], source)
+                continue
+            reply = self.respond(data, source[0], True)
+            if reply is None:
+                continue
+            if isinstance(reply, bytes):
+                self._send(reply, source)
+            else:
+                task = asyncio.ensure_future(self._send_later(reply, source))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _send_later(self, reply: Awaitable[bytes], source: tuple[str, int]) -> None:
+        self._send(await reply, source)
+
+    def _send(self, reply: bytes, destination: tuple[str, int]) -> None:
+        if self._udp is None:
+            return
+        try:
+            self._udp.sendto(reply, destination)
+        except BlockingIOError:
+            self.counters["dropped_send_buffer_full"] += 1
+        except OSError as err:
+            self.counters["send_errors"] += 1
+            log.debug("dns send to %s failed: %s", destination[0], err)
+
+    # -- TCP -------------------------------------------------------------------------------------
+
+    async def _tcp_client(self, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+        peer = (writer.get_extra_info("peername") or ("unknown",))[0]
+        if self._tcp_clients >= self.options.tcp_clients:
+            self.counters["dropped_tcp_busy"] += 1
+            writer.close()
+            return
+        self._tcp_clients += 1
+        self.counters["tcp_connections"] += 1
+        try:
+            while True:
+                async with asyncio.timeout(self.options.tcp_idle_s):
+                    length = int.from_bytes(await reader.readexactly(2), "big")
+                    data = await reader.readexactly(length)
+                if self.limiter is not None and not self.limiter.allow(peer, time.monotonic()):
+                    self.counters["rate_limited"] += 1
+                    continue
+                reply = self.respond(data, peer, False)
+                if reply is not None and not isinstance(reply, bytes):
+                    reply = await reply
+                if reply is None:
+                    continue
+                writer.write(len(reply).to_bytes(2, "big") + reply)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+            pass
+        finally:
+            self._tcp_clients -= 1
+            writer.close()
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+SERVICE = DnsService
