@@ -20,7 +20,13 @@ DEFAULT_NETBOOT_ROOT = Path("/var/lib/virtualinux/netboot/current")
 
 
 def register(nouns: argparse._SubParsersAction) -> None:
-    parser = nouns.add_parser("bootsvc", help="the replicated boot services (DHCP, TFTP, ...)")
+    parser = nouns.add_parser(
+        "bootsvc", help="the replicated boot services (DHCP, TFTP, ...)",
+        description="Run this machine's boot-service replica (DHCP, TFTP, HTTP, ...), read "
+                    "its counters, list the unknown machines it has seen.")
+    parser.add_shared_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
+                               metavar="DIR", help=f"the replica's status file "
+                                                   f"(default: {DEFAULT_STATE_DIR})")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     run = verbs.add_parser("run", help="run this replica's boot services until SIGTERM")
@@ -34,8 +40,6 @@ def register(nouns: argparse._SubParsersAction) -> None:
                           "(the lab runs replicas beside the nodes)")
     run.add_argument("--services", default="dhcp", type=_services, metavar="NAME,...",
                      help=f"services to run, any of {','.join(SERVICE_NAMES)} (default: dhcp)")
-    run.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR",
-                     help=f"where the counters are written (default: {DEFAULT_STATE_DIR})")
     run.add_argument("--netboot-root", type=Path, default=DEFAULT_NETBOOT_ROOT, metavar="DIR",
                      help=f"the netboot tree TFTP and HTTP serve "
                           f"(default: {DEFAULT_NETBOOT_ROOT})")
@@ -43,16 +47,14 @@ def register(nouns: argparse._SubParsersAction) -> None:
                      help="how often to look for a new database generation (default: 1)")
     run.add_argument("--quiet", action="store_true",
                      help="do not log every answer (DHCPACK ...), only problems")
-    run.set_defaults(handler=cmd_run)
+    run.set_defaults(handler=cmd_run, logs_events=True)
 
     status = verbs.add_parser("status", help="the counters of a running replica")
-    status.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR")
     add_json_flag(status)
     status.set_defaults(handler=cmd_status)
 
     found = verbs.add_parser("discovered",
                              help="unknown MACs this replica answered from the discovery pool")
-    found.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR")
     add_json_flag(found)
     found.set_defaults(handler=cmd_discovered)
 

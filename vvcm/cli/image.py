@@ -19,9 +19,9 @@ def register(nouns: argparse._SubParsersAction) -> None:
     parser = nouns.add_parser("image", help="node, guest and lab images",
                               description="Build images (cached by the hash of their inputs) "
                                           "and look at the ones built.")
-    parser.add_argument("--cache", type=Path, metavar="DIR",
+    parser.add_shared_argument("--cache", type=Path, metavar="DIR",
                         help="image cache (default: $VLX_IMAGE_CACHE or "
-                             f"{cache.DEFAULT_ROOT})")
+                                    f"{cache.DEFAULT_ROOT})")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     build = verbs.add_parser("build", help="build an image, or reuse the cached build")
@@ -56,8 +56,7 @@ def register(nouns: argparse._SubParsersAction) -> None:
 
 def cmd_build(args: argparse.Namespace) -> int:
     if args.kind not in KINDS:
-        raise VlxError(f"unknown image kind {args.kind!r} (choose from {', '.join(KINDS)})",
-                       "vlx image build")
+        raise VlxError(f"unknown image kind {args.kind!r} (choose from {', '.join(KINDS)})")
     if args.kind == "tiny":
         print(build_tiny(out_dir=args.out, cache_dir=args.cache))
         return 0
@@ -90,8 +89,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     matches = [(entry, manifest) for entry, manifest in found
                if args.name in (manifest.get("kind"), manifest.get("key"), entry.name)]
     if not matches:
-        raise VlxError(f"no cached image named {args.name!r} (see `vlx image list`)",
-                       "vlx image show")
+        raise VlxError(f"no cached image named {args.name!r} (see `vlx image list`)")
     entry, manifest = matches[-1]
     if args.json:
         print_json({"path": str(entry), **manifest})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,7 +31,14 @@ LAB_KERNEL_ARGS = ("console=ttyS0",)
 
 def register(nouns: argparse._SubParsersAction) -> None:
     parser = nouns.add_parser("lab", help="the virtual lab: QEMU nodes PXE-booting from "
-                                          "replicated boot services")
+                                          "replicated boot services",
+                              description="Bring up, inspect and remove the virtual lab: QEMU "
+                                          "nodes PXE-booting from replicated boot services in "
+                                          "network namespaces.")
+    default = Path(os.environ.get("VLX_LAB_DIR") or plan.DEFAULT_STATE_DIR)
+    parser.add_shared_argument("--state-dir", type=Path, default=default, metavar="DIR",
+                               help=f"where the lab keeps its record, database and logs "
+                                    f"(default: $VLX_LAB_DIR or {plan.DEFAULT_STATE_DIR})")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     up = verbs.add_parser("up", help="make the lab network, start the replicas, boot the nodes")
@@ -51,11 +59,9 @@ def register(nouns: argparse._SubParsersAction) -> None:
                          f"(default: {DEFAULT_TIMEOUT:g})")
     up.add_argument("--no-wait", action="store_true",
                     help="return once the nodes are powered on")
-    _state_dir_flag(up)
     up.set_defaults(handler=cmd_up)
 
     status = verbs.add_parser("status", help="the lab's nodes and replicas")
-    _state_dir_flag(status)
     add_json_flag(status)
     status.set_defaults(handler=cmd_status)
 
@@ -65,19 +71,10 @@ def register(nouns: argparse._SubParsersAction) -> None:
                       help="attach to the serial port instead (type into it; Ctrl-] detaches)")
     cons.add_argument("--no-follow", action="store_true",
                       help="print the serial log so far and return")
-    _state_dir_flag(cons)
     cons.set_defaults(handler=cmd_console)
 
     down = verbs.add_parser("down", help="remove everything the lab made")
-    _state_dir_flag(down)
     down.set_defaults(handler=cmd_down)
-
-
-def _state_dir_flag(parser: argparse.ArgumentParser) -> None:
-    default = Path(os.environ.get("VLX_LAB_DIR") or plan.DEFAULT_STATE_DIR)
-    parser.add_argument("--state-dir", type=Path, default=default, metavar="DIR",
-                        help=f"where the lab keeps its record, database and logs "
-                             f"(default: $VLX_LAB_DIR or {plan.DEFAULT_STATE_DIR})")
 
 
 def _cluster_to_boot(args: argparse.Namespace) -> tuple[Cluster, str]:
@@ -127,13 +124,13 @@ def cmd_up(args: argparse.Namespace) -> int:
           f"state in {state_dir}", flush=True)
     running = lab.start(layout, fill, render_tree, services)
     if args.no_wait:
-        print("nodes powered on; `vlx lab status` follows them")
+        print(f"nodes powered on; `{_hint(args, 'status')}` follows them")
         return 0
     display = ProgressDisplay([p.node.name for p in layout.nodes], sys.stdout)
     try:
         watcher = running.wait(args.timeout, "ready", display.show)
     except KeyboardInterrupt:
-        print("\nstopped waiting; the lab stays up (`vlx lab down` removes it)")
+        print(f"\nstopped waiting; the lab stays up (`{_hint(args, 'down')}` removes it)")
         return 130
     display.finish()
     print()
@@ -141,11 +138,24 @@ def cmd_up(args: argparse.Namespace) -> int:
     late = [node.name for node in watcher.nodes.values() if node.phase != "ready"]
     if late:
         print(f"\nnot ready after {args.timeout:g} s: {', '.join(late)}; the lab stays up for "
-              "a look (`vlx lab console NODE`), `vlx lab down` removes it", file=sys.stderr)
+              f"a look (`{_hint(args, 'console NODE')}`), `{_hint(args, 'down')}` removes it",
+              file=sys.stderr)
         return 1
-    print(f"\nthe lab is up: `vlx lab console {layout.nodes[0].node.name}`, "
-          "`vlx lab status`, `vlx lab down`")
+    print(f"\nthe lab is up: `{_hint(args, 'console ' + layout.nodes[0].node.name)}`, "
+          f"`{_hint(args, 'status')}`, `{_hint(args, 'down')}`")
     return 0
+
+
+def _hint(args: argparse.Namespace, verb: str) -> str:
+    """A `vlx lab VERB` command line that works as printed: the program as this shell finds
+    it (bare `vlx` when that is the one on PATH), and the state directory if not the default."""
+    program = sys.argv[0] if sys.argv and os.path.basename(sys.argv[0]) == "vlx" else "vlx"
+    on_path = shutil.which("vlx")
+    if on_path and os.path.realpath(on_path) == os.path.realpath(program):
+        program = "vlx"
+    default = Path(os.environ.get("VLX_LAB_DIR") or plan.DEFAULT_STATE_DIR)
+    where = "" if args.state_dir == default else f" --state-dir {args.state_dir}"
+    return f"{program} lab {verb}{where}"
 
 
 def _copy_of(cluster: Cluster, old: Cluster) -> Cluster:
