@@ -21,7 +21,7 @@ import signal
 import subprocess
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -39,6 +39,7 @@ DISK_LUN = 1
 READY_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
 PARALLEL_TGTADM = 4
+WATCH_INTERVAL = 1.0
 
 
 class TgtDown(VlxError):
@@ -498,9 +499,75 @@ def serve(cluster: Cluster, portal: str, control_port: int, netns: str | None = 
 
 
 def sync_if_served(cluster: Cluster, volumes: Sequence[Volume], force: bool = False,
-                   directory: Path | None = None) -> None:
-    """After a database change: update the running tgtd of every portal these volumes name."""
+                   directory: Path | None = None) -> list[str]:
+    """After a database change: update the running tgtd of every portal these volumes name.
+    Returns the portals no tgtd serves (never started, or stopped): their change is only
+    recorded, and `serve` makes it when it starts one."""
+    unserved = []
     for portal in sorted({v.portal for v in volumes if v.portal}):
         daemon = running_daemon(portal, directory)
-        if daemon is not None:
+        if daemon is None:
+            unserved.append(portal)
+        else:
             sync(daemon.admin, cluster, portal, force=force)
+    return unserved
+
+
+def watch(daemon: Daemon, load_cluster: Callable[[], Cluster], stopping: Callable[[], bool],
+          directory: Path | None = None, interval: float = WATCH_INTERVAL) -> None:
+    """Keep `daemon`'s portal served until `stopping()`: a tgtd that dies is restarted with
+    every export the database records (read afresh each time). tgtd is stopped at the end."""
+    portal, control_port, netns = daemon.portal, daemon.control_port, daemon.netns
+    try:
+        while not stopping():
+            time.sleep(interval)
+            if daemon.alive():
+                continue
+            log.warning("tgtd pid %d died: restarting it with its exports", daemon.pid)
+            try:
+                daemon, added, _ = serve(load_cluster(), portal, control_port, netns, directory)
+            except VlxError as err:  # keep watching: the next round tries again
+                log.error("restart failed: %s", err)
+                daemon = recorded_daemon(portal, directory) or daemon
+                continue
+            log.info("tgtd pid %d restored %d targets", daemon.pid, added)
+    finally:
+        stop(daemon, directory)
+
+
+@dataclasses.dataclass(frozen=True)
+class PortalStatus:
+    """One portal as `vlx storage status` shows it: the tgtd recorded for it (if any), and the
+    exports the database records for it."""
+
+    portal: str
+    state: str                   # "running", "dead", or "no tgtd" (never started, or stopped)
+    pid: int | None
+    control_port: int | None
+    listening: tuple[str, ...]
+    exports: int                 # what the database exports on this portal
+    targets: int                 # what tgtd serves
+    sessions: int
+    missing: tuple[str, ...]     # IQNs the database exports and tgtd does not serve
+
+
+def portal_status(cluster: Cluster, directory: Path | None = None) -> list[PortalStatus]:
+    """Every portal that has a recorded tgtd or an export in the database."""
+    daemons = {daemon.portal: daemon for daemon in recorded_daemons(directory)}
+    portals = sorted(set(daemons) | {v.portal for v in cluster.volumes if v.portal and v.iqn})
+    rows = []
+    for portal in portals:
+        wanted = wanted_exports(cluster, portal)
+        daemon = daemons.get(portal)
+        alive = daemon is not None and daemon.alive()
+        targets = daemon.admin.targets() if alive else {}
+        rows.append(PortalStatus(
+            portal=portal,
+            state="running" if alive else "dead" if daemon else "no tgtd",
+            pid=daemon.pid if daemon else None,
+            control_port=daemon.control_port if daemon else None,
+            listening=tuple(daemon.listening()) if alive else (),
+            exports=len(wanted), targets=len(targets),
+            sessions=sum(t.sessions for t in targets.values()),
+            missing=tuple(sorted(set(wanted) - set(targets)))))
+    return rows

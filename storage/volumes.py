@@ -71,6 +71,50 @@ def add_golden(db: Database, name: str, image: Path, backend: str, pool: str) ->
     return volume
 
 
+def owners_of(cluster: Cluster, spec: str | None) -> list[tuple[str, str]]:
+    """(owner, "node"|"vm") pairs that `--for SPEC` names: "nodes" (also None), "vms",
+    "vc:NAME", or names of nodes/VMs separated by commas."""
+    node_names = [node.name for node in cluster.nodes]
+    vm_names = [vm.name for vm in cluster.vms]
+    if spec in (None, "nodes"):
+        return [(name, "node") for name in node_names]
+    if spec == "vms":
+        return [(name, "vm") for name in vm_names]
+    if spec.startswith("vc:"):
+        return [(vm.name, "vm") for vm in cluster.vms_of(cluster.vc(spec[3:]).name)]
+    candidates = []
+    for name in (part.strip() for part in spec.split(",")):
+        if name in node_names:
+            candidates.append((name, "node"))
+        elif name in vm_names:
+            candidates.append((name, "vm"))
+        else:
+            raise VlxError(f"--for {spec}: {name!r} is neither a node nor a VM")
+    return candidates
+
+
+def removal_names(cluster: Cluster, names: Sequence[str], snapshots_of: str | None = None,
+                  owners: str | None = None) -> list[str]:
+    """The volumes `vlx volume remove NAME... [--snapshots-of GOLDEN] [--for WHO]` means:
+    the named ones, every snapshot of GOLDEN, and every volume owned by whom `--for` names
+    (`vc:NAME`: the VC's VM disks), each once."""
+    chosen = list(dict.fromkeys(names))
+    for name in chosen:
+        cluster.volume(name)
+    if snapshots_of:
+        cluster.volume(snapshots_of)
+        chosen += [v.name for v in cluster.volumes if v.origin == snapshots_of]
+    if owners:
+        whose = {owner for owner, _ in owners_of(cluster, owners)}
+        chosen += [v.name for v in cluster.volumes if v.owner in whose]
+    chosen = list(dict.fromkeys(chosen))
+    if not chosen:
+        if names or snapshots_of or owners:
+            return []
+        raise VlxError("name the volumes to remove (or --snapshots-of GOLDEN, --for WHO)")
+    return chosen
+
+
 def choose_owners(cluster: Cluster, golden: str, count: int | None,
                   spec: str | None) -> list[tuple[str, str]]:
     """(owner, "node"|"vm") pairs to snapshot `golden` for.
@@ -78,23 +122,7 @@ def choose_owners(cluster: Cluster, golden: str, count: int | None,
     `spec`: "nodes", "vms", "vc:NAME", or names of nodes/VMs separated by commas (default:
     nodes). With `count`, the first `count` of those that have no snapshot of `golden` yet.
     """
-    node_names = [node.name for node in cluster.nodes]
-    vm_names = [vm.name for vm in cluster.vms]
-    if spec in (None, "nodes"):
-        candidates = [(name, "node") for name in node_names]
-    elif spec == "vms":
-        candidates = [(name, "vm") for name in vm_names]
-    elif spec.startswith("vc:"):
-        candidates = [(vm.name, "vm") for vm in cluster.vms_of(cluster.vc(spec[3:]).name)]
-    else:
-        candidates = []
-        for name in (part.strip() for part in spec.split(",")):
-            if name in node_names:
-                candidates.append((name, "node"))
-            elif name in vm_names:
-                candidates.append((name, "vm"))
-            else:
-                raise VlxError(f"--for {spec}: {name!r} is neither a node nor a VM")
+    candidates = owners_of(cluster, spec)
     if count is None:
         if spec is None:
             raise VlxError("say how many snapshots (--count N) or for whom (--for ...)")

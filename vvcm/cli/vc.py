@@ -6,11 +6,13 @@ import argparse
 from pathlib import Path
 
 from virtualinux.storage import backup as vc_backup
+from virtualinux.storage import volumes
 
 from .. import changes
 from ..fields import add_arguments, from_arguments, to_mapping
 from ..model import Cluster, VirtualCluster
 from .common import add_json_flag, database, print_json, print_table
+from .volume import print_removed
 
 
 def register(nouns: argparse._SubParsersAction) -> None:
@@ -33,6 +35,9 @@ def register(nouns: argparse._SubParsersAction) -> None:
 
     remove = verbs.add_parser("remove", help="remove a VC and its VMs")
     remove.add_argument("name")
+    remove.add_argument("--volumes", action="store_true",
+                        help="remove the VMs' volumes too (refused while one is exported); "
+                             "without it a VC that has volumes is refused")
     remove.set_defaults(handler=cmd_remove)
 
     backup = verbs.add_parser("backup", help="save a VC: its volumes (sparse, checksummed) "
@@ -96,8 +101,13 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    cluster = database(args).update("vc remove", args.name,
-                                    lambda cluster: changes.remove_vc(cluster, args.name))
+    db = database(args)
+    if args.volumes:
+        names = volumes.removal_names(db.load(), (), owners=f"vc:{args.name}")
+        if names:
+            print_removed(volumes.remove(db, names))
+    cluster = db.update("vc remove", args.name,
+                        lambda cluster: changes.remove_vc(cluster, args.name))
     print(f"removed {args.name} (generation {cluster.generation})")
     return 0
 

@@ -7,14 +7,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from virtualinux.storage import volumes
+from virtualinux.storage import tgt, volumes
 from virtualinux.storage.backend import BACKENDS
 from virtualinux.storage.naming import format_size, initiator_iqn, parse_size
 
-from ..errors import VlxError
 from ..fields import to_mapping
 from ..model import Cluster, Volume
-from .common import add_json_flag, database, print_json, print_table
+from .common import add_json_flag, database, name_range, plural, print_json, print_table
 
 
 def register(nouns: argparse._SubParsersAction) -> None:
@@ -62,6 +61,9 @@ def register(nouns: argparse._SubParsersAction) -> None:
     remove.add_argument("names", nargs="*", metavar="NAME")
     remove.add_argument("--snapshots-of", metavar="GOLDEN",
                         help="also every snapshot of GOLDEN")
+    remove.add_argument("--for", dest="owners", metavar="WHO",
+                        help="also every volume of these owners: nodes, vms, vc:NAME, or "
+                             "NAME,NAME,... of nodes or VMs")
     remove.set_defaults(handler=cmd_remove)
 
     grow = verbs.add_parser("grow", help="make a volume bigger")
@@ -110,9 +112,18 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     made = volumes.snapshot_volumes(database(args), args.golden, args.count, args.owners,
                                     args.suffix, args.portal, args.export)
     where = f", exported on {made[0].portal}" if made[0].portal else ""
-    print(f"made {len(made)} snapshots of {args.golden}: {made[0].name} .. {made[-1].name}"
-          f"{where}")
+    print(f"made {plural(len(made), 'snapshot')} of {args.golden}: "
+          f"{name_range([v.name for v in made])}{where}")
+    _say_if_unserved(made)
     return 0
+
+
+def _say_if_unserved(changed: list[Volume]) -> None:
+    """An export change on a portal no tgtd serves is only recorded: say so, and what serves it."""
+    for portal in sorted({v.portal for v in changed if v.portal}):
+        if tgt.recorded_daemon(portal) is None:
+            print(f"no tgtd serves {portal} yet: the export is recorded; `vlx storage serve "
+                  f"--portal {portal}` serves it")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -132,6 +143,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         print_json(data)
         return 0
+    data["size"] = format_size(data["size"])   # as `list` shows it; --json keeps bytes
     for key, value in data.items():
         print(f"{key + ':':<12}{value if value is not None else '-'}")
     return 0
@@ -139,18 +151,17 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_remove(args: argparse.Namespace) -> int:
     db = database(args)
-    names = list(args.names)
-    if args.snapshots_of:
-        cluster = db.load()
-        cluster.volume(args.snapshots_of)
-        names += [v.name for v in cluster.volumes
-                  if v.origin == args.snapshots_of and v.name not in names]
+    names = volumes.removal_names(db.load(), args.names, args.snapshots_of, args.owners)
     if not names:
-        raise VlxError("name the volumes to remove (or --snapshots-of GOLDEN)")
-    gone = volumes.remove(db, names)
-    print(f"removed {len(gone)} volumes: {', '.join(v.name for v in gone[:10])}"
-          f"{' ...' if len(gone) > 10 else ''}")
+        print(f"{args.owners} has no volumes: nothing to remove")
+        return 0
+    print_removed(volumes.remove(db, names))
     return 0
+
+
+def print_removed(gone: list[Volume]) -> None:
+    print(f"removed {plural(len(gone), 'volume')}: {', '.join(v.name for v in gone[:10])}"
+          f"{' ...' if len(gone) > 10 else ''}")
 
 
 def cmd_grow(args: argparse.Namespace) -> int:
@@ -165,6 +176,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     done = volumes.export(database(args), args.names, args.portal)
     for volume in done:
         print(f"exported {volume.name} as {volume.iqn} on {volume.portal}")
+    _say_if_unserved(done)
     return 0
 
 
