@@ -321,8 +321,8 @@ def test_nodes_attach_only_their_own_volume_over_iscsi_and_exports_survive_tgtd(
     result = qemu_io(client, target1, init1, "node1", node1.secret, f"read -P 0x5a {MIB} 65536")
     assert result.returncode == 0, result.stderr
     status = json.loads(vlx(capsys, "storage", "status", "--json")[1])
-    assert [(s["portal"], s["alive"], s["listening"], s["targets"], s["missing"])
-            for s in status] == [(PORTAL, True, [PORTAL], 2, [])]
+    assert [(s["portal"], s["state"], s["listening"], s["targets"], s["missing"])
+            for s in status] == [(PORTAL, "running", [PORTAL], 2, [])]
 
     # A volume a node is logged in to is not unexported unless forced.
     options = (f"driver=iscsi,transport=tcp,portal={PORTAL},target={target2},lun=1,"
@@ -415,6 +415,35 @@ def test_serve_on_an_address_the_host_lacks_offers_no_volume_anywhere(san, btrfs
     probe = client.run([sys.executable, "-c", "import socket; socket.create_connection("
                         "('198.18.0.11', 3260), timeout=5)"], check=False)
     assert probe.returncode != 0 and "ConnectionRefusedError" in probe.stderr
+
+
+def test_exports_with_no_tgtd_are_recorded_and_said_so_and_stop_is_idempotent(
+        san, btrfs_pool, db_path, tmp_path, capsys):
+    server, _ = san
+    vlx(capsys, "db", "init")
+    vlx(capsys, "db", "import", str(EXAMPLE))
+    write_image(tmp_path / "node.raw", 4)
+    vlx(capsys, "volume", "golden", "add", "node", "--from", str(tmp_path / "node.raw"))
+    hint = (f"no tgtd serves {PORTAL} yet: the export is recorded; `vlx storage serve "
+            f"--portal {PORTAL}` serves it")
+    code, out, _ = vlx(capsys, "volume", "snapshot", "node", "--count", "2", "--export")
+    assert code == 0 and hint in out
+    code, out, err = vlx(capsys, "storage", "status")
+    assert code == 1
+    assert out.splitlines()[1].split() == [PORTAL, "-", "no", "tgtd", "-", "2", "0", "0", "2"]
+    assert f"portal {PORTAL}: 2 exports, no tgtd" in err
+    port = str(31300 + os.getpid() % 300)
+    assert vlx(capsys, "storage", "serve", "--control-port", port, "--netns", server.name)[0] == 0
+    code, out, _ = vlx(capsys, "storage", "status")
+    assert code == 0 and out.splitlines()[1].split()[2:] == ["running", PORTAL, "2", "2", "0", "0"]
+    assert vlx(capsys, "storage", "stop")[:2] == (0, f"stopped tgtd for {PORTAL}\n")
+    assert vlx(capsys, "storage", "stop")[:2] == (
+        0, f"no tgtd runs for {PORTAL}: nothing to stop\n")
+    code, out, _ = vlx(capsys, "volume", "unexport", "node2-root")
+    assert code == 0
+    code, out, _ = vlx(capsys, "volume", "export", "node2-root")
+    assert code == 0 and hint in out
+    assert json.loads(vlx(capsys, "storage", "status", "--json")[1])[0]["state"] == "no tgtd"
 
 
 def test_a_lost_volume_does_not_keep_the_others_from_being_served(san, btrfs_pool, db_path,
