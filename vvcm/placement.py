@@ -42,8 +42,8 @@ def place(vc: VirtualCluster, vm_names: Sequence[str], nodes: Sequence[Node],
                    and memory[node.name] + vc.memory <= node.memory * settings.memory_overcommit]
         if not fitting:
             raise VlxError(f"VC {vc.name} does not fit in the cluster: {name} needs "
-                           f"{_amount(vc.vcpus, 'VCPU')} and {vc.memory} MiB on one node (the VC needs "
-                           f"{_amount(vc.vms * vc.vcpus, 'VCPU')} in all), and "
+                           f"{_amount(vc.vcpus, 'VCPU')} and {vc.memory} MiB on one node "
+                           f"(the VC needs {_amount(vc.vms * vc.vcpus, 'VCPU')} in all), and "
                            f"no node has both left; free{_after(vc, vm_names, result)} "
                            f"(cpu_overcommit "
                            f"{settings.cpu_overcommit:g}, memory_overcommit "
