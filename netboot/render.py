@@ -28,6 +28,7 @@ from . import layout, scripts
 log = logging.getLogger(__name__)
 
 IPXE_DIR = Path("/usr/lib/ipxe")
+DEFAULT_OUT = Path("/var/lib/virtualinux/netboot")
 CURRENT = "current"
 TREE_PREFIX = "gen-"
 KEEP_OLD_TREES = 1      # the previous tree stays for transfers that began before the swap
@@ -139,6 +140,11 @@ def render(cluster: Cluster, image_dir: Path, out: Path, kernel_args: Sequence[s
     log.info("netboot tree %s for generation %d (%s)", final.name, cluster.generation,
              "swapped in" if changed else "unchanged")
     return Rendered(final, cluster.generation, names, changed)
+
+
+def default_out() -> Path:
+    """Where trees live unless told: $VLX_NETBOOT or /var/lib/virtualinux/netboot."""
+    return Path(os.environ.get("VLX_NETBOOT") or DEFAULT_OUT)
 
 
 def current_tree(out: Path) -> Path | None:

@@ -167,10 +167,14 @@ def node_script(cluster: Cluster, node: Node, kernel_args: Sequence[str]) -> str
     return "\n".join(lines)
 
 
-def iscsi_initramfs(cluster: Cluster, node: Node) -> str | None:
+HIDDEN_SECRET = "(secret, not shown)"
+
+
+def iscsi_initramfs(cluster: Cluster, node: Node, show_secret: bool = True) -> str | None:
     """etc/iscsi.initramfs for initramfs-tools' open-iscsi hook, or None without a root volume.
 
     The hook sources this file with the shell, so every value is quoted: a secret is data.
+    `show_secret=False` renders the same file for a person to read, the password replaced.
     """
     volume = root_volume(cluster, node)
     if volume is None:
@@ -185,7 +189,7 @@ def iscsi_initramfs(cluster: Cluster, node: Node) -> str | None:
     credential = cluster.credential(node.name)
     if credential is not None:
         values["ISCSI_USERNAME"] = credential.username
-        values["ISCSI_PASSWORD"] = credential.secret
+        values["ISCSI_PASSWORD"] = credential.secret if show_secret else HIDDEN_SECRET
     return "".join(f"{key}={shlex.quote(value)}\n" for key, value in values.items())
 
 

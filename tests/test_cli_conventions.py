@@ -150,3 +150,37 @@ def test_the_readme_vc_define_example_works_on_the_example_cluster(cluster_db, c
     code, out, err = vlx(capsys, *argv)
     assert code == 0, err
     assert out.startswith("defined blue: blue-1@")
+
+
+def test_bootsvc_status_says_when_the_replica_serves_another_database(cluster_db, tmp_path,
+                                                                      capsys):
+    state = tmp_path / "replica"
+    state.mkdir()
+    (state / "status.json").write_text(json.dumps({
+        "state": "stopped", "pid": 0, "node": None, "interface": "eth0",
+        "address": "198.18.0.201", "generation": 3, "updated": "x", "reloads": 0,
+        "stale_generations_refused": 0, "services": {}, "database": "/elsewhere/cluster.db"}))
+    code, out, _ = vlx(capsys, "bootsvc", "status", "--state-dir", str(state))
+    assert code == 1
+    assert out.startswith(f"note: this replica serves /elsewhere/cluster.db, not {cluster_db}")
+    assert vlx(capsys, "bootsvc", "status", "--state-dir", str(state), "--json")[0] == 1
+
+
+def test_bootsvc_run_warns_of_a_netboot_tree_that_is_not_there(cluster_db, tmp_path, capsys,
+                                                               caplog):
+    from virtualinux.vvcm.cli.bootsvc import missing_tree_warning
+
+    # Said at start (the interface is made up, so it stops right after).
+    code, _, _ = vlx(capsys, "bootsvc", "run", "--interface", "nosuch0", "--services", "tftp",
+                     "--netboot-root", str(tmp_path / "none"))
+    assert code == 2
+    assert f"netboot tree {tmp_path}/none does not exist" in caplog.text
+
+    assert missing_tree_warning(("dhcp",), tmp_path / "none") is None
+    said = missing_tree_warning(("dhcp", "tftp", "http"), tmp_path / "none")
+    assert said.startswith(f"netboot tree {tmp_path}/none does not exist: tftp and http")
+    assert "vlx netboot render" in said
+    (tmp_path / "tree").mkdir()
+    assert "holds no boot.ipxe" in missing_tree_warning(("http",), tmp_path / "tree")
+    (tmp_path / "tree" / "boot.ipxe").write_text("#!ipxe\n")
+    assert missing_tree_warning(("http",), tmp_path / "tree") is None

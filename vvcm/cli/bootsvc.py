@@ -11,12 +11,15 @@ from pathlib import Path
 
 from virtualinux.bootsvc import daemon
 from virtualinux.bootsvc.service import SERVICE_NAMES, service_class
+from virtualinux.netboot import layout, render
 
 from ..errors import VlxError
 from .common import add_json_flag, database, print_json, print_table
 
+log = logging.getLogger("virtualinux.bootsvc")
+
 DEFAULT_STATE_DIR = Path("/run/virtualinux/bootsvc")
-DEFAULT_NETBOOT_ROOT = Path("/var/lib/virtualinux/netboot/current")
+DEFAULT_NETBOOT_ROOT = render.default_out() / render.CURRENT
 
 
 def register(nouns: argparse._SubParsersAction) -> None:
@@ -83,6 +86,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise VlxError(str(err), "--services") from None
     if args.poll <= 0:
         raise VlxError("must be more than 0 seconds", "--poll")
+    missing = missing_tree_warning(args.services, args.netboot_root)
+    if missing:
+        log.warning("%s", missing)
     db = database(args)
     cluster = db.load()
     replica = daemon.resolve_replica(cluster, args.interface, args.node, args.address,
@@ -101,11 +107,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def missing_tree_warning(services: tuple[str, ...], root: Path) -> str | None:
+    """What to say when TFTP or HTTP would serve a netboot tree that is not there."""
+    serving = [name for name in services if name in ("tftp", "http")]
+    if not serving or (root / layout.IPXE_SCRIPT).exists():
+        return None
+    what = "does not exist" if not root.exists() else f"holds no {layout.IPXE_SCRIPT}"
+    return (f"netboot tree {root} {what}: {' and '.join(serving)} will answer 'not found' "
+            "until `vlx netboot render` makes it (or name another with --netboot-root)")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     status = daemon.read_status(args.state_dir)
+    code = 0 if status["state"] == "running" else 1   # the same with and without --json
     if args.json:
         print_json(status)
-        return 0
+        return code
+    ours = database(args).path
+    if status.get("database") and Path(status["database"]).resolve() != ours.resolve():
+        print(f"note: this replica serves {status['database']}, not {ours} (--db/VLX_DB)")
     node = status.get("node") or "(not a node)"
     print(f"{status['state']}: {node} on {status['interface']} ({status['address']}), "
           f"pid {status['pid']}, gen {status['generation']}, updated {status['updated']}")
@@ -117,7 +137,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if rows:
         print()
         print_table(("SERVICE", "COUNTER", "VALUE"), rows)
-    return 0 if status["state"] == "running" else 1
+    return code
 
 
 def cmd_discovered(args: argparse.Namespace) -> int:
