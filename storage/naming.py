@@ -40,7 +40,7 @@ def initiator_iqn(cluster_name: str, owner: str) -> str:
     """`iqn.2026-11.org.virtualinux:vlxlab.node1`: the initiator name `owner` (a node, or the
     host of a VM on its behalf) logs in with; the target's ACL admits only it.
 
-    netboot (`scripts.initiator_name`) derives the same name for the node it boots.
+    netboot (`scripts.iscsi_initramfs`) hands the node this very name.
     Initiator and target names live in separate iSCSI namespaces, so a volume that shared an
     owner's name would still not be confused with it.
     """

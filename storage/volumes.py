@@ -173,7 +173,10 @@ def snapshot_volumes(db: Database, golden_name: str, count: int | None = None,
         if export or portal:
             portal = parse_portal(portal) if portal else default_portal(cluster)
             tgt.running_daemon(portal)  # a dead tgtd fails here, before anything is made
-            _check_exportable(golden)
+            # The backend says whether tgt can serve its snapshots (qcow2 overlays: no).
+            store.export_path(Volume(name=names[0], kind="snapshot", backend=golden.backend,
+                                     path=store.path_for(names[0]), size=golden.size,
+                                     origin=golden.name))
         iqn_base = cluster_name(cluster) if portal else ""
         paths = store.snapshot(golden, names)
         made.extend(Volume(name=name, kind="snapshot", backend=golden.backend, path=path,
@@ -208,8 +211,7 @@ def export(db: Database, names: Sequence[str], portal: str | None = None) -> lis
             raise VlxError(f"volume {volume.name} has no owner to allow as initiator")
         if volume.portal and volume.portal != portal:
             raise VlxError(f"volume {volume.name} is exported on {volume.portal} already")
-        _check_exportable(volume)
-        backend_for(volume).export_path(volume)
+        backend_for(volume).export_path(volume)   # refuses what tgt cannot serve
     tgt.running_daemon(portal)
     exported = [dataclasses.replace(v, iqn=target_iqn(cluster_name(cluster), v.name),
                                     portal=portal) for v in volumes]
@@ -275,13 +277,6 @@ def grow(db: Database, name: str, size: int) -> Volume:
     grown = dataclasses.replace(volume, size=size)
     db.update("volume grow", f"{name} to {size}", lambda c: changes.put_volumes(c, [grown]))
     return grown
-
-
-def _check_exportable(volume: Volume) -> None:
-    if volume.backend == "qcow2":
-        raise VlxError(f"volume {volume.name} is a qcow2 overlay, which tgt cannot serve: "
-                       "qcow2 volumes are for libvirt guests; use reflink or lvm-thin for "
-                       "iSCSI")
 
 
 def _absent(cluster: Cluster, names: Sequence[str]) -> Cluster:

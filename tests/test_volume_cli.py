@@ -268,3 +268,9 @@ def test_show_gives_sizes_as_list_does_and_list_order_is_stable(cluster, pool, c
     assert vlx(capsys, "volume", "grow", "node1-root", "+4MiB")[0] == 0   # a replaced record
     names = [line.split()[0] for line in vlx(capsys, "volume", "list")[1].splitlines()[1:]]
     assert names == ["guest", "node1-root", "node2-root"]
+
+
+def test_snapshots_tgt_cannot_serve_are_not_made_when_asked_to_export(cluster, pool, capsys):
+    code, _, err = vlx(capsys, "volume", "snapshot", "guest", "--for", "node1", "--export")
+    assert code == 2 and "node1-root is a qcow2 overlay, which tgt cannot serve" in err
+    assert pool_files(pool) == ["guest.img"]
