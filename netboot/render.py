@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from virtualinux.vvcm import Cluster, VlxError
+from virtualinux.vvcm.host import sha256_file
 
 from . import layout, scripts
 
@@ -114,8 +115,8 @@ def render(cluster: Cluster, image_dir: Path, out: Path, kernel_args: Sequence[s
             _copy(source, staging / name)
         _copy(kernel, staging / layout.KERNEL)
         _copy(initrd, staging / layout.INITRD, pad_to=INITRD_ALIGN)
-        manifest = Manifest(cluster.generation, kernel_args,
-                            _sha256(staging / layout.KERNEL), _sha256(staging / layout.INITRD))
+        manifest = Manifest(cluster.generation, kernel_args, sha256_file(staging / layout.KERNEL),
+                            sha256_file(staging / layout.INITRD))
         files[layout.MANIFEST] = manifest.dump().encode()
         for name, data in files.items():
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
@@ -161,18 +162,10 @@ def _copy(source: Path, target: Path, pad_to: int = 1) -> None:
         os.truncate(target, size + (-size % pad_to))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _tree_digest(tree: Path, names: Sequence[str]) -> str:
     digest = hashlib.sha256()
     for name in names:
-        digest.update(name.encode() + b"\0" + _sha256(tree / name).encode() + b"\n")
+        digest.update(name.encode() + b"\0" + sha256_file(tree / name).encode() + b"\n")
     return digest.hexdigest()
 
 

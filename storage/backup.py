@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from virtualinux.vvcm import changes
 from virtualinux.vvcm.db import Database
 from virtualinux.vvcm.errors import VlxError
 from virtualinux.vvcm.fields import from_mapping, to_mapping
+from virtualinux.vvcm.host import sha256_file
 from virtualinux.vvcm.model import Cluster, Credential, VirtualCluster, Volume
 
 from . import tgt
@@ -31,15 +31,6 @@ from .volumes import assign_vm_volumes, cluster_name
 
 MANIFEST = "vc.json"
 FORMAT = 1
-HASH_CHUNK = 4 * 1024 * 1024
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def vc_volumes(cluster: Cluster, vc: str) -> list[Volume]:

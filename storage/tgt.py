@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from virtualinux.vvcm.errors import VlxError
+from virtualinux.vvcm.host import NETNS_DIR, in_netns, pid_alive
 from virtualinux.vvcm.model import Cluster, Volume
 
 from .backend import backend_for
@@ -296,13 +297,7 @@ class Daemon:
                 f"{self.portal}`)")
 
     def alive(self) -> bool:
-        try:
-            stat = Path(f"/proc/{self.pid}/stat").read_text()
-            cmdline = Path(f"/proc/{self.pid}/cmdline").read_bytes()
-        except OSError:
-            return False
-        # A zombie has exited; a recycled pid runs something else.
-        return stat.rsplit(")", 1)[1].split()[0] != "Z" and b"tgtd" in cmdline
+        return pid_alive(self.pid, b"tgtd")
 
 
 _LISTEN = "0A"
@@ -390,10 +385,9 @@ def start(portal: str, control_port: int, netns: str | None = None,
     address, port = portal.rsplit(":", 1)
     cmd = ["tgtd", "-f", "--iscsi", f"portal={address}:{port}", "-C", str(control_port)]
     if netns:
-        if not Path(f"/run/netns/{netns}").exists():
+        if not (NETNS_DIR / netns).exists():
             raise VlxError(f"no network namespace {netns!r}")
-        # nsenter, not `ip netns exec`: tgtd must see pools mounted after it starts.
-        cmd = ["nsenter", f"--net=/run/netns/{netns}", "--"] + cmd
+        cmd = in_netns(netns, cmd)   # tgtd must see pools mounted after it starts
     logfile = root / f"tgtd-{portal.replace(':', '-')}.log"
     with open(logfile, "ab") as out:
         log_start = out.tell()

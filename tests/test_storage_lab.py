@@ -17,21 +17,15 @@ from pathlib import Path
 import pytest
 from virtualinux.storage import backup, tgt
 from virtualinux.storage.naming import initiator_iqn, target_iqn
-from virtualinux.vvcm.cli import main
+from virtualinux.vvcm.command import vlx_command
 from virtualinux.vvcm.db import Database
 
-from .conftest import EXAMPLE, require
+from .conftest import EXAMPLE, require, vlx
 
 pytestmark = pytest.mark.lab
 
 MIB = 1 << 20
 PORTAL = "198.18.0.11:3260"
-
-
-def vlx(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @contextlib.contextmanager
@@ -365,11 +359,10 @@ def test_serve_watch_restarts_a_dying_tgtd_with_its_exports(san, btrfs_pool, db_
     credential = Database(db_path).load().credential("node3")
     url = iscsi_url(target_iqn("vlxlab", "node3-root"), "node3", credential.secret) + "/1"
     init3 = initiator_iqn("vlxlab", "node3")
-    vlx_script = Path(sys.executable).with_name("vlx")
-    watcher = subprocess.Popen([str(vlx_script), "storage", "serve", "--portal", PORTAL,
-                                "--control-port", str(31000 + os.getpid() % 700), "--netns",
-                                server.name, "--watch"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    watcher = subprocess.Popen(vlx_command("storage", "serve", "--portal", PORTAL,
+                                           "--control-port", str(31000 + os.getpid() % 700),
+                                           "--netns", server.name, "--watch"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert "started" in watcher.stdout.readline()
         first = tgt.recorded_daemon(PORTAL)

@@ -21,6 +21,7 @@ from virtualinux.vm_test.progress import PHASES, NodeProgress
 from .. import inventory
 from ..db import Database
 from ..errors import VlxError
+from ..host import pid_alive
 from ..model import Cluster
 from .common import add_json_flag, print_json, print_table
 
@@ -254,16 +255,8 @@ def cmd_console(args: argparse.Namespace) -> int:
         return 0
     qemu_pid = node["qemu_pid"]
     console.follow(log, sys.stdout.buffer,
-                   stop=lambda: qemu_pid is None or not _alive(qemu_pid))
+                   stop=lambda: qemu_pid is None or not pid_alive(qemu_pid))
     return 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def cmd_down(args: argparse.Namespace) -> int:
