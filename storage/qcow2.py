@@ -20,7 +20,7 @@ from pathlib import Path
 from virtualinux.vvcm.errors import VlxError
 from virtualinux.vvcm.model import Volume
 
-from .backend import CHUNK, NoSpace, free_bytes, fsync_directory
+from .backend import CHUNK, NoSpace, Progress, free_bytes, fsync_directory
 from .reflink import FICLONE, ReflinkBackend
 
 OVERLAY_SUFFIX = ".qcow2"
@@ -109,9 +109,10 @@ class Qcow2Backend(ReflinkBackend):
                        "qcow2 volumes are for libvirt guests; export a reflink or lvm-thin "
                        "volume over iSCSI")
 
-    def backup_to(self, volume: Volume, target: Path) -> None:
+    def backup_to(self, volume: Volume, target: Path, progress: Progress | None = None) -> None:
         if volume.kind == "golden":
-            return super().backup_to(volume, target)
+            return super().backup_to(volume, target, progress)
+        # qemu-img reads only the allocated clusters of the overlay chain itself.
         run_qemu_img(["qemu-img", "convert", "-q", "-f", "qcow2", "-O", "raw", "-S", "4k",
                       volume.path, str(target)])
 

@@ -26,6 +26,7 @@ from .naming import (
     NODE_SUFFIX,
     VM_SUFFIX,
     ensure_credentials,
+    format_size,
     parse_portal,
     snapshot_name,
     target_iqn,
@@ -277,6 +278,24 @@ def grow(db: Database, name: str, size: int) -> Volume:
     grown = dataclasses.replace(volume, size=size)
     db.update("volume grow", f"{name} to {size}", lambda c: changes.put_volumes(c, [grown]))
     return grown
+
+
+def grow_warning(volume: Volume, size: int) -> str | None:
+    """What to say when `volume` grown to `size` could outgrow its pool: the growth is thin
+    (nothing is written yet), but filling it would need more than the pool has free."""
+    backend = backend_for(volume)
+    free = backend.free_bytes()
+    if free is None or size <= volume.size:
+        return None
+    try:
+        used = os.stat(volume.path).st_blocks * 512
+    except OSError:
+        used = 0
+    if size - used <= free:
+        return None
+    return (f"{volume.name} grown to {format_size(size)} could hold "
+            f"{format_size(size - used)} more than it stores now, and pool {backend.pool} has "
+            f"{format_size(free)} free: writing it full would run out of space")
 
 
 def _absent(cluster: Cluster, names: Sequence[str]) -> Cluster:

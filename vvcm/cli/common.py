@@ -7,6 +7,7 @@ import argparse
 import functools
 import json
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -75,3 +76,50 @@ def name_range(names: Sequence[str], most: int = 10) -> str:
     if not names:
         return "-"
     return names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
+
+
+def warn(message: str) -> None:
+    print(f"vlx: warning: {message}", file=sys.stderr)
+
+
+def _size(count: float) -> str:
+    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= factor:
+            return f"{count / factor:.1f} {unit}"
+    return f"{count:.0f} B"
+
+
+class ProgressLine:
+    """Bytes done, rate and time left of long work, redrawn in place on a terminal (stderr);
+    silent when stderr is not one (scripts and logs get the command's one result line)."""
+
+    REDRAW = 0.1   # seconds between redraws
+
+    def __init__(self, stream=None, clock=time.monotonic):
+        self.stream = stream or sys.stderr
+        self.clock = clock
+        self.shown = self.stream.isatty()
+        self.started: dict[str, float] = {}
+        self.drawn = float("-inf")
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        if not self.shown:
+            return
+        now = self.clock()
+        start = self.started.setdefault(name, now)
+        finished = done >= total
+        if not finished and now - self.drawn < self.REDRAW:
+            return
+        self.drawn = now
+        self.stream.write("\r\x1b[2K" + self.line(name, done, total, now - start)
+                          + ("\n" if finished else ""))
+        self.stream.flush()
+
+    @staticmethod
+    def line(name: str, done: int, total: int, elapsed: float) -> str:
+        rate = done / elapsed if elapsed > 0 else 0.0
+        left = (total - done) / rate if rate > 0 else None
+        eta = f"ETA {int(left) // 60}:{int(left) % 60:02d}" if left is not None else "ETA -"
+        percent = 100 * done / total if total else 100.0
+        return (f"{name}: {_size(done)} / {_size(total)} of data ({percent:.0f}%), "
+                f"{_size(rate)}/s, {'done' if done >= total else eta}")

@@ -11,7 +11,15 @@ from virtualinux.storage import volumes
 from .. import changes
 from ..fields import add_arguments, from_arguments, to_mapping
 from ..model import Cluster, VirtualCluster
-from .common import add_json_flag, database, print_json, print_table
+from .common import (
+    ProgressLine,
+    add_json_flag,
+    database,
+    plural,
+    print_json,
+    print_table,
+    warn,
+)
 from .volume import print_removed
 
 
@@ -113,9 +121,10 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    manifest = vc_backup.backup_vc(database(args), args.name, args.directory)
-    print(f"backed up {args.name}: {len(manifest['vms'])} VMs, {len(manifest['volumes'])} "
-          f"volumes to {args.directory}")
+    manifest = vc_backup.backup_vc(database(args), args.name, args.directory,
+                                   progress=ProgressLine(), warn=warn)
+    print(f"backed up {args.name}: {plural(len(manifest['vms']), 'VM')}, "
+          f"{plural(len(manifest['volumes']), 'volume')} to {args.directory}")
     return 0
 
 

@@ -13,7 +13,15 @@ from virtualinux.storage.naming import format_size, initiator_iqn, parse_size
 
 from ..fields import to_mapping
 from ..model import Cluster, Volume
-from .common import add_json_flag, database, name_range, plural, print_json, print_table
+from .common import (
+    add_json_flag,
+    database,
+    name_range,
+    plural,
+    print_json,
+    print_table,
+    warn,
+)
 
 
 def register(nouns: argparse._SubParsersAction) -> None:
@@ -167,7 +175,11 @@ def print_removed(gone: list[Volume]) -> None:
 def cmd_grow(args: argparse.Namespace) -> int:
     db = database(args)
     current = db.load().volume(args.name)
-    grown = volumes.grow(db, args.name, parse_size(args.size, current.size))
+    size = parse_size(args.size, current.size)
+    caution = volumes.grow_warning(current, size)
+    grown = volumes.grow(db, args.name, size)
+    if caution:
+        warn(caution)
     print(f"{grown.name} is {format_size(grown.size)}")
     return 0
 
