@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ...image import cache
 from ...image.build import ELEMENTS, build_image, image_spec
+from ...image.dib import stderr_progress
 from ...image.tiny import build_tiny
 from ..errors import VlxError
 from .common import add_json_flag, print_json, print_table
@@ -58,7 +59,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.kind not in KINDS:
         raise VlxError(f"unknown image kind {args.kind!r} (choose from {', '.join(KINDS)})")
     if args.kind == "tiny":
-        print(build_tiny(out_dir=args.out, cache_dir=args.cache))
+        print(build_tiny(out_dir=args.out, cache_dir=args.cache, progress=stderr_progress))
         return 0
     spec = image_spec(args.kind, release=args.release,
                       mirror=args.mirror or os.environ.get("VLX_DEBIAN_MIRROR"),
@@ -99,4 +100,14 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"  {name:<14} {artifact['size'] / 1e6:9.1f} MB  sha256 {artifact['sha256'][:16]}")
     for name, value in sorted(manifest.get("inputs", {}).items()):
         print(f"  input {name}: {value}")
+    kernel = manifest.get("kernel")
+    if isinstance(kernel, dict):   # tiny: the kernel package it took vmlinuz and modules from
+        print(f"  kernel {kernel.get('package')} {kernel.get('version')}")
+    elif kernel:
+        print(f"  kernel {kernel}")
+    packages = manifest.get("packages") or {}
+    if packages:
+        print(f"  packages ({len(packages)}):")
+        for name, version in sorted(packages.items()):
+            print(f"    {name:<32} {version}")
     return 0
