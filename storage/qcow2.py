@@ -45,6 +45,7 @@ def run_qemu_img(cmd: list[str]) -> None:
 
 class Qcow2Backend(ReflinkBackend):
     name = "qcow2"
+    how_to_pool = "make it (mkdir -p), on any file system"
 
     def path_for(self, name: str) -> str:
         return os.path.join(self.pool, name + OVERLAY_SUFFIX)

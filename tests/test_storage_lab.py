@@ -516,3 +516,35 @@ def test_vc_backup_and_restore_round_trip_verified_by_checksums(btrfs_pool, db_p
         backup.restore_vc(db, directory)
     assert db.generation() == generation
 
+
+
+def test_pool_create_makes_a_loop_mounted_btrfs_pool_that_golden_add_can_use(
+        db_path, tmp_path, monkeypatch, capsys):
+    require("mkfs.btrfs", "losetup")
+    monkeypatch.setenv("VLX_STORAGE_STATE", str(tmp_path / "state"))
+    pool = tmp_path / "volumes"
+    backing = tmp_path / "volumes.fs"
+    vlx(capsys, "db", "init")
+    vlx(capsys, "db", "import", str(EXAMPLE))
+    try:
+        code, out, err = vlx(capsys, "storage", "pool", "create", str(pool), "--size", "256MiB")
+        assert code == 0, err
+        assert out.startswith(f"made pool {pool}: btrfs on {backing} (256 MiB, sparse)")
+        assert os.path.ismount(pool) and backing.stat().st_size == 256 * MIB
+        code, _, err = vlx(capsys, "storage", "pool", "create", str(pool), "--size", "256MiB")
+        assert code == 2 and f"{pool} is a mount point already" in err
+        write_image(tmp_path / "node.raw", 4)
+        code, _, err = vlx(capsys, "volume", "golden", "add", "node", "--from",
+                           str(tmp_path / "node.raw"), "--pool", str(pool))
+        assert code == 0, err
+        assert vlx(capsys, "volume", "snapshot", "node", "--for", "node1")[0] == 0
+        assert exclusive_bytes(pool / "node1-root.img")["node1-root.img"] == 0   # a reflink
+        code, _, err = vlx(capsys, "storage", "pool", "remove", str(pool))
+        assert code == 2 and "node, node1-root" in err and os.path.ismount(pool)
+        assert vlx(capsys, "volume", "remove", "node", "--snapshots-of", "node")[0] == 0
+        code, out, _ = vlx(capsys, "storage", "pool", "remove", str(pool))
+        assert code == 0 and out == f"removed pool {pool} and {backing}\n"
+        assert not os.path.ismount(pool) and not backing.exists()
+    finally:
+        if os.path.ismount(pool):
+            subprocess.run(["umount", str(pool)], check=False)

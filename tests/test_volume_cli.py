@@ -161,7 +161,7 @@ def test_reflink_pool_on_a_file_system_without_reflink_is_refused(cluster, tmp_p
     plain.mkdir()
     code, _, err = vlx(capsys, "volume", "golden", "add", "node", "--from", str(image),
                        "--pool", str(plain))
-    assert code == 2 and "cannot make reflink clones" in err
+    assert code == 2 and "cannot make reflink clones" in err and "storage pool create" in err
     assert os.listdir(plain) == []
 
 
@@ -274,3 +274,12 @@ def test_snapshots_tgt_cannot_serve_are_not_made_when_asked_to_export(cluster, p
     code, _, err = vlx(capsys, "volume", "snapshot", "guest", "--for", "node1", "--export")
     assert code == 2 and "node1-root is a qcow2 overlay, which tgt cannot serve" in err
     assert pool_files(pool) == ["guest.img"]
+
+
+def test_golden_add_into_a_missing_pool_says_how_to_make_one(cluster, tmp_path, image, capsys):
+    missing = tmp_path / "no-such-pool"
+    code, _, err = vlx(capsys, "volume", "golden", "add", "node", "--from", str(image),
+                       "--pool", str(missing))
+    assert code == 2 and f"pool {missing} does not exist" in err
+    assert "`vlx storage pool create DIR --size 20GiB`" in err and "--backend qcow2" in err
+    assert not missing.exists()

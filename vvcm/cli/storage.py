@@ -11,11 +11,14 @@ import dataclasses
 import logging
 import signal
 import sys
+from pathlib import Path
 
-from virtualinux.storage import tgt
-from virtualinux.storage.naming import parse_portal
+from virtualinux.storage import pool as pool_module
+from virtualinux.storage import tgt, volumes
+from virtualinux.storage.naming import format_size, parse_portal, parse_size
 from virtualinux.storage.volumes import default_portal
 
+from ..errors import VlxError
 from .common import add_json_flag, database, plural, print_json, print_table
 
 log = logging.getLogger("virtualinux.storage")
@@ -42,6 +45,29 @@ def register(nouns: argparse._SubParsersAction) -> None:
     stop = verbs.add_parser("stop", help="stop the tgtd of a portal (all its targets go)")
     _portal_flag(stop)
     stop.set_defaults(handler=cmd_stop)
+
+    pool = verbs.add_parser("pool", help="make a loop-mounted pool to try things out",
+                            description="Make or remove a loop-mounted reflink pool."
+                            ).add_subparsers(dest="pool_verb", metavar="VERB", required=True)
+    create = pool.add_parser(
+        "create", help="a sparse file, formatted btrfs (or XFS), loop-mounted on DIR",
+        description="Make a reflink pool where the host has no btrfs or XFS: a sparse file "
+                    "beside DIR, formatted and loop-mounted on DIR. For trying things out; "
+                    "real clusters keep their pools on real storage.")
+    create.add_argument("directory", type=Path, metavar="DIR",
+                        help=f"the pool (e.g. {volumes.DEFAULT_POOL})")
+    create.add_argument("--size", required=True, metavar="SIZE",
+                        help="how big, e.g. 20GiB (sparse: takes room as it is written)")
+    create.add_argument("--fs", choices=sorted(pool_module.FILESYSTEMS), default="btrfs",
+                        help="file system (default: btrfs)")
+    create.add_argument("--backing", type=Path, metavar="FILE",
+                        help="the file that holds it (default: DIR.fs beside DIR)")
+    create.set_defaults(handler=cmd_pool_create)
+    remove = pool.add_parser("remove", help="unmount a pool `pool create` made and delete "
+                                            "its file (refused while volumes live there)")
+    remove.add_argument("directory", type=Path, metavar="DIR")
+    remove.add_argument("--backing", type=Path, metavar="FILE")
+    remove.set_defaults(handler=cmd_pool_remove)
 
     status = verbs.add_parser("status", help="the tgtd of each portal and its targets")
     add_json_flag(status)
@@ -98,6 +124,30 @@ def cmd_stop(args: argparse.Namespace) -> int:
         return 0
     tgt.stop(daemon)
     print(f"stopped tgtd for {portal}")
+    return 0
+
+
+def cmd_pool_create(args: argparse.Namespace) -> int:
+    made = pool_module.create_loop_pool(args.directory, parse_size(args.size), args.fs,
+                                        args.backing)
+    print(f"made pool {made.directory}: {made.fstype} on {made.backing} "
+          f"({format_size(made.size)}, sparse)")
+    print(f"use it: `vlx volume golden add NAME --from IMAGE --pool {made.directory}` "
+          f"(or VLX_POOL={made.directory}); after a reboot: mount -o loop {made.backing} "
+          f"{made.directory} (fstab: {made.fstab_line})")
+    return 0
+
+
+def cmd_pool_remove(args: argparse.Namespace) -> int:
+    directory = args.directory.absolute()
+    inside = [v.name for v in database(args).load().volumes
+              if Path(v.path).absolute().is_relative_to(directory)]
+    if inside:
+        raise VlxError(f"pool {directory} holds volumes the database records "
+                       f"({', '.join(inside[:5])}{' ...' if len(inside) > 5 else ''}): "
+                       "`vlx volume remove` them first")
+    backing = pool_module.remove_loop_pool(directory, args.backing)
+    print(f"removed pool {directory} and {backing}")
     return 0
 
 
