@@ -162,7 +162,9 @@ def test_bootsvc_status_says_when_the_replica_serves_another_database(cluster_db
         "stale_generations_refused": 0, "services": {}, "database": "/elsewhere/cluster.db"}))
     code, out, _ = vlx(capsys, "bootsvc", "status", "--state-dir", str(state))
     assert code == 1
-    assert out.startswith(f"note: this replica serves /elsewhere/cluster.db, not {cluster_db}")
+    assert out.startswith("stopped: (not a node) on eth0")
+    assert out.endswith(f"\nnote: this replica serves /elsewhere/cluster.db, not {cluster_db} "
+                        "(--db, VLX_DB)\n")
     assert vlx(capsys, "bootsvc", "status", "--state-dir", str(state), "--json")[0] == 1
 
 

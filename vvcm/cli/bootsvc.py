@@ -123,9 +123,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print_json(status)
         return code
-    ours = database(args).path
-    if status.get("database") and Path(status["database"]).resolve() != ours.resolve():
-        print(f"note: this replica serves {status['database']}, not {ours} (--db/VLX_DB)")
     node = status.get("node") or "(not a node)"
     print(f"{status['state']}: {node} on {status['interface']} ({status['address']}), "
           f"pid {status['pid']}, gen {status['generation']}, updated {status['updated']}")
@@ -137,6 +134,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if rows:
         print()
         print_table(("SERVICE", "COUNTER", "VALUE"), rows)
+    ours = database(args).path
+    if status.get("database") and Path(status["database"]).resolve() != ours.resolve():
+        print(f"\nnote: this replica serves {status['database']}, not {ours} (--db, VLX_DB)")
     return code
 
 
