@@ -104,23 +104,25 @@ class Backend(ABC):
         try:
             if size > golden.size:
                 self.grow(volume, size)
-            fd = os.open(self.export_path(volume), os.O_RDWR)
-            try:
-                with open(source, "rb") as src:
-                    offset = 0
-                    while chunk := src.read(CHUNK):
-                        if os.pread(fd, len(chunk), offset) != chunk:
-                            os.pwrite(fd, chunk, offset)
-                        offset += len(chunk)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            self.write_changes(volume, golden, source, size)
         except BaseException as err:
             self.remove(volume)
             if isinstance(err, OSError) and err.errno == errno.ENOSPC:
                 raise NoSpace(f"no space left in the pool restoring {name}; not kept") from None
             raise
         return path
+
+    def write_changes(self, volume: Volume, golden: Volume, source: Path, size: int) -> None:
+        """Write into `volume` (a fresh snapshot of `golden`) the chunks where `source`
+        differs from it."""
+        target = self.export_path(volume)
+        fd = os.open(target, os.O_RDWR)
+        try:
+            for offset, chunk in changed_chunks(source, Path(target), size):
+                os.pwrite(fd, chunk, offset)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def exists(self, name: str) -> bool:
         return os.path.lexists(self.path_for(name))
@@ -238,6 +240,25 @@ def copy_sparse(source: Path, target_fd: int, size: int, progress: Progress | No
                 done += len(chunk)
                 if progress:
                     progress(done, total)
+
+
+def _chunk_offsets(fd: int, size: int) -> Iterator[int]:
+    for start, length in data_extents(fd, size):
+        yield from range(start - start % CHUNK, start + length, CHUNK)
+
+
+def changed_chunks(source: Path, base: Path, size: int) -> Iterator[tuple[int, bytes]]:
+    """(offset, bytes of `source`) for each CHUNK of the first `size` bytes where `source`
+    differs from `base` (past its end, `base` reads as zeros). Only chunks where either file
+    may hold data are read: a chunk that is a hole in both is zero in both."""
+    with open(source, "rb") as src, open(base, "rb") as ref:
+        offsets = sorted(set(_chunk_offsets(src.fileno(), size))
+                         | set(_chunk_offsets(ref.fileno(), size)))
+        for offset in offsets:
+            length = min(CHUNK, size - offset)
+            new = os.pread(src.fileno(), length, offset).ljust(length, b"\0")
+            if new != os.pread(ref.fileno(), length, offset).ljust(length, b"\0"):
+                yield offset, new
 
 
 def sparse_sha256(path: Path | str) -> str:

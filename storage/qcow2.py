@@ -20,7 +20,7 @@ from pathlib import Path
 from virtualinux.vvcm.errors import VlxError
 from virtualinux.vvcm.model import Volume
 
-from .backend import CHUNK, NoSpace, Progress, free_bytes, fsync_directory
+from .backend import NoSpace, Progress, changed_chunks, free_bytes, fsync_directory
 from .reflink import FICLONE, ReflinkBackend
 
 OVERLAY_SUFFIX = ".qcow2"
@@ -117,35 +117,19 @@ class Qcow2Backend(ReflinkBackend):
         run_qemu_img(["qemu-img", "convert", "-q", "-f", "qcow2", "-O", "raw", "-S", "4k",
                       volume.path, str(target)])
 
-    def restore_snapshot(self, golden: Volume, name: str, source: Path, size: int) -> str:
-        """A fresh overlay of `golden`, then only the chunks of `source` that differ from the
-        golden written into it (by qemu-io, each from a small file of its own): unchanged
-        data stays in the golden, as it was before the backup."""
-        path = self.snapshot(golden, [name])[0]
-        volume = Volume(name=name, kind="snapshot", backend=self.name, path=path,
-                        size=golden.size, origin=golden.name)
-        try:
-            if size > golden.size:
-                self.grow(volume, size)
-            with tempfile.TemporaryDirectory(dir=self.pool, prefix=".restore-") as scratch:
-                commands = []
-                with open(source, "rb") as src, open(golden.path, "rb") as base:
-                    offset = 0
-                    while chunk := src.read(CHUNK):
-                        if base.read(len(chunk)) != chunk:
-                            piece = os.path.join(scratch, str(offset))
-                            with open(piece, "wb") as out:
-                                out.write(chunk)
-                            commands.append(f"write -q -s {piece} {offset} {len(chunk)}")
-                        offset += len(chunk)
-                for first in range(0, len(commands), QEMU_IO_BATCH):
-                    _run_qemu_io(path, commands[first:first + QEMU_IO_BATCH])
-        except BaseException as err:
-            self.remove(volume)
-            if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-                raise NoSpace(f"no space left in the pool restoring {name}; not kept") from None
-            raise
-        return path
+    def write_changes(self, volume: Volume, golden: Volume, source: Path, size: int) -> None:
+        """The chunks of `source` that differ from the golden, written into the fresh overlay
+        by qemu-io, each from a small file of its own: unchanged data stays in the golden, as
+        it was before the backup."""
+        with tempfile.TemporaryDirectory(dir=self.pool, prefix=".restore-") as scratch:
+            commands = []
+            for offset, chunk in changed_chunks(source, Path(golden.path), size):
+                piece = os.path.join(scratch, str(offset))
+                with open(piece, "wb") as out:
+                    out.write(chunk)
+                commands.append(f"write -q -s {piece} {offset} {len(chunk)}")
+            for first in range(0, len(commands), QEMU_IO_BATCH):
+                _run_qemu_io(volume.path, commands[first:first + QEMU_IO_BATCH])
 
 
 def _run_qemu_io(image: str, commands: list[str]) -> None:

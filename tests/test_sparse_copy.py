@@ -141,3 +141,19 @@ def test_growing_beyond_the_pools_free_space_warns(qcow2_cluster, capsys):
     assert code == 0
     assert err.startswith("vlx: warning: tan-1-disk grown to 1000 TiB could hold")
     assert "free: writing it full would run out of space" in err
+
+
+def test_changed_chunks_covers_data_of_either_side_and_nothing_else(tmp_path):
+    from virtualinux.storage.backend import CHUNK, changed_chunks
+
+    size = 64 * CHUNK
+    same = os.urandom(100)
+    golden = sparse_file(tmp_path / "golden", 8 * CHUNK,      # shorter: grown since
+                         [(0, same), (3 * CHUNK, b"golden data")])
+    backup_file = sparse_file(tmp_path / "backup", size,
+                              [(0, same), (40 * CHUNK + 5, b"new data")])
+    changed = dict(changed_chunks(backup_file, golden, size))
+    # Chunk 3: the golden's data is gone (zeros written); chunk 40: new data; chunk 0: equal.
+    assert sorted(changed) == [3 * CHUNK, 40 * CHUNK]
+    assert changed[3 * CHUNK] == bytes(CHUNK)
+    assert changed[40 * CHUNK][5:13] == b"new data"
