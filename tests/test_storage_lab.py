@@ -89,6 +89,17 @@ def exclusive_bytes(*paths: Path) -> dict[str, int]:
             for line in out.splitlines()[1:]}
 
 
+def example_with_golden(capsys, tmp_path: Path, mib: int = 4) -> bytes:
+    """The example cluster in the test's database and golden volume `node` (random bytes)."""
+    assert vlx(capsys, "db", "init")[0] == 0
+    assert vlx(capsys, "db", "import", str(EXAMPLE))[0] == 0
+    data = write_image(tmp_path / "node.raw", mib)
+    code, _, err = vlx(capsys, "volume", "golden", "add", "node", "--from",
+                       str(tmp_path / "node.raw"))
+    assert code == 0, err
+    return data
+
+
 def many_nodes_inventory(path: Path, count: int) -> Path:
     lines = ['[cluster]', 'name = "vlxlab"', 'domain = "cluster.lab"',
              'cidr = "198.18.0.0/22"', 'gateway_vip = "198.18.3.254"']
@@ -352,10 +363,7 @@ def test_nodes_attach_only_their_own_volume_over_iscsi_and_exports_survive_tgtd(
 def test_serve_watch_restarts_a_dying_tgtd_with_its_exports(san, btrfs_pool, db_path,
                                                             tmp_path, capsys):
     server, client = san
-    vlx(capsys, "db", "init")
-    vlx(capsys, "db", "import", str(EXAMPLE))
-    write_image(tmp_path / "node.raw", 4)
-    vlx(capsys, "volume", "golden", "add", "node", "--from", str(tmp_path / "node.raw"))
+    example_with_golden(capsys, tmp_path)
     assert vlx(capsys, "volume", "snapshot", "node", "--for", "node3", "--portal", PORTAL)[0] == 0
     credential = Database(db_path).load().credential("node3")
     url = iscsi_url(target_iqn("vlxlab", "node3-root"), "node3", credential.secret) + "/1"
@@ -372,9 +380,12 @@ def test_serve_watch_restarts_a_dying_tgtd_with_its_exports(san, btrfs_pool, db_
         deadline = time.monotonic() + 20
         while True:
             current = tgt.recorded_daemon(PORTAL)
-            if current and current.pid != first.pid and current.alive():
+            # Restarted, and its export restored: tgtd is recorded before its targets are
+            # made, so wait for the target itself, not only for the new pid.
+            if (current and current.pid != first.pid and current.alive()
+                    and target_iqn("vlxlab", "node3-root") in current.admin.targets()):
                 break
-            assert time.monotonic() < deadline, "the watcher did not restart tgtd"
+            assert time.monotonic() < deadline, "the watcher did not restore tgtd's export"
             time.sleep(0.2)
         assert client.run(["iscsi-inq", "-i", init3, url], check=False).returncode == 0
     finally:
@@ -390,10 +401,7 @@ def test_serve_on_an_address_the_host_lacks_offers_no_volume_anywhere(san, btrfs
     """tgtd falls back to 0.0.0.0 and [::] when it cannot bind its portal: that tgtd must be
     stopped before any target is added, with one line that says why."""
     server, client = san
-    vlx(capsys, "db", "init")
-    vlx(capsys, "db", "import", str(EXAMPLE))
-    write_image(tmp_path / "node.raw", 4)
-    vlx(capsys, "volume", "golden", "add", "node", "--from", str(tmp_path / "node.raw"))
+    example_with_golden(capsys, tmp_path)
     elsewhere = "198.18.0.99:3260"      # not an address of the storage namespace
     assert vlx(capsys, "volume", "snapshot", "node", "--count", "2", "--export",
                "--portal", elsewhere)[0] == 0
@@ -414,10 +422,7 @@ def test_serve_on_an_address_the_host_lacks_offers_no_volume_anywhere(san, btrfs
 def test_exports_with_no_tgtd_are_recorded_and_said_so_and_stop_is_idempotent(
         san, btrfs_pool, db_path, tmp_path, capsys):
     server, _ = san
-    vlx(capsys, "db", "init")
-    vlx(capsys, "db", "import", str(EXAMPLE))
-    write_image(tmp_path / "node.raw", 4)
-    vlx(capsys, "volume", "golden", "add", "node", "--from", str(tmp_path / "node.raw"))
+    example_with_golden(capsys, tmp_path)
     hint = (f"no tgtd serves {PORTAL} yet: the export is recorded; `vlx storage serve "
             f"--portal {PORTAL}` serves it")
     code, out, _ = vlx(capsys, "volume", "snapshot", "node", "--count", "2", "--export")
@@ -443,10 +448,7 @@ def test_exports_with_no_tgtd_are_recorded_and_said_so_and_stop_is_idempotent(
 def test_a_lost_volume_does_not_keep_the_others_from_being_served(san, btrfs_pool, db_path,
                                                                   tmp_path, capsys):
     server, client = san
-    vlx(capsys, "db", "init")
-    vlx(capsys, "db", "import", str(EXAMPLE))
-    write_image(tmp_path / "node.raw", 4)
-    vlx(capsys, "volume", "golden", "add", "node", "--from", str(tmp_path / "node.raw"))
+    example_with_golden(capsys, tmp_path)
     assert vlx(capsys, "volume", "snapshot", "node", "--count", "2", "--export")[0] == 0
     (btrfs_pool / "node2-root.img").unlink()  # lost behind our back
     port = str(31700 + os.getpid() % 290)
