@@ -71,7 +71,7 @@ def plural(count: int, noun: str, many: str | None = None) -> str:
     return f"{count} {noun if count == 1 else many or noun + 's'}"
 
 
-def name_range(names: Sequence[str], most: int = 10) -> str:
+def name_range(names: Sequence[str]) -> str:
     """'node5-root', 'node1-root .. node4-root' (for a count the caller prints)."""
     if not names:
         return "-"

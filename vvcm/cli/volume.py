@@ -161,7 +161,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
     db = database(args)
     names = volumes.removal_names(db.load(), args.names, args.snapshots_of, args.owners)
     if not names:
-        print(f"{args.owners} has no volumes: nothing to remove")
+        print("no volume matches: nothing to remove")
         return 0
     print_removed(volumes.remove(db, names))
     return 0
