@@ -178,6 +178,25 @@ def allocated_bytes(path: str) -> int:
     return os.stat(path).st_blocks * 512
 
 
+def make_all_or_none(targets: Sequence[str], make_one: Callable[[str], None], pool: str,
+                     what: str) -> None:
+    """`make_one(target)` for every target, then the pool directory synced; on any fault the
+    ones made are removed again (NoSpace when the pool filled up)."""
+    made: list[str] = []
+    try:
+        for target in targets:
+            make_one(target)
+            made.append(target)
+        fsync_directory(pool)
+    except BaseException as err:
+        for path in made:
+            os.unlink(path)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise NoSpace(f"no space left in pool {pool} after {len(made)} of {len(targets)} "
+                          f"{what}; none kept") from None
+        raise
+
+
 def fsync_directory(directory: str) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -8,7 +8,6 @@ copies) of it, not N processes. Overlays are for QEMU/libvirt to open; tgt canno
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import subprocess
@@ -20,7 +19,7 @@ from pathlib import Path
 from virtualinux.vvcm.errors import VlxError
 from virtualinux.vvcm.model import Volume
 
-from .backend import NoSpace, Progress, changed_chunks, free_bytes, fsync_directory
+from .backend import NoSpace, Progress, changed_chunks, free_bytes, make_all_or_none
 from .reflink import FICLONE, ReflinkBackend
 
 OVERLAY_SUFFIX = ".qcow2"
@@ -65,20 +64,12 @@ class Qcow2Backend(ReflinkBackend):
             raise NoSpace(f"no space left in pool {self.pool} for {len(targets)} overlays")
         template = os.path.join(self.pool, f".template-{uuid.uuid4().hex[:8]}{OVERLAY_SUFFIX}")
         run_qemu_img(overlay_command(golden.path, template))
-        made: list[str] = []
         try:
             with open(template, "rb") as src:
                 header = src.read()
-                for target in targets:
-                    self._copy_template(src.fileno(), header, target)
-                    made.append(target)
-            fsync_directory(self.pool)
-        except BaseException as err:
-            for path in made:
-                os.unlink(path)
-            if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-                raise NoSpace(f"no space left in pool {self.pool}; no overlay kept") from None
-            raise
+                make_all_or_none(
+                    targets, lambda target: self._copy_template(src.fileno(), header, target),
+                    self.pool, "overlays")
         finally:
             os.unlink(template)
         return targets

@@ -26,6 +26,7 @@ from .backend import (
     file_open_for_writing,
     free_bytes,
     fsync_directory,
+    make_all_or_none,
 )
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h; Python's fcntl lacks it before 3.12
@@ -142,22 +143,16 @@ class ReflinkBackend(Backend):
         if free_bytes(self.pool) < needed:
             raise NoSpace(f"no space left in pool {self.pool}: {len(targets)} snapshots need "
                           f"{needed} bytes free, {free_bytes(self.pool)} are")
-        made: list[str] = []
         with open(golden.path, "rb") as src:
-            try:
-                for target in targets:
+            def clone(target: str) -> None:
+                try:
                     clone_file(src.fileno(), target)
-                    made.append(target)
-                fsync_directory(self.pool)
-            except BaseException as err:
-                for path in made:
-                    os.unlink(path)
-                if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-                    raise NoSpace(f"no space left in pool {self.pool} after {len(made)} of "
-                                  f"{len(targets)} snapshots; none kept") from None
-                if isinstance(err, OSError):
+                except OSError as err:
+                    if err.errno == errno.ENOSPC:
+                        raise
                     raise VlxError(f"cannot clone {golden.path}: {err.strerror}") from None
-                raise
+
+            make_all_or_none(targets, clone, self.pool, "snapshots")
         return targets
 
     def remove(self, volume: Volume) -> None:
