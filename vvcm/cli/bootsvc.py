@@ -14,7 +14,7 @@ from virtualinux.bootsvc.service import SERVICE_NAMES, service_class
 from virtualinux.netboot import layout, render
 
 from ..errors import VlxError
-from .common import add_json_flag, database, print_json, print_table
+from .common import add_json_flag, add_verb, database, print_json, print_table
 
 log = logging.getLogger("virtualinux.bootsvc")
 
@@ -52,9 +52,7 @@ def register(nouns: argparse._SubParsersAction) -> None:
                      help="do not log every answer (DHCPACK ...), only problems")
     run.set_defaults(handler=cmd_run, logs_events=True)
 
-    status = verbs.add_parser("status", help="the counters of a running replica")
-    add_json_flag(status)
-    status.set_defaults(handler=cmd_status)
+    add_verb(verbs, "status", cmd_status, help="the counters of a running replica", json=True)
 
     found = verbs.add_parser("discovered",
                              help="unknown MACs this replica answered from the discovery pool")

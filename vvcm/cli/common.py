@@ -53,6 +53,16 @@ def add_json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
 
 
+def add_verb(verbs: argparse._SubParsersAction, name: str, handler: Any, help: str,
+             json: bool = False, **options: Any) -> argparse.ArgumentParser:
+    """One verb: its parser, run by `handler(args)`, with `--json` if it prints data."""
+    parser = verbs.add_parser(name, help=help, **options)
+    if json:
+        add_json_flag(parser)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
 def print_json(value: Any) -> None:
     json.dump(value, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")

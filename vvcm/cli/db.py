@@ -10,7 +10,7 @@ from .. import inventory, secrets_file
 from ..db import Database
 from ..errors import VlxError
 from ..fields import to_mapping
-from .common import add_json_flag, database, plural, print_json, print_table
+from .common import add_verb, database, plural, print_json, print_table
 
 
 def register(nouns: argparse._SubParsersAction) -> None:
@@ -18,18 +18,17 @@ def register(nouns: argparse._SubParsersAction) -> None:
                               description="Create, import, export and show the cluster database.")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    init = verbs.add_parser("init", help="create an empty database")
+    init = add_verb(verbs, "init", cmd_init, help="create an empty database")
     init.add_argument("--force", action="store_true", help="start over if one exists (loses it)")
-    init.set_defaults(handler=cmd_init)
 
-    imp = verbs.add_parser("import", help="load a whole cluster from an inventory TOML file")
+    imp = add_verb(verbs, "import", cmd_import,
+                   help="load a whole cluster from an inventory TOML file")
     imp.add_argument("file", type=Path, help="inventory file (see examples/cluster.toml)")
     imp.add_argument("--replace", action="store_true",
                      help="replace the nodes and VCs the database holds already")
     imp.add_argument("--secrets", type=Path, metavar="FILE",
                      help="CHAP credentials to restore (default: FILE's NAME.secrets.toml "
                           "beside it, if there is one; `db export --with-secrets` writes it)")
-    imp.set_defaults(handler=cmd_import)
 
     exp = verbs.add_parser(
         "export", help="write the inventory back as TOML",
@@ -43,14 +42,10 @@ def register(nouns: argparse._SubParsersAction) -> None:
                           "(mode 0600), which `db import OUTPUT` restores")
     exp.set_defaults(handler=cmd_export)
 
-    show = verbs.add_parser("show", help="cluster settings, networks and generation")
-    add_json_flag(show)
-    show.set_defaults(handler=cmd_show)
+    add_verb(verbs, "show", cmd_show, help="cluster settings, networks and generation", json=True)
 
-    log = verbs.add_parser("log", help="the change log, newest last")
+    log = add_verb(verbs, "log", cmd_log, help="the change log, newest last", json=True)
     log.add_argument("-n", type=int, default=20, help="how many changes (default: 20)")
-    add_json_flag(log)
-    log.set_defaults(handler=cmd_log)
 
 
 def cmd_init(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ from ...image.build import ELEMENTS, build_image, image_spec
 from ...image.dib import stderr_progress
 from ...image.tiny import build_tiny
 from ..errors import VlxError
-from .common import add_json_flag, print_json, print_table
+from .common import add_verb, print_json, print_table
 
 KINDS = (*ELEMENTS, "tiny")
 
@@ -25,7 +25,7 @@ def register(nouns: argparse._SubParsersAction) -> None:
                                     f"{cache.DEFAULT_ROOT})")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    build = verbs.add_parser("build", help="build an image, or reuse the cached build")
+    build = add_verb(verbs, "build", cmd_build, help="build an image, or reuse the cached build")
     build.add_argument("kind", help=f"what to build: {', '.join(KINDS)}")
     build.add_argument("--out", type=Path, metavar="DIR",
                        help="copy the artifacts here (default: print the cache entry)")
@@ -43,16 +43,11 @@ def register(nouns: argparse._SubParsersAction) -> None:
                             "$VLX_IMAGE_SOURCE or this one)")
     build.add_argument("--rebuild", action="store_true",
                        help="build even if a cached image has the same inputs")
-    build.set_defaults(handler=cmd_build)
 
-    listing = verbs.add_parser("list", help="the cached images")
-    add_json_flag(listing)
-    listing.set_defaults(handler=cmd_list)
+    add_verb(verbs, "list", cmd_list, help="the cached images", json=True)
 
-    show = verbs.add_parser("show", help="one cached image's manifest")
+    show = add_verb(verbs, "show", cmd_show, help="one cached image's manifest", json=True)
     show.add_argument("name", help="KIND (the newest of that kind), KIND-KEY or KEY")
-    add_json_flag(show)
-    show.set_defaults(handler=cmd_show)
 
 
 def cmd_build(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ from ..db import Database
 from ..errors import VlxError
 from ..host import pid_alive
 from ..model import Cluster
-from .common import add_json_flag, print_json, print_table
+from .common import add_verb, print_json, print_table
 
 DEFAULT_TIMEOUT = 600.0
 # The lab's nodes print their boot on the first serial port (its log is the progress source).
@@ -42,7 +42,8 @@ def register(nouns: argparse._SubParsersAction) -> None:
                                     f"(default: $VLX_LAB_DIR or {plan.DEFAULT_STATE_DIR})")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    up = verbs.add_parser("up", help="make the lab network, start the replicas, boot the nodes")
+    up = add_verb(verbs, "up", cmd_up,
+                  help="make the lab network, start the replicas, boot the nodes")
     up.add_argument("--inventory", type=Path, metavar="FILE",
                     help="the cluster to boot (default: the cluster in --db)")
     up.add_argument("--nodes", type=int, metavar="N",
@@ -60,22 +61,17 @@ def register(nouns: argparse._SubParsersAction) -> None:
                          f"(default: {DEFAULT_TIMEOUT:g})")
     up.add_argument("--no-wait", action="store_true",
                     help="return once the nodes are powered on")
-    up.set_defaults(handler=cmd_up)
 
-    status = verbs.add_parser("status", help="the lab's nodes and replicas")
-    add_json_flag(status)
-    status.set_defaults(handler=cmd_status)
+    add_verb(verbs, "status", cmd_status, help="the lab's nodes and replicas", json=True)
 
-    cons = verbs.add_parser("console", help="follow a node's serial console (^C stops)")
+    cons = add_verb(verbs, "console", cmd_console, help="follow a node's serial console (^C stops)")
     cons.add_argument("node", metavar="NODE")
     cons.add_argument("--attach", action="store_true",
                       help="attach to the serial port instead (type into it; Ctrl-] detaches)")
     cons.add_argument("--no-follow", action="store_true",
                       help="print the serial log so far and return")
-    cons.set_defaults(handler=cmd_console)
 
-    down = verbs.add_parser("down", help="remove everything the lab made")
-    down.set_defaults(handler=cmd_down)
+    add_verb(verbs, "down", cmd_down, help="remove everything the lab made")
 
 
 def _cluster_to_boot(args: argparse.Namespace) -> tuple[Cluster, str]:

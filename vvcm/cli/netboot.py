@@ -10,7 +10,7 @@ from pathlib import Path
 from virtualinux.netboot import render, view
 
 from ..errors import VlxError
-from .common import add_json_flag, database, print_json
+from .common import add_verb, database, print_json
 
 OUT_HELP = ("where trees live; OUT/current is served (default: $VLX_NETBOOT or "
             f"{render.DEFAULT_OUT})")
@@ -22,7 +22,8 @@ def register(nouns: argparse._SubParsersAction) -> None:
                                           "kernel and initrd) and show what a node is handed.")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    draw = verbs.add_parser("render", help="render the tree for the current generation")
+    draw = add_verb(verbs, "render", cmd_render,
+                    help="render the tree for the current generation", json=True)
     draw.add_argument("--image", required=True, type=Path, metavar="DIR",
                       help="boot image directory holding vmlinuz and initrd.img "
                            "(vlx image build tiny|node makes one)")
@@ -31,14 +32,11 @@ def register(nouns: argparse._SubParsersAction) -> None:
                       help="one more kernel argument for every node, e.g. console=ttyS0")
     draw.add_argument("--ipxe-dir", type=Path, default=render.IPXE_DIR, metavar="DIR",
                       help="where Debian's ipxe package put its binaries")
-    add_json_flag(draw)
-    draw.set_defaults(handler=cmd_render)
 
-    show = verbs.add_parser("show", help="what a node is handed (or the tree, without NODE)")
+    show = add_verb(verbs, "show", cmd_show,
+                    help="what a node is handed (or the tree, without NODE)", json=True)
     show.add_argument("node", nargs="?", help="node name")
     show.add_argument("--out", type=Path, metavar="DIR", help=OUT_HELP)
-    add_json_flag(show)
-    show.set_defaults(handler=cmd_show)
 
 
 def cmd_render(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from virtualinux.storage.naming import format_size, parse_portal, parse_size
 from virtualinux.storage.volumes import default_portal
 
 from ..errors import VlxError
-from .common import add_json_flag, database, plural, print_json, print_table
+from .common import add_verb, database, plural, print_json, print_table
 
 log = logging.getLogger("virtualinux.storage")
 
@@ -69,9 +69,7 @@ def register(nouns: argparse._SubParsersAction) -> None:
     remove.add_argument("--backing", type=Path, metavar="FILE")
     remove.set_defaults(handler=cmd_pool_remove)
 
-    status = verbs.add_parser("status", help="the tgtd of each portal and its targets")
-    add_json_flag(status)
-    status.set_defaults(handler=cmd_status)
+    add_verb(verbs, "status", cmd_status, help="the tgtd of each portal and its targets", json=True)
 
 
 def _portal_flag(parser: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ from ..fields import add_arguments, from_arguments, to_mapping
 from ..model import Cluster, VirtualCluster
 from .common import (
     ProgressLine,
-    add_json_flag,
+    add_verb,
     database,
     plural,
     print_json,
@@ -32,21 +32,16 @@ def register(nouns: argparse._SubParsersAction) -> None:
     add_arguments(define, VirtualCluster, positional="name")
     define.set_defaults(handler=cmd_define)
 
-    listing = verbs.add_parser("list", help="list the VCs with their VMs")
-    add_json_flag(listing)
-    listing.set_defaults(handler=cmd_list)
+    add_verb(verbs, "list", cmd_list, help="list the VCs with their VMs", json=True)
 
-    show = verbs.add_parser("show", help="one VC and its VMs")
+    show = add_verb(verbs, "show", cmd_show, help="one VC and its VMs", json=True)
     show.add_argument("name")
-    add_json_flag(show)
-    show.set_defaults(handler=cmd_show)
 
-    remove = verbs.add_parser("remove", help="remove a VC and its VMs")
+    remove = add_verb(verbs, "remove", cmd_remove, help="remove a VC and its VMs")
     remove.add_argument("name")
     remove.add_argument("--volumes", action="store_true",
                         help="remove the VMs' volumes too (refused while one is exported); "
                              "without it a VC that has volumes is refused")
-    remove.set_defaults(handler=cmd_remove)
 
     backup = verbs.add_parser("backup", help="save a VC: its volumes (sparse, checksummed) "
                                              "and its database rows, to a new directory")

@@ -14,7 +14,7 @@ from virtualinux.storage.naming import format_size, initiator_iqn, parse_size
 from ..fields import to_mapping
 from ..model import Cluster, Volume
 from .common import (
-    add_json_flag,
+    add_verb,
     database,
     name_range,
     plural,
@@ -56,40 +56,32 @@ def register(nouns: argparse._SubParsersAction) -> None:
     _export_flags(snap)
     snap.set_defaults(handler=cmd_snapshot)
 
-    listing = verbs.add_parser("list", help="list the volumes")
-    add_json_flag(listing)
-    listing.set_defaults(handler=cmd_list)
+    add_verb(verbs, "list", cmd_list, help="list the volumes", json=True)
 
-    show = verbs.add_parser("show", help="one volume with its export")
+    show = add_verb(verbs, "show", cmd_show, help="one volume with its export", json=True)
     show.add_argument("name")
-    add_json_flag(show)
-    show.set_defaults(handler=cmd_show)
 
-    remove = verbs.add_parser("remove", help="remove volumes that are not exported")
+    remove = add_verb(verbs, "remove", cmd_remove, help="remove volumes that are not exported")
     remove.add_argument("names", nargs="*", metavar="NAME")
     remove.add_argument("--snapshots-of", metavar="GOLDEN",
                         help="also every snapshot of GOLDEN")
     remove.add_argument("--for", dest="owners", metavar="WHO",
                         help="also every volume of these owners: nodes, vms, vc:NAME, or "
                              "NAME,NAME,... of nodes or VMs")
-    remove.set_defaults(handler=cmd_remove)
 
-    grow = verbs.add_parser("grow", help="make a volume bigger")
+    grow = add_verb(verbs, "grow", cmd_grow, help="make a volume bigger")
     grow.add_argument("name")
     grow.add_argument("size", help="new size (2GiB) or growth (+512MiB)")
-    grow.set_defaults(handler=cmd_grow)
 
-    export = verbs.add_parser("export", help="export volumes over iSCSI")
+    export = add_verb(verbs, "export", cmd_export, help="export volumes over iSCSI")
     export.add_argument("names", nargs="+", metavar="NAME")
     export.add_argument("--portal", metavar="IP[:PORT]",
                         help="iSCSI portal (default: the first storage node, port 3260)")
-    export.set_defaults(handler=cmd_export)
 
-    unexport = verbs.add_parser("unexport", help="stop exporting volumes")
+    unexport = add_verb(verbs, "unexport", cmd_unexport, help="stop exporting volumes")
     unexport.add_argument("names", nargs="+", metavar="NAME")
     unexport.add_argument("--force", action="store_true",
                           help="even if an initiator is logged in (it loses its disk)")
-    unexport.set_defaults(handler=cmd_unexport)
 
 
 def _export_flags(parser: argparse.ArgumentParser) -> None:
