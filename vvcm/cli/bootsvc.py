@@ -28,7 +28,7 @@ def register(nouns: argparse._SubParsersAction) -> None:
         description="Run this machine's boot-service replica (DHCP, TFTP, HTTP, ...), read "
                     "its counters, list the unknown machines it has seen.")
     parser.add_shared_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
-                               metavar="DIR", help=f"the replica's status file "
+                               metavar="DIR", help=f"where the replica writes its status "
                                                    f"(default: {DEFAULT_STATE_DIR})")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 

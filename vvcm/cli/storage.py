@@ -1,7 +1,9 @@
 """`vlx storage`: the iSCSI target of a storage node (a private tgtd per portal).
 
 `serve` starts tgtd if it is not running (or has died) and makes its targets match the
-database; run it again any time, or keep it running with `--watch` to restart a dying tgtd.
+database; run it again any time, or keep it running with `--watch` to restart a dying tgtd
+(the loop is `tgt.watch`). `status` shows every portal with a tgtd or with exports; `stop` is
+idempotent. `pool create|remove` make a loop-mounted pool to try things out (`storage.pool`).
 """
 
 from __future__ import annotations
