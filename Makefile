@@ -6,19 +6,35 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 INVENTORY ?= examples/cluster.toml
 PYTEST_ARGS ?=
+# Where `vlx` is linked so that the README's bare `vlx ...` commands work (root only).
+BINDIR ?= /usr/local/bin
 
-.PHONY: lab test lab-down deps debian-packages clean
+.PHONY: lab test lab-down deps debian-packages vlx-on-path clean
 
-lab: deps
+lab: deps vlx-on-path
 	$(VENV)/bin/vlx lab up --inventory $(INVENTORY)
 
 lab-down: deps
 	$(VENV)/bin/vlx lab down
 
-test: deps
+test: deps vlx-on-path
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 deps: debian-packages $(STAMP)
+
+# Link .venv/bin/vlx into BINDIR: made when missing or dangling, left alone when it is ours
+# already, never replacing another checkout's vlx or a file we did not make (it says so).
+vlx-on-path: $(STAMP)
+	@target="$(CURDIR)/$(VENV)/bin/vlx"; link="$(BINDIR)/vlx"; \
+	if [ "$$(readlink "$$link" 2>/dev/null)" = "$$target" ]; then :; \
+	elif [ "$$(id -u)" != 0 ] && [ ! -w "$(BINDIR)" ]; then \
+		echo "vlx is $$target: add $(CURDIR)/$(VENV)/bin to PATH, or run make as root"; \
+	elif [ ! -e "$$link" ]; then \
+		mkdir -p "$(BINDIR)" && ln -sfn "$$target" "$$link" && echo "linked $$link -> $$target"; \
+	else \
+		echo "$$link is $$(readlink -f "$$link"), not this checkout's: run $$target" \
+		     "(or ln -sf $$target $$link)"; \
+	fi
 
 # dpkg-query answers in milliseconds; apt-get runs only when something is missing.
 debian-packages:

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from virtualinux.vm_test.netns import Netns
+from virtualinux.vvcm.command import vlx_command
 
 MIB = 1 << 20
 PORTAL = "198.18.0.11:3260"
@@ -32,13 +33,6 @@ REPEATS = 3
 GOAL_RATIO = 3.0
 GOAL_SECONDS = 10.0
 GOAL_BYTES_PER_SNAPSHOT = 1_000_000
-
-
-def vlx_command() -> list[str]:
-    script = Path(sys.executable).with_name("vlx")
-    return [str(script)] if script.exists() else [sys.executable, "-c",
-                                                  "from virtualinux.vvcm.cli import main; "
-                                                  "import sys; sys.exit(main())"]
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> float:

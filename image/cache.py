@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from ..vvcm.errors import VlxError
+from ..vvcm.host import sha256_file  # noqa: F401  (image code calls cache.sha256_file)
 
 DEFAULT_ROOT = Path("/var/cache/virtualinux/images")
 MANIFEST = "manifest.json"
@@ -39,14 +40,6 @@ def cache_root(override: Path | None = None) -> Path:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def sha256_tree(root: Path) -> str:

@@ -20,6 +20,7 @@ from virtualinux.netboot import cpio
 
 from ..vvcm.errors import VlxError
 from . import cache, kernel
+from .dib import Clock, Progress
 
 KIND = "tiny"
 # virtio_ring before virtio, then the PCI transport and the devices; kernel.py adds whatever
@@ -76,13 +77,15 @@ def initramfs_entries(busybox: Path, modules: list[tuple[str, bytes]]) -> list[c
 
 
 def _build(staged: Path, root: Path, package: kernel.KernelPackage,
-           inputs: dict[str, str], key: str) -> None:
+           inputs: dict[str, str], key: str, clock: Clock) -> None:
     started = time.monotonic()
+    clock.say(f"kernel: {package.name} {package.version}")
     deb = kernel.fetch(package, root / "debs")
     unpacked = staged / "kernel-package"
     kernel.unpack(deb, unpacked)
     modules = kernel.modules_in_load_order(unpacked, package, MODULES)
     shutil.copyfile(kernel.vmlinuz(unpacked, package), staged / "vmlinuz")
+    clock.say(f"initramfs: busybox, {len(modules)} modules ({', '.join(n for n, _ in modules)})")
     archive = cpio.archive(initramfs_entries(_busybox(), modules))
     # mtime=0: the same inputs give the same initrd bytes.
     (staged / "initrd.img").write_bytes(gzip.compress(archive, compresslevel=9, mtime=0))
@@ -100,9 +103,12 @@ def _build(staged: Path, root: Path, package: kernel.KernelPackage,
 
 
 def build_tiny(out_dir: Path | None = None, cache_dir: Path | None = None,
-               package: kernel.KernelPackage | None = None) -> Path:
+               package: kernel.KernelPackage | None = None,
+               progress: Progress | None = None) -> Path:
     """A directory holding `vmlinuz` and `initrd.img` (and `manifest.json`): the cache entry
-    itself (treat it as read-only), or `out_dir` with copies of the files when given."""
+    itself (treat it as read-only), or `out_dir` with copies of the files when given.
+    `progress` hears each phase with the time elapsed (`vlx image build tiny` prints them)."""
+    clock = Clock(progress or (lambda message: None))
     root = cache.cache_root(cache_dir)
     package = package or kernel.candidate()
     inputs = tiny_inputs(package)
@@ -113,6 +119,9 @@ def build_tiny(out_dir: Path | None = None, cache_dir: Path | None = None,
             entry = cache.cached(root, KIND, key)   # built by whoever held the lock
             if entry is None:
                 with cache.staging(root, KIND) as staged:
-                    _build(staged, root, package, inputs, key)
+                    _build(staged, root, package, inputs, key, clock)
                     entry = cache.publish(staged, cache.entry_dir(root, KIND, key))
+                clock.say(f"done: {entry}")
+                return cache.deliver(entry, out_dir) if out_dir is not None else entry
+    clock.say(f"cached: {KIND} {key}")
     return cache.deliver(entry, out_dir) if out_dir is not None else entry

@@ -22,12 +22,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from virtualinux.vvcm import Cluster, VlxError
+from virtualinux.vvcm.host import sha256_file
 
 from . import layout, scripts
 
 log = logging.getLogger(__name__)
 
 IPXE_DIR = Path("/usr/lib/ipxe")
+DEFAULT_OUT = Path("/var/lib/virtualinux/netboot")
 CURRENT = "current"
 TREE_PREFIX = "gen-"
 KEEP_OLD_TREES = 1      # the previous tree stays for transfers that began before the swap
@@ -113,8 +115,8 @@ def render(cluster: Cluster, image_dir: Path, out: Path, kernel_args: Sequence[s
             _copy(source, staging / name)
         _copy(kernel, staging / layout.KERNEL)
         _copy(initrd, staging / layout.INITRD, pad_to=INITRD_ALIGN)
-        manifest = Manifest(cluster.generation, kernel_args,
-                            _sha256(staging / layout.KERNEL), _sha256(staging / layout.INITRD))
+        manifest = Manifest(cluster.generation, kernel_args, sha256_file(staging / layout.KERNEL),
+                            sha256_file(staging / layout.INITRD))
         files[layout.MANIFEST] = manifest.dump().encode()
         for name, data in files.items():
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
@@ -141,6 +143,11 @@ def render(cluster: Cluster, image_dir: Path, out: Path, kernel_args: Sequence[s
     return Rendered(final, cluster.generation, names, changed)
 
 
+def default_out() -> Path:
+    """Where trees live unless told: $VLX_NETBOOT or /var/lib/virtualinux/netboot."""
+    return Path(os.environ.get("VLX_NETBOOT") or DEFAULT_OUT)
+
+
 def current_tree(out: Path) -> Path | None:
     link = out / CURRENT
     return link.resolve() if link.is_symlink() and link.resolve().is_dir() else None
@@ -155,18 +162,10 @@ def _copy(source: Path, target: Path, pad_to: int = 1) -> None:
         os.truncate(target, size + (-size % pad_to))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _tree_digest(tree: Path, names: Sequence[str]) -> str:
     digest = hashlib.sha256()
     for name in names:
-        digest.update(name.encode() + b"\0" + _sha256(tree / name).encode() + b"\n")
+        digest.update(name.encode() + b"\0" + sha256_file(tree / name).encode() + b"\n")
     return digest.hexdigest()
 
 

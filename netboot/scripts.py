@@ -15,6 +15,7 @@ import shlex
 from collections.abc import Sequence
 from pathlib import PurePosixPath
 
+from virtualinux.storage.naming import initiator_iqn
 from virtualinux.vvcm import Cluster, Node, VlxError
 from virtualinux.vvcm.model import Volume
 
@@ -99,17 +100,6 @@ def root_volume(cluster: Cluster, node: Node) -> Volume | None:
     return candidates[0] if candidates else None
 
 
-def initiator_name(cluster: Cluster, node: Node, volume: Volume) -> str:
-    """The node's iSCSI initiator name: the target's naming authority, then cluster.node.
-
-    The storage side binds its per-initiator ACL to this same name, so it must be derived the
-    same way there (iqn.2026-11.lab.cluster:vlxlab.node1 for the example cluster).
-    """
-    authority = (volume.iqn or "").split(":", 1)[0]
-    name = cluster.settings.name if cluster.settings else "virtualinux"
-    return f"{authority}:{name}.{node.name}"
-
-
 def _portal(volume: Volume) -> tuple[str, str]:
     address, sep, port = (volume.portal or "").rpartition(":")
     if not sep:
@@ -167,17 +157,23 @@ def node_script(cluster: Cluster, node: Node, kernel_args: Sequence[str]) -> str
     return "\n".join(lines)
 
 
-def iscsi_initramfs(cluster: Cluster, node: Node) -> str | None:
+HIDDEN_SECRET = "(secret, not shown)"
+
+
+def iscsi_initramfs(cluster: Cluster, node: Node, show_secret: bool = True) -> str | None:
     """etc/iscsi.initramfs for initramfs-tools' open-iscsi hook, or None without a root volume.
 
     The hook sources this file with the shell, so every value is quoted: a secret is data.
+    `show_secret=False` renders the same file for a person to read, the password replaced.
     """
     volume = root_volume(cluster, node)
     if volume is None:
         return None
     address, port = _portal(volume)
     values = {
-        "ISCSI_INITIATOR": initiator_name(cluster, node, volume),
+        # The name storage's tgt ACL admits (one function for both sides).
+        "ISCSI_INITIATOR": initiator_iqn(cluster.settings.name if cluster.settings
+                                         else "virtualinux", node.name),
         "ISCSI_TARGET_NAME": volume.iqn or "",
         "ISCSI_TARGET_IP": address,
         "ISCSI_TARGET_PORT": port,
@@ -185,7 +181,7 @@ def iscsi_initramfs(cluster: Cluster, node: Node) -> str | None:
     credential = cluster.credential(node.name)
     if credential is not None:
         values["ISCSI_USERNAME"] = credential.username
-        values["ISCSI_PASSWORD"] = credential.secret
+        values["ISCSI_PASSWORD"] = credential.secret if show_secret else HIDDEN_SECRET
     return "".join(f"{key}={shlex.quote(value)}\n" for key, value in values.items())
 
 

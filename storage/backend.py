@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import importlib
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from virtualinux.vvcm.errors import VlxError
@@ -76,15 +77,23 @@ class Backend(ABC):
         """What tgt serves as the LUN for this volume (a raw file or block device)."""
         return volume.path
 
-    def backup_to(self, volume: Volume, target: Path) -> None:
-        """Write the volume's raw contents to the new file `target`, sparse (zeros skipped)."""
+    def backup_to(self, volume: Volume, target: Path, progress: Progress | None = None) -> None:
+        """Write the volume's raw contents to the new file `target`, sparse: only the data
+        extents of the volume are read, and zero chunks in them are not written."""
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, volume.size)
-            copy_sparse(Path(self.export_path(volume)), fd, volume.size)
+            copy_sparse(Path(self.export_path(volume)), fd, volume.size, progress)
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def free_bytes(self) -> int | None:
+        """Bytes the pool has left for volumes to grow into, if the backend can tell cheaply."""
+        try:
+            return free_bytes(self.pool)
+        except OSError:
+            return None
 
     def restore_snapshot(self, golden: Volume, name: str, source: Path, size: int) -> str:
         """Make snapshot `name` of `golden` whose contents are `source` (`size` bytes), writing
@@ -95,23 +104,25 @@ class Backend(ABC):
         try:
             if size > golden.size:
                 self.grow(volume, size)
-            fd = os.open(self.export_path(volume), os.O_RDWR)
-            try:
-                with open(source, "rb") as src:
-                    offset = 0
-                    while chunk := src.read(CHUNK):
-                        if os.pread(fd, len(chunk), offset) != chunk:
-                            os.pwrite(fd, chunk, offset)
-                        offset += len(chunk)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            self.write_changes(volume, golden, source, size)
         except BaseException as err:
             self.remove(volume)
             if isinstance(err, OSError) and err.errno == errno.ENOSPC:
                 raise NoSpace(f"no space left in the pool restoring {name}; not kept") from None
             raise
         return path
+
+    def write_changes(self, volume: Volume, golden: Volume, source: Path, size: int) -> None:
+        """Write into `volume` (a fresh snapshot of `golden`) the chunks where `source`
+        differs from it."""
+        target = self.export_path(volume)
+        fd = os.open(target, os.O_RDWR)
+        try:
+            for offset, chunk in changed_chunks(source, Path(target), size):
+                os.pwrite(fd, chunk, offset)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def exists(self, name: str) -> bool:
         return os.path.lexists(self.path_for(name))
@@ -167,6 +178,25 @@ def allocated_bytes(path: str) -> int:
     return os.stat(path).st_blocks * 512
 
 
+def make_all_or_none(targets: Sequence[str], make_one: Callable[[str], None], pool: str,
+                     what: str) -> None:
+    """`make_one(target)` for every target, then the pool directory synced; on any fault the
+    ones made are removed again (NoSpace when the pool filled up)."""
+    made: list[str] = []
+    try:
+        for target in targets:
+            make_one(target)
+            made.append(target)
+        fsync_directory(pool)
+    except BaseException as err:
+        for path in made:
+            os.unlink(path)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise NoSpace(f"no space left in pool {pool} after {len(made)} of {len(targets)} "
+                          f"{what}; none kept") from None
+        raise
+
+
 def fsync_directory(directory: str) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -175,24 +205,102 @@ def fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
-def copy_sparse(source: Path, target_fd: int, size: int) -> None:
-    """Copy `size` bytes of `source` to `target_fd`, skipping (not writing) zero chunks, so a
-    thin target stays thin. Raises NoSpace if the target fills up."""
+def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of each region of the first `size` bytes of `fd` that may hold data,
+    by SEEK_DATA/SEEK_HOLE: holes are never read. Where the file system cannot say (EINVAL),
+    the whole range is one extent."""
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as err:
+            if err.errno == errno.ENXIO:       # only a hole is left
+                return
+            if err.errno == errno.EINVAL:
+                yield offset, size - offset
+                return
+            raise
+        if start >= size:
+            return
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        yield start, end - start
+        offset = end
+
+
+# progress(bytes of data done, bytes of data in all): called as a copy goes on.
+Progress = Callable[[int, int], None]
+
+
+def copy_sparse(source: Path, target_fd: int, size: int, progress: Progress | None = None) -> None:
+    """Copy `size` bytes of `source` to `target_fd`, reading only its data extents and skipping
+    (not writing) zero chunks, so a thin target stays thin and a sparse 50 GiB disk holding
+    30 MB costs 30 MB of reads. Raises NoSpace if the target fills up."""
     zero = bytes(CHUNK)
     with open(source, "rb") as src:
-        offset = 0
-        while offset < size:
-            chunk = src.read(CHUNK)
-            if not chunk:
-                break
-            if chunk != zero[:len(chunk)]:
-                try:
-                    os.pwrite(target_fd, chunk, offset)
-                except OSError as err:
-                    if err.errno == errno.ENOSPC:
-                        raise NoSpace("no space left in the pool") from None
-                    raise
-            offset += len(chunk)
+        extents = list(data_extents(src.fileno(), size))
+        total = sum(length for _, length in extents)
+        done = 0
+        if progress:
+            progress(0, total)
+        for start, length in extents:
+            offset, end = start, start + length
+            while offset < end:
+                chunk = os.pread(src.fileno(), min(CHUNK, end - offset), offset)
+                if not chunk:
+                    break
+                if chunk != zero[:len(chunk)]:
+                    try:
+                        os.pwrite(target_fd, chunk, offset)
+                    except OSError as err:
+                        if err.errno == errno.ENOSPC:
+                            raise NoSpace("no space left in the pool") from None
+                        raise
+                offset += len(chunk)
+                done += len(chunk)
+                if progress:
+                    progress(done, total)
+
+
+def _chunk_offsets(fd: int, size: int) -> Iterator[int]:
+    for start, length in data_extents(fd, size):
+        yield from range(start - start % CHUNK, start + length, CHUNK)
+
+
+def changed_chunks(source: Path, base: Path, size: int) -> Iterator[tuple[int, bytes]]:
+    """(offset, bytes of `source`) for each CHUNK of the first `size` bytes where `source`
+    differs from `base` (past its end, `base` reads as zeros). Only chunks where either file
+    may hold data are read: a chunk that is a hole in both is zero in both."""
+    with open(source, "rb") as src, open(base, "rb") as ref:
+        offsets = sorted(set(_chunk_offsets(src.fileno(), size))
+                         | set(_chunk_offsets(ref.fileno(), size)))
+        for offset in offsets:
+            length = min(CHUNK, size - offset)
+            new = os.pread(src.fileno(), length, offset).ljust(length, b"\0")
+            if new != os.pread(ref.fileno(), length, offset).ljust(length, b"\0"):
+                yield offset, new
+
+
+def sparse_sha256(path: Path | str) -> str:
+    """A SHA-256 of a file's contents that reads only its data extents: over the size, then
+    each non-zero CHUNK of a fixed grid with its offset. Holes and zero chunks count alike,
+    so the same bytes give the same hash whether stored sparse or not."""
+    digest = hashlib.sha256()
+    zero = bytes(CHUNK)
+    with open(path, "rb") as handle:
+        fd = handle.fileno()
+        size = os.fstat(fd).st_size
+        digest.update(f"sparse-sha256 {size} {CHUNK}\n".encode())
+        next_chunk = 0
+        for start, length in data_extents(fd, size):
+            offset = max(start - start % CHUNK, next_chunk)
+            while offset < start + length:
+                chunk = os.pread(fd, min(CHUNK, size - offset), offset)
+                if chunk != zero[:len(chunk)]:
+                    digest.update(offset.to_bytes(8, "big"))
+                    digest.update(chunk)
+                offset += CHUNK
+            next_chunk = offset
+    return digest.hexdigest()
 
 
 def check_image(image: Path) -> int:

@@ -1,6 +1,8 @@
 """Backup and restore of a whole virtual cluster: its volumes as sparse raw files, its database
 rows (the VC, its VMs' placement and disks, their volumes and CHAP credentials) in
-`vc.json`, and a SHA-256 of every file, checked before a restore touches anything.
+`vc.json`, and a checksum of every file, checked before a restore touches anything. Only the
+data extents of a disk are read (SEEK_DATA/SEEK_HOLE), by the copy and by the checksum
+(`backend.sparse_sha256`, format 2; format 1 backups carry a plain SHA-256 and still restore).
 
 A restore makes each disk a fresh snapshot of the same golden volume and writes only the
 chunks that differ from it, so unchanged data is shared with the golden again (qcow2 overlays
@@ -12,34 +14,33 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
+import functools
 import json
+import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from virtualinux.vvcm import changes
 from virtualinux.vvcm.db import Database
 from virtualinux.vvcm.errors import VlxError
 from virtualinux.vvcm.fields import from_mapping, to_mapping
+from virtualinux.vvcm.host import sha256_file
 from virtualinux.vvcm.model import Cluster, Credential, VirtualCluster, Volume
 
 from . import tgt
-from .backend import InUse, backend_for
+from .backend import InUse, backend_for, sparse_sha256
 from .naming import target_iqn
 from .volumes import assign_vm_volumes, cluster_name
 
+log = logging.getLogger(__name__)
+
 MANIFEST = "vc.json"
-FORMAT = 1
-HASH_CHUNK = 4 * 1024 * 1024
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
+# volume name, bytes of data done, bytes of data in all (see backend.Progress)
+VolumeProgress = Callable[[str, int, int], None]
 
 
 def vc_volumes(cluster: Cluster, vc: str) -> list[Volume]:
@@ -47,8 +48,11 @@ def vc_volumes(cluster: Cluster, vc: str) -> list[Volume]:
     return [v for v in cluster.volumes if v.owner in vm_names]
 
 
-def backup_vc(db: Database, name: str, directory: Path) -> dict:
-    """Write VC `name` to `directory` (new or empty); returns the manifest."""
+def backup_vc(db: Database, name: str, directory: Path,
+              progress: VolumeProgress | None = None,
+              warn: Callable[[str], None] = log.warning) -> dict:
+    """Write VC `name` to `directory` (new or empty); returns the manifest. `progress` hears
+    how far each volume's copy is; `warn` is told of what may make the copy inconsistent."""
     cluster = db.load()
     vc = cluster.vc(name)
     volumes = vc_volumes(cluster, name)
@@ -59,15 +63,21 @@ def backup_vc(db: Database, name: str, directory: Path) -> dict:
             raise InUse(f"volume {volume.name} is open for writing (is {volume.owner} "
                         "running?): stop the VC first, a backup of a disk being written is "
                         "not consistent")
+        if volume.iqn:
+            # tgtd holds an exported disk open for writing, always: the check above cannot
+            # tell whether an initiator is writing to it now.
+            warn(f"volume {volume.name} is exported on {volume.portal}: if {volume.owner} is "
+                 "running, its copy may not be consistent (stop it, or unexport first)")
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     try:
         entries = []
         for volume in volumes:
             target = directory / f"{volume.name}.raw"
-            backend_for(volume).backup_to(volume, target)
+            report = (functools.partial(progress, volume.name) if progress else None)
+            backend_for(volume).backup_to(volume, target, report)
             entries.append({**to_mapping(volume), "file": target.name,
-                            "sha256": sha256_file(target)})
+                            "sparse_sha256": sparse_sha256(target)})
         owners = {vm.name for vm in cluster.vms_of(name)}
         manifest = {
             "format": FORMAT,
@@ -105,8 +115,9 @@ def read_manifest(directory: Path) -> dict:
         raise VlxError(f"{directory} holds no VC backup (no {MANIFEST})") from None
     except (OSError, ValueError) as err:
         raise VlxError(f"{path} is unreadable: {err}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise VlxError(f"{path}: not a VC backup of format {FORMAT}")
+    if not isinstance(manifest, dict) or manifest.get("format") not in READABLE_FORMATS:
+        raise VlxError(f"{path}: not a VC backup of format "
+                       f"{' or '.join(map(str, READABLE_FORMATS))}")
     return manifest
 
 
@@ -116,7 +127,11 @@ def verify(directory: Path, manifest: dict) -> None:
         path = directory / Path(entry["file"]).name
         if not path.is_file():
             raise VlxError(f"backup file {path} is missing; nothing restored")
-        if sha256_file(path) != entry["sha256"]:
+        if "sparse_sha256" in entry:
+            matches = sparse_sha256(path) == entry["sparse_sha256"]
+        else:   # format 1
+            matches = sha256_file(path) == entry["sha256"]
+        if not matches:
             raise VlxError(f"backup file {path} does not match its SHA-256: the backup is "
                            "damaged; nothing restored")
 
@@ -127,7 +142,8 @@ def restore_vc(db: Database, directory: Path) -> VirtualCluster:
     where = f"{directory / MANIFEST}"
     try:
         vc = from_mapping(VirtualCluster, manifest["vc"], f"{where} vc")
-        rows = [from_mapping(Volume, {k: v for k, v in e.items() if k not in ("file", "sha256")},
+        rows = [from_mapping(Volume, {k: v for k, v in e.items()
+                                      if k not in ("file", "sha256", "sparse_sha256")},
                              f"{where} volume") for e in manifest["volumes"]]
         placement = {vm["name"]: vm["node"] for vm in manifest["vms"]}
         disks = {vm["name"]: vm["volume"] for vm in manifest["vms"] if vm.get("volume")}

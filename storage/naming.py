@@ -40,7 +40,7 @@ def initiator_iqn(cluster_name: str, owner: str) -> str:
     """`iqn.2026-11.org.virtualinux:vlxlab.node1`: the initiator name `owner` (a node, or the
     host of a VM on its behalf) logs in with; the target's ACL admits only it.
 
-    netboot (`scripts.initiator_name`) derives the same name for the node it boots.
+    netboot (`scripts.iscsi_initramfs`) hands the node this very name.
     Initiator and target names live in separate iSCSI namespaces, so a volume that shared an
     owner's name would still not be confused with it.
     """
@@ -81,7 +81,11 @@ def parse_size(value: str, current: int = 0) -> int:
     match = _SIZE.match(value.strip())
     if not match:
         raise VlxError(f"size {value!r}: expected e.g. 2GiB, 512MiB, +1G or a byte count")
-    relative, number, unit, _ = match.groups()
+    relative, number, unit, suffix = match.groups()
+    if unit and suffix and suffix.lower() == "b":
+        # "4GB" would be 4 GiB or 4*10^9 depending on who reads it: neither is guessed.
+        raise VlxError(f"size {value!r}: GB, MB, ... are decimal units; write binary ones "
+                       f"like {number}{unit.upper()}iB")
     size = int(number) * _UNITS[unit.lower()]
     return current + size if relative else size
 

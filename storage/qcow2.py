@@ -8,7 +8,6 @@ copies) of it, not N processes. Overlays are for QEMU/libvirt to open; tgt canno
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import subprocess
@@ -20,7 +19,7 @@ from pathlib import Path
 from virtualinux.vvcm.errors import VlxError
 from virtualinux.vvcm.model import Volume
 
-from .backend import CHUNK, NoSpace, free_bytes, fsync_directory
+from .backend import NoSpace, Progress, changed_chunks, free_bytes, make_all_or_none
 from .reflink import FICLONE, ReflinkBackend
 
 OVERLAY_SUFFIX = ".qcow2"
@@ -45,6 +44,7 @@ def run_qemu_img(cmd: list[str]) -> None:
 
 class Qcow2Backend(ReflinkBackend):
     name = "qcow2"
+    how_to_pool = "make it (mkdir -p), on any file system"
 
     def path_for(self, name: str) -> str:
         return os.path.join(self.pool, name + OVERLAY_SUFFIX)
@@ -64,20 +64,12 @@ class Qcow2Backend(ReflinkBackend):
             raise NoSpace(f"no space left in pool {self.pool} for {len(targets)} overlays")
         template = os.path.join(self.pool, f".template-{uuid.uuid4().hex[:8]}{OVERLAY_SUFFIX}")
         run_qemu_img(overlay_command(golden.path, template))
-        made: list[str] = []
         try:
             with open(template, "rb") as src:
                 header = src.read()
-                for target in targets:
-                    self._copy_template(src.fileno(), header, target)
-                    made.append(target)
-            fsync_directory(self.pool)
-        except BaseException as err:
-            for path in made:
-                os.unlink(path)
-            if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-                raise NoSpace(f"no space left in pool {self.pool}; no overlay kept") from None
-            raise
+                make_all_or_none(
+                    targets, lambda target: self._copy_template(src.fileno(), header, target),
+                    self.pool, "overlays")
         finally:
             os.unlink(template)
         return targets
@@ -109,41 +101,26 @@ class Qcow2Backend(ReflinkBackend):
                        "qcow2 volumes are for libvirt guests; export a reflink or lvm-thin "
                        "volume over iSCSI")
 
-    def backup_to(self, volume: Volume, target: Path) -> None:
+    def backup_to(self, volume: Volume, target: Path, progress: Progress | None = None) -> None:
         if volume.kind == "golden":
-            return super().backup_to(volume, target)
+            return super().backup_to(volume, target, progress)
+        # qemu-img reads only the allocated clusters of the overlay chain itself.
         run_qemu_img(["qemu-img", "convert", "-q", "-f", "qcow2", "-O", "raw", "-S", "4k",
                       volume.path, str(target)])
 
-    def restore_snapshot(self, golden: Volume, name: str, source: Path, size: int) -> str:
-        """A fresh overlay of `golden`, then only the chunks of `source` that differ from the
-        golden written into it (by qemu-io, each from a small file of its own): unchanged
-        data stays in the golden, as it was before the backup."""
-        path = self.snapshot(golden, [name])[0]
-        volume = Volume(name=name, kind="snapshot", backend=self.name, path=path,
-                        size=golden.size, origin=golden.name)
-        try:
-            if size > golden.size:
-                self.grow(volume, size)
-            with tempfile.TemporaryDirectory(dir=self.pool, prefix=".restore-") as scratch:
-                commands = []
-                with open(source, "rb") as src, open(golden.path, "rb") as base:
-                    offset = 0
-                    while chunk := src.read(CHUNK):
-                        if base.read(len(chunk)) != chunk:
-                            piece = os.path.join(scratch, str(offset))
-                            with open(piece, "wb") as out:
-                                out.write(chunk)
-                            commands.append(f"write -q -s {piece} {offset} {len(chunk)}")
-                        offset += len(chunk)
-                for first in range(0, len(commands), QEMU_IO_BATCH):
-                    _run_qemu_io(path, commands[first:first + QEMU_IO_BATCH])
-        except BaseException as err:
-            self.remove(volume)
-            if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-                raise NoSpace(f"no space left in the pool restoring {name}; not kept") from None
-            raise
-        return path
+    def write_changes(self, volume: Volume, golden: Volume, source: Path, size: int) -> None:
+        """The chunks of `source` that differ from the golden, written into the fresh overlay
+        by qemu-io, each from a small file of its own: unchanged data stays in the golden, as
+        it was before the backup."""
+        with tempfile.TemporaryDirectory(dir=self.pool, prefix=".restore-") as scratch:
+            commands = []
+            for offset, chunk in changed_chunks(source, Path(golden.path), size):
+                piece = os.path.join(scratch, str(offset))
+                with open(piece, "wb") as out:
+                    out.write(chunk)
+                commands.append(f"write -q -s {piece} {offset} {len(chunk)}")
+            for first in range(0, len(commands), QEMU_IO_BATCH):
+                _run_qemu_io(volume.path, commands[first:first + QEMU_IO_BATCH])
 
 
 def _run_qemu_io(image: str, commands: list[str]) -> None:

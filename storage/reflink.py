@@ -26,12 +26,16 @@ from .backend import (
     file_open_for_writing,
     free_bytes,
     fsync_directory,
+    make_all_or_none,
 )
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h; Python's fcntl lacks it before 3.12
 # Room kept free per new clone (its metadata, with margin): a pool with less is "full".
 CLONE_RESERVE = 1024 * 1024
 SUFFIX = ".img"
+HOW_TO_POOL = ("a reflink pool is a directory on btrfs or XFS (reflink=1); `vlx storage pool "
+               "create DIR --size 20GiB` makes a loop-mounted btrfs one to try things out, or "
+               "use --backend qcow2 (VM disks only: tgt cannot serve qcow2)")
 
 
 def clone_file(source_fd: int, target: str) -> None:
@@ -47,6 +51,7 @@ def clone_file(source_fd: int, target: str) -> None:
 
 
 class ReflinkBackend(Backend):
+    how_to_pool = HOW_TO_POOL
     name = "reflink"
 
     @classmethod
@@ -61,11 +66,13 @@ class ReflinkBackend(Backend):
 
     def _check_pool(self) -> None:
         if not os.path.isdir(self.pool):
-            raise VlxError(f"pool {self.pool} is not a directory")
+            what = "is not a directory" if os.path.exists(self.pool) else "does not exist"
+            raise VlxError(f"pool {self.pool} {what}: {self.how_to_pool}")
 
     def add_golden(self, name: str, image: Path) -> tuple[str, int]:
         self._check_pool()
         size = check_image(image)
+        self._probe_pool()   # before copying a big image into a pool that cannot clone it
         path = self.golden_path(name)
         if os.path.lexists(path):
             raise VlxError(f"{path} exists already (a volume not in the database?): remove it "
@@ -109,8 +116,17 @@ class ReflinkBackend(Backend):
                 clone_file(src.fileno(), probe)
             except OSError as err:
                 raise VlxError(f"pool {self.pool} cannot make reflink clones ({err.strerror}): "
-                               "use a btrfs or XFS (reflink=1) file system") from None
+                               f"{HOW_TO_POOL}") from None
         os.unlink(probe)
+
+    def _probe_pool(self) -> None:
+        probe = os.path.join(self.pool, ".reflink-probe")
+        with open(probe, "wb") as out:
+            out.write(b"\1" * 4096)
+        try:
+            self._probe_reflink(probe)
+        finally:
+            os.unlink(probe)
 
     def _new_paths(self, names: Sequence[str]) -> list[str]:
         """The pool paths of `names`, none of which may exist yet."""
@@ -127,22 +143,16 @@ class ReflinkBackend(Backend):
         if free_bytes(self.pool) < needed:
             raise NoSpace(f"no space left in pool {self.pool}: {len(targets)} snapshots need "
                           f"{needed} bytes free, {free_bytes(self.pool)} are")
-        made: list[str] = []
         with open(golden.path, "rb") as src:
-            try:
-                for target in targets:
+            def clone(target: str) -> None:
+                try:
                     clone_file(src.fileno(), target)
-                    made.append(target)
-                fsync_directory(self.pool)
-            except BaseException as err:
-                for path in made:
-                    os.unlink(path)
-                if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-                    raise NoSpace(f"no space left in pool {self.pool} after {len(made)} of "
-                                  f"{len(targets)} snapshots; none kept") from None
-                if isinstance(err, OSError):
+                except OSError as err:
+                    if err.errno == errno.ENOSPC:
+                        raise
                     raise VlxError(f"cannot clone {golden.path}: {err.strerror}") from None
-                raise
+
+            make_all_or_none(targets, clone, self.pool, "snapshots")
         return targets
 
     def remove(self, volume: Volume) -> None:

@@ -21,11 +21,12 @@ import signal
 import subprocess
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from virtualinux.vvcm.errors import VlxError
+from virtualinux.vvcm.host import NETNS_DIR, in_netns, pid_alive
 from virtualinux.vvcm.model import Cluster, Volume
 
 from .backend import backend_for
@@ -39,6 +40,7 @@ DISK_LUN = 1
 READY_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
 PARALLEL_TGTADM = 4
+WATCH_INTERVAL = 1.0
 
 
 class TgtDown(VlxError):
@@ -295,13 +297,7 @@ class Daemon:
                 f"{self.portal}`)")
 
     def alive(self) -> bool:
-        try:
-            stat = Path(f"/proc/{self.pid}/stat").read_text()
-            cmdline = Path(f"/proc/{self.pid}/cmdline").read_bytes()
-        except OSError:
-            return False
-        # A zombie has exited; a recycled pid runs something else.
-        return stat.rsplit(")", 1)[1].split()[0] != "Z" and b"tgtd" in cmdline
+        return pid_alive(self.pid, b"tgtd")
 
 
 _LISTEN = "0A"
@@ -389,10 +385,9 @@ def start(portal: str, control_port: int, netns: str | None = None,
     address, port = portal.rsplit(":", 1)
     cmd = ["tgtd", "-f", "--iscsi", f"portal={address}:{port}", "-C", str(control_port)]
     if netns:
-        if not Path(f"/run/netns/{netns}").exists():
+        if not (NETNS_DIR / netns).exists():
             raise VlxError(f"no network namespace {netns!r}")
-        # nsenter, not `ip netns exec`: tgtd must see pools mounted after it starts.
-        cmd = ["nsenter", f"--net=/run/netns/{netns}", "--"] + cmd
+        cmd = in_netns(netns, cmd)   # tgtd must see pools mounted after it starts
     logfile = root / f"tgtd-{portal.replace(':', '-')}.log"
     with open(logfile, "ab") as out:
         log_start = out.tell()
@@ -498,9 +493,75 @@ def serve(cluster: Cluster, portal: str, control_port: int, netns: str | None = 
 
 
 def sync_if_served(cluster: Cluster, volumes: Sequence[Volume], force: bool = False,
-                   directory: Path | None = None) -> None:
-    """After a database change: update the running tgtd of every portal these volumes name."""
+                   directory: Path | None = None) -> list[str]:
+    """After a database change: update the running tgtd of every portal these volumes name.
+    Returns the portals no tgtd serves (never started, or stopped): their change is only
+    recorded, and `serve` makes it when it starts one."""
+    unserved = []
     for portal in sorted({v.portal for v in volumes if v.portal}):
         daemon = running_daemon(portal, directory)
-        if daemon is not None:
+        if daemon is None:
+            unserved.append(portal)
+        else:
             sync(daemon.admin, cluster, portal, force=force)
+    return unserved
+
+
+def watch(daemon: Daemon, load_cluster: Callable[[], Cluster], stopping: Callable[[], bool],
+          directory: Path | None = None, interval: float = WATCH_INTERVAL) -> None:
+    """Keep `daemon`'s portal served until `stopping()`: a tgtd that dies is restarted with
+    every export the database records (read afresh each time). tgtd is stopped at the end."""
+    portal, control_port, netns = daemon.portal, daemon.control_port, daemon.netns
+    try:
+        while not stopping():
+            time.sleep(interval)
+            if daemon.alive():
+                continue
+            log.warning("tgtd pid %d died: restarting it with its exports", daemon.pid)
+            try:
+                daemon, added, _ = serve(load_cluster(), portal, control_port, netns, directory)
+            except VlxError as err:  # keep watching: the next round tries again
+                log.error("restart failed: %s", err)
+                daemon = recorded_daemon(portal, directory) or daemon
+                continue
+            log.info("tgtd pid %d restored %d targets", daemon.pid, added)
+    finally:
+        stop(daemon, directory)
+
+
+@dataclasses.dataclass(frozen=True)
+class PortalStatus:
+    """One portal as `vlx storage status` shows it: the tgtd recorded for it (if any), and the
+    exports the database records for it."""
+
+    portal: str
+    state: str                   # "running", "dead", or "no tgtd" (never started, or stopped)
+    pid: int | None
+    control_port: int | None
+    listening: tuple[str, ...]
+    exports: int                 # what the database exports on this portal
+    targets: int                 # what tgtd serves
+    sessions: int
+    missing: tuple[str, ...]     # IQNs the database exports and tgtd does not serve
+
+
+def portal_status(cluster: Cluster, directory: Path | None = None) -> list[PortalStatus]:
+    """Every portal that has a recorded tgtd or an export in the database."""
+    daemons = {daemon.portal: daemon for daemon in recorded_daemons(directory)}
+    portals = sorted(set(daemons) | {v.portal for v in cluster.volumes if v.portal and v.iqn})
+    rows = []
+    for portal in portals:
+        wanted = wanted_exports(cluster, portal)
+        daemon = daemons.get(portal)
+        alive = daemon is not None and daemon.alive()
+        targets = daemon.admin.targets() if alive else {}
+        rows.append(PortalStatus(
+            portal=portal,
+            state="running" if alive else "dead" if daemon else "no tgtd",
+            pid=daemon.pid if daemon else None,
+            control_port=daemon.control_port if daemon else None,
+            listening=tuple(daemon.listening()) if alive else (),
+            exports=len(wanted), targets=len(targets),
+            sessions=sum(t.sessions for t in targets.values()),
+            missing=tuple(sorted(set(wanted) - set(targets)))))
+    return rows

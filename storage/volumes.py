@@ -26,6 +26,7 @@ from .naming import (
     NODE_SUFFIX,
     VM_SUFFIX,
     ensure_credentials,
+    format_size,
     parse_portal,
     snapshot_name,
     target_iqn,
@@ -71,6 +72,50 @@ def add_golden(db: Database, name: str, image: Path, backend: str, pool: str) ->
     return volume
 
 
+def owners_of(cluster: Cluster, spec: str | None) -> list[tuple[str, str]]:
+    """(owner, "node"|"vm") pairs that `--for SPEC` names: "nodes" (also None), "vms",
+    "vc:NAME", or names of nodes/VMs separated by commas."""
+    node_names = [node.name for node in cluster.nodes]
+    vm_names = [vm.name for vm in cluster.vms]
+    if spec in (None, "nodes"):
+        return [(name, "node") for name in node_names]
+    if spec == "vms":
+        return [(name, "vm") for name in vm_names]
+    if spec.startswith("vc:"):
+        return [(vm.name, "vm") for vm in cluster.vms_of(cluster.vc(spec[3:]).name)]
+    candidates = []
+    for name in (part.strip() for part in spec.split(",")):
+        if name in node_names:
+            candidates.append((name, "node"))
+        elif name in vm_names:
+            candidates.append((name, "vm"))
+        else:
+            raise VlxError(f"--for {spec}: {name!r} is neither a node nor a VM")
+    return candidates
+
+
+def removal_names(cluster: Cluster, names: Sequence[str], snapshots_of: str | None = None,
+                  owners: str | None = None) -> list[str]:
+    """The volumes `vlx volume remove NAME... [--snapshots-of GOLDEN] [--for WHO]` means:
+    the named ones, every snapshot of GOLDEN, and every volume owned by whom `--for` names
+    (`vc:NAME`: the VC's VM disks), each once."""
+    chosen = list(dict.fromkeys(names))
+    for name in chosen:
+        cluster.volume(name)
+    if snapshots_of:
+        cluster.volume(snapshots_of)
+        chosen += [v.name for v in cluster.volumes if v.origin == snapshots_of]
+    if owners:
+        whose = {owner for owner, _ in owners_of(cluster, owners)}
+        chosen += [v.name for v in cluster.volumes if v.owner in whose]
+    chosen = list(dict.fromkeys(chosen))
+    if not chosen:
+        if names or snapshots_of or owners:
+            return []
+        raise VlxError("name the volumes to remove (or --snapshots-of GOLDEN, --for WHO)")
+    return chosen
+
+
 def choose_owners(cluster: Cluster, golden: str, count: int | None,
                   spec: str | None) -> list[tuple[str, str]]:
     """(owner, "node"|"vm") pairs to snapshot `golden` for.
@@ -78,23 +123,7 @@ def choose_owners(cluster: Cluster, golden: str, count: int | None,
     `spec`: "nodes", "vms", "vc:NAME", or names of nodes/VMs separated by commas (default:
     nodes). With `count`, the first `count` of those that have no snapshot of `golden` yet.
     """
-    node_names = [node.name for node in cluster.nodes]
-    vm_names = [vm.name for vm in cluster.vms]
-    if spec in (None, "nodes"):
-        candidates = [(name, "node") for name in node_names]
-    elif spec == "vms":
-        candidates = [(name, "vm") for name in vm_names]
-    elif spec.startswith("vc:"):
-        candidates = [(vm.name, "vm") for vm in cluster.vms_of(cluster.vc(spec[3:]).name)]
-    else:
-        candidates = []
-        for name in (part.strip() for part in spec.split(",")):
-            if name in node_names:
-                candidates.append((name, "node"))
-            elif name in vm_names:
-                candidates.append((name, "vm"))
-            else:
-                raise VlxError(f"--for {spec}: {name!r} is neither a node nor a VM")
+    candidates = owners_of(cluster, spec)
     if count is None:
         if spec is None:
             raise VlxError("say how many snapshots (--count N) or for whom (--for ...)")
@@ -145,7 +174,10 @@ def snapshot_volumes(db: Database, golden_name: str, count: int | None = None,
         if export or portal:
             portal = parse_portal(portal) if portal else default_portal(cluster)
             tgt.running_daemon(portal)  # a dead tgtd fails here, before anything is made
-            _check_exportable(golden)
+            # The backend says whether tgt can serve its snapshots (qcow2 overlays: no).
+            store.export_path(Volume(name=names[0], kind="snapshot", backend=golden.backend,
+                                     path=store.path_for(names[0]), size=golden.size,
+                                     origin=golden.name))
         iqn_base = cluster_name(cluster) if portal else ""
         paths = store.snapshot(golden, names)
         made.extend(Volume(name=name, kind="snapshot", backend=golden.backend, path=path,
@@ -180,8 +212,7 @@ def export(db: Database, names: Sequence[str], portal: str | None = None) -> lis
             raise VlxError(f"volume {volume.name} has no owner to allow as initiator")
         if volume.portal and volume.portal != portal:
             raise VlxError(f"volume {volume.name} is exported on {volume.portal} already")
-        _check_exportable(volume)
-        backend_for(volume).export_path(volume)
+        backend_for(volume).export_path(volume)   # refuses what tgt cannot serve
     tgt.running_daemon(portal)
     exported = [dataclasses.replace(v, iqn=target_iqn(cluster_name(cluster), v.name),
                                     portal=portal) for v in volumes]
@@ -249,11 +280,22 @@ def grow(db: Database, name: str, size: int) -> Volume:
     return grown
 
 
-def _check_exportable(volume: Volume) -> None:
-    if volume.backend == "qcow2":
-        raise VlxError(f"volume {volume.name} is a qcow2 overlay, which tgt cannot serve: "
-                       "qcow2 volumes are for libvirt guests; use reflink or lvm-thin for "
-                       "iSCSI")
+def grow_warning(volume: Volume, size: int) -> str | None:
+    """What to say when `volume` grown to `size` could outgrow its pool: the growth is thin
+    (nothing is written yet), but filling it would need more than the pool has free."""
+    backend = backend_for(volume)
+    free = backend.free_bytes()
+    if free is None or size <= volume.size:
+        return None
+    try:
+        used = os.stat(volume.path).st_blocks * 512
+    except OSError:
+        used = 0
+    if size - used <= free:
+        return None
+    return (f"{volume.name} grown to {format_size(size)} could hold "
+            f"{format_size(size - used)} more than it stores now, and pool {backend.pool} has "
+            f"{format_size(free)} free: writing it full would run out of space")
 
 
 def _absent(cluster: Cluster, names: Sequence[str]) -> Cluster:

@@ -109,7 +109,7 @@ def test_status_of_a_killed_daemon_says_dead(tmp_path, capsys):
         "state": "running", "pid": 2**22 + 12345, "node": None, "interface": "eth0",
         "address": "198.18.0.201", "generation": 3, "updated": "x", "reloads": 0,
         "stale_generations_refused": 0, "services": {}}))
-    assert main(["bootsvc", "status", "--state-dir", str(tmp_path), "--json"]) == 0
+    assert main(["bootsvc", "status", "--state-dir", str(tmp_path), "--json"]) == 1  # as text
     assert json.loads(capsys.readouterr().out)["state"] == "dead"
     assert main(["bootsvc", "status", "--state-dir", str(tmp_path)]) == 1
 

@@ -19,6 +19,7 @@ from virtualinux.bootsvc import dhcp_wire as wire
 from virtualinux.vm_test.netns import Namespace, Netns
 from virtualinux.vvcm import Node, changes, inventory
 from virtualinux.vvcm.cli import main
+from virtualinux.vvcm.command import vlx_command
 
 from .conftest import EXAMPLE, require
 from .test_dhcp_wire import scapy_request
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.lab
 
 NODE1_MAC = "52:54:00:00:00:11"
 A, B = "198.18.0.201", "198.18.0.202"
-VLX = [sys.executable, "-c", "import sys; from virtualinux.vvcm.cli import main; sys.exit(main())"]
+VLX = vlx_command()
 
 
 @dataclasses.dataclass

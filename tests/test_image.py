@@ -215,10 +215,15 @@ def test_vlx_image_list_and_show_read_the_manifests(tmp_path, capsys):
     with cache.staging(tmp_path, "guest") as staged:
         (staged / "root.img").write_bytes(b"\0" * 1000)
         cache.write_manifest(staged, {"kind": "guest", "key": "abc", "artifacts": {
-            "root.img": {"size": 1000, "sha256": "0" * 64}}, "inputs": {"release": "bookworm"}})
+            "root.img": {"size": 1000, "sha256": "0" * 64}}, "inputs": {"release": "bookworm"},
+            "packages": {"openssh-server": "1:9.2p1-2+deb12u3", "chrony": "4.3-2+deb12u1"}})
         cache.publish(staged, cache.entry_dir(tmp_path, "guest", "abc"))
     assert main(["image", "--cache", str(tmp_path), "list"]) == 0
     assert "guest  abc" in capsys.readouterr().out
     assert main(["image", "--cache", str(tmp_path), "show", "guest"]) == 0
     shown = capsys.readouterr().out
     assert "root.img" in shown and "input release: bookworm" in shown
+    # The package versions the README promises, in text too (not only --json).
+    assert shown.endswith("  packages (2):\n"
+                          "    chrony                           4.3-2+deb12u1\n"
+                          "    openssh-server                   1:9.2p1-2+deb12u3\n")

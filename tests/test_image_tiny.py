@@ -97,3 +97,23 @@ def test_node_without_ip_takes_address_and_name_from_dhcp(netns, tiny, tmp_path)
             assert UP_LINE.findall(console) == [("node2", "198.18.0.12")]
         finally:
             stop(qemu)
+
+
+@pytest.mark.lab
+def test_build_prints_its_phases_with_elapsed_time_then_reuses_the_cache(tiny, tmp_path, capsys):
+    from virtualinux.image import cache
+    from virtualinux.vvcm.cli import main
+
+    # A fresh cache that shares the kernel .deb the module's build fetched (no download).
+    (tmp_path / "debs").symlink_to(cache.cache_root(None) / "debs")
+    assert main(["image", "build", "tiny", "--cache", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    phases = re.findall(r"^\[\s*(\d+\.\d)s\] (\w+):", err, re.MULTILINE)
+    assert [name for _, name in phases] == ["kernel", "initramfs", "done"], err
+    assert [float(t) for t, _ in phases] == sorted(float(t) for t, _ in phases)
+    assert out.strip().startswith(str(tmp_path / "tiny-"))
+    assert main(["image", "build", "tiny", "--cache", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert re.fullmatch(r"\[\s*\d+\.\ds\] cached: tiny [0-9a-f]+\n", err)
+    assert main(["image", "show", "tiny", "--cache", str(tmp_path)]) == 0
+    assert re.search(r"^  kernel linux-image-\S+ \S+$", capsys.readouterr().out, re.MULTILINE)

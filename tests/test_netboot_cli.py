@@ -63,3 +63,46 @@ def test_bad_render_input_exits_2_and_keeps_the_current_tree(cluster_db, image, 
 def test_show_unknown_node_exits_2(cluster_db, capsys):
     code, _, err = vlx(capsys, "netboot", "show", "node9")
     assert code == 2 and "no node named 'node9'" in err
+
+
+def test_vlx_netboot_names_the_trees_and_show_says_which_it_read(cluster_db, image, tmp_path,
+                                                                 monkeypatch, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    monkeypatch.setenv("VLX_NETBOOT", str(elsewhere))
+    code, text, _ = vlx(capsys, "netboot", "render", "--image", str(image), "--kernel-arg",
+                        "console=ttyS0")
+    assert code == 0 and text.startswith(f"rendered {elsewhere}/gen-1-")
+    tree = (elsewhere / "current").resolve()
+    code, text, _ = vlx(capsys, "netboot", "show", "node2")
+    assert code == 0 and f"tree:        {tree}\n" in text and "console=ttyS0" in text
+    code, text, _ = vlx(capsys, "netboot", "show")
+    assert f"out: {elsewhere}\n" in text and f"current: {tree}\n" in text
+    # --out wins over VLX_NETBOOT; an empty place says so instead of showing defaults quietly.
+    empty = tmp_path / "empty"
+    code, text, _ = vlx(capsys, "netboot", "show", "node2", "--out", str(empty))
+    assert code == 0 and f"none in {empty}" in text and "console=ttyS0" not in text
+
+
+def test_show_leaves_the_chap_secret_out_by_construction(cluster_db, tmp_path, capsys):
+    from virtualinux.netboot import scripts
+    from virtualinux.storage.naming import ensure_credentials
+    from virtualinux.vvcm import changes
+    from virtualinux.vvcm.db import Database
+    from virtualinux.vvcm.model import Volume
+
+    db = Database(cluster_db)
+    golden = Volume(name="node", kind="golden", backend="reflink",
+                    path=str(tmp_path / "node.img"), size=1 << 20)
+    root = Volume(name="node1-root", kind="snapshot", backend="reflink",
+                  path=str(tmp_path / "node1-root.img"), size=1 << 20, origin="node",
+                  owner="node1", iqn="iqn.2026-11.org.virtualinux:vlxlab.node1-root",
+                  portal="198.18.0.11:3260")
+    db.update("test", "root", lambda c: ensure_credentials(changes.put_volumes(c, [golden, root]),
+                                                           ["node1"]))
+    secret = db.load().credential("node1").secret
+    for argv in (["netboot", "show", "node1"], ["netboot", "show", "node1", "--json"]):
+        code, text, _ = vlx(capsys, *argv, "--out", str(tmp_path / "none"))
+        assert code == 0 and secret not in text and scripts.HIDDEN_SECRET in text
+        assert "ISCSI_TARGET_NAME=iqn.2026-11.org.virtualinux:vlxlab.node1-root" in text
+    # The node's cpio itself carries the real secret.
+    assert secret.encode() in scripts.node_cpio(db.load(), db.load().node("node1"))

@@ -16,22 +16,17 @@ from pathlib import Path
 
 import pytest
 from virtualinux.storage import backup, tgt
+from virtualinux.storage.backend import sparse_sha256
 from virtualinux.storage.naming import initiator_iqn, target_iqn
-from virtualinux.vvcm.cli import main
+from virtualinux.vvcm.command import vlx_command
 from virtualinux.vvcm.db import Database
 
-from .conftest import EXAMPLE, require
+from .conftest import EXAMPLE, require, vlx
 
 pytestmark = pytest.mark.lab
 
 MIB = 1 << 20
 PORTAL = "198.18.0.11:3260"
-
-
-def vlx(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @contextlib.contextmanager
@@ -92,6 +87,17 @@ def exclusive_bytes(*paths: Path) -> dict[str, int]:
                          check=True, capture_output=True, text=True).stdout
     return {Path(line.split()[-1]).name: int(line.split()[1])
             for line in out.splitlines()[1:]}
+
+
+def example_with_golden(capsys, tmp_path: Path, mib: int = 4) -> bytes:
+    """The example cluster in the test's database and golden volume `node` (random bytes)."""
+    assert vlx(capsys, "db", "init")[0] == 0
+    assert vlx(capsys, "db", "import", str(EXAMPLE))[0] == 0
+    data = write_image(tmp_path / "node.raw", mib)
+    code, _, err = vlx(capsys, "volume", "golden", "add", "node", "--from",
+                       str(tmp_path / "node.raw"))
+    assert code == 0, err
+    return data
 
 
 def many_nodes_inventory(path: Path, count: int) -> Path:
@@ -321,8 +327,8 @@ def test_nodes_attach_only_their_own_volume_over_iscsi_and_exports_survive_tgtd(
     result = qemu_io(client, target1, init1, "node1", node1.secret, f"read -P 0x5a {MIB} 65536")
     assert result.returncode == 0, result.stderr
     status = json.loads(vlx(capsys, "storage", "status", "--json")[1])
-    assert [(s["portal"], s["alive"], s["listening"], s["targets"], s["missing"])
-            for s in status] == [(PORTAL, True, [PORTAL], 2, [])]
+    assert [(s["portal"], s["state"], s["listening"], s["targets"], s["missing"])
+            for s in status] == [(PORTAL, "running", [PORTAL], 2, [])]
 
     # A volume a node is logged in to is not unexported unless forced.
     options = (f"driver=iscsi,transport=tcp,portal={PORTAL},target={target2},lun=1,"
@@ -357,19 +363,15 @@ def test_nodes_attach_only_their_own_volume_over_iscsi_and_exports_survive_tgtd(
 def test_serve_watch_restarts_a_dying_tgtd_with_its_exports(san, btrfs_pool, db_path,
                                                             tmp_path, capsys):
     server, client = san
-    vlx(capsys, "db", "init")
-    vlx(capsys, "db", "import", str(EXAMPLE))
-    write_image(tmp_path / "node.raw", 4)
-    vlx(capsys, "volume", "golden", "add", "node", "--from", str(tmp_path / "node.raw"))
+    example_with_golden(capsys, tmp_path)
     assert vlx(capsys, "volume", "snapshot", "node", "--for", "node3", "--portal", PORTAL)[0] == 0
     credential = Database(db_path).load().credential("node3")
     url = iscsi_url(target_iqn("vlxlab", "node3-root"), "node3", credential.secret) + "/1"
     init3 = initiator_iqn("vlxlab", "node3")
-    vlx_script = Path(sys.executable).with_name("vlx")
-    watcher = subprocess.Popen([str(vlx_script), "storage", "serve", "--portal", PORTAL,
-                                "--control-port", str(31000 + os.getpid() % 700), "--netns",
-                                server.name, "--watch"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    watcher = subprocess.Popen(vlx_command("storage", "serve", "--portal", PORTAL,
+                                           "--control-port", str(31000 + os.getpid() % 700),
+                                           "--netns", server.name, "--watch"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert "started" in watcher.stdout.readline()
         first = tgt.recorded_daemon(PORTAL)
@@ -378,9 +380,12 @@ def test_serve_watch_restarts_a_dying_tgtd_with_its_exports(san, btrfs_pool, db_
         deadline = time.monotonic() + 20
         while True:
             current = tgt.recorded_daemon(PORTAL)
-            if current and current.pid != first.pid and current.alive():
+            # Restarted, and its export restored: tgtd is recorded before its targets are
+            # made, so wait for the target itself, not only for the new pid.
+            if (current and current.pid != first.pid and current.alive()
+                    and target_iqn("vlxlab", "node3-root") in current.admin.targets()):
                 break
-            assert time.monotonic() < deadline, "the watcher did not restart tgtd"
+            assert time.monotonic() < deadline, "the watcher did not restore tgtd's export"
             time.sleep(0.2)
         assert client.run(["iscsi-inq", "-i", init3, url], check=False).returncode == 0
     finally:
@@ -396,10 +401,7 @@ def test_serve_on_an_address_the_host_lacks_offers_no_volume_anywhere(san, btrfs
     """tgtd falls back to 0.0.0.0 and [::] when it cannot bind its portal: that tgtd must be
     stopped before any target is added, with one line that says why."""
     server, client = san
-    vlx(capsys, "db", "init")
-    vlx(capsys, "db", "import", str(EXAMPLE))
-    write_image(tmp_path / "node.raw", 4)
-    vlx(capsys, "volume", "golden", "add", "node", "--from", str(tmp_path / "node.raw"))
+    example_with_golden(capsys, tmp_path)
     elsewhere = "198.18.0.99:3260"      # not an address of the storage namespace
     assert vlx(capsys, "volume", "snapshot", "node", "--count", "2", "--export",
                "--portal", elsewhere)[0] == 0
@@ -417,13 +419,36 @@ def test_serve_on_an_address_the_host_lacks_offers_no_volume_anywhere(san, btrfs
     assert probe.returncode != 0 and "ConnectionRefusedError" in probe.stderr
 
 
+def test_exports_with_no_tgtd_are_recorded_and_said_so_and_stop_is_idempotent(
+        san, btrfs_pool, db_path, tmp_path, capsys):
+    server, _ = san
+    example_with_golden(capsys, tmp_path)
+    hint = (f"no tgtd serves {PORTAL} yet: the export is recorded; `vlx storage serve "
+            f"--portal {PORTAL}` serves it")
+    code, out, _ = vlx(capsys, "volume", "snapshot", "node", "--count", "2", "--export")
+    assert code == 0 and hint in out
+    code, out, err = vlx(capsys, "storage", "status")
+    assert code == 1
+    assert out.splitlines()[1].split() == [PORTAL, "-", "no", "tgtd", "-", "2", "0", "0", "2"]
+    assert f"portal {PORTAL}: 2 exports, no tgtd" in err
+    port = str(31300 + os.getpid() % 300)
+    assert vlx(capsys, "storage", "serve", "--control-port", port, "--netns", server.name)[0] == 0
+    code, out, _ = vlx(capsys, "storage", "status")
+    assert code == 0 and out.splitlines()[1].split()[2:] == ["running", PORTAL, "2", "2", "0", "0"]
+    assert vlx(capsys, "storage", "stop")[:2] == (0, f"stopped tgtd for {PORTAL}\n")
+    assert vlx(capsys, "storage", "stop")[:2] == (
+        0, f"no tgtd runs for {PORTAL}: nothing to stop\n")
+    code, out, _ = vlx(capsys, "volume", "unexport", "node2-root")
+    assert code == 0
+    code, out, _ = vlx(capsys, "volume", "export", "node2-root")
+    assert code == 0 and hint in out
+    assert json.loads(vlx(capsys, "storage", "status", "--json")[1])[0]["state"] == "no tgtd"
+
+
 def test_a_lost_volume_does_not_keep_the_others_from_being_served(san, btrfs_pool, db_path,
                                                                   tmp_path, capsys):
     server, client = san
-    vlx(capsys, "db", "init")
-    vlx(capsys, "db", "import", str(EXAMPLE))
-    write_image(tmp_path / "node.raw", 4)
-    vlx(capsys, "volume", "golden", "add", "node", "--from", str(tmp_path / "node.raw"))
+    example_with_golden(capsys, tmp_path)
     assert vlx(capsys, "volume", "snapshot", "node", "--count", "2", "--export")[0] == 0
     (btrfs_pool / "node2-root.img").unlink()  # lost behind our back
     port = str(31700 + os.getpid() % 290)
@@ -463,8 +488,10 @@ def test_vc_backup_and_restore_round_trip_verified_by_checksums(btrfs_pool, db_p
     raw = directory / "green-1-disk.raw"
     assert raw.stat().st_size == len(original)
     assert raw.stat().st_blocks * 512 <= 5 * MIB  # the zero half stayed a hole
-    assert {e["name"]: e["sha256"] for e in manifest["volumes"]}["green-2-disk"] == \
-        hashlib.sha256(written).hexdigest()
+    dense = tmp_path / "green-2-written"   # the same bytes, stored without holes
+    dense.write_bytes(written)
+    assert {e["name"]: e["sparse_sha256"] for e in manifest["volumes"]}["green-2-disk"] == \
+        sparse_sha256(dense)
 
     assert vlx(capsys, "volume", "remove", "guest")[0] == 2  # its snapshots are there
     names = [f"green-{i}-disk" for i in range(1, 5)]
@@ -491,3 +518,35 @@ def test_vc_backup_and_restore_round_trip_verified_by_checksums(btrfs_pool, db_p
         backup.restore_vc(db, directory)
     assert db.generation() == generation
 
+
+
+def test_pool_create_makes_a_loop_mounted_btrfs_pool_that_golden_add_can_use(
+        db_path, tmp_path, monkeypatch, capsys):
+    require("mkfs.btrfs", "losetup")
+    monkeypatch.setenv("VLX_STORAGE_STATE", str(tmp_path / "state"))
+    pool = tmp_path / "volumes"
+    backing = tmp_path / "volumes.fs"
+    vlx(capsys, "db", "init")
+    vlx(capsys, "db", "import", str(EXAMPLE))
+    try:
+        code, out, err = vlx(capsys, "storage", "pool", "create", str(pool), "--size", "256MiB")
+        assert code == 0, err
+        assert out.startswith(f"made pool {pool}: btrfs on {backing} (256 MiB, sparse)")
+        assert os.path.ismount(pool) and backing.stat().st_size == 256 * MIB
+        code, _, err = vlx(capsys, "storage", "pool", "create", str(pool), "--size", "256MiB")
+        assert code == 2 and f"{pool} is a mount point already" in err
+        write_image(tmp_path / "node.raw", 4)
+        code, _, err = vlx(capsys, "volume", "golden", "add", "node", "--from",
+                           str(tmp_path / "node.raw"), "--pool", str(pool))
+        assert code == 0, err
+        assert vlx(capsys, "volume", "snapshot", "node", "--for", "node1")[0] == 0
+        assert exclusive_bytes(pool / "node1-root.img")["node1-root.img"] == 0   # a reflink
+        code, _, err = vlx(capsys, "storage", "pool", "remove", str(pool))
+        assert code == 2 and "node, node1-root" in err and os.path.ismount(pool)
+        assert vlx(capsys, "volume", "remove", "node", "--snapshots-of", "node")[0] == 0
+        code, out, _ = vlx(capsys, "storage", "pool", "remove", str(pool))
+        assert code == 0 and out == f"removed pool {pool} and {backing}\n"
+        assert not os.path.ismount(pool) and not backing.exists()
+    finally:
+        if os.path.ismount(pool):
+            subprocess.run(["umount", str(pool)], check=False)

@@ -18,18 +18,25 @@ def test_target_and_initiator_names_are_stable():
 
 
 def test_netboot_hands_a_node_the_initiator_name_its_target_admits(db):
-    from virtualinux.netboot.scripts import initiator_name
-    from virtualinux.vvcm import inventory
+    from virtualinux.netboot.scripts import iscsi_initramfs
+    from virtualinux.storage import tgt
+    from virtualinux.vvcm import changes, inventory
 
     from .conftest import EXAMPLE
 
     cluster = db.update("db import", "test",
                         lambda c: inventory.apply(c, inventory.load(EXAMPLE), "test"))
+    golden = Volume(name="node", kind="golden", backend="reflink", path="/p/node.img", size=1)
     volume = Volume(name="node1-root", kind="snapshot", backend="reflink", path="/p/x.img",
                     size=1, origin="node", owner="node1",
                     iqn=naming.target_iqn("vlxlab", "node1-root"), portal="198.18.0.11:3260")
-    assert initiator_name(cluster, cluster.node("node1"), volume) == \
-        naming.initiator_iqn(cluster.settings.name, "node1")
+    cluster = naming.ensure_credentials(changes.put_volumes(cluster, [golden, volume]),
+                                        ["node1"])
+    # What tgt binds the target to, and what the node's cpio tells it to log in as.
+    admitted = tgt.wanted_exports(cluster, "198.18.0.11:3260")[volume.iqn].initiator
+    handed = iscsi_initramfs(cluster, cluster.node("node1"))
+    assert f"ISCSI_INITIATOR={admitted}\n" in handed
+    assert admitted == "iqn.2026-11.org.virtualinux:vlxlab.node1"
 
 
 def test_snapshot_names_follow_owner_and_refuse_overlong_ones():

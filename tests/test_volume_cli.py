@@ -161,7 +161,7 @@ def test_reflink_pool_on_a_file_system_without_reflink_is_refused(cluster, tmp_p
     plain.mkdir()
     code, _, err = vlx(capsys, "volume", "golden", "add", "node", "--from", str(image),
                        "--pool", str(plain))
-    assert code == 2 and "cannot make reflink clones" in err
+    assert code == 2 and "cannot make reflink clones" in err and "storage pool create" in err
     assert os.listdir(plain) == []
 
 
@@ -233,3 +233,53 @@ def test_vlx_vc_backup_and_restore(cluster, pool, tmp_path, capsys):
     assert [vm["volume"] for vm in vc["vms"]] == names
     code, _, err = vlx(capsys, "vc", "restore", str(tmp_path / "nowhere"))
     assert code == 2 and "no vc.json" in err
+
+
+def test_remove_for_a_vc_and_vc_remove_with_its_volumes(cluster, pool, capsys):
+    assert vlx(capsys, "volume", "snapshot", "guest", "--for", "vc:tan")[0] == 0
+    assert vlx(capsys, "volume", "snapshot", "guest", "--for", "vc:pink")[0] == 0
+    code, out, _ = vlx(capsys, "volume", "remove", "--for", "vc:tan")
+    assert code == 0 and out == "removed 2 volumes: tan-1-disk, tan-2-disk\n"
+    code, out, _ = vlx(capsys, "volume", "remove", "--for", "vc:tan")   # nothing left: done
+    assert code == 0 and out == "no volume matches: nothing to remove\n"
+    code, _, err = vlx(capsys, "vc", "remove", "pink")
+    assert code == 2 and "`vlx vc remove pink --volumes` does both" in err
+    code, out, _ = vlx(capsys, "vc", "remove", "pink", "--volumes")
+    assert code == 0 and out.splitlines()[0].startswith("removed 4 volumes: pink-1-disk")
+    assert pool_files(pool) == ["guest.img"]
+    assert [vc["name"] for vc in json.loads(vlx(capsys, "vc", "list", "--json")[1])] == [
+        "green", "tan"]
+
+
+def test_one_volume_is_counted_in_the_singular(cluster, pool, capsys):
+    code, out, _ = vlx(capsys, "volume", "snapshot", "guest", "--for", "node4")
+    assert out == "made 1 snapshot of guest: node4-root\n"
+    code, out, _ = vlx(capsys, "volume", "remove", "node4-root")
+    assert out == "removed 1 volume: node4-root\n"
+
+
+def test_show_gives_sizes_as_list_does_and_list_order_is_stable(cluster, pool, capsys):
+    assert vlx(capsys, "volume", "snapshot", "guest", "--for", "node1,node2")[0] == 0
+    listing = vlx(capsys, "volume", "list")[1]
+    assert "4 MiB" in listing
+    shown = vlx(capsys, "volume", "show", "guest")[1]
+    assert "size:       4 MiB\n" in shown
+    assert json.loads(vlx(capsys, "volume", "show", "guest", "--json")[1])["size"] == 4 << 20
+    assert vlx(capsys, "volume", "grow", "node1-root", "+4MiB")[0] == 0   # a replaced record
+    names = [line.split()[0] for line in vlx(capsys, "volume", "list")[1].splitlines()[1:]]
+    assert names == ["guest", "node1-root", "node2-root"]
+
+
+def test_snapshots_tgt_cannot_serve_are_not_made_when_asked_to_export(cluster, pool, capsys):
+    code, _, err = vlx(capsys, "volume", "snapshot", "guest", "--for", "node1", "--export")
+    assert code == 2 and "node1-root is a qcow2 overlay, which tgt cannot serve" in err
+    assert pool_files(pool) == ["guest.img"]
+
+
+def test_golden_add_into_a_missing_pool_says_how_to_make_one(cluster, tmp_path, image, capsys):
+    missing = tmp_path / "no-such-pool"
+    code, _, err = vlx(capsys, "volume", "golden", "add", "node", "--from", str(image),
+                       "--pool", str(missing))
+    assert code == 2 and f"pool {missing} does not exist" in err
+    assert "`vlx storage pool create DIR --size 20GiB`" in err and "--backend qcow2" in err
+    assert not missing.exists()

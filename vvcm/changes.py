@@ -80,17 +80,27 @@ def remove_vc(cluster: Cluster, name: str) -> Cluster:
     vm_names = {vm.name for vm in cluster.vms_of(name)}
     owned = [volume.name for volume in cluster.volumes if volume.owner in vm_names]
     if owned:
-        raise VlxError(f"VC {name} still has volumes ({', '.join(owned)}): remove them first")
+        raise VlxError(f"VC {name} still has volumes ({', '.join(owned)}): "
+                       f"remove them first (`vlx vc remove {name} --volumes` does both)")
     return validated(dataclasses.replace(
         cluster,
         vcs=tuple(vc for vc in cluster.vcs if vc.name != name),
         vms=tuple(vm for vm in cluster.vms if vm.vc != name)))
 
 
+def _not_a_host(address, net) -> str:
+    if address == net.network_address:
+        return f"is the network address of the cluster network {net}, not a host address"
+    if address == net.broadcast_address:
+        return f"is the broadcast address of the cluster network {net}, not a host address"
+    return f"is outside the cluster network {net}"
+
+
 def put_volumes(cluster: Cluster, volumes: Iterable[Volume]) -> Cluster:
-    """Add volumes, or replace those of the same name (an export recorded, a size grown)."""
+    """Add volumes, or replace those of the same name (an export recorded, a size grown)
+    where they stand, so listings keep their order."""
     new = {volume.name: volume for volume in volumes}
-    kept = tuple(volume for volume in cluster.volumes if volume.name not in new)
+    kept = tuple(new.pop(volume.name, volume) for volume in cluster.volumes)
     return validated(dataclasses.replace(cluster, volumes=kept + tuple(new.values())))
 
 
@@ -134,8 +144,7 @@ def validated(cluster: Cluster) -> Cluster:
                                "cluster")
     for node in cluster.nodes:
         if not _is_host(node.ip, net):
-            raise VlxError(f"ip {node.ip} is outside the cluster network {net}",
-                           f"node {node.name}")
+            raise VlxError(f"ip {node.ip} {_not_a_host(node.ip, net)}", f"node {node.name}")
     for role in ("gateway-primary", "gateway-backup"):
         holders = [node.name for node in cluster.nodes_with_role(role)]
         if len(holders) > 1:

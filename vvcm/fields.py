@@ -110,6 +110,7 @@ _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _MAC = re.compile(r"^[0-9a-f]{2}([:-][0-9a-f]{2}){5}$")
 _MEMORY = re.compile(r"^(\d+)\s*(k|m|g|t)?(i?b)?$", re.IGNORECASE)
 _UNITS_MIB = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024, None: 1}
+_POWER = {"k": 3, "m": 6, "g": 9, "t": 12}
 
 
 def parse_name(value: Any) -> str:
@@ -211,6 +212,10 @@ def parse_memory_mib(value: Any) -> int:
         mib = value
     elif isinstance(value, str) and (match := _MEMORY.match(value.strip())):
         unit = match.group(2).lower() if match.group(2) else None
+        if unit and match.group(3) and match.group(3).lower() == "b":
+            raise ValueError(f"{value.strip()!r} is a decimal unit (10^{_POWER[unit]} bytes), "
+                             f"which memory is not counted in: write "
+                             f"'{match.group(1)}{match.group(2).upper()}iB'")
         mib = int(int(match.group(1)) * _UNITS_MIB[unit])
     else:
         raise ValueError("not a memory size: use MiB as an integer, or a string like '512MiB' "

@@ -41,13 +41,15 @@ def place(vc: VirtualCluster, vm_names: Sequence[str], nodes: Sequence[Node],
                    if vcpus[node.name] + vc.vcpus <= node.cpus * settings.cpu_overcommit
                    and memory[node.name] + vc.memory <= node.memory * settings.memory_overcommit]
         if not fitting:
-            cpu_room = sum(max(0, node.cpus * settings.cpu_overcommit - vcpus[node.name])
-                           for node in nodes)
-            raise VlxError(
-                f"VC {vc.name} does not fit in the cluster: {name} needs {vc.vcpus} VCPUs and "
-                f"{vc.memory} MiB, and no node has that room left (the VC needs "
-                f"{vc.vms * vc.vcpus} VCPUs in all; {cpu_room:g} are free at cpu_overcommit "
-                f"{settings.cpu_overcommit:g})")
+            raise VlxError(f"VC {vc.name} does not fit in the cluster: {name} needs "
+                           f"{_amount(vc.vcpus, 'VCPU')} and {vc.memory} MiB on one node "
+                           f"(the VC needs {_amount(vc.vms * vc.vcpus, 'VCPU')} in all), and "
+                           f"no node has both left; free{_after(vc, vm_names, result)} "
+                           f"(cpu_overcommit "
+                           f"{settings.cpu_overcommit:g}, memory_overcommit "
+                           f"{settings.memory_overcommit:g}): "
+                           + "; ".join(_room(node, vcpus[node.name], memory[node.name], vc,
+                                             settings) for node in nodes))
         best = min(fitting, key=lambda node: (
             own[node.name], vcpus[node.name] / node.cpus, memory[node.name] / node.memory,
             node.name))
@@ -56,3 +58,23 @@ def place(vc: VirtualCluster, vm_names: Sequence[str], nodes: Sequence[Node],
         memory[best.name] += vc.memory
         own[best.name] += 1
     return result
+
+
+def _amount(count: float, unit: str) -> str:
+    return f"{count:g} {unit}" + ("" if count == 1 else "s")
+
+
+def _room(node: Node, vcpus_used: float, memory_used: float, vc: VirtualCluster,
+          settings: Settings) -> str:
+    """'node2 1 VCPU, 256 MiB free (too few VCPUs)': why one VM of `vc` does not fit there."""
+    cpu_free = max(0, node.cpus * settings.cpu_overcommit - vcpus_used)
+    memory_free = max(0, node.memory * settings.memory_overcommit - memory_used)
+    short = [what for what, lacking in (("too few VCPUs", cpu_free < vc.vcpus),
+                                        ("too little memory", memory_free < vc.memory))
+             if lacking]
+    return f"{node.name} {_amount(cpu_free, 'VCPU')}, {memory_free:g} MiB ({' and '.join(short)})"
+
+
+def _after(vc: VirtualCluster, vm_names: Sequence[str], nodes: Sequence[str]) -> str:
+    placed = ", ".join(f"{vm}@{node}" for vm, node in zip(vm_names, nodes, strict=False))
+    return f" once {placed} are placed" if placed else ""

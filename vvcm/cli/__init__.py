@@ -9,33 +9,56 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import logging
 import pkgutil
 import sys
 
 from ..errors import VlxError
+from .common import VlxParser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = VlxParser(
         prog="vlx", description="virtualinux: diskless clusters with no master node")
-    parser.add_argument("--db", metavar="PATH",
-                        help="cluster database (default: $VLX_DB or "
-                             "/var/lib/virtualinux/cluster.db)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    # Global options: accepted before the noun and after any verb (common.VlxParser).
+    parser.add_shared_argument("--db", metavar="PATH",
+                               help="cluster database (default: $VLX_DB or "
+                                    "/var/lib/virtualinux/cluster.db)")
+    parser.add_shared_argument("-v", "--verbose", action="store_true",
+                               help="log details (debug level) on stderr")
     nouns = parser.add_subparsers(dest="noun", metavar="NOUN", required=True)
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):   # __main__: `python -m virtualinux.vvcm.cli`
+            continue
         module = importlib.import_module(f"{__name__}.{info.name}")
         if hasattr(module, "register"):
             module.register(nouns)
     return parser
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("virtualinux")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    # A command prints what it did on stdout; its INFO log lines would only repeat that on
+    # stderr. Daemons (`bootsvc run`, `storage serve --watch`) log their events at INFO:
+    # they say so with `set_defaults(logs_events=True)` or by raising their loggers' level.
+    if args.verbose:
+        level = logging.DEBUG
+    elif getattr(args, "logs_events", False):
+        level = logging.INFO
+    else:
+        level = logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(message)s",
+                        datefmt="%H:%M:%S")
     try:
         return int(args.handler(args) or 0)
     except VlxError as err:
@@ -45,7 +68,3 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

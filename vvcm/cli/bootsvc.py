@@ -11,16 +11,25 @@ from pathlib import Path
 
 from virtualinux.bootsvc import daemon
 from virtualinux.bootsvc.service import SERVICE_NAMES, service_class
+from virtualinux.netboot import layout, render
 
 from ..errors import VlxError
-from .common import add_json_flag, database, print_json, print_table
+from .common import add_json_flag, add_verb, database, print_json, print_table
+
+log = logging.getLogger("virtualinux.bootsvc")
 
 DEFAULT_STATE_DIR = Path("/run/virtualinux/bootsvc")
-DEFAULT_NETBOOT_ROOT = Path("/var/lib/virtualinux/netboot/current")
+DEFAULT_NETBOOT_ROOT = render.default_out() / render.CURRENT
 
 
 def register(nouns: argparse._SubParsersAction) -> None:
-    parser = nouns.add_parser("bootsvc", help="the replicated boot services (DHCP, TFTP, ...)")
+    parser = nouns.add_parser(
+        "bootsvc", help="the replicated boot services (DHCP, TFTP, ...)",
+        description="Run this machine's boot-service replica (DHCP, TFTP, HTTP, ...), read "
+                    "its counters, list the unknown machines it has seen.")
+    parser.add_shared_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
+                               metavar="DIR", help=f"where the replica writes its status "
+                                                   f"(default: {DEFAULT_STATE_DIR})")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     run = verbs.add_parser("run", help="run this replica's boot services until SIGTERM")
@@ -34,8 +43,6 @@ def register(nouns: argparse._SubParsersAction) -> None:
                           "(the lab runs replicas beside the nodes)")
     run.add_argument("--services", default="dhcp", type=_services, metavar="NAME,...",
                      help=f"services to run, any of {','.join(SERVICE_NAMES)} (default: dhcp)")
-    run.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR",
-                     help=f"where the counters are written (default: {DEFAULT_STATE_DIR})")
     run.add_argument("--netboot-root", type=Path, default=DEFAULT_NETBOOT_ROOT, metavar="DIR",
                      help=f"the netboot tree TFTP and HTTP serve "
                           f"(default: {DEFAULT_NETBOOT_ROOT})")
@@ -43,16 +50,12 @@ def register(nouns: argparse._SubParsersAction) -> None:
                      help="how often to look for a new database generation (default: 1)")
     run.add_argument("--quiet", action="store_true",
                      help="do not log every answer (DHCPACK ...), only problems")
-    run.set_defaults(handler=cmd_run)
+    run.set_defaults(handler=cmd_run, logs_events=True)
 
-    status = verbs.add_parser("status", help="the counters of a running replica")
-    status.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR")
-    add_json_flag(status)
-    status.set_defaults(handler=cmd_status)
+    add_verb(verbs, "status", cmd_status, help="the counters of a running replica", json=True)
 
     found = verbs.add_parser("discovered",
                              help="unknown MACs this replica answered from the discovery pool")
-    found.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR")
     add_json_flag(found)
     found.set_defaults(handler=cmd_discovered)
 
@@ -81,6 +84,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise VlxError(str(err), "--services") from None
     if args.poll <= 0:
         raise VlxError("must be more than 0 seconds", "--poll")
+    missing = missing_tree_warning(args.services, args.netboot_root)
+    if missing:
+        log.warning("%s", missing)
     db = database(args)
     cluster = db.load()
     replica = daemon.resolve_replica(cluster, args.interface, args.node, args.address,
@@ -99,11 +105,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def missing_tree_warning(services: tuple[str, ...], root: Path) -> str | None:
+    """What to say when TFTP or HTTP would serve a netboot tree that is not there."""
+    serving = [name for name in services if name in ("tftp", "http")]
+    if not serving or (root / layout.IPXE_SCRIPT).exists():
+        return None
+    what = "does not exist" if not root.exists() else f"holds no {layout.IPXE_SCRIPT}"
+    return (f"netboot tree {root} {what}: {' and '.join(serving)} will answer 'not found' "
+            "until `vlx netboot render` makes it (or name another with --netboot-root)")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     status = daemon.read_status(args.state_dir)
+    code = 0 if status["state"] == "running" else 1   # the same with and without --json
     if args.json:
         print_json(status)
-        return 0
+        return code
     node = status.get("node") or "(not a node)"
     print(f"{status['state']}: {node} on {status['interface']} ({status['address']}), "
           f"pid {status['pid']}, gen {status['generation']}, updated {status['updated']}")
@@ -115,7 +132,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if rows:
         print()
         print_table(("SERVICE", "COUNTER", "VALUE"), rows)
-    return 0 if status["state"] == "running" else 1
+    ours = database(args).path
+    if status.get("database") and Path(status["database"]).resolve() != ours.resolve():
+        print(f"\nnote: this replica serves {status['database']}, not {ours} (--db, VLX_DB)")
+    return code
 
 
 def cmd_discovered(args: argparse.Namespace) -> int:

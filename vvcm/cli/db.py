@@ -6,11 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from .. import inventory
+from .. import inventory, secrets_file
 from ..db import Database
 from ..errors import VlxError
 from ..fields import to_mapping
-from .common import add_json_flag, database, print_json, print_table
+from .common import add_verb, database, plural, print_json, print_table
 
 
 def register(nouns: argparse._SubParsersAction) -> None:
@@ -18,28 +18,34 @@ def register(nouns: argparse._SubParsersAction) -> None:
                               description="Create, import, export and show the cluster database.")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    init = verbs.add_parser("init", help="create an empty database")
+    init = add_verb(verbs, "init", cmd_init, help="create an empty database")
     init.add_argument("--force", action="store_true", help="start over if one exists (loses it)")
-    init.set_defaults(handler=cmd_init)
 
-    imp = verbs.add_parser("import", help="load a whole cluster from an inventory TOML file")
+    imp = add_verb(verbs, "import", cmd_import,
+                   help="load a whole cluster from an inventory TOML file")
     imp.add_argument("file", type=Path, help="inventory file (see examples/cluster.toml)")
     imp.add_argument("--replace", action="store_true",
                      help="replace the nodes and VCs the database holds already")
-    imp.set_defaults(handler=cmd_import)
+    imp.add_argument("--secrets", type=Path, metavar="FILE",
+                     help="CHAP credentials to restore (default: FILE's NAME.secrets.toml "
+                          "beside it, if there is one; `db export --with-secrets` writes it)")
 
-    exp = verbs.add_parser("export", help="write the inventory back as TOML")
+    exp = verbs.add_parser(
+        "export", help="write the inventory back as TOML",
+        description="Write the cluster back as an inventory: settings, nodes, VCs with their "
+                    "placement, volumes. Not in it: the CHAP credentials (unless "
+                    "--with-secrets), the generation and the change log (an import starts "
+                    "them afresh).")
     exp.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
+    exp.add_argument("--with-secrets", action="store_true",
+                     help="also write the CHAP credentials to OUTPUT's NAME.secrets.toml "
+                          "(mode 0600), which `db import OUTPUT` restores")
     exp.set_defaults(handler=cmd_export)
 
-    show = verbs.add_parser("show", help="cluster settings, networks and generation")
-    add_json_flag(show)
-    show.set_defaults(handler=cmd_show)
+    add_verb(verbs, "show", cmd_show, help="cluster settings, networks and generation", json=True)
 
-    log = verbs.add_parser("log", help="the change log, newest last")
+    log = add_verb(verbs, "log", cmd_log, help="the change log, newest last", json=True)
     log.add_argument("-n", type=int, default=20, help="how many changes (default: 20)")
-    add_json_flag(log)
-    log.set_defaults(handler=cmd_log)
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -50,30 +56,59 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     parsed = inventory.load(args.file)  # parse fully before touching the database
+    secrets = args.secrets or secrets_file.secrets_path(args.file)
+    credentials = (secrets_file.read(secrets) if args.secrets or secrets.exists() else None)
     db = database(args)
     if not db.path.exists():
         Database.create(db.path)
+    restored = 0
 
     def replace(cluster):
+        nonlocal restored
         if (cluster.nodes or cluster.vcs) and not args.replace:
             raise VlxError(f"{db.path} holds a cluster already ({len(cluster.nodes)} nodes, "
                            f"{len(cluster.vcs)} VCs): --replace to replace it")
-        return inventory.apply(cluster, parsed, str(args.file))
+        fresh = inventory.apply(cluster, parsed, str(args.file))
+        if credentials is not None:
+            fresh, restored = secrets_file.restore(fresh, credentials)
+        return fresh
 
     cluster = db.update("db import", str(args.file), replace)
-    print(f"imported {args.file}: {len(cluster.nodes)} nodes, {len(cluster.vcs)} VCs, "
-          f"{len(cluster.vms)} VMs (generation {cluster.generation})")
+    print(f"imported {args.file}: {plural(len(cluster.nodes), 'node')}, "
+          f"{plural(len(cluster.vcs), 'VC')}, {plural(len(cluster.vms), 'VM')} "
+          f"(generation {cluster.generation})")
+    if credentials is not None:
+        print(f"restored {plural(restored, 'CHAP credential')} from {secrets}")
     return 0
 
 
+NOT_EXPORTED = "the generation and the change log"
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    text = inventory.dump(database(args).load())
-    if args.output:
-        tmp = args.output.with_name(args.output.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(args.output)
-    else:
+    cluster = database(args).load()
+    text = inventory.dump(cluster)
+    if args.with_secrets and not args.output:
+        raise VlxError("--with-secrets writes a file beside the inventory: name it with "
+                       "-o FILE (secrets are never printed)")
+    if not args.output:
         sys.stdout.write(text)
+        print(f"vlx: not exported: the CHAP credentials (-o FILE --with-secrets), "
+              f"{NOT_EXPORTED}", file=sys.stderr)
+        return 0
+    tmp = args.output.with_name(args.output.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(args.output)
+    print(f"wrote {args.output}: {plural(len(cluster.nodes), 'node')}, "
+          f"{plural(len(cluster.vcs), 'VC')}, {plural(len(cluster.volumes), 'volume')} "
+          f"(generation {cluster.generation})")
+    if args.with_secrets:
+        secrets = secrets_file.secrets_path(args.output)
+        count = secrets_file.write(cluster, secrets)
+        print(f"wrote {secrets} (mode 0600): {plural(count, 'CHAP credential')}; not "
+              f"exported: {NOT_EXPORTED}")
+    else:
+        print(f"not exported: the CHAP credentials (--with-secrets), {NOT_EXPORTED}")
     return 0
 
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 from ...image import cache
 from ...image.build import ELEMENTS, build_image, image_spec
+from ...image.dib import stderr_progress
 from ...image.tiny import build_tiny
 from ..errors import VlxError
-from .common import add_json_flag, print_json, print_table
+from .common import add_verb, print_json, print_table
 
 KINDS = (*ELEMENTS, "tiny")
 
@@ -19,12 +20,12 @@ def register(nouns: argparse._SubParsersAction) -> None:
     parser = nouns.add_parser("image", help="node, guest and lab images",
                               description="Build images (cached by the hash of their inputs) "
                                           "and look at the ones built.")
-    parser.add_argument("--cache", type=Path, metavar="DIR",
+    parser.add_shared_argument("--cache", type=Path, metavar="DIR",
                         help="image cache (default: $VLX_IMAGE_CACHE or "
-                             f"{cache.DEFAULT_ROOT})")
+                                    f"{cache.DEFAULT_ROOT})")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    build = verbs.add_parser("build", help="build an image, or reuse the cached build")
+    build = add_verb(verbs, "build", cmd_build, help="build an image, or reuse the cached build")
     build.add_argument("kind", help=f"what to build: {', '.join(KINDS)}")
     build.add_argument("--out", type=Path, metavar="DIR",
                        help="copy the artifacts here (default: print the cache entry)")
@@ -42,24 +43,18 @@ def register(nouns: argparse._SubParsersAction) -> None:
                             "$VLX_IMAGE_SOURCE or this one)")
     build.add_argument("--rebuild", action="store_true",
                        help="build even if a cached image has the same inputs")
-    build.set_defaults(handler=cmd_build)
 
-    listing = verbs.add_parser("list", help="the cached images")
-    add_json_flag(listing)
-    listing.set_defaults(handler=cmd_list)
+    add_verb(verbs, "list", cmd_list, help="the cached images", json=True)
 
-    show = verbs.add_parser("show", help="one cached image's manifest")
+    show = add_verb(verbs, "show", cmd_show, help="one cached image's manifest", json=True)
     show.add_argument("name", help="KIND (the newest of that kind), KIND-KEY or KEY")
-    add_json_flag(show)
-    show.set_defaults(handler=cmd_show)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
     if args.kind not in KINDS:
-        raise VlxError(f"unknown image kind {args.kind!r} (choose from {', '.join(KINDS)})",
-                       "vlx image build")
+        raise VlxError(f"unknown image kind {args.kind!r} (choose from {', '.join(KINDS)})")
     if args.kind == "tiny":
-        print(build_tiny(out_dir=args.out, cache_dir=args.cache))
+        print(build_tiny(out_dir=args.out, cache_dir=args.cache, progress=stderr_progress))
         return 0
     spec = image_spec(args.kind, release=args.release,
                       mirror=args.mirror or os.environ.get("VLX_DEBIAN_MIRROR"),
@@ -90,8 +85,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     matches = [(entry, manifest) for entry, manifest in found
                if args.name in (manifest.get("kind"), manifest.get("key"), entry.name)]
     if not matches:
-        raise VlxError(f"no cached image named {args.name!r} (see `vlx image list`)",
-                       "vlx image show")
+        raise VlxError(f"no cached image named {args.name!r} (see `vlx image list`)")
     entry, manifest = matches[-1]
     if args.json:
         print_json({"path": str(entry), **manifest})
@@ -101,4 +95,14 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"  {name:<14} {artifact['size'] / 1e6:9.1f} MB  sha256 {artifact['sha256'][:16]}")
     for name, value in sorted(manifest.get("inputs", {}).items()):
         print(f"  input {name}: {value}")
+    kernel = manifest.get("kernel")
+    if isinstance(kernel, dict):   # tiny: the kernel package it took vmlinuz and modules from
+        print(f"  kernel {kernel.get('package')} {kernel.get('version')}")
+    elif kernel:
+        print(f"  kernel {kernel}")
+    packages = manifest.get("packages") or {}
+    if packages:
+        print(f"  packages ({len(packages)}):")
+        for name, version in sorted(packages.items()):
+            print(f"    {name:<32} {version}")
     return 0

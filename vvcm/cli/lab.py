@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,8 +21,9 @@ from virtualinux.vm_test.progress import PHASES, NodeProgress
 from .. import inventory
 from ..db import Database
 from ..errors import VlxError
+from ..host import pid_alive
 from ..model import Cluster
-from .common import add_json_flag, print_json, print_table
+from .common import add_verb, print_json, print_table
 
 DEFAULT_TIMEOUT = 600.0
 # The lab's nodes print their boot on the first serial port (its log is the progress source).
@@ -30,10 +32,18 @@ LAB_KERNEL_ARGS = ("console=ttyS0",)
 
 def register(nouns: argparse._SubParsersAction) -> None:
     parser = nouns.add_parser("lab", help="the virtual lab: QEMU nodes PXE-booting from "
-                                          "replicated boot services")
+                                          "replicated boot services",
+                              description="Bring up, inspect and remove the virtual lab: QEMU "
+                                          "nodes PXE-booting from replicated boot services in "
+                                          "network namespaces.")
+    default = Path(os.environ.get("VLX_LAB_DIR") or plan.DEFAULT_STATE_DIR)
+    parser.add_shared_argument("--state-dir", type=Path, default=default, metavar="DIR",
+                               help=f"where the lab keeps its record, database and logs "
+                                    f"(default: $VLX_LAB_DIR or {plan.DEFAULT_STATE_DIR})")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    up = verbs.add_parser("up", help="make the lab network, start the replicas, boot the nodes")
+    up = add_verb(verbs, "up", cmd_up,
+                  help="make the lab network, start the replicas, boot the nodes")
     up.add_argument("--inventory", type=Path, metavar="FILE",
                     help="the cluster to boot (default: the cluster in --db)")
     up.add_argument("--nodes", type=int, metavar="N",
@@ -51,33 +61,17 @@ def register(nouns: argparse._SubParsersAction) -> None:
                          f"(default: {DEFAULT_TIMEOUT:g})")
     up.add_argument("--no-wait", action="store_true",
                     help="return once the nodes are powered on")
-    _state_dir_flag(up)
-    up.set_defaults(handler=cmd_up)
 
-    status = verbs.add_parser("status", help="the lab's nodes and replicas")
-    _state_dir_flag(status)
-    add_json_flag(status)
-    status.set_defaults(handler=cmd_status)
+    add_verb(verbs, "status", cmd_status, help="the lab's nodes and replicas", json=True)
 
-    cons = verbs.add_parser("console", help="follow a node's serial console (^C stops)")
+    cons = add_verb(verbs, "console", cmd_console, help="follow a node's serial console (^C stops)")
     cons.add_argument("node", metavar="NODE")
     cons.add_argument("--attach", action="store_true",
                       help="attach to the serial port instead (type into it; Ctrl-] detaches)")
     cons.add_argument("--no-follow", action="store_true",
                       help="print the serial log so far and return")
-    _state_dir_flag(cons)
-    cons.set_defaults(handler=cmd_console)
 
-    down = verbs.add_parser("down", help="remove everything the lab made")
-    _state_dir_flag(down)
-    down.set_defaults(handler=cmd_down)
-
-
-def _state_dir_flag(parser: argparse.ArgumentParser) -> None:
-    default = Path(os.environ.get("VLX_LAB_DIR") or plan.DEFAULT_STATE_DIR)
-    parser.add_argument("--state-dir", type=Path, default=default, metavar="DIR",
-                        help=f"where the lab keeps its record, database and logs "
-                             f"(default: $VLX_LAB_DIR or {plan.DEFAULT_STATE_DIR})")
+    add_verb(verbs, "down", cmd_down, help="remove everything the lab made")
 
 
 def _cluster_to_boot(args: argparse.Namespace) -> tuple[Cluster, str]:
@@ -127,13 +121,13 @@ def cmd_up(args: argparse.Namespace) -> int:
           f"state in {state_dir}", flush=True)
     running = lab.start(layout, fill, render_tree, services)
     if args.no_wait:
-        print("nodes powered on; `vlx lab status` follows them")
+        print(f"nodes powered on; `{_hint(args, 'status')}` follows them")
         return 0
     display = ProgressDisplay([p.node.name for p in layout.nodes], sys.stdout)
     try:
         watcher = running.wait(args.timeout, "ready", display.show)
     except KeyboardInterrupt:
-        print("\nstopped waiting; the lab stays up (`vlx lab down` removes it)")
+        print(f"\nstopped waiting; the lab stays up (`{_hint(args, 'down')}` removes it)")
         return 130
     display.finish()
     print()
@@ -141,11 +135,24 @@ def cmd_up(args: argparse.Namespace) -> int:
     late = [node.name for node in watcher.nodes.values() if node.phase != "ready"]
     if late:
         print(f"\nnot ready after {args.timeout:g} s: {', '.join(late)}; the lab stays up for "
-              "a look (`vlx lab console NODE`), `vlx lab down` removes it", file=sys.stderr)
+              f"a look (`{_hint(args, 'console NODE')}`), `{_hint(args, 'down')}` removes it",
+              file=sys.stderr)
         return 1
-    print(f"\nthe lab is up: `vlx lab console {layout.nodes[0].node.name}`, "
-          "`vlx lab status`, `vlx lab down`")
+    print(f"\nthe lab is up: `{_hint(args, 'console ' + layout.nodes[0].node.name)}`, "
+          f"`{_hint(args, 'status')}`, `{_hint(args, 'down')}`")
     return 0
+
+
+def _hint(args: argparse.Namespace, verb: str) -> str:
+    """A `vlx lab VERB` command line that works as printed: the program as this shell finds
+    it (bare `vlx` when that is the one on PATH), and the state directory if not the default."""
+    program = sys.argv[0] if sys.argv and os.path.basename(sys.argv[0]) == "vlx" else "vlx"
+    on_path = shutil.which("vlx")
+    if on_path and os.path.realpath(on_path) == os.path.realpath(program):
+        program = "vlx"
+    default = Path(os.environ.get("VLX_LAB_DIR") or plan.DEFAULT_STATE_DIR)
+    where = "" if args.state_dir == default else f" --state-dir {args.state_dir}"
+    return f"{program} lab {verb}{where}"
 
 
 def _copy_of(cluster: Cluster, old: Cluster) -> Cluster:
@@ -244,16 +251,8 @@ def cmd_console(args: argparse.Namespace) -> int:
         return 0
     qemu_pid = node["qemu_pid"]
     console.follow(log, sys.stdout.buffer,
-                   stop=lambda: qemu_pid is None or not _alive(qemu_pid))
+                   stop=lambda: qemu_pid is None or not pid_alive(qemu_pid))
     return 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def cmd_down(args: argparse.Namespace) -> int:

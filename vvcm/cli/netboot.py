@@ -4,12 +4,16 @@ is handed (its iPXE script, kernel command line, iSCSI login without the secret)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
-from ..errors import VlxError
-from .common import add_json_flag, database, print_json
+from virtualinux.netboot import render, view
 
-DEFAULT_OUT = Path("/var/lib/virtualinux/netboot")   # the daemon serves OUT/current
+from ..errors import VlxError
+from .common import add_verb, database, print_json
+
+OUT_HELP = ("where trees live; OUT/current is served (default: $VLX_NETBOOT or "
+            f"{render.DEFAULT_OUT})")
 
 
 def register(nouns: argparse._SubParsersAction) -> None:
@@ -18,40 +22,35 @@ def register(nouns: argparse._SubParsersAction) -> None:
                                           "kernel and initrd) and show what a node is handed.")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    render = verbs.add_parser("render", help="render the tree for the current generation")
-    render.add_argument("--image", required=True, type=Path, metavar="DIR",
-                        help="boot image directory holding vmlinuz and initrd.img "
-                             "(vlx image build tiny|node makes one)")
-    render.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
-                        help=f"where trees live; OUT/current is served (default {DEFAULT_OUT})")
-    render.add_argument("--kernel-arg", action="append", default=[], metavar="ARG",
-                        help="one more kernel argument for every node, e.g. console=ttyS0 "
-                             "(default: the cluster setting kernel_args)")
-    render.add_argument("--ipxe-dir", type=Path, default=Path("/usr/lib/ipxe"), metavar="DIR",
-                        help="where Debian's ipxe package put its binaries")
-    add_json_flag(render)
-    render.set_defaults(handler=cmd_render)
+    draw = add_verb(verbs, "render", cmd_render,
+                    help="render the tree for the current generation", json=True)
+    draw.add_argument("--image", required=True, type=Path, metavar="DIR",
+                      help="boot image directory holding vmlinuz and initrd.img "
+                           "(vlx image build tiny|node makes one)")
+    draw.add_argument("--out", type=Path, metavar="DIR", help=OUT_HELP)
+    draw.add_argument("--kernel-arg", action="append", default=[], metavar="ARG",
+                      help="one more kernel argument for every node, e.g. console=ttyS0 "
+                           "(default: the cluster setting kernel_args)")
+    draw.add_argument("--ipxe-dir", type=Path, default=render.IPXE_DIR, metavar="DIR",
+                      help="where Debian's ipxe package put its binaries")
 
-    show = verbs.add_parser("show", help="what a node is handed (or the tree, without NODE)")
+    show = add_verb(verbs, "show", cmd_show,
+                    help="what a node is handed (or the tree, without NODE)", json=True)
     show.add_argument("node", nargs="?", help="node name")
-    show.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
-                      help="the rendered trees, for their kernel arguments")
-    add_json_flag(show)
-    show.set_defaults(handler=cmd_show)
+    show.add_argument("--out", type=Path, metavar="DIR", help=OUT_HELP)
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from virtualinux.netboot import render
-
     cluster = database(args).load()
     if cluster.settings is None:
         raise VlxError("the database has no cluster yet (vlx db import FILE first)")
+    out = args.out or render.default_out()
     # The database's kernel_args unless the command line names others: every node renders its
     # own tree with the database's, so the trees agree.
     kernel_args = args.kernel_arg or cluster.settings.kernel_args
-    rendered = render.render(cluster, args.image, args.out, kernel_args, args.ipxe_dir)
+    rendered = render.render(cluster, args.image, out, kernel_args, args.ipxe_dir)
     if args.json:
-        print_json({"tree": str(rendered.root), "current": str(args.out / render.CURRENT),
+        print_json({"tree": str(rendered.root), "current": str(out / render.CURRENT),
                     "generation": rendered.generation, "changed": rendered.changed,
                     "files": list(rendered.files)})
         return 0
@@ -62,46 +61,29 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from virtualinux.netboot import layout, render, scripts
-
     cluster = database(args).load()
-    tree = render.current_tree(args.out)
-    manifest = render.Manifest.load(tree) if tree and (tree / layout.MANIFEST).exists() else None
-    kernel_args = manifest.kernel_args if manifest else ()
+    out = args.out or render.default_out()
     if args.node is None:
-        data = {"current": str(tree) if tree else None,
-                "tree_generation": manifest.generation if manifest else None,
-                "database_generation": cluster.generation,
-                "kernel_args": list(kernel_args),
-                "files": sorted(str(p.relative_to(tree)) for p in tree.rglob("*")
-                                if p.is_file()) if tree else []}
+        tree = view.tree_view(cluster, out)
         if args.json:
-            print_json(data)
-        else:
-            for key, value in data.items():
-                shown = "\n  ".join(value) if key == "files" else value
-                print(f"{key}: {shown if shown not in (None, '', []) else '-'}")
+            print_json(dataclasses.asdict(tree))
+            return 0
+        for key, value in dataclasses.asdict(tree).items():
+            shown = "\n  ".join(value) if key == "files" else value
+            print(f"{key}: {shown if shown not in (None, '', (), []) else '-'}")
+        if tree.current is None:
+            print(f"(nothing rendered in {out}: `vlx netboot render --out {out}` makes it)")
         return 0
-    node = cluster.node(args.node)
-    volume = scripts.root_volume(cluster, node)
-    login = scripts.iscsi_initramfs(cluster, node)
-    if login:
-        login = "".join("ISCSI_PASSWORD=(secret, not shown)\n"
-                        if line.startswith("ISCSI_PASSWORD=") else line
-                        for line in login.splitlines(True))
-    data = {"node": node.name, "mac": node.mac,
-            "script": layout.node_script_name(node.mac),
-            "cmdline": scripts.kernel_cmdline(cluster, node, kernel_args),
-            "root_volume": volume.name if volume else None,
-            "cpio": layout.node_cpio_name(node.mac) if volume else None,
-            "iscsi_initramfs": login,
-            "ipxe": scripts.node_script(cluster, node, kernel_args)}
+    node = view.node_view(cluster, args.node, out)
     if args.json:
-        print_json(data)
+        print_json(dataclasses.asdict(node))
         return 0
-    for key in ("node", "mac", "script", "cpio", "root_volume", "cmdline"):
-        print(f"{key + ':':<13}{data[key] or '-'}")
-    if login:
-        print(f"\n# {layout.node_cpio_name(node.mac)}: etc/iscsi.initramfs\n{login}", end="")
-    print(f"\n# {data['script']}\n{data['ipxe']}", end="")
+    for key in ("node", "mac", "tree", "script", "cpio", "root_volume", "cmdline"):
+        value = getattr(node, key)
+        if key == "tree" and value is None:
+            value = f"none in {out}: kernel arguments of a render are not included"
+        print(f"{key + ':':<13}{value or '-'}")
+    if node.iscsi_initramfs:
+        print(f"\n# {node.cpio}: etc/iscsi.initramfs\n{node.iscsi_initramfs}", end="")
+    print(f"\n# {node.script}\n{node.ipxe}", end="")
     return 0

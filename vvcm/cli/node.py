@@ -7,7 +7,7 @@ import argparse
 from .. import changes
 from ..fields import add_arguments, from_arguments, to_mapping
 from ..model import Cluster, Node
-from .common import add_json_flag, database, print_json, print_table
+from .common import add_verb, database, print_json, print_table
 
 
 def register(nouns: argparse._SubParsersAction) -> None:
@@ -19,18 +19,13 @@ def register(nouns: argparse._SubParsersAction) -> None:
     add_arguments(add, Node, positional="name")
     add.set_defaults(handler=cmd_add)
 
-    listing = verbs.add_parser("list", help="list the nodes")
-    add_json_flag(listing)
-    listing.set_defaults(handler=cmd_list)
+    add_verb(verbs, "list", cmd_list, help="list the nodes", json=True)
 
-    show = verbs.add_parser("show", help="one node, with the VMs placed on it")
+    show = add_verb(verbs, "show", cmd_show, help="one node, with the VMs placed on it", json=True)
     show.add_argument("name")
-    add_json_flag(show)
-    show.set_defaults(handler=cmd_show)
 
-    remove = verbs.add_parser("remove", help="remove a node that hosts no VMs")
+    remove = add_verb(verbs, "remove", cmd_remove, help="remove a node that hosts no VMs")
     remove.add_argument("name")
-    remove.set_defaults(handler=cmd_remove)
 
 
 def node_json(cluster: Cluster, node: Node) -> dict:

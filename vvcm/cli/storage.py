@@ -1,25 +1,29 @@
 """`vlx storage`: the iSCSI target of a storage node (a private tgtd per portal).
 
 `serve` starts tgtd if it is not running (or has died) and makes its targets match the
-database; run it again any time, or keep it running with `--watch` to restart a dying tgtd.
+database; run it again any time, or keep it running with `--watch` to restart a dying tgtd
+(the loop is `tgt.watch`). `status` shows every portal with a tgtd or with exports; `stop` is
+idempotent. `pool create|remove` make a loop-mounted pool to try things out (`storage.pool`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
-import time
+import sys
+from pathlib import Path
 
-from virtualinux.storage import tgt
-from virtualinux.storage.naming import parse_portal
+from virtualinux.storage import pool as pool_module
+from virtualinux.storage import tgt, volumes
+from virtualinux.storage.naming import format_size, parse_portal, parse_size
 from virtualinux.storage.volumes import default_portal
 
 from ..errors import VlxError
-from .common import add_json_flag, database, print_json, print_table
+from .common import add_verb, database, plural, print_json, print_table
 
 log = logging.getLogger("virtualinux.storage")
-WATCH_INTERVAL = 1.0
 
 
 def register(nouns: argparse._SubParsersAction) -> None:
@@ -44,9 +48,30 @@ def register(nouns: argparse._SubParsersAction) -> None:
     _portal_flag(stop)
     stop.set_defaults(handler=cmd_stop)
 
-    status = verbs.add_parser("status", help="the tgtd of each portal and its targets")
-    add_json_flag(status)
-    status.set_defaults(handler=cmd_status)
+    pool = verbs.add_parser("pool", help="make a loop-mounted pool to try things out",
+                            description="Make or remove a loop-mounted reflink pool."
+                            ).add_subparsers(dest="pool_verb", metavar="VERB", required=True)
+    create = pool.add_parser(
+        "create", help="a sparse file, formatted btrfs (or XFS), loop-mounted on DIR",
+        description="Make a reflink pool where the host has no btrfs or XFS: a sparse file "
+                    "beside DIR, formatted and loop-mounted on DIR. For trying things out; "
+                    "real clusters keep their pools on real storage.")
+    create.add_argument("directory", type=Path, metavar="DIR",
+                        help=f"the pool (e.g. {volumes.DEFAULT_POOL})")
+    create.add_argument("--size", required=True, metavar="SIZE",
+                        help="how big, e.g. 20GiB (sparse: takes room as it is written)")
+    create.add_argument("--fs", choices=sorted(pool_module.FILESYSTEMS), default="btrfs",
+                        help="file system (default: btrfs)")
+    create.add_argument("--backing", type=Path, metavar="FILE",
+                        help="the file that holds it (default: DIR.fs beside DIR)")
+    create.set_defaults(handler=cmd_pool_create)
+    remove = pool.add_parser("remove", help="unmount a pool `pool create` made and delete "
+                                            "its file (refused while volumes live there)")
+    remove.add_argument("directory", type=Path, metavar="DIR")
+    remove.add_argument("--backing", type=Path, metavar="FILE")
+    remove.set_defaults(handler=cmd_pool_remove)
+
+    add_verb(verbs, "status", cmd_status, help="the tgtd of each portal and its targets", json=True)
 
 
 def _portal_flag(parser: argparse.ArgumentParser) -> None:
@@ -73,9 +98,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         daemon = tgt.recorded_daemon(portal)
     else:
         print(f"tgtd pid {daemon.pid} {'started' if started else 'running'} on {portal} "
-              f"(control port {daemon.control_port}): {added} targets added", flush=True)
+              f"(control port {daemon.control_port}): {plural(added, 'target')} added",
+              flush=True)
     if not args.watch:
         return 0
+    if not args.verbose:   # a watcher's restarts are its events: log them
+        logging.getLogger("virtualinux").setLevel(logging.INFO)
     stopping = False
 
     def request_stop(signum, frame) -> None:
@@ -84,60 +112,67 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    try:
-        while not stopping:
-            time.sleep(WATCH_INTERVAL)
-            if not daemon.alive():
-                log.warning("tgtd pid %d died: restarting it with its exports", daemon.pid)
-                try:
-                    daemon, added, _ = tgt.serve(db.load(), portal, control_port, args.netns)
-                except VlxError as err:  # keep watching: the next round tries again
-                    log.error("restart failed: %s", err)
-                    daemon = tgt.recorded_daemon(portal) or daemon
-                    continue
-                log.info("tgtd pid %d restored %d targets", daemon.pid, added)
-    finally:
-        tgt.stop(daemon)
+    tgt.watch(daemon, db.load, lambda: stopping)
     return 0
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
     portal = _portal(args)
     daemon = tgt.recorded_daemon(portal)
-    if daemon is None:
-        raise VlxError(f"no tgtd was started for {portal}")
+    if daemon is None:   # stopping what is stopped succeeds, like `vlx lab down`
+        print(f"no tgtd runs for {portal}: nothing to stop")
+        return 0
     tgt.stop(daemon)
     print(f"stopped tgtd for {portal}")
     return 0
 
 
+def cmd_pool_create(args: argparse.Namespace) -> int:
+    made = pool_module.create_loop_pool(args.directory, parse_size(args.size), args.fs,
+                                        args.backing)
+    print(f"made pool {made.directory}: {made.fstype} on {made.backing} "
+          f"({format_size(made.size)}, sparse)")
+    print(f"use it: `vlx volume golden add NAME --from IMAGE --pool {made.directory}` "
+          f"(or VLX_POOL={made.directory}); after a reboot: mount -o loop {made.backing} "
+          f"{made.directory} (fstab: {made.fstab_line})")
+    return 0
+
+
+def cmd_pool_remove(args: argparse.Namespace) -> int:
+    directory = args.directory.absolute()
+    inside = [v.name for v in database(args).load().volumes
+              if Path(v.path).absolute().is_relative_to(directory)]
+    if inside:
+        raise VlxError(f"pool {directory} holds volumes the database records "
+                       f"({', '.join(inside[:5])}{' ...' if len(inside) > 5 else ''}): "
+                       "`vlx volume remove` them first")
+    backing = pool_module.remove_loop_pool(directory, args.backing)
+    print(f"removed pool {directory} and {backing}")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    cluster = database(args).load()
-    rows = []
-    for daemon in tgt.recorded_daemons():
-        alive = daemon.alive()
-        targets = daemon.admin.targets() if alive else {}
-        wanted = tgt.wanted_exports(cluster, daemon.portal)
-        rows.append({"portal": daemon.portal, "pid": daemon.pid, "alive": alive,
-                     "listening": daemon.listening() if alive else [],
-                     "control_port": daemon.control_port, "targets": len(targets),
-                     "sessions": sum(t.sessions for t in targets.values()),
-                     "missing": sorted(set(wanted) - set(targets)) if alive else sorted(wanted)})
+    rows = tgt.portal_status(database(args).load())
     if args.json:
-        print_json(rows)
+        print_json([dataclasses.asdict(row) for row in rows])
     else:
-        print_table(["PORTAL", "PID", "STATE", "LISTENING", "TARGETS", "SESSIONS", "MISSING"],
-                    [[r["portal"], r["pid"], "running" if r["alive"] else "DEAD",
-                      ",".join(r["listening"]) or "-", r["targets"], r["sessions"],
-                      len(r["missing"])] for r in rows])
-    dead = [r["portal"] for r in rows if not r["alive"]]
+        print_table(["PORTAL", "PID", "STATE", "LISTENING", "EXPORTS", "TARGETS", "SESSIONS",
+                     "MISSING"],
+                    [[r.portal, r.pid or "-", r.state.upper() if r.state == "dead" else r.state,
+                      ",".join(r.listening) or "-", r.exports, r.targets, r.sessions,
+                      len(r.missing)] for r in rows])
+    dead = [r.portal for r in rows if r.state == "dead"]
     if dead:
         raise tgt.TgtDown(f"tgtd for {', '.join(dead)} has died: `vlx storage serve` "
                           "restarts it and restores its exports")
-    exposed = [r for r in rows if r["alive"] and r["listening"] != [r["portal"]]]
+    exposed = [r for r in rows if r.state == "running" and list(r.listening) != [r.portal]]
     if exposed:
         raise tgt.PortalNotBound(
-            f"tgtd for {exposed[0]['portal']} listens on {', '.join(exposed[0]['listening'])}, "
+            f"tgtd for {exposed[0].portal} listens on {', '.join(exposed[0].listening)}, "
             f"not only on its portal: stop it (`vlx storage stop --portal "
-            f"{exposed[0]['portal']}`)")
-    return 0
+            f"{exposed[0].portal}`)")
+    unserved = [r for r in rows if r.state == "no tgtd"]
+    for row in unserved:
+        print(f"portal {row.portal}: {plural(row.exports, 'export')}, no tgtd: "
+              f"`vlx storage serve --portal {row.portal}` serves them", file=sys.stderr)
+    return 1 if unserved else 0

@@ -6,11 +6,21 @@ import argparse
 from pathlib import Path
 
 from virtualinux.storage import backup as vc_backup
+from virtualinux.storage import volumes
 
 from .. import changes
 from ..fields import add_arguments, from_arguments, to_mapping
 from ..model import Cluster, VirtualCluster
-from .common import add_json_flag, database, print_json, print_table
+from .common import (
+    ProgressLine,
+    add_verb,
+    database,
+    plural,
+    print_json,
+    print_table,
+    warn,
+)
+from .volume import print_removed
 
 
 def register(nouns: argparse._SubParsersAction) -> None:
@@ -22,18 +32,16 @@ def register(nouns: argparse._SubParsersAction) -> None:
     add_arguments(define, VirtualCluster, positional="name")
     define.set_defaults(handler=cmd_define)
 
-    listing = verbs.add_parser("list", help="list the VCs with their VMs")
-    add_json_flag(listing)
-    listing.set_defaults(handler=cmd_list)
+    add_verb(verbs, "list", cmd_list, help="list the VCs with their VMs", json=True)
 
-    show = verbs.add_parser("show", help="one VC and its VMs")
+    show = add_verb(verbs, "show", cmd_show, help="one VC and its VMs", json=True)
     show.add_argument("name")
-    add_json_flag(show)
-    show.set_defaults(handler=cmd_show)
 
-    remove = verbs.add_parser("remove", help="remove a VC and its VMs")
+    remove = add_verb(verbs, "remove", cmd_remove, help="remove a VC and its VMs")
     remove.add_argument("name")
-    remove.set_defaults(handler=cmd_remove)
+    remove.add_argument("--volumes", action="store_true",
+                        help="remove the VMs' volumes too (refused while one is exported); "
+                             "without it a VC that has volumes is refused")
 
     backup = verbs.add_parser("backup", help="save a VC: its volumes (sparse, checksummed) "
                                              "and its database rows, to a new directory")
@@ -96,16 +104,22 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    cluster = database(args).update("vc remove", args.name,
-                                    lambda cluster: changes.remove_vc(cluster, args.name))
+    db = database(args)
+    if args.volumes:
+        names = volumes.removal_names(db.load(), (), owners=f"vc:{args.name}")
+        if names:
+            print_removed(volumes.remove(db, names))
+    cluster = db.update("vc remove", args.name,
+                        lambda cluster: changes.remove_vc(cluster, args.name))
     print(f"removed {args.name} (generation {cluster.generation})")
     return 0
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    manifest = vc_backup.backup_vc(database(args), args.name, args.directory)
-    print(f"backed up {args.name}: {len(manifest['vms'])} VMs, {len(manifest['volumes'])} "
-          f"volumes to {args.directory}")
+    manifest = vc_backup.backup_vc(database(args), args.name, args.directory,
+                                   progress=ProgressLine(), warn=warn)
+    print(f"backed up {args.name}: {plural(len(manifest['vms']), 'VM')}, "
+          f"{plural(len(manifest['volumes']), 'volume')} to {args.directory}")
     return 0
 
 

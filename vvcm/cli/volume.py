@@ -7,14 +7,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from virtualinux.storage import volumes
+from virtualinux.storage import tgt, volumes
 from virtualinux.storage.backend import BACKENDS
 from virtualinux.storage.naming import format_size, initiator_iqn, parse_size
 
-from ..errors import VlxError
 from ..fields import to_mapping
 from ..model import Cluster, Volume
-from .common import add_json_flag, database, print_json, print_table
+from .common import (
+    add_verb,
+    database,
+    name_range,
+    plural,
+    print_json,
+    print_table,
+    warn,
+)
 
 
 def register(nouns: argparse._SubParsersAction) -> None:
@@ -49,37 +56,32 @@ def register(nouns: argparse._SubParsersAction) -> None:
     _export_flags(snap)
     snap.set_defaults(handler=cmd_snapshot)
 
-    listing = verbs.add_parser("list", help="list the volumes")
-    add_json_flag(listing)
-    listing.set_defaults(handler=cmd_list)
+    add_verb(verbs, "list", cmd_list, help="list the volumes", json=True)
 
-    show = verbs.add_parser("show", help="one volume with its export")
+    show = add_verb(verbs, "show", cmd_show, help="one volume with its export", json=True)
     show.add_argument("name")
-    add_json_flag(show)
-    show.set_defaults(handler=cmd_show)
 
-    remove = verbs.add_parser("remove", help="remove volumes that are not exported")
+    remove = add_verb(verbs, "remove", cmd_remove, help="remove volumes that are not exported")
     remove.add_argument("names", nargs="*", metavar="NAME")
     remove.add_argument("--snapshots-of", metavar="GOLDEN",
                         help="also every snapshot of GOLDEN")
-    remove.set_defaults(handler=cmd_remove)
+    remove.add_argument("--for", dest="owners", metavar="WHO",
+                        help="also every volume of these owners: nodes, vms, vc:NAME, or "
+                             "NAME,NAME,... of nodes or VMs")
 
-    grow = verbs.add_parser("grow", help="make a volume bigger")
+    grow = add_verb(verbs, "grow", cmd_grow, help="make a volume bigger")
     grow.add_argument("name")
     grow.add_argument("size", help="new size (2GiB) or growth (+512MiB)")
-    grow.set_defaults(handler=cmd_grow)
 
-    export = verbs.add_parser("export", help="export volumes over iSCSI")
+    export = add_verb(verbs, "export", cmd_export, help="export volumes over iSCSI")
     export.add_argument("names", nargs="+", metavar="NAME")
     export.add_argument("--portal", metavar="IP[:PORT]",
                         help="iSCSI portal (default: the first storage node, port 3260)")
-    export.set_defaults(handler=cmd_export)
 
-    unexport = verbs.add_parser("unexport", help="stop exporting volumes")
+    unexport = add_verb(verbs, "unexport", cmd_unexport, help="stop exporting volumes")
     unexport.add_argument("names", nargs="+", metavar="NAME")
     unexport.add_argument("--force", action="store_true",
                           help="even if an initiator is logged in (it loses its disk)")
-    unexport.set_defaults(handler=cmd_unexport)
 
 
 def _export_flags(parser: argparse.ArgumentParser) -> None:
@@ -110,9 +112,18 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     made = volumes.snapshot_volumes(database(args), args.golden, args.count, args.owners,
                                     args.suffix, args.portal, args.export)
     where = f", exported on {made[0].portal}" if made[0].portal else ""
-    print(f"made {len(made)} snapshots of {args.golden}: {made[0].name} .. {made[-1].name}"
-          f"{where}")
+    print(f"made {plural(len(made), 'snapshot')} of {args.golden}: "
+          f"{name_range([v.name for v in made])}{where}")
+    _say_if_unserved(made)
     return 0
+
+
+def _say_if_unserved(changed: list[Volume]) -> None:
+    """An export change on a portal no tgtd serves is only recorded: say so, and what serves it."""
+    for portal in sorted({v.portal for v in changed if v.portal}):
+        if tgt.recorded_daemon(portal) is None:
+            print(f"no tgtd serves {portal} yet: the export is recorded; `vlx storage serve "
+                  f"--portal {portal}` serves it")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -132,6 +143,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         print_json(data)
         return 0
+    data["size"] = format_size(data["size"])   # as `list` shows it; --json keeps bytes
     for key, value in data.items():
         print(f"{key + ':':<12}{value if value is not None else '-'}")
     return 0
@@ -139,24 +151,27 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_remove(args: argparse.Namespace) -> int:
     db = database(args)
-    names = list(args.names)
-    if args.snapshots_of:
-        cluster = db.load()
-        cluster.volume(args.snapshots_of)
-        names += [v.name for v in cluster.volumes
-                  if v.origin == args.snapshots_of and v.name not in names]
+    names = volumes.removal_names(db.load(), args.names, args.snapshots_of, args.owners)
     if not names:
-        raise VlxError("name the volumes to remove (or --snapshots-of GOLDEN)")
-    gone = volumes.remove(db, names)
-    print(f"removed {len(gone)} volumes: {', '.join(v.name for v in gone[:10])}"
-          f"{' ...' if len(gone) > 10 else ''}")
+        print("no volume matches: nothing to remove")
+        return 0
+    print_removed(volumes.remove(db, names))
     return 0
+
+
+def print_removed(gone: list[Volume]) -> None:
+    print(f"removed {plural(len(gone), 'volume')}: {', '.join(v.name for v in gone[:10])}"
+          f"{' ...' if len(gone) > 10 else ''}")
 
 
 def cmd_grow(args: argparse.Namespace) -> int:
     db = database(args)
     current = db.load().volume(args.name)
-    grown = volumes.grow(db, args.name, parse_size(args.size, current.size))
+    size = parse_size(args.size, current.size)
+    caution = volumes.grow_warning(current, size)
+    grown = volumes.grow(db, args.name, size)
+    if caution:
+        warn(caution)
     print(f"{grown.name} is {format_size(grown.size)}")
     return 0
 
@@ -165,6 +180,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     done = volumes.export(database(args), args.names, args.portal)
     for volume in done:
         print(f"exported {volume.name} as {volume.iqn} on {volume.portal}")
+    _say_if_unserved(done)
     return 0
 
 

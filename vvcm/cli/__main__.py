@@ -1,0 +1,7 @@
+"""`python -m virtualinux.vvcm.cli ARGS` = `vlx ARGS` in that interpreter (see vvcm/command.py)."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
