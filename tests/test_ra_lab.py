@@ -1,0 +1,91 @@
+"""The `ra` service against real clients: rdisc6 (ndisc6) solicits and reads the router
+advertisement; a Linux client accepting RAs gets no default route and no address from it;
+garbage solicitations are counted and dropped. Each replica is a real `vlx bootsvc run`."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from virtualinux.bootsvc.ra import RsError, parse_solicitation
+
+from .conftest import EXAMPLE, require, vlx
+
+VLX = [sys.executable, "-c", "import sys; from virtualinux.vvcm.cli import main; sys.exit(main())"]
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_solicitation_checks():
+    parse_solicitation(bytes([133, 0, 0, 0, 0, 0, 0, 0]), 255)
+    parse_solicitation(bytes([133, 0, 0, 0, 0, 0, 0, 0, 1, 1, 2, 3, 4, 5, 6, 7]), 255)
+    for data, hops, reason in ((bytes(8), 64, "hop_limit"), (bytes([133, 0]), 255, "short"),
+                               (bytes([133, 1, 0, 0, 0, 0, 0, 0]), 255, "type_code"),
+                               (bytes([133, 0, 0, 0, 0, 0, 0, 0, 1, 0]), 255, "bad_option"),
+                               (bytes([133, 0, 0, 0, 0, 0, 0, 0, 1, 2, 0]), 255, "bad_option")):
+        with pytest.raises(RsError) as caught:
+            parse_solicitation(data, hops)
+        assert caught.value.reason == reason
+
+
+@pytest.mark.lab
+def test_client_sees_no_default_router_and_gets_no_route(netns, tmp_path, db_path, capsys):
+    require("rdisc6")
+    assert vlx(capsys, "db", "import", str(EXAMPLE))[0] == 0
+    hub = netns.namespace("hub")
+    bridge = netns.bridge(hub)
+    replica_ns = netns.namespace("r1")
+    netns.plug(hub, bridge, replica_ns, address="198.18.0.201/24")
+    client = netns.namespace("cli")
+    netns.plug(hub, bridge, client)
+    # A client that takes default routes and addresses from RAs, as a host would.
+    for key in ("forwarding=0", "accept_ra=2", "autoconf=1"):
+        client.run(["sysctl", "-qw", f"net.ipv6.conf.eth0.{key}"])
+    state = tmp_path / "state"
+    log = tmp_path / "replica.log"
+    process = replica_ns.popen([*VLX, "--db", str(db_path), "bootsvc", "run", "--interface",
+                                "eth0", "--address", "198.18.0.201", "--services", "ra",
+                                "--state-dir", str(state)],
+                               stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+    def counters() -> dict:
+        try:
+            return json.loads((state / "status.json").read_text())["services"]["ra"]
+        except (OSError, ValueError, KeyError):
+            return {}
+
+    try:
+        wait_for(lambda: counters().get("ra_sent", 0) >= 1 or process.poll() is not None,
+                 30, "the first RA")
+        assert process.poll() is None, log.read_text()
+        # rdisc6 solicits (from the client's link-local) and prints the first RA it gets.
+        out = client.run(["rdisc6", "-1", "-w", "3000", "-r", "3", "eth0"], check=False,
+                         timeout=30).stdout
+        assert re.search(r"Router lifetime\s*:\s*0 \(", out), out
+        assert re.search(r"Stateful address conf\.\s*:\s*No", out), out
+        assert re.search(r"Stateful other conf\.\s*:\s*No", out), out
+        assert "Prefix" not in out, out
+        assert re.search(r"from fe80::", out), out
+        wait_for(lambda: counters().get("rs_received", 0) >= 1, 10, "rs_received to count")
+        sent = counters()["ra_sent"]
+        wait_for(lambda: counters()["ra_sent"] > sent, 15, "a periodic RA")
+        routes = client.run(["ip", "-6", "route", "show", "default"]).stdout
+        assert routes.strip() == "", routes
+        addresses = client.run(["ip", "-6", "addr", "show", "dev", "eth0",
+                                "scope", "global"]).stdout
+        assert addresses.strip() == "", addresses
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        process.wait(10)
