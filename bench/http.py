@@ -31,6 +31,7 @@ def nginx_config(work: Path, tree: Path, address: str) -> Path:
         (work / name).mkdir(exist_ok=True)
     conf = work / "nginx.conf"
     conf.write_text(f"""daemon off;
+user root;   # as ours runs; the tree is in a private (0700) directory
 worker_processes 1;
 pid {work}/nginx.pid;
 error_log {work}/error.log warn;
