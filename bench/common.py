@@ -113,14 +113,16 @@ class Stat:
     low: float
     high: float
     runs: int
+    digits: int = 1     # shown after the point
 
     @classmethod
-    def of(cls, values: Sequence[float]) -> Stat:
+    def of(cls, values: Sequence[float], digits: int = 1) -> Stat:
         if not values:
             raise ValueError("no runs to summarise")
-        return cls(statistics.median(values), min(values), max(values), len(values))
+        return cls(statistics.median(values), min(values), max(values), len(values), digits)
 
-    def show(self, digits: int = 1) -> str:
+    def show(self, digits: int | None = None) -> str:
+        digits = self.digits if digits is None else digits
         if self.runs == 1:
             return f"{self.median:.{digits}f}"
         return f"{self.median:.{digits}f} ({self.low:.{digits}f}-{self.high:.{digits}f})"
