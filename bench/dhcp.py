@@ -283,6 +283,23 @@ def sweep_all(sweeps: list[Sweep], work: Path, client: Namespace, server_ns: Nam
                 clean(sweep, rate)
 
 
+RMEM_DEFAULT = Path("/proc/sys/net/core/rmem_default")
+
+
+@contextlib.contextmanager
+def rmem_default(value: int | None):
+    """The host's default receive buffer set to `value` for the block (None: left alone)."""
+    if value is None:
+        yield
+        return
+    old = RMEM_DEFAULT.read_text()
+    RMEM_DEFAULT.write_text(f"{value}\n")
+    try:
+        yield
+    finally:
+        RMEM_DEFAULT.write_text(old)
+
+
 def kernel_receive_buffer(namespace: Namespace) -> int:
     return int(namespace.run(["cat", "/proc/sys/net/core/rmem_default"]).stdout)
 
@@ -370,6 +387,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ours-receive-buffer", type=int, metavar="BYTES",
                         help="SO_RCVBUF for ours (default: half net.core.rmem_default, "
                              "so the kernel grants ours what the peers get)")
+    parser.add_argument("--rmem-default", type=int, metavar="BYTES",
+                        help="set the host's net.core.rmem_default for the run (every "
+                             "server's buffer; it cannot be set per namespace), restored after; "
+                             "it touches every socket made on the host meanwhile")
     common.add_flags(parser)
     args = parser.parse_args(argv)
     common.apply_flags(args)
@@ -383,9 +404,12 @@ def main(argv: list[str] | None = None) -> int:
     steps = tuple(r for r in RATE_STEPS if r <= args.max_rate) or RATE_STEPS[:1]
     report = common.Report("dhcp", argv if argv is not None else sys.argv[1:])
     rows, ratios = [], []
-    for count in sizes:
-        sweeps = run_size(count, args.seconds, args.repeat, steps, args.ours_receive_buffer,
-                          lambda line: print(line, flush=True))
+    with rmem_default(args.rmem_default):
+        results = [(count, run_size(count, args.seconds, args.repeat, steps,
+                                    args.ours_receive_buffer,
+                                    lambda line: print(line, flush=True)))
+                   for count in sizes]
+    for count, sweeps in results:
         for sweep in sweeps:
             best = sweep.best
             rates = Stat.of([r.dora_per_second for r in sweep.repeats]) if best else None
@@ -409,9 +433,12 @@ def main(argv: list[str] | None = None) -> int:
                   "drops in the repeats", "server CPU us/DORA", "peak RSS"], rows)
     for line in ratios:
         report.note(line)
-    report.note("ours: the same receive buffer as the peers (the kernel's default); servers on "
-                f"CPU {SERVER_CPU}, perfdhcp on CPU {CLIENT_CPU}; 'dnsmasq, lease file on "
-                "disk' does more work (fsync per lease) and is not a headline peer")
+    buffer = args.rmem_default or int(RMEM_DEFAULT.read_text())
+    report.note(f"every server's receive buffer: {buffer} bytes (net.core.rmem_default"
+                f"{', set for the run' if args.rmem_default else ''}; ours asks for half, which "
+                f"the kernel doubles); servers on CPU {SERVER_CPU}, perfdhcp on CPU "
+                f"{CLIENT_CPU}; 'dnsmasq, lease file on disk' does more work (fsync per lease) "
+                "and is not a headline peer")
     report.finish(args.json)
     return 0
 
