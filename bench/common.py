@@ -58,14 +58,15 @@ def ours_command(db: Path, root: Path, address: str, services: Sequence[str],
                  interface: str = "eth0", state_dir: Path | None = None,
                  settings: Mapping[str, int] | None = None,
                  dhcp_receive_buffer: int | None = None,
-                 boot_over_tftp: bool = False) -> list[str]:
+                 boot_over_tftp: bool = False, quiet: bool = True) -> list[str]:
     """Our services in the foreground (bootsvc/standalone.py): prints `ready ...` once they
     listen, and their counters as one JSON line when stopped. `settings`: SERVICE.NAME ->
     integer. `dhcp_receive_buffer`: bytes for the DHCP socket's SO_RCVBUF (the kernel doubles
     it), so ours can be given the same buffer as peers that keep the kernel's default.
     `boot_over_tftp`: the node scripts name kernel and initrd by tftp:// instead of http://,
     so a PXE row can hold the protocol equal with a TFTP-only peer (the product has no such
-    setting; the bench sets it for its run only)."""
+    setting; the bench sets it for its run only). `quiet`: problems only, no line per answer
+    (like `vlx bootsvc run --quiet`, and like the peers with their per-packet logs off)."""
     args = ["--db", str(db), "--root", str(root), "--address", address,
             "--interface", interface]
     if state_dir is not None:
@@ -73,6 +74,9 @@ def ours_command(db: Path, root: Path, address: str, services: Sequence[str],
     for key, value in (settings or {}).items():
         args += ["--set", f"{key}={value}"]
     prelude = ""
+    if quiet:
+        prelude += ("import logging; "
+                    "logging.getLogger('virtualinux.bootsvc').setLevel(logging.WARNING); ")
     if dhcp_receive_buffer is not None:
         prelude += (f"from virtualinux.bootsvc import dhcp; "
                     f"dhcp.RECEIVE_BUFFER = {int(dhcp_receive_buffer)}; ")

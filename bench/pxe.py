@@ -152,7 +152,8 @@ def start_servers(running: vlab.Lab, row: Row, fresh: Cluster) -> None:
             running.spawn(f"replica-{replica.name}", replica.namespace, common.ours_command(
                 paths.database, paths.netboot_root, str(replica.address), services,
                 interface=vplan.REPLICA_INTERFACE, state_dir=directory,
-                boot_over_tftp=row.protocol == "tftp"), log)
+                # The lab's watcher reads DHCPACK lines; dnsmasq logs them too (--log-dhcp).
+                boot_over_tftp=row.protocol == "tftp", quiet=False), log)
             wait_for_text(log, "ready ", f"our replica {replica.name}")
             continue
         served = paths.netboot_root.resolve()
