@@ -68,8 +68,11 @@ def advertisement(mac: str, hop_limit: int = 0) -> bytes:
     source link-layer address (clients need not resolve it; harmless either way)."""
     from scapy.layers.inet6 import ICMPv6ND_RA, ICMPv6NDOptSrcLLAddr  # slow import: at start
 
-    packet = ICMPv6ND_RA(chlim=hop_limit, M=0, O=0, routerlifetime=0, reachabletime=0,
-                         retranstimer=0, cksum=0) / ICMPv6NDOptSrcLLAddr(lladdr=mac)
+    # prf=0: RFC 4191 wants the default router preference "medium" when the lifetime is 0
+    # (scapy's default is "high").
+    packet = ICMPv6ND_RA(chlim=hop_limit, M=0, O=0, H=0, prf=0, P=0, routerlifetime=0,
+                         reachabletime=0, retranstimer=0, cksum=0) / ICMPv6NDOptSrcLLAddr(
+                             lladdr=mac)
     return bytes(packet)
 
 

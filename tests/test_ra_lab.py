@@ -14,7 +14,8 @@ import sys
 import time
 
 import pytest
-from virtualinux.bootsvc.ra import RsError, parse_solicitation
+from virtualinux.bootsvc.ra import RaService, RsError, advertisement, parse_solicitation
+from virtualinux.vvcm import VlxError
 
 from .conftest import EXAMPLE, require, vlx
 from .test_lab_scenarios import BOOT_TIMEOUT, lab_dir  # noqa: F401 (a fixture)
@@ -42,6 +43,21 @@ def test_solicitation_checks():
         with pytest.raises(RsError) as caught:
             parse_solicitation(data, hops)
         assert caught.value.reason == reason
+
+
+def test_advertisement_says_no_default_router_and_nothing_else():
+    data = advertisement("52:54:00:ab:cd:ef")
+    assert data[0] == 134 and data[1] == 0                    # router advertisement, code 0
+    assert data[5] == 0                                       # M = O = 0: no DHCPv6
+    assert data[6:8] == b"\0\0"                               # router lifetime 0
+    assert data[8:16] == bytes(8)                             # reachable, retrans: unspecified
+    # One option only: the source link-layer address (type 1, 8 bytes); no prefix.
+    assert data[16:] == bytes([1, 1, 0x52, 0x54, 0x00, 0xab, 0xcd, 0xef])
+
+
+def test_intervals_below_rfc_4861s_minimum_are_refused():
+    with pytest.raises(VlxError, match="min_interval"):
+        RaService(None, None, RaService.Options(min_interval=1.0))
 
 
 @pytest.mark.lab
