@@ -90,6 +90,26 @@ def link_local(index: int) -> ipaddress.IPv6Address | None:
     return None
 
 
+def eui64_link_local(mac: str) -> ipaddress.IPv6Address:
+    """fe80::/64 with the modified EUI-64 interface identifier of `mac` (RFC 4291 App. A)."""
+    octets = bytes.fromhex(mac.replace(":", ""))
+    identifier = bytes([octets[0] ^ 0x02]) + octets[1:3] + b"\xff\xfe" + octets[3:6]
+    return ipaddress.IPv6Address(b"\xfe\x80" + bytes(6) + identifier)
+
+
+def ensure_link_local(index: int, mac: str) -> None:
+    """Give the interface a link-local address if it has none at all (addrgenmode none, or
+    flushed): an RA must come from one. Tentative ones count: DAD finishes on its own."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        if any(msg["scope"] == SCOPE_LINK
+               for msg in ipr.get_addr(family=socket.AF_INET6, index=index)):
+            return
+        ipr.addr("add", index=index, address=str(eui64_link_local(mac)), prefixlen=64,
+                 scope=SCOPE_LINK)
+
+
 def interface_mac(index: int) -> str:
     from pyroute2 import IPRoute
 
@@ -127,7 +147,14 @@ class RaService(Service):
         except OSError:
             raise VlxError(f"ra: no network interface {self.replica.interface!r}") from None
         # pyroute2's synchronous calls run their own event loop: keep them off ours.
-        self._packet = advertisement(await asyncio.to_thread(interface_mac, self._index))
+        mac = await asyncio.to_thread(interface_mac, self._index)
+        try:
+            await asyncio.to_thread(ensure_link_local, self._index, mac)
+        except Exception as err:    # pyroute2's NetlinkError, or IPv6 off on the interface
+            raise VlxError(f"ra: {self.replica.interface} has no IPv6 link-local address and "
+                           f"cannot get one (is net.ipv6.conf.{self.replica.interface}."
+                           f"disable_ipv6 set?): {err}") from None
+        self._packet = advertisement(mac)
         sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE,

@@ -14,7 +14,13 @@ import sys
 import time
 
 import pytest
-from virtualinux.bootsvc.ra import RaService, RsError, advertisement, parse_solicitation
+from virtualinux.bootsvc.ra import (
+    RaService,
+    RsError,
+    advertisement,
+    eui64_link_local,
+    parse_solicitation,
+)
 from virtualinux.vvcm import VlxError
 
 from .conftest import EXAMPLE, require, vlx
@@ -55,6 +61,10 @@ def test_advertisement_says_no_default_router_and_nothing_else():
     assert data[16:] == bytes([1, 1, 0x52, 0x54, 0x00, 0xab, 0xcd, 0xef])
 
 
+def test_link_local_from_mac_is_modified_eui64():
+    assert str(eui64_link_local("52:54:00:ab:cd:ef")) == "fe80::5054:ff:feab:cdef"
+
+
 def test_intervals_below_rfc_4861s_minimum_are_refused():
     with pytest.raises(VlxError, match="min_interval"):
         RaService(None, None, RaService.Options(min_interval=1.0))
@@ -67,7 +77,9 @@ def test_client_sees_no_default_router_and_gets_no_route(netns, tmp_path, db_pat
     hub = netns.namespace("hub")
     bridge = netns.bridge(hub)
     replica_ns = netns.namespace("r1")
-    netns.plug(hub, bridge, replica_ns, address="198.18.0.201/24")
+    netns.plug(hub, bridge, replica_ns, address="198.18.0.201/24", mac="52:54:00:00:02:01")
+    # No link-local address on the replica's side: the service must make one (EUI-64).
+    replica_ns.ip("-6", "addr", "flush", "dev", "eth0", "scope", "link")
     client = netns.namespace("cli")
     netns.plug(hub, bridge, client)
     # A client that takes default routes and addresses from RAs, as a host would.
@@ -97,7 +109,7 @@ def test_client_sees_no_default_router_and_gets_no_route(netns, tmp_path, db_pat
         assert re.search(r"Stateful address conf\.\s*:\s*No", out), out
         assert re.search(r"Stateful other conf\.\s*:\s*No", out), out
         assert "Prefix" not in out, out
-        assert re.search(r"from fe80::", out), out
+        assert "from fe80::5054:ff:fe00:201" in out, out     # the address it made
         wait_for(lambda: counters().get("rs_received", 0) >= 1, 10, "rs_received to count")
         sent = counters()["ra_sent"]
         wait_for(lambda: counters()["ra_sent"] > sent, 15, "a periodic RA")
