@@ -23,10 +23,11 @@ Every row but the last has the same "no default router here" RA on the segment: 
 through bench/common.py like every bench; the TFTP-only row points the node scripts at
 tftp:// for the run. Everyone hands out the same addresses, kernel, initrd and command line.
 Cells: median (min-max) seconds over all nodes and runs, rows interleaved run by run; the
-ratio is ours against the peer row of the same protocol (below 1: we are faster). "DHCP to
-first file" is the wait between a node's DHCPACK and its first file request, where iPXE waits
-on IPv6 (from the replica's log: ours only). Needs root; everything runs in namespaces it
-makes and removes.
+ratio is ours against the peer row of the same protocol (below 1: we are faster). Where the
+time goes, per node: power-on to its DHCPACK (in the server's log), DHCPACK to its first file
+request (where iPXE waits on IPv6; ours only: dnsmasq logs no request line), and DHCPACK to
+the kernel's first line on the serial console (iPXE's scripts, kernel and initrd). Needs root;
+everything runs in namespaces it makes and removes.
 """
 
 from __future__ import annotations
@@ -208,6 +209,9 @@ def start(layout: vplan.LabPlan, row: Row, cluster: Cluster, image_dir: Path) ->
 class Boot:
     to_init: list[float]
     dhcp_to_file: list[float]
+    to_dhcp: list[float]          # power-on to the node's DHCPACK in the server's log
+    dhcp_to_kernel: list[float]   # DHCPACK to "Linux version" on the serial console: iPXE's
+                                  # wait, its scripts, and the kernel and initrd transfers
 
 
 def boot_once(cluster: Cluster, count: int, row: Row, firmware: str, image_dir: Path,
@@ -217,15 +221,20 @@ def boot_once(cluster: Cluster, count: int, row: Row, firmware: str, image_dir: 
     running = start(layout, row, cluster, image_dir)
     try:
         watcher = running.wait(BOOT_TIMEOUT, until="init")
-        to_init, waits = [], []
+        to_init, waits, to_dhcp, to_kernel = [], [], [], []
         for name, node in watcher.nodes.items():
             if "init" not in node.seen:
                 raise RuntimeError(f"{row.key}: {name} did not reach /init in "
                                    f"{BOOT_TIMEOUT:g} s (state in {state_dir})")
             to_init.append(node.seen["init"] - node.seen["powered"])
-            if "dhcp" in node.seen and "files" in node.seen:
-                waits.append(node.seen["files"] - node.seen["dhcp"])
-        return Boot(to_init, waits)
+            seen = node.seen
+            if "dhcp" in seen and "files" in seen:
+                waits.append(seen["files"] - seen["dhcp"])
+            if "dhcp" in seen:
+                to_dhcp.append(seen["dhcp"] - seen["powered"])
+                if "kernel" in seen:
+                    to_kernel.append(seen["kernel"] - seen["dhcp"])
+        return Boot(to_init, waits, to_dhcp, to_kernel)
     finally:
         vlab.down(state_dir)
 
@@ -277,15 +286,20 @@ def main(argv: list[str] | None = None) -> int:
                 boots = results[(firmware, count, row.key)]
                 last_up = Stat.of([max(b.to_init) for b in boots])
                 waits = [w for b in boots for w in b.dhcp_to_file]
+                to_dhcp = [t for b in boots for t in b.to_dhcp]
+                to_kernel = [t for b in boots for t in b.dhcp_to_kernel]
                 peer = next((r for r in rows if not r.ours and r.protocol == row.protocol),
                             None)
                 ratio = (f"{medians[row.key].median / medians[peer.key].median:.2f}"
                          if row.ours and peer else None)
                 table.append([firmware, count, row.label, medians[row.key], last_up,
-                              Stat.of(waits) if waits else None, ratio])
+                              Stat.of(to_dhcp) if to_dhcp else None,
+                              Stat.of(waits) if waits else None,
+                              Stat.of(to_kernel) if to_kernel else None, ratio])
     report.table("PXE: seconds from power-on to /init (QEMU TCG)",
                  ["firmware", "nodes", "row", "power-on to /init", "last node up",
-                  "DHCP to first file", "ours/peer, same protocol"], table)
+                  "power-on to DHCPACK", "DHCPACK to first file", "DHCPACK to kernel",
+                  "ours/peer, same protocol"], table)
     report.note("every row but 'no RA' has the 'no default router' RA on the segment: ours "
                 "from the ra service, the peers from radvd")
     report.finish(args.json)
