@@ -1,16 +1,24 @@
-"""DHCP benchmark: perfdhcp against our replica and against dnsmasq, side by side, in one run.
+"""DHCP benchmark: perfdhcp against our replica, dnsmasq and ISC Kea, side by side, one run.
 
-    python -m virtualinux.bench.dhcp [--sizes 1000,10000] [--seconds 4]
+    python -m virtualinux.bench.dhcp [--sizes 1000,10000] [--seconds 4] [--repeat 3]
 
-For each size N it makes a database of N nodes and a dnsmasq `dhcp-host` map of the same MACs,
-then for each server finds the highest perfdhcp rate (DORA exchanges per second) that completes
-with no drops, stepping `-r` up, and prints both rates, their ratio and each server's peak RSS.
-dnsmasq runs with `--no-ping` and its normal lease file (in a temporary directory on disk; it
-fsyncs it on every change): it has to write leases, we do not, and that difference is part of
-what is measured. A third row runs dnsmasq with the lease file on tmpfs, to show how much of
-the difference is the lease writes. Everything runs in
-network namespaces this script makes and removes; every perfdhcp run is bounded in time.
-Needs root. `cluster_database` is also used by the tests to make big clusters.
+For each size N it makes a database of N nodes, and the same N MAC -> IP reservations for the
+peers, then finds each server's highest perfdhcp rate (DORA exchanges per second) with no
+drops, stepping `-r` up. Like for like:
+
+- the same work: ours keeps no lease state; `dnsmasq --leasefile-ro` and Kea's memfile with
+  `persist: false` keep leases in memory only. The row "dnsmasq, lease file on disk" (fsync on
+  every change) is shown apart, as what a default dnsmasq costs; it is not a headline peer.
+- the same state: every server is restarted before every step, so each starts from no leases;
+- the same receive buffer: the peers keep the kernel's default (net.core.rmem_default, which
+  cannot be set inside a namespace), so ours is given that same buffer for the run
+  (`--ours-receive-buffer` changes it);
+- the same CPUs: servers on CPU 1, perfdhcp on CPU 0; servers interleaved step by step.
+
+Each server's best clean rate is then run `--repeat` times in all (median, min, max). The
+headline is ours against the best peer row. Everything runs in network namespaces this script
+makes and removes; every perfdhcp run is bounded in time. Needs root. `cluster_database` is
+also used by the tests to make big clusters.
 """
 
 from __future__ import annotations
@@ -22,16 +30,19 @@ import ipaddress
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from virtualinux.vm_test.netns import Namespace, Netns
 from virtualinux.vvcm import Database, Node, Settings
 from virtualinux.vvcm.changes import validated
+
+from . import common
+from .common import CLIENT_CPU, SERVER_CPU, Stat, pinned
 
 CIDR = ipaddress.IPv4Network("198.18.0.0/18")      # room for 15,000 nodes
 GATEWAY_VIP = ipaddress.IPv4Address("198.18.0.254")
@@ -84,9 +95,10 @@ _RATE = re.compile(r"^Rate: ([\d.]+) 4-way exchanges/second", re.M)
 def perfdhcp(client: Namespace, macs: Path, count: int, rate: int, seconds: float,
              timeout: float) -> PerfResult:
     """One bounded perfdhcp run: `rate` DORA/s for up to `seconds`."""
-    cmd = ["perfdhcp", "-4", "-l", "eth0", "-M", str(macs), "-R", str(count), "-r", str(rate),
-           "-n", str(int(rate * seconds)), "-p", str(int(seconds) + 2), "-W", "200000",
-           "-d", "2"]
+    cmd = pinned(CLIENT_CPU, [
+        "perfdhcp", "-4", "-l", "eth0", "-M", str(macs), "-R", str(count), "-r", str(rate),
+        "-n", str(int(rate * seconds)), "-p", str(int(seconds) + 2), "-W", "200000",
+        "-d", "2"])
     out = client.run(cmd, check=False, timeout=timeout).stdout
     drops = [int(d) for d in _DROPS.findall(out)]
     sent = [int(s) for s in _SENT.findall(out)]
@@ -98,65 +110,198 @@ def perfdhcp(client: Namespace, macs: Path, count: int, rate: int, seconds: floa
                       dora_per_second=float(rates[0]))
 
 
-RATE_STEPS = (500, 1000, 1500, 2000, 3000, 4000, 6000, 8000, 10000, 12000, 16000, 20000)
+RATE_STEPS = (500, 1000, 2000, 3000, 4000, 6000, 8000, 10000, 12000, 16000, 20000, 25000,
+              30000, 40000)
 REFINE_STEPS = 2    # bisections between the last clean rate and the first with drops
 MIN_RATE = 16       # below this a server is reported as having no clean rate
+DOMAIN = "cluster.lab"
 
 
 @dataclasses.dataclass(frozen=True)
-class ServerResult:
-    server: str
-    macs: int
-    best: PerfResult | None
-    peak_rss_kib: int
-    lease_file_lines: int | None = None
+class Server:
+    """One server under test: `start(work)` returns its running, ready process in the
+    server namespace; `headline` says whether it does the same work as ours."""
+
+    name: str
+    start: Callable[[Path], subprocess.Popen]
+    headline: bool = True
 
 
-def best_clean_rate(client: Namespace, server: Namespace, pid: int, macs: Path, count: int,
-                    seconds: float, log=print) -> PerfResult | None:
-    """The perfdhcp run with the highest rate that had no drops, stepping `-r` up. A step
-    with drops is run once more before it counts as failed (the machine is shared), the
-    same for every server."""
-    def clean_run(rate: int) -> PerfResult | None:
-        for attempt in (1, 2):
-            before, cpu_before = socket_drops(server), cpu_seconds(pid)
-            result = perfdhcp(client, macs, count, rate, seconds, timeout=seconds + 20)
-            result = dataclasses.replace(result,
-                                         server_cpu_seconds=cpu_seconds(pid) - cpu_before)
-            kernel = socket_drops(server) - before
-            log(f"    -r {rate:>6}: {result.dora_per_second:>9.0f} DORA/s, {result.drops} "
-                f"drops ({kernel} in the server's receive queue), server CPU "
-                f"{result.cpu_us_per_dora:.0f} us/DORA" + (", again" if attempt == 2 else ""))
-            if not result.drops and result.received >= result.sent:
-                return result
-        return None
+@dataclasses.dataclass
+class Sweep:
+    """One server's way up the rate steps."""
 
+    server: Server
     best: PerfResult | None = None
     failed: int | None = None
-    for rate in RATE_STEPS:
-        result = clean_run(rate)
-        if result is None:
-            failed = rate
-            break
-        best = result
-    # Even the first step had drops: halve until a rate is clean (or too low to matter).
-    rate = RATE_STEPS[0] // 2
-    while best is None and rate >= MIN_RATE:
-        best = clean_run(rate)
-        if best is None:
-            failed, rate = rate, rate // 2
-    for _ in range(REFINE_STEPS if failed is not None else 0):
-        low = best.rate if best else 0
-        rate = (low + failed) // 2
-        if rate <= low:
-            break
-        result = clean_run(rate)
-        if result is None:
-            failed = rate
-        else:
-            best = result
-    return best
+    repeats: list[PerfResult] = dataclasses.field(default_factory=list)
+    peak_rss_kib: int = 0
+    counters: dict = dataclasses.field(default_factory=dict)
 
+
+def name_servers() -> str:
+    return ",".join(str(node_ip(i)) for i in range(1, 4))
+
+
+def write_hosts(work: Path, count: int) -> Path:
+    hosts = work / "dnsmasq.hosts"
+    hosts.write_text("".join(f"{node_mac(i)},{node_ip(i)},n{i + 1}\n" for i in range(count)))
+    return hosts
+
+
+def dnsmasq_command(work: Path, count: int, lease_file: Path | None) -> list[str]:
+    """dnsmasq answering like ours: router, name servers, domain, host name, lease time.
+    `lease_file` None: `--leasefile-ro`, leases in memory only."""
+    leases = [f"--dhcp-leasefile={lease_file}"] if lease_file else ["--leasefile-ro"]
+    return ["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--port=0", "--no-ping",
+            "--user=root", "--pid-file", "--interface=eth0", "--dhcp-authoritative",
+            f"--dhcp-range={CIDR.network_address},static,{CIDR.netmask},1h",
+            f"--dhcp-hostsfile={work / 'dnsmasq.hosts'}", *leases,
+            f"--dhcp-lease-max={count + 100}", f"--domain={DOMAIN}",
+            f"--dhcp-option=3,{GATEWAY_VIP}", f"--dhcp-option=6,{name_servers()}",
+            "--quiet-dhcp"]
+
+
+def kea_config(count: int) -> dict:
+    """Kea with the same reservations and options; leases in memory only (memfile,
+    persist false); one thread, as ours and dnsmasq have."""
+    return {"Dhcp4": {
+        "interfaces-config": {"interfaces": ["eth0"], "dhcp-socket-type": "raw"},
+        "lease-database": {"type": "memfile", "persist": False},
+        "multi-threading": {"enable-multi-threading": False},
+        "valid-lifetime": 3600, "authoritative": True,
+        "host-reservation-identifiers": ["hw-address"],
+        "reservations-global": False, "reservations-in-subnet": True,
+        "reservations-out-of-pool": True,   # no pools: every address is reserved
+        "option-data": [{"name": "routers", "data": str(GATEWAY_VIP)},
+                        {"name": "domain-name-servers", "data": name_servers()},
+                        {"name": "domain-name", "data": DOMAIN}],
+        "subnet4": [{"id": 1, "subnet": str(CIDR), "reservations": [
+            {"hw-address": node_mac(i), "ip-address": str(node_ip(i)),
+             "hostname": f"n{i + 1}"} for i in range(count)]}],
+        "loggers": [{"name": "kea-dhcp4", "severity": "INFO",
+                     "output_options": [{"output": "stdout"}]},
+                    {"name": "kea-dhcp4.leases", "severity": "WARN",
+                     "output_options": [{"output": "stdout"}]}]}}
+
+
+def servers(work: Path, namespace: Namespace, count: int, receive_buffer: int) -> list[Server]:
+    db = cluster_database(work / "cluster.db", count)
+    (work / "tree").mkdir(exist_ok=True)
+    write_hosts(work, count)
+    (work / "kea.json").write_text(json.dumps(kea_config(count)))
+    (work / "kea").mkdir(exist_ok=True)
+    kea_env = {**os.environ, "KEA_PIDFILE_DIR": str(work / "kea"),
+               "KEA_LOCKFILE_DIR": str(work / "kea")}
+
+    def ours(_: Path) -> subprocess.Popen:
+        return common.start_ours(namespace, {
+            "db": db.path, "root": work / "tree", "address": str(SERVER_ADDRESS),
+            "services": ["dhcp"], "state_dir": work / "state",
+            "dhcp_receive_buffer": receive_buffer}, log=work / "ours.log")
+
+    def logged(cmd: list[str], log: Path, ready: str, env=None) -> subprocess.Popen:
+        process = namespace.popen(pinned(SERVER_CPU, cmd), stdout=log.open("w"),
+                                  stderr=subprocess.STDOUT, env=env)
+        _wait_ready(lambda: ready in log.read_text(errors="replace"), process, log)
+        return process
+
+    def dnsmasq_ro(_: Path) -> subprocess.Popen:
+        return logged(dnsmasq_command(work, count, None), work / "dnsmasq.log", "started")
+
+    def dnsmasq_disk(_: Path) -> subprocess.Popen:
+        leases = work / "dnsmasq.leases"
+        leases.unlink(missing_ok=True)
+        return logged(dnsmasq_command(work, count, leases), work / "dnsmasq.log", "started")
+
+    def kea(_: Path) -> subprocess.Popen:
+        return logged(["kea-dhcp4", "-c", str(work / "kea.json")], work / "kea.log",
+                      "DHCP4_STARTED", env=kea_env)
+
+    return [Server("virtualinux", ours), Server("dnsmasq --leasefile-ro", dnsmasq_ro),
+            Server("kea-dhcp4, memfile persist false", kea),
+            Server("dnsmasq, lease file on disk", dnsmasq_disk, headline=False)]
+
+
+def measure(sweep: Sweep, work: Path, client: Namespace, server_ns: Namespace, count: int,
+            rate: int, seconds: float, log) -> PerfResult:
+    """One perfdhcp run at `rate` against a freshly started server (no leases yet)."""
+    process = sweep.server.start(work)
+    try:
+        before, cpu_before = socket_drops(server_ns), cpu_seconds(_server_pid(process))
+        result = perfdhcp(client, work / "macs", count, rate, seconds, timeout=seconds + 20)
+        pid = _server_pid(process)
+        result = dataclasses.replace(result, server_cpu_seconds=cpu_seconds(pid) - cpu_before)
+        kernel = socket_drops(server_ns) - before
+        sweep.peak_rss_kib = max(sweep.peak_rss_kib, peak_rss_kib(pid))
+    finally:
+        out = common.stop(process)
+    if sweep.server.name == "virtualinux" and out.strip():
+        sweep.counters = json.loads(out.strip().splitlines()[-1]).get("dhcp", {})
+    log(f"    {sweep.server.name:<34} -r {rate:>6}: {result.dora_per_second:>8.0f} DORA/s, "
+        f"{result.drops} drops ({kernel} in port 67's receive queue), server CPU "
+        f"{result.cpu_us_per_dora:.0f} us/DORA")
+    return result
+
+
+def _server_pid(process: subprocess.Popen) -> int:
+    """The server's own pid: nsenter and taskset exec it, so it is the child we started."""
+    return process.pid
+
+
+def sweep_all(sweeps: list[Sweep], work: Path, client: Namespace, server_ns: Namespace,
+              count: int, seconds: float, steps: tuple[int, ...], log) -> None:
+    """Up the steps, all servers at each step before the next; a step with drops is run once
+    more before it counts as failed (the machine is shared), the same for every server."""
+    def clean(sweep: Sweep, rate: int) -> bool:
+        for _ in (1, 2):
+            result = measure(sweep, work, client, server_ns, count, rate, seconds, log)
+            if not result.drops and result.received >= result.sent:
+                sweep.best = result
+                return True
+        sweep.failed = rate
+        return False
+
+    for rate in steps:
+        running = [s for s in sweeps if s.failed is None]
+        if not running:
+            break
+        log(f"  step -r {rate}")
+        for sweep in running:
+            clean(sweep, rate)
+    for sweep in sweeps:    # even the first step had drops: halve until one is clean
+        rate = steps[0] // 2
+        while sweep.best is None and rate >= MIN_RATE and not clean(sweep, rate):
+            rate //= 2
+    for _ in range(REFINE_STEPS):
+        for sweep in sweeps:
+            if sweep.failed is None:
+                continue
+            low = sweep.best.rate if sweep.best else 0
+            rate = (low + sweep.failed) // 2
+            if rate > low:
+                clean(sweep, rate)
+
+
+RMEM_DEFAULT = Path("/proc/sys/net/core/rmem_default")
+
+
+@contextlib.contextmanager
+def rmem_default(value: int | None):
+    """The host's default receive buffer set to `value` for the block (None: left alone)."""
+    if value is None:
+        yield
+        return
+    old = RMEM_DEFAULT.read_text()
+    RMEM_DEFAULT.write_text(f"{value}\n")
+    try:
+        yield
+    finally:
+        RMEM_DEFAULT.write_text(old)
+
+
+def kernel_receive_buffer(namespace: Namespace) -> int:
+    return int(namespace.run(["cat", "/proc/sys/net/core/rmem_default"]).stdout)
 
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of `pid` so far."""
@@ -194,87 +339,40 @@ def segment():
         yield server, client
 
 
-def _start(server: Namespace, cmd: list[str], log_path: Path) -> subprocess.Popen:
-    # nsenter (no --fork) execs the server itself, so the pid is the server's.
-    return server.popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
 
 
 def _wait_ready(ready, process: subprocess.Popen, log_path: Path, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
         if process.poll() is not None or time.monotonic() > deadline:
+            common.stop(process)
             raise RuntimeError(f"server did not start:\n{log_path.read_text()[-2000:]}")
-        time.sleep(0.1)
+        time.sleep(0.05)
 
 
-def run_ours(work: Path, count: int, seconds: float, log=print) -> ServerResult:
-    db = cluster_database(work / "cluster.db", count)
-    state = work / "state"
-    with segment() as (server, client):
-        process = _start(server, [sys.executable, "-c",
-                                  "import sys; from virtualinux.vvcm.cli import main; "
-                                  "sys.exit(main())", "--db", str(db.path), "bootsvc", "run",
-                                  "--interface", "eth0", "--address", str(SERVER_ADDRESS),
-                                  "--state-dir", str(state), "--quiet"],
-                         work / "ours.log")
-        try:
-            _wait_ready(lambda: (state / "status.json").exists(), process, work / "ours.log")
-            best = best_clean_rate(client, server, process.pid, work / "macs", count, seconds,
-                                   log)
-            rss = peak_rss_kib(process.pid)
-        finally:
-            _stop(process)
-    # Its own account: every answer it sent, and whether any send failed.
-    counters = json.loads((state / "status.json").read_text())["services"]["dhcp"]
-    log("    server counters: " + ", ".join(f"{k} {v}" for k, v in counters.items()))
-    return ServerResult("virtualinux", count, best, rss)
-
-
-def run_dnsmasq(work: Path, count: int, seconds: float, log=print,
-                lease_dir: Path | None = None) -> ServerResult:
-    """dnsmasq with its lease file in `work` (on disk: it fsyncs every change), or in
-    `lease_dir` (a tmpfs, to show what the lease writes cost)."""
-    hosts = work / "dnsmasq.hosts"
-    hosts.write_text("".join(f"{node_mac(i)},{node_ip(i)},n{i + 1}\n" for i in range(count)))
-    leases = (lease_dir or work) / "dnsmasq.leases"
-    leases.unlink(missing_ok=True)
-    # The same answer as ours: router, three name servers, domain, host name, lease time.
-    dns = ",".join(str(node_ip(i)) for i in range(1, 4))
-    cmd = ["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--port=0", "--no-ping",
-           "--user=root", "--pid-file", "--interface=eth0", "--dhcp-authoritative",
-           f"--dhcp-range={CIDR.network_address},static,{CIDR.netmask},1h",
-           f"--dhcp-hostsfile={hosts}", f"--dhcp-leasefile={leases}",
-           f"--dhcp-lease-max={count + 100}", "--domain=cluster.lab",
-           f"--dhcp-option=3,{GATEWAY_VIP}", f"--dhcp-option=6,{dns}", "--quiet-dhcp"]
-    with segment() as (server, client):
-        process = _start(server, cmd, work / "dnsmasq.log")
-        try:
-            _wait_ready(lambda: "started" in (work / "dnsmasq.log").read_text(), process,
-                        work / "dnsmasq.log")
-            best = best_clean_rate(client, server, process.pid, work / "macs", count, seconds,
-                                   log)
-            rss = peak_rss_kib(process.pid)
-        finally:
-            _stop(process)
-    lines = len(leases.read_text().splitlines()) if leases.exists() else 0
-    leases.unlink(missing_ok=True)
-    name = "dnsmasq, leases on tmpfs" if lease_dir else "dnsmasq"
-    return ServerResult(name, count, best, rss, lines)
-
-
-def run_dnsmasq_tmpfs(work: Path, count: int, seconds: float, log=print) -> ServerResult:
-    with tempfile.TemporaryDirectory(prefix="bench-dhcp-", dir="/dev/shm") as shm:
-        return run_dnsmasq(work, count, seconds, log, Path(shm))
+def run_size(count: int, seconds: float, repeat: int, steps: tuple[int, ...],
+             receive_buffer: int | None, log) -> list[Sweep]:
+    with tempfile.TemporaryDirectory(prefix="bench-dhcp-") as tmp, segment() as (server, client):
+        work = Path(tmp)
+        (work / "macs").write_text("".join(node_mac(i) + "\n" for i in range(count)))
+        # SO_RCVBUF asks for half of what the kernel then grants.
+        buffer = receive_buffer or kernel_receive_buffer(server) // 2
+        log(f"{count} known MACs; ours asks for a {buffer}-byte receive buffer "
+            f"({2 * buffer} granted), the peers keep the kernel's default")
+        sweeps = [Sweep(s) for s in servers(work, server, count, buffer)]
+        sweep_all(sweeps, work, client, server, count, seconds, steps, log)
+        for sweep in sweeps:
+            if sweep.best:
+                sweep.repeats.append(sweep.best)
+        for _ in range(repeat - 1):
+            for sweep in sweeps:
+                if sweep.best:
+                    sweep.repeats.append(measure(sweep, work, client, server, count,
+                                                 sweep.best.rate, seconds, log))
+        if sweeps[0].counters:
+            log("  our counters (last run): " + ", ".join(
+                f"{k} {v}" for k, v in sweeps[0].counters.items()))
+    return sweeps
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,7 +382,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="known MACs per run, comma-separated (default: 1000,10000)")
     parser.add_argument("--seconds", type=float, default=4.0,
                         help="length of each perfdhcp step (default: 4)")
+    parser.add_argument("--max-rate", type=int, default=RATE_STEPS[-1],
+                        help=f"highest -r step (default: {RATE_STEPS[-1]})")
+    parser.add_argument("--ours-receive-buffer", type=int, metavar="BYTES",
+                        help="SO_RCVBUF for ours (default: half net.core.rmem_default, "
+                             "so the kernel grants ours what the peers get)")
+    parser.add_argument("--rmem-default", type=int, metavar="BYTES",
+                        help="set the host's net.core.rmem_default for the run (every "
+                             "server's buffer; it cannot be set per namespace), restored after; "
+                             "it touches every socket made on the host meanwhile")
+    common.add_flags(parser)
     args = parser.parse_args(argv)
+    common.apply_flags(args)
     if os.geteuid() != 0:
         print("bench/dhcp: needs root (network namespaces, port 67)", file=sys.stderr)
         return 2
@@ -292,38 +401,45 @@ def main(argv: list[str] | None = None) -> int:
     if max(sizes) > CIDR.num_addresses - 512:
         print(f"bench/dhcp: at most {CIDR.num_addresses - 512} MACs", file=sys.stderr)
         return 2
-    rows = []
-    for count in sizes:
-        with tempfile.TemporaryDirectory(prefix="bench-dhcp-") as tmp:
-            work = Path(tmp)
-            (work / "macs").write_text("".join(node_mac(i) + "\n" for i in range(count)))
-            print(f"{count} known MACs", flush=True)
-            results = []
-            for name, run in (("virtualinux", run_ours), ("dnsmasq", run_dnsmasq),
-                              ("dnsmasq, leases on tmpfs", run_dnsmasq_tmpfs)):
-                print(f"  {name}", flush=True)
-                results.append(run(work, count, args.seconds,
-                                   lambda line: print(line, flush=True)))
-            rows.append(results)
-    print()
-    print("| known MACs | server | highest -r with 0 drops | DORA/s measured "
-          "| server CPU per DORA | peak RSS |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: |")
-    for results in rows:
-        for result in results:
-            best = result.best
-            print(f"| {result.macs} | {result.server} | {best.rate if best else '-'} | "
-                  f"{best.dora_per_second if best else 0:.0f} | "
-                  f"{f'{best.cpu_us_per_dora:.0f} us' if best else '-'} | "
-                  f"{result.peak_rss_kib / 1024:.1f} MiB |")
-    print()
-    for ours, *others in rows:
-        for theirs in others:
-            if ours.best and theirs.best:
-                ratio = ours.best.dora_per_second / theirs.best.dora_per_second
-                print(f"{ours.macs} MACs: virtualinux / {theirs.server} = {ratio:.2f}x DORA/s "
-                      f"at 0% drops (goal 2x against dnsmasq); it holds "
-                      f"{theirs.lease_file_lines} leases")
+    steps = tuple(r for r in RATE_STEPS if r <= args.max_rate) or RATE_STEPS[:1]
+    report = common.Report("dhcp", argv if argv is not None else sys.argv[1:])
+    rows, ratios = [], []
+    with rmem_default(args.rmem_default):
+        results = [(count, run_size(count, args.seconds, args.repeat, steps,
+                                    args.ours_receive_buffer,
+                                    lambda line: print(line, flush=True)))
+                   for count in sizes]
+    for count, sweeps in results:
+        for sweep in sweeps:
+            best = sweep.best
+            rates = Stat.of([r.dora_per_second for r in sweep.repeats]) if best else None
+            cpu = Stat.of([r.cpu_us_per_dora for r in sweep.repeats]) if best else None
+            ceiling = ("above top step" if best and sweep.failed is None else
+                       f"drops at {sweep.failed}" if sweep.failed else "-")
+            drops = sum(r.drops for r in sweep.repeats[1:])
+            rows.append([count, sweep.server.name, best.rate if best else None, ceiling,
+                         rates, drops if len(sweep.repeats) > 1 else None, cpu,
+                         f"{sweep.peak_rss_kib / 1024:.1f} MiB"])
+        ours, peers = sweeps[0], [s for s in sweeps[1:] if s.server.headline and s.best]
+        if ours.best and peers:
+            median = Stat.of([r.dora_per_second for r in ours.repeats]).median
+            strongest = max(peers, key=lambda s: Stat.of(
+                [r.dora_per_second for r in s.repeats]).median)
+            theirs = Stat.of([r.dora_per_second for r in strongest.repeats]).median
+            ratios.append(f"{count} MACs: virtualinux / {strongest.server.name} (the best peer "
+                          f"row) = {median / theirs:.2f}x DORA/s at 0 drops (goal 2x)")
+    report.table("DHCP: highest perfdhcp rate with 0 drops; each server restarted per step",
+                 ["known MACs", "server", "highest clean -r", "ceiling", "DORA/s measured",
+                  "drops in the repeats", "server CPU us/DORA", "peak RSS"], rows)
+    for line in ratios:
+        report.note(line)
+    buffer = args.rmem_default or int(RMEM_DEFAULT.read_text())
+    report.note(f"every server's receive buffer: {buffer} bytes (net.core.rmem_default"
+                f"{', set for the run' if args.rmem_default else ''}; ours asks for half, which "
+                f"the kernel doubles); servers on CPU {SERVER_CPU}, perfdhcp on CPU "
+                f"{CLIENT_CPU}; 'dnsmasq, lease file on disk' does more work (fsync per lease) "
+                "and is not a headline peer")
+    report.finish(args.json)
     return 0
 
 

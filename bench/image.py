@@ -1,14 +1,15 @@
 """Image build benchmark: our node/guest builds against a plain `disk-image-create
 debian-minimal` of the same release, cold and again, with the sizes, in one run.
 
-    python -m virtualinux.bench.image [--kinds guest,node] [--release bookworm]
+    python -m virtualinux.bench.image [--kinds guest,node] [--release bookworm] [--json FILE]
 
 "Cold" starts from an empty cache for both sides (debootstrap runs, every package is
 fetched). "Again" repeats the same build: ours finds its cache entry by the input hash and
 returns it; plain DIB has no output cache and builds again (with its debootstrap tarball
 cached from the cold run). Sizes: plain DIB's tar; ours, the artifacts (kernel, initrd, ext4
 root image as allocated on disk, and its apparent size). Needs root; takes minutes (about
-2 min for plain DIB, 3 for our guest, 5-6 for our node on a 2-core machine).
+2 min for plain DIB, 3 for our guest, 5-6 for our node on a 2-core machine), so each row is
+run once (no --repeat); the table goes out through bench/common.py like every bench's.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from pathlib import Path
 
 from virtualinux.image import dib
 from virtualinux.image.build import REPOSITORY, build_image, image_spec, wheel_sources
+
+from . import common
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,18 +107,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kinds", default="guest,node")
     parser.add_argument("--release", default="bookworm")
+    parser.add_argument("--json", type=Path, metavar="FILE",
+                        help="also write the table as JSON to FILE")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("bench/image needs root (diskimage-builder chroots)", file=sys.stderr)
         return 2
+    common.PIN = False   # builds use both CPUs: nothing here is pinned
+    report = common.Report("image", argv if argv is not None else sys.argv[1:])
+    rows = []
     with tempfile.TemporaryDirectory(prefix="vlx-bench-image-", dir="/var/tmp") as tmp:
         work = Path(tmp)
         anchor = plain_dib(args.release, work / "plain")
         print(f"{'build':<58} {'cold s':>8} {'again s':>8} {'disk MB':>8} "
               f"{'apparent MB':>11} {'cold/plain':>10} {'again/plain':>11}", flush=True)
         print_row(anchor, anchor)
+        rows.append(anchor)
         for kind in args.kinds.split(","):
-            print_row(ours(kind, args.release, work / kind), anchor)
+            rows.append(ours(kind, args.release, work / kind))
+            print_row(rows[-1], anchor)
+    report.table("Image builds, seconds and MB (one run each)",
+                 ["build", "cold s", "again s", "disk MB", "apparent MB", "cold/plain",
+                  "again/plain"],
+                 [[row.what, f"{row.cold_s:.1f}", f"{row.again_s:.1f}", f"{row.size_mb:.0f}",
+                   f"{row.apparent_mb:.0f}", f"{row.cold_s / anchor.cold_s:.2f}",
+                   f"{row.again_s / anchor.again_s:.3f}"] for row in rows])
+    report.finish(args.json)
     return 0
 
 

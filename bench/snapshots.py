@@ -1,14 +1,17 @@
-"""Bench: N snapshot volumes of a 1 GiB golden image, by `vlx volume snapshot` and by plain
-full copies (`cp --reflink=never`), side by side, plus the time to export them over iSCSI.
+"""Bench: N snapshot volumes of a 1 GiB golden image, by `vlx volume snapshot` and by a plain
+`cp --reflink=always` loop (the peer: what one would script by hand), side by side at every N,
+plus the time to export them over iSCSI.
 
-    sudo .venv/bin/python -m virtualinux.bench.snapshots [--sizes 10,100,1000] [--golden-mib 1024]
+    sudo .venv/bin/python -m virtualinux.bench.snapshots [--sizes 10,100,1000] [--repeat 3]
+        [--golden-mib 1024] [--full-copy-sizes 10] [--json FILE]
 
 Everything happens on a btrfs file system in a sparse file, loop-mounted in a temp directory,
 with a private tgtd in a lab namespace (198.18.0.11); all of it is removed at the end, also on
-failure. Time is wall time of the whole `vlx` command (Python start-up and the database
-transaction included); space is what the file system reports used, after a sync, per volume.
-Full copies run for N=10 only: N=100 of 1 GiB would need 100 GiB, more than these machines'
-disks hold (`--cp-sizes` changes that).
+failure. Both sides get the same handling: the same number of interleaved repeats, each timed
+as wall time of the whole command (ours: Python start-up and the database transaction
+included) plus a `sync -f` of the pool; space is what the file system reports used, after a
+sync, per volume. Full copies (`cp --reflink=never`) run only at `--full-copy-sizes`: N=100 of
+1 GiB would need 100 GiB, more than these machines' disks hold.
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ from pathlib import Path
 from virtualinux.vm_test.netns import Netns
 from virtualinux.vvcm.command import vlx_command
 
+from . import common
+from .common import Stat
+
 MIB = 1 << 20
 PORTAL = "198.18.0.11:3260"
 CONTROL_PORT = 32760
-REPEATS = 3
 GOAL_RATIO = 3.0
 GOAL_SECONDS = 10.0
 GOAL_BYTES_PER_SNAPSHOT = 1_000_000
@@ -87,10 +92,29 @@ def write_golden(path: Path, mib: int) -> None:
             handle.write(os.urandom(MIB))
 
 
-def run(sizes: list[int], cp_sizes: list[int], golden_mib: int, workdir: Path) -> list[dict]:
+def synced(seconds: float, pool: Path) -> float:
+    """`seconds` plus a sync of the pool: both sides are timed until their data is down."""
+    start = time.perf_counter()
+    subprocess.run(["sync", "-f", str(pool)], check=True)
+    return seconds + time.perf_counter() - start
+
+
+def copies(pool: Path, count: int, reflink: str) -> float:
+    """The peer: a plain `cp` loop making `count` copies of the golden volume's file."""
+    target = pool / f"copies-{reflink}"
+    target.mkdir()
+    start = time.perf_counter()
+    for index in range(count):
+        subprocess.run(["cp", f"--reflink={reflink}", str(pool / "node.img"),
+                        str(target / f"{index}.img")], check=True)
+    return synced(time.perf_counter() - start, pool)
+
+
+def run(sizes: list[int], full_sizes: list[int], golden_mib: int, repeat: int,
+        workdir: Path) -> list[dict]:
     vlx = vlx_command()
     rows = []
-    pool_size = (golden_mib * MIB) * (max(cp_sizes, default=0) + 2) + 4096 * MIB
+    pool_size = (golden_mib * MIB) * (max(full_sizes, default=0) + 2) + 4096 * MIB
     with btrfs(workdir / "pool.fs", pool_size, workdir / "pool") as pool, \
             Netns(prefix="vb") as netns:
         env = {**os.environ, "VLX_DB": str(workdir / "cluster.db"), "VLX_POOL": str(pool),
@@ -110,17 +134,22 @@ def run(sizes: list[int], cp_sizes: list[int], golden_mib: int, workdir: Path) -
                          str(CONTROL_PORT), "--netns", san.name], env)
             for count in sizes:
                 names = [f"node{i}-root" for i in range(1, count + 1)]
-                # Best of REPEATS: the machine is shared (2 cores), and what we want is
-                # what the command costs, not what a neighbour's burst costs.
-                times = []
-                for attempt in range(REPEATS):
+                peers = ["always"] + (["never"] if count in full_sizes else [])
+                results: dict[str, list[float]] = {"vlx": [], **{p: [] for p in peers}}
+                space: dict[str, float] = {}
+                # Interleaved repeats, each timed until a sync has put its data down.
+                for attempt in range(repeat):
                     if attempt:
                         timed(vlx + ["volume", "remove", *names], env)
                     before = used_bytes(pool)
-                    times.append(timed(vlx + ["volume", "snapshot", "node", "--count",
-                                              str(count)], env))
-                    space = used_bytes(pool) - before
-                seconds = min(times)
+                    results["vlx"].append(synced(timed(vlx + [
+                        "volume", "snapshot", "node", "--count", str(count)], env), pool))
+                    space["vlx"] = (used_bytes(pool) - before) / count
+                    for reflink in peers:
+                        before = used_bytes(pool)
+                        results[reflink].append(copies(pool, count, reflink))
+                        space[reflink] = (used_bytes(pool) - before) / count
+                        shutil.rmtree(pool / f"copies-{reflink}")
                 export = timed(vlx + ["volume", "export", "--portal", PORTAL, *names], env)
                 # tgtd restarted: every export comes back from the database.
                 timed(vlx + ["storage", "stop", "--portal", PORTAL], env)
@@ -129,22 +158,8 @@ def run(sizes: list[int], cp_sizes: list[int], golden_mib: int, workdir: Path) -
                                        san.name], env)
                 timed(vlx + ["volume", "unexport", *names], env)
                 timed(vlx + ["volume", "remove", *names], env)
-                row = {"n": count, "vlx_s": seconds, "vlx_max_s": max(times),
-                       "vlx_bytes": space / count,
-                       "export_s": export, "restore_s": restore}
-                if count in cp_sizes:
-                    copies = pool / "copies"
-                    copies.mkdir()
-                    before = used_bytes(pool)
-                    start = time.perf_counter()
-                    for index in range(count):
-                        subprocess.run(["cp", "--reflink=never", str(pool / "node.img"),
-                                        str(copies / f"{index}.img")], check=True)
-                    subprocess.run(["sync", "-f", str(copies)], check=True)
-                    row["cp_s"] = time.perf_counter() - start
-                    row["cp_bytes"] = (used_bytes(pool) - before) / count
-                    shutil.rmtree(copies)
-                rows.append(row)
+                rows.append({"n": count, "seconds": {k: Stat.of(v, 2) for k, v in results.items()},
+                             "bytes": space, "export_s": export, "restore_s": restore})
                 print(f"N={count}: done", file=sys.stderr)
         finally:
             subprocess.run(vlx + ["storage", "stop", "--portal", PORTAL], env=env,
@@ -152,52 +167,59 @@ def run(sizes: list[int], cp_sizes: list[int], golden_mib: int, workdir: Path) -
     return rows
 
 
-def report(rows: list[dict], golden_mib: int) -> bool:
-    print(f"\nsnapshots of a {golden_mib} MiB golden on loop-mounted btrfs (2 cores)\n")
-    print(f"vlx time: best (worst) of {REPEATS} runs of the whole command; load average "
-          f"at the end {os.getloadavg()[0]:.1f} (others share this machine)\n")
-    print("| N | vlx volume snapshot | space per snapshot | cp --reflink=never | space per copy "
-          "| cp / vlx | export (vlx volume export) | re-export after tgtd restart |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+def report(rows: list[dict], golden_mib: int, repeat: int, out: common.Report) -> bool:
+    table = []
     for row in rows:
-        cp_s = f"{row['cp_s']:.2f} s" if "cp_s" in row else "not run"
-        cp_b = f"{row['cp_bytes'] / MIB:.0f} MiB" if "cp_bytes" in row else "-"
-        ratio = f"{row['cp_s'] / row['vlx_s']:.0f}x" if "cp_s" in row else "-"
-        print(f"| {row['n']} | {row['vlx_s']:.2f} s ({row['vlx_max_s']:.2f}) | "
-              f"{row['vlx_bytes'] / 1024:.1f} KiB | "
-              f"{cp_s} | {cp_b} | {ratio} | {row['export_s']:.2f} s | "
-              f"{row['restore_s']:.2f} s |")
-    by_n = {row["n"]: row for row in rows}
+        seconds, space = row["seconds"], row["bytes"]
+        full = seconds.get("never")
+        table.append([row["n"], seconds["vlx"], f"{space['vlx'] / 1024:.1f} KiB",
+                      seconds["always"], f"{space['always'] / 1024:.1f} KiB",
+                      f"{seconds['always'].median / seconds['vlx'].median:.2f}x",
+                      full, f"{space['never'] / MIB:.0f} MiB" if full else None,
+                      f"{row['export_s']:.2f} s", f"{row['restore_s']:.2f} s"])
+    out.table(f"Snapshots of a {golden_mib} MiB golden on loop-mounted btrfs, seconds "
+              f"(each side timed until a sync has put its data down), {repeat} interleaved "
+              "repeats", ["N", "vlx volume snapshot", "space per snapshot",
+                          "cp --reflink=always loop", "space per copy", "cp loop / vlx",
+                          "cp --reflink=never loop", "space per full copy",
+                          "export (vlx volume export)", "re-export after tgtd restart"], table)
+    by_n = {row["n"]: row["seconds"]["vlx"].median for row in rows}
     ok = True
     if 10 in by_n and 1000 in by_n:
-        ratio = by_n[1000]["vlx_s"] / by_n[10]["vlx_s"]
-        good = ratio <= GOAL_RATIO and by_n[1000]["vlx_s"] < GOAL_SECONDS
+        ratio = by_n[1000] / by_n[10]
+        good = ratio <= GOAL_RATIO and by_n[1000] < GOAL_SECONDS
         ok &= good
-        print(f"\ngoal N=1000 within {GOAL_RATIO:g}x of N=10 and under {GOAL_SECONDS:g} s: "
-              f"{ratio:.2f}x, {by_n[1000]['vlx_s']:.2f} s -> {'met' if good else 'MISSED'}")
-    worst = max(row["vlx_bytes"] for row in rows)
+        out.note(f"goal N=1000 within {GOAL_RATIO:g}x of N=10 and under {GOAL_SECONDS:g} s: "
+                 f"{ratio:.2f}x, {by_n[1000]:.2f} s -> {'met' if good else 'MISSED'}")
+    worst = max(row["bytes"]["vlx"] for row in rows)
     good = worst < GOAL_BYTES_PER_SNAPSHOT
     ok &= good
-    print(f"goal < 1 MB per unwritten snapshot: worst {worst / 1000:.1f} kB -> "
-          f"{'met' if good else 'MISSED'}")
+    out.note(f"goal < 1 MB per unwritten snapshot: worst {worst / 1000:.1f} kB -> "
+             f"{'met' if good else 'MISSED'}")
     return ok
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="10,100,1000")
-    parser.add_argument("--cp-sizes", default="10")
+    parser.add_argument("--full-copy-sizes", default="",
+                        help="N at which to add a `cp --reflink=never` loop too (default: none)")
     parser.add_argument("--golden-mib", type=int, default=1024)
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
+    common.add_flags(parser)
     args = parser.parse_args(argv)
+    common.apply_flags(args)
     if os.geteuid() != 0:
         print("bench: needs root (loop mount, network namespace, tgtd)", file=sys.stderr)
         return 2
     sizes = [int(n) for n in args.sizes.split(",")]
-    cp_sizes = [int(n) for n in args.cp_sizes.split(",") if n]
+    full_sizes = [int(n) for n in args.full_copy_sizes.split(",") if n]
+    out = common.Report("snapshots", argv if argv is not None else sys.argv[1:])
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="vlx-bench-") as workdir:
-        rows = run(sizes, cp_sizes, args.golden_mib, Path(workdir))
-    return 0 if report(rows, args.golden_mib) else 1
+        rows = run(sizes, full_sizes, args.golden_mib, args.repeat, Path(workdir))
+    ok = report(rows, args.golden_mib, args.repeat, out)
+    out.finish(args.json)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

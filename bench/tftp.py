@@ -1,47 +1,46 @@
-"""Benchmark: our TFTP service against dnsmasq's, the same files to the same clients, one run.
+"""Benchmark: our TFTP service against dnsmasq's and atftpd's, the same files to the same
+clients, in one run.
 
-    sudo .venv/bin/python -m virtualinux.bench.tftp [--size-mb 10] [--repeat 3]
+    sudo .venv/bin/python -m virtualinux.bench.tftp [--size-mb 10] [--repeat 3] [--json FILE]
 
 Inside network namespaces made for the run: a client namespace holding a bridge, and a server
-namespace plugged into it with two addresses, ours on 198.18.0.1 and dnsmasq on 198.18.0.2,
-both serving one directory. Rows: one client (curl at blksize 512 and 1468, atftp with
-windowsize 8 and 16), then 20 and 50 clients at once, curl and atftp (aggregate MB/s). Prints
-a table with the ratio ours/dnsmasq per row. Every client run is bounded in time.
+namespace plugged into it with three addresses, ours on 198.18.0.1, dnsmasq on 198.18.0.2 and
+atftpd on 198.18.0.3, all serving one directory, all pinned to CPU 1 (clients on CPU 0).
+Two tables:
 
-`BenchLab` is shared with bench/http.py.
+- speed, lock-step (RFC 1350/2348, what every server does): curl at blksize 512 and 1468, one
+  client, then 20 and 50 at once; the ratio is ours against the best peer;
+- a feature, windowsize (RFC 7440, what iPXE-class clients may ask for): atftp with windowsize
+  8 and 16. dnsmasq has no windowsize and answers lock-step; atftpd is the windowed peer and
+  the ratio is against it.
+
+Cells are aggregate MB/s, median (min-max) of `--repeat` runs, servers interleaved. Every
+client run is bounded in time. `BenchLab` is shared with bench/http.py.
 """
+
 
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from virtualinux.vm_test.netns import Netns
 from virtualinux.vvcm import inventory
 from virtualinux.vvcm.db import Database
 
+from . import common
+from .common import CLIENT_CPU, SERVER_CPU, Stat, pinned
+
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cluster.toml"
-OURS, ANCHOR, CLIENT = "198.18.0.1", "198.18.0.2", "198.18.0.200"
+OURS, ANCHOR, THIRD, CLIENT = "198.18.0.1", "198.18.0.2", "198.18.0.3", "198.18.0.200"
 CLIENT_TIMEOUT = 300        # seconds for one row, all clients together
-# Left alone, the scheduler sometimes puts a lock-step server on the client's CPU and sometimes
-# not, and that alone changes a row 3x here. So the servers get CPU 1 and the clients CPU 0,
-# like a server and its clients on different machines: every packet wakes the other side.
-SERVER_CPU, CLIENT_CPU = "1", "0"
-
-
-PIN = (os.cpu_count() or 1) > 1       # --no-pin: leave placement to the scheduler
-
-
-def pinned(cpu: str, cmd: Sequence[str]) -> list[str]:
-    return (["taskset", "-c", cpu] if PIN else []) + list(cmd)
 
 
 class BenchLab:
@@ -79,22 +78,20 @@ class BenchLab:
         self.client.ip("addr", "add", f"{CLIENT}/24", "dev", bridge)
         self.server = self.netns.namespace("server")
         self.netns.plug(self.client, bridge, self.server, address=f"{OURS}/24")
-        self.server.ip("addr", "add", f"{ANCHOR}/24", "dev", "eth0")
+        for address in (ANCHOR, THIRD):
+            self.server.ip("addr", "add", f"{address}/24", "dev", "eth0")
 
     def start_ours(self, *services: str) -> None:
-        process = self.server.popen(pinned(SERVER_CPU, [
-            sys.executable, "-m", "virtualinux.bootsvc.standalone", "--db",
-             str(self.workdir / "cluster.db"), "--root", str(self.tree), "--address", OURS,
-             *services]), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        self.processes.append(process)
-        line = process.stdout.readline()
-        if not line.startswith("ready"):
-            raise RuntimeError(f"our services did not start: {line!r}")
+        self.processes.append(common.start_ours(self.server, {
+            "db": self.workdir / "cluster.db", "root": self.tree, "address": OURS,
+            "services": services}))
 
-    def start_anchor(self, cmd: Sequence[str], port: int, udp: bool = False) -> None:
-        self.processes.append(self.server.popen(pinned(SERVER_CPU, cmd), stdout=subprocess.DEVNULL,
+    def start_anchor(self, cmd: Sequence[str], port: int, udp: bool = False,
+                     address: str = ANCHOR) -> None:
+        self.processes.append(self.server.popen(pinned(SERVER_CPU, cmd),
+                                                stdout=subprocess.DEVNULL,
                                                 stderr=subprocess.DEVNULL))
-        wait_listening(self.server, ANCHOR, port, udp)
+        wait_listening(self.server, address, port, udp)
 
     def timed(self, commands: Sequence[Sequence[str]]) -> float:
         """Run the client commands at once in the client namespace; seconds until all are done."""
@@ -118,15 +115,18 @@ class BenchLab:
             raise RuntimeError("; ".join(failures[:3]))
         return elapsed
 
+    def rates(self, repeat: int, commands: dict[str, Sequence[Sequence[str]]],
+              nbytes: int) -> dict[str, Stat]:
+        """Aggregate MB/s per server over `repeat` interleaved runs."""
+        runs: dict[str, Callable[[], float]] = {
+            server: (lambda cmds=cmds: len(cmds) * nbytes / self.timed(cmds) / 1e6)
+            for server, cmds in commands.items()}
+        return {server: Stat.of(values)
+                for server, values in common.interleaved(repeat, runs).items()}
+
     def close(self) -> None:
         for process in self.processes:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            common.stop(process)
         self.netns.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -138,7 +138,7 @@ def wait_listening(ns, address: str, port: int, udp: bool, timeout: float = 10) 
         if f"{address}:{port} " in ns.run(["ss", flag], check=False).stdout:
             return
         time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
+    raise RuntimeError(f"nothing listens on {address}:{port} after {timeout} s")
 
 
 def curl_tftp(server: str, name: str, blksize: int | None) -> list[str]:
@@ -153,66 +153,54 @@ def atftp(server: str, name: str, blksize: int, windowsize: int) -> list[str]:
             "--option", f"windowsize {windowsize}", "-g", "-r", name, "-l", "/dev/null", server]
 
 
-def add_pin_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--no-pin", action="store_true",
-                        help="do not pin servers to CPU 1 and clients to CPU 0")
-
-
-def set_pinning(args: argparse.Namespace) -> None:
-    global PIN
-    PIN = PIN and not args.no_pin
-
-
-def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    print(title)
-    widths = [max(len(str(row[i])) for row in [headers, *rows]) for i in range(len(headers))]
-    for row in [headers, *rows]:
-        print("  ".join(str(cell).rjust(width) if i else str(cell).ljust(width)
-                        for i, (cell, width) in enumerate(zip(row, widths, strict=True))))
+def ratio(ours: Stat, theirs: Stat) -> str:
+    return f"{ours.median / theirs.median:.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m virtualinux.bench.tftp")
     parser.add_argument("--size-mb", type=int, default=10, help="file size per client")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per row and server")
-    parser.add_argument("--rows", help="only these rows, e.g. 1,5 (default: all)")
-    add_pin_flag(parser)
+    parser.add_argument("--clients", default="20,50",
+                        help="client counts of the many-clients rows (default: 20,50)")
+    common.add_flags(parser)
     args = parser.parse_args(argv)
+    common.apply_flags(args)
     size = args.size_mb << 20
     name = "images/bench.bin"
-    rows_spec = [
-        ("curl, blksize 512", 1, lambda s: curl_tftp(s, name, None)),
-        ("curl, blksize 1468", 1, lambda s: curl_tftp(s, name, 1468)),
-        ("atftp, blksize 1468, windowsize 8", 1, lambda s: atftp(s, name, 1468, 8)),
-        ("atftp, blksize 1468, windowsize 16", 1, lambda s: atftp(s, name, 1468, 16)),
-        ("20 x curl, blksize 1468", 20, lambda s: curl_tftp(s, name, 1468)),
-        ("50 x curl, blksize 1468", 50, lambda s: curl_tftp(s, name, 1468)),
-        # A rack of iPXE-class clients asking for windowsize: dnsmasq ignores the option.
-        ("20 x atftp, blksize 1468, windowsize 16", 20, lambda s: atftp(s, name, 1468, 16)),
-        ("50 x atftp, blksize 1468, windowsize 16", 50, lambda s: atftp(s, name, 1468, 16)),
-    ]
-    set_pinning(args)
-    if args.rows:
-        rows_spec = [rows_spec[int(i) - 1] for i in args.rows.split(",")]
-    rows = []
+    many = [int(n) for n in args.clients.split(",") if n]
+    lock_step = [("curl, blksize 512", 1, lambda s: curl_tftp(s, name, None)),
+                 ("curl, blksize 1468", 1, lambda s: curl_tftp(s, name, 1468))]
+    lock_step += [(f"{n} x curl, blksize 1468", n, lambda s: curl_tftp(s, name, 1468))
+                  for n in many]
+    windowed = [(f"atftp, blksize 1468, windowsize {w}", 1,
+                 lambda s, w=w: atftp(s, name, 1468, w)) for w in (8, 16)]
+    windowed += [(f"{n} x atftp, blksize 1468, windowsize 16", n,
+                  lambda s: atftp(s, name, 1468, 16)) for n in many]
+    report = common.Report("tftp", argv if argv is not None else sys.argv[1:])
+    speed, feature = [], []
     with BenchLab({name: size}) as lab:
         lab.start_ours("tftp")
         lab.start_anchor(["dnsmasq", "-d", "--port=0", "--enable-tftp",
                           f"--tftp-root={lab.tree}", f"--listen-address={ANCHOR}",
                           "--bind-interfaces", "--user=root", "--pid-file=",
                           "--tftp-max=200", "--log-facility=/dev/null"], 69, udp=True)
-        for label, clients, command in rows_spec:
-            times: dict[str, list[float]] = {OURS: [], ANCHOR: []}
-            for _ in range(args.repeat):            # interleaved, so load from elsewhere
-                for server in (OURS, ANCHOR):       # falls on both alike
-                    times[server].append(lab.timed([command(server)] * clients))
-            rates = {server: clients * size / statistics.median(runs) / 1e6
-                     for server, runs in times.items()}
-            rows.append([label, f"{rates[OURS]:.1f}", f"{rates[ANCHOR]:.1f}",
-                         f"{rates[OURS] / rates[ANCHOR]:.2f}"])
-    print_table(f"TFTP, {args.size_mb} MB per client, MB/s (median of {args.repeat} runs, "
-                f"load average {os.getloadavg()[0]:.1f}, {'pinned' if PIN else 'not pinned'})",
-                ["row", "ours", "dnsmasq", "ours/dnsmasq"], rows)
+        lab.start_anchor(["atftpd", "--daemon", "--no-fork", "--bind-address", THIRD,
+                          "--port", "69", "--user", "root", "--group", "root", "-m", "200",
+                          "--logfile", "/dev/null", str(lab.tree)], 69, udp=True,
+                         address=THIRD)
+        for table, rows in ((speed, lock_step), (feature, windowed)):
+            for label, clients, command in rows:
+                got = lab.rates(args.repeat, {s: [command(s)] * clients
+                                              for s in (OURS, ANCHOR, THIRD)}, size)
+                best = got[THIRD] if table is feature else max(
+                    (got[ANCHOR], got[THIRD]), key=lambda stat: stat.median)
+                table.append([label, got[OURS], got[ANCHOR], got[THIRD], ratio(got[OURS], best)])
+    report.table(f"TFTP speed, lock-step, {args.size_mb} MB per client, aggregate MB/s",
+                 ["row", "ours", "dnsmasq", "atftpd", "ours/best peer"], speed)
+    report.table("TFTP feature, windowsize (RFC 7440): dnsmasq ignores it and answers "
+                 "lock-step; atftpd is the windowed peer", ["row", "ours", "dnsmasq (lock-step)",
+                                                            "atftpd", "ours/atftpd"], feature)
+    report.finish(args.json)
     return 0
 
 

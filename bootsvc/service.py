@@ -20,7 +20,7 @@ from typing import ClassVar
 
 from virtualinux.vvcm import Cluster, Node, VlxError
 
-SERVICE_NAMES = ("dhcp", "tftp", "http", "dns", "heartbeat")
+SERVICE_NAMES = ("dhcp", "tftp", "http", "dns", "heartbeat", "ra")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,7 +41,7 @@ from .plan import BRIDGE, REPLICA_INTERFACE, LabPlan, namespace_prefix
 from .progress import NodeProgress, Watcher, ping_from
 from .state import LabRecord, StateError, process_start_time, same_process
 
-REPLICA_SERVICES = ("dhcp", "tftp", "http")
+REPLICA_SERVICES = ("dhcp", "tftp", "http", "ra")   # ra: ends iPXE's IPv6 wait (LAB.md)
 # `vlx` of this very interpreter (a venv's or the system's), whatever is first on PATH.
 VLX = (sys.executable, "-c", "import sys; from virtualinux.vvcm.cli import main; "
        "sys.exit(main())")

@@ -1,0 +1,224 @@
+"""What every bench shares: how ours is started, CPU pinning, repeats and their statistics, the
+machine's load, and the table written as Markdown and JSON.
+
+A bench makes a `Report` first (it notes the load before), adds one row per measurement with
+`Stat`s (median, min, max of the repeats), and ends with `report.finish(args.json)`: the load
+after, the Markdown table on stdout, and the same rows as JSON when `--json FILE` is given.
+Peers run interleaved with ours (`interleaved`), so a slow minute of a shared machine falls on
+every server alike. Imports only the boot services' command line (`start_ours`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+# Left alone, the scheduler sometimes puts a lock-step server on the client's CPU and sometimes
+# not, and that alone changes a row 3x here. So servers get CPU 1 and clients CPU 0, like a
+# server and its clients on different machines: every packet wakes the other side.
+SERVER_CPU, CLIENT_CPU = "1", "0"
+PIN = (os.cpu_count() or 1) > 1       # --no-pin: leave placement to the scheduler
+
+
+def pinned(cpu: str, cmd: Sequence[str]) -> list[str]:
+    return (["taskset", "-c", cpu] if PIN else []) + list(cmd)
+
+
+def add_flags(parser: argparse.ArgumentParser, repeat: int = 3) -> None:
+    """The flags every bench has: --repeat, --json FILE, --no-pin."""
+    parser.add_argument("--repeat", type=int, default=repeat,
+                        help=f"runs per row and server (default: {repeat})")
+    parser.add_argument("--json", type=Path, metavar="FILE",
+                        help="also write the table as JSON to FILE")
+    parser.add_argument("--no-pin", action="store_true",
+                        help=f"do not pin servers to CPU {SERVER_CPU} and clients to CPU "
+                             f"{CLIENT_CPU}")
+
+
+def apply_flags(args: argparse.Namespace) -> None:
+    global PIN
+    PIN = PIN and not args.no_pin
+    if args.repeat < 1:
+        raise SystemExit("--repeat: at least 1")
+
+
+# How ours is started, in one place: every bench calls this (a switch to `vlx bootsvc run
+# --set SERVICE.FIELD=VALUE` changes only this function).
+def ours_command(db: Path, root: Path, address: str, services: Sequence[str],
+                 interface: str = "eth0", state_dir: Path | None = None,
+                 settings: Mapping[str, int] | None = None,
+                 dhcp_receive_buffer: int | None = None,
+                 boot_over_tftp: bool = False, quiet: bool = True) -> list[str]:
+    """Our services in the foreground (bootsvc/standalone.py): prints `ready ...` once they
+    listen, and their counters as one JSON line when stopped. `settings`: SERVICE.NAME ->
+    integer. `dhcp_receive_buffer`: bytes for the DHCP socket's SO_RCVBUF (the kernel doubles
+    it), so ours can be given the same buffer as peers that keep the kernel's default.
+    `boot_over_tftp`: the node scripts name kernel and initrd by tftp:// instead of http://,
+    so a PXE row can hold the protocol equal with a TFTP-only peer (the product has no such
+    setting; the bench sets it for its run only). `quiet`: problems only, no line per answer
+    (like `vlx bootsvc run --quiet`, and like the peers with their per-packet logs off)."""
+    args = ["--db", str(db), "--root", str(root), "--address", address,
+            "--interface", interface]
+    if state_dir is not None:
+        args += ["--state-dir", str(state_dir)]
+    for key, value in (settings or {}).items():
+        args += ["--set", f"{key}={value}"]
+    prelude = ""
+    if quiet:
+        prelude += ("import logging; "
+                    "logging.getLogger('virtualinux.bootsvc').setLevel(logging.WARNING); ")
+    if dhcp_receive_buffer is not None:
+        prelude += (f"from virtualinux.bootsvc import dhcp; "
+                    f"dhcp.RECEIVE_BUFFER = {int(dhcp_receive_buffer)}; ")
+    if boot_over_tftp:
+        prelude += ("from virtualinux.netboot import scripts; "
+                    "scripts.HTTP_BASE = 'tftp://${next-server}'; ")
+    return [sys.executable, "-c", prelude + "import sys; from virtualinux.bootsvc.standalone "
+            "import main; sys.exit(main(sys.argv[1:]))", *args, *services]
+
+
+def start_ours(namespace, cmd_args: dict[str, Any], log: Path | None = None,
+               cpu: str = SERVER_CPU) -> subprocess.Popen:
+    """Start `ours_command(**cmd_args)` pinned in `namespace`; return once it listens."""
+    process = namespace.popen(pinned(cpu, ours_command(**cmd_args)), stdout=subprocess.PIPE,
+                              stderr=log.open("w") if log else subprocess.DEVNULL, text=True)
+    line = process.stdout.readline()
+    if not line.startswith("ready"):
+        stop(process)
+        detail = log.read_text()[-2000:] if log else ""
+        raise RuntimeError(f"our services did not start: {line!r}\n{detail}")
+    return process
+
+
+def stop(process: subprocess.Popen, timeout: float = 10) -> str:
+    """SIGTERM, then SIGKILL; what it still printed on stdout (ours: its counters)."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, _ = process.communicate()
+    return out or ""
+
+
+def load() -> tuple[float, float, float]:
+    return os.getloadavg()
+
+
+@dataclasses.dataclass(frozen=True)
+class Stat:
+    """Median, min and max of a row's repeats."""
+
+    median: float
+    low: float
+    high: float
+    runs: int
+    digits: int = 1     # shown after the point
+
+    @classmethod
+    def of(cls, values: Sequence[float], digits: int = 1) -> Stat:
+        if not values:
+            raise ValueError("no runs to summarise")
+        return cls(statistics.median(values), min(values), max(values), len(values), digits)
+
+    def show(self, digits: int | None = None) -> str:
+        digits = self.digits if digits is None else digits
+        if self.runs == 1:
+            return f"{self.median:.{digits}f}"
+        return f"{self.median:.{digits}f} ({self.low:.{digits}f}-{self.high:.{digits}f})"
+
+    def as_json(self) -> dict[str, float]:
+        return {"median": self.median, "min": self.low, "max": self.high, "runs": self.runs}
+
+
+def interleaved(repeat: int, runs: Mapping[str, Callable[[], float]]) -> dict[str, list[float]]:
+    """Each run of every server, round by round: A B C, A B C, ..."""
+    results: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeat):
+        for name, run in runs.items():
+            results[name].append(run())
+    return results
+
+
+def markdown(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |",
+             "| --- |" + " ---: |" * (len(headers) - 1)]
+    lines += ["| " + " | ".join(_cell(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cell(cell: object) -> str:
+    if isinstance(cell, Stat):
+        return cell.show()
+    if cell is None:
+        return "-"
+    return str(cell)
+
+
+def _json_cell(cell: object) -> object:
+    if isinstance(cell, Stat):
+        return cell.as_json()
+    return cell
+
+
+class Report:
+    """One bench's table(s): the load before and after, the command, the date."""
+
+    def __init__(self, bench: str, argv: Sequence[str] | None = None):
+        self.bench = bench
+        self.command = "python -m virtualinux.bench." + bench + (
+            " " + shlex.join(argv) if argv else "")
+        self.date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        self.load_before = load()
+        self.load_after: tuple[float, float, float] | None = None
+        self.tables: list[dict[str, Any]] = []
+        self.notes: list[str] = []
+        print(f"{self.command}\nload average before: {_load(self.load_before)}", flush=True)
+
+    def table(self, title: str, headers: Sequence[str],
+              rows: Sequence[Sequence[object]]) -> None:
+        self.tables.append({"title": title, "headers": list(headers),
+                            "rows": [list(row) for row in rows]})
+
+    def note(self, line: str) -> None:
+        self.notes.append(line)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"bench": self.bench, "command": self.command, "date": self.date,
+                "load_before": self.load_before, "load_after": self.load_after,
+                "pinned": PIN, "cpus": os.cpu_count(),
+                "tables": [{"title": t["title"], "headers": t["headers"],
+                            "rows": [[_json_cell(c) for c in row] for row in t["rows"]]}
+                           for t in self.tables],
+                "notes": self.notes}
+
+    def markdown(self) -> str:
+        parts = [f"{self.date}, `{self.command}`, load average before "
+                 f"{_load(self.load_before)}, after {_load(self.load_after or load())}, "
+                 f"{'pinned' if PIN else 'not pinned'}; cells: median (min-max)"]
+        for table in self.tables:
+            parts += [f"**{table['title']}**", markdown(table["headers"], table["rows"])]
+        parts += self.notes
+        return "\n\n".join(parts)
+
+    def finish(self, json_path: Path | None = None) -> None:
+        self.load_after = load()
+        print()
+        print(self.markdown(), flush=True)
+        if json_path is not None:
+            json_path.write_text(json.dumps(self.as_json(), indent=2) + "\n")
+
+
+def _load(values: tuple[float, float, float] | None) -> str:
+    return " ".join(f"{v:.2f}" for v in values) if values else "-"

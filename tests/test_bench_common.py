@@ -1,0 +1,65 @@
+"""bench/common.py: the statistics, the tables and how ours is started, without running one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from virtualinux.bench import common
+from virtualinux.bench.common import Report, Stat, interleaved, markdown, ours_command
+
+
+def test_stat_is_median_min_max_of_the_runs():
+    stat = Stat.of([3.0, 1.0, 10.0, 2.0])
+    assert (stat.median, stat.low, stat.high, stat.runs) == (2.5, 1.0, 10.0, 4)
+    assert stat.show() == "2.5 (1.0-10.0)"
+    assert Stat.of([7.25]).show(2) == "7.25"
+    with pytest.raises(ValueError):
+        Stat.of([])
+
+
+def test_interleaved_runs_round_by_round():
+    order = []
+    results = interleaved(2, {"ours": lambda: order.append("ours") or 1.0,
+                              "peer": lambda: order.append("peer") or 2.0})
+    assert order == ["ours", "peer", "ours", "peer"]
+    assert results == {"ours": [1.0, 1.0], "peer": [2.0, 2.0]}
+
+
+def test_markdown_table_shows_stats_and_missing_cells():
+    text = markdown(["row", "ours"], [["a", Stat.of([1.0, 3.0])], ["b", None]])
+    assert text.splitlines() == ["| row | ours |", "| --- | ---: |",
+                                 "| a | 2.0 (1.0-3.0) |", "| b | - |"]
+
+
+def test_report_writes_the_same_rows_as_json_with_load_and_command(tmp_path, capsys):
+    report = Report("tftp", ["--repeat", "2"])
+    report.table("TFTP", ["row", "ours"], [["curl", Stat.of([4.0, 6.0])]])
+    report.note("a note")
+    report.finish(tmp_path / "out.json")
+    printed = capsys.readouterr().out
+    assert "| curl | 5.0 (4.0-6.0) |" in printed
+    assert "load average before" in printed and "a note" in printed
+    data = json.loads((tmp_path / "out.json").read_text())
+    assert data["command"] == "python -m virtualinux.bench.tftp --repeat 2"
+    assert len(data["load_before"]) == 3 and len(data["load_after"]) == 3
+    assert data["tables"][0]["rows"] == [["curl", {"median": 5.0, "min": 4.0, "max": 6.0,
+                                                   "runs": 2}]]
+
+
+def test_ours_command_names_services_settings_and_the_receive_buffer():
+    cmd = ours_command(Path("/db"), Path("/tree"), "198.18.0.1", ["tftp", "http"],
+                       settings={"tftp.workers": 2}, dhcp_receive_buffer=4096)
+    assert cmd[-2:] == ["tftp", "http"]
+    assert ["--set", "tftp.workers=2"] == cmd[cmd.index("--set"):cmd.index("--set") + 2]
+    assert "dhcp.RECEIVE_BUFFER = 4096" in cmd[2]
+    assert "RECEIVE_BUFFER" not in ours_command(Path("/db"), Path("/t"), "198.18.0.1",
+                                                ["dhcp"])[2]
+
+
+def test_pinning_can_be_turned_off(monkeypatch):
+    monkeypatch.setattr(common, "PIN", True)
+    assert common.pinned("1", ["x"]) == ["taskset", "-c", "1", "x"]
+    monkeypatch.setattr(common, "PIN", False)
+    assert common.pinned("1", ["x"]) == ["x"]
