@@ -22,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--db", metavar="PATH",
                         help="cluster database (default: $VLX_DB or "
                              "/var/lib/virtualinux/cluster.db)")
+    parser.add_argument("--store", metavar="URL",
+                        help="cluster database as a store URL: sqlite:PATH or "
+                             "etcd://HOST:PORT[,HOST:PORT...] (default: $VLX_STORE, else --db)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     nouns = parser.add_subparsers(dest="noun", metavar="NOUN", required=True)
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):

@@ -12,7 +12,9 @@ from ..db import Database
 
 
 def database(args: argparse.Namespace) -> Database:
-    return Database(args.db)
+    """The database named by --db or --store (else $VLX_STORE, else $VLX_DB, else the default
+    file)."""
+    return Database(args.db, store=getattr(args, "store", None))
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:

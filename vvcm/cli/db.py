@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 from .. import inventory
-from ..db import Database
 from ..errors import VlxError
 from ..fields import to_mapping
 from .common import add_json_flag, database, print_json, print_table
@@ -43,20 +42,21 @@ def register(nouns: argparse._SubParsersAction) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    db = Database.create(args.db, force=args.force)
-    print(f"created {db.path} (generation 0)")
+    db = database(args)
+    db.backend.create(args.force)
+    print(f"created {db.name} (generation 0)")
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
     parsed = inventory.load(args.file)  # parse fully before touching the database
     db = database(args)
-    if not db.path.exists():
-        Database.create(db.path)
+    if not db.exists():
+        db.backend.create(False)
 
     def replace(cluster):
         if (cluster.nodes or cluster.vcs) and not args.replace:
-            raise VlxError(f"{db.path} holds a cluster already ({len(cluster.nodes)} nodes, "
+            raise VlxError(f"{db.name} holds a cluster already ({len(cluster.nodes)} nodes, "
                            f"{len(cluster.vcs)} VCs): --replace to replace it")
         return inventory.apply(cluster, parsed, str(args.file))
 
