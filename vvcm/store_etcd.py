@@ -1,0 +1,279 @@
+"""The etcd backend: the database replicated by Raft, one compare-and-swap per change.
+
+Keys (all under `virtualinux/`):
+
+    head                      JSON {schema, generation, snapshot, chunks, sha256, bytes}: the
+                              pointer to the current generation, and the key every CAS compares
+    snap/GGGGGGGGGGGG-TOKEN/NNNN   the generation's whole cluster (snapshot.encode), in chunks
+    log/GGGGGGGGGGGG          the change-log entry of generation G
+
+A change reads `head` (and its mod revision), loads that snapshot, applies the pure change,
+and commits with ONE transaction: "if head's mod revision is still R: put head, put the log
+entry, put the snapshot (if it is one chunk), delete snapshots older than the previous one".
+A snapshot of more than one chunk (a 10,000-node cluster compresses to ~0.4 MB, so this is for
+much bigger ones) is written first under a fresh TOKEN, where nobody looks, and made visible by
+the same one CAS on `head`. So each etcd request stays within etcd's defaults (128 operations
+per transaction, 1.5 MiB per request: CHUNK_BYTES leaves room for base64 and the other
+operations), no server limit needs raising, and a change is all or nothing however big: a
+writer killed before the CAS leaves only unreferenced chunks, which a later change deletes.
+
+Two writers at once: one CAS wins; the loser re-reads the new generation and re-applies its
+change (which may now fail validation: one clear line), so no update is ever lost and the
+generations stay dense. Readers read the chunks at head's revision, so a snapshot deleted just
+after they read `head` is still there for them (until etcd compacts its history).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import secrets
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from etcd3gw.client import Etcd3Client
+from etcd3gw.exceptions import (
+    ConnectionFailedError,
+    ConnectionTimeoutError,
+    Etcd3Exception,
+)
+
+from . import snapshot
+from .errors import VlxError
+from .model import Change, Cluster
+from .store import SCHEMA_VERSION, StoreUrl, next_generation, now, user
+
+PREFIX = "virtualinux/"
+HEAD = PREFIX + "head"
+SNAPSHOTS = PREFIX + "snap/"
+LOG = PREFIX + "log/"
+CHUNK_BYTES = int(os.environ.get("VLX_ETCD_CHUNK_BYTES", str(768 * 1024)))
+TXN_OPS = 100                # below etcd's --max-txn-ops default of 128
+TIMEOUT = float(os.environ.get("VLX_STORE_TIMEOUT", "5"))
+MAX_ATTEMPTS = 1000          # CAS retries before a writer gives up (others kept winning)
+
+
+class StoreUnreachable(VlxError):
+    """No endpoint of the store answered (connection refused, timed out, no quorum)."""
+
+
+class EtcdStore:
+    def __init__(self, url: StoreUrl, timeout: float = TIMEOUT):
+        self.url = url
+        self.name = str(url)
+        self.clients = [Etcd3Client(host=host, port=port, api_path="/v3/", timeout=timeout)
+                        for host, port in url.endpoints]
+        self.timeout = timeout
+        self._current = 0
+        self._cached: tuple[str, Cluster] | None = None   # (snapshot id, its cluster)
+        self.conflicts = 0           # CAS attempts lost to another writer (for the bench)
+
+    # The Backend interface (store.py)
+
+    def exists(self) -> bool:
+        return self._head_or_none() is not None
+
+    def create(self, force: bool = False) -> None:
+        if self.exists():
+            if not force:
+                raise VlxError(f"{self.name} holds a database already (--force starts over)")
+            self._call(lambda c: c.delete_prefix(PREFIX))
+        self._install(Cluster(0, None), [Change(0, now(), user(), "db init", "")])
+
+    def restore(self, cluster: Cluster, changes: list[Change]) -> None:
+        if self.exists():
+            raise VlxError(f"{self.name} holds a database already: migrate into an empty "
+                           "store only")
+        self._install(cluster, changes)
+
+    def generation(self) -> int:
+        head, _ = self._head()
+        return int(head["generation"])
+
+    def load(self) -> Cluster:
+        head, revision = self._head()
+        return self._cluster(head, revision)
+
+    def update(self, action: str, detail: str,
+               change: Callable[[Cluster], Cluster]) -> Cluster:
+        for _ in range(MAX_ATTEMPTS):
+            head, revision = self._head()
+            old = self._cluster(head, revision)
+            new = next_generation(old, change)   # VlxError here: nothing was written
+            if new is None:
+                return old
+            committed = self._commit(new, revision, head["snapshot"],
+                                     Change(new.generation, now(), user(), action, detail))
+            if committed:
+                return new
+            self.conflicts += 1
+        raise VlxError(f"{self.name}: {MAX_ATTEMPTS} attempts lost to other writers; "
+                       "nothing was changed")
+
+    def changes(self, limit: int | None = 20) -> list[Change]:
+        def read(client: Etcd3Client) -> list:
+            return client.get(LOG, range_end=_range_end(LOG), sort_order="descend",
+                              sort_target="key", limit=limit or 0)
+        values = self._call(read)
+        return [snapshot.decode_change(value, f"{self.name} change log")
+                for value in reversed(values)]
+
+    # Reading
+
+    def head_revision(self) -> tuple[int, int] | None:
+        """(generation, mod revision of head), or None without a database: one small read,
+        what a replica polls."""
+        found = self._head_or_none()
+        return None if found is None else (int(found[0]["generation"]), found[1])
+
+    def _head_or_none(self) -> tuple[dict[str, Any], int] | None:
+        found = self._call(lambda c: c.get(HEAD, metadata=True))
+        if not found:
+            return None
+        value, meta = found[0]
+        try:
+            head = json.loads(value)
+            if head.get("schema") != SCHEMA_VERSION:
+                raise VlxError(f"{self.name} holds schema {head.get('schema')!r}; this vlx "
+                               f"knows {SCHEMA_VERSION}")
+            int(head["generation"])
+            return head, int(meta["mod_revision"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise VlxError(f"{self.name}: key {HEAD} is not a virtualinux head") from None
+
+    def _head(self) -> tuple[dict[str, Any], int]:
+        found = self._head_or_none()
+        if found is None:
+            raise VlxError(f"{self.name} holds no virtualinux database (no key {HEAD}): "
+                           f"`vlx --store {self.name} db init` makes one, `vlx db migrate "
+                           f"--to {self.name}` copies one in")
+        return found
+
+    def _cluster(self, head: dict[str, Any], revision: int) -> Cluster:
+        snap_id = head["snapshot"]
+        if self._cached and self._cached[0] == snap_id:
+            return self._cached[1]
+        prefix = f"{SNAPSHOTS}{snap_id}/"
+        chunks = self._call(lambda c: c.get(prefix, range_end=_range_end(prefix),
+                                            sort_order="ascend", sort_target="key",
+                                            revision=revision))
+        blob = b"".join(chunks)
+        where = f"{self.name} generation {head['generation']}"
+        if len(chunks) != head["chunks"] or hashlib.sha256(blob).hexdigest() != head["sha256"]:
+            raise VlxError(f"snapshot {snap_id} is incomplete or damaged "
+                           f"({len(chunks)} of {head['chunks']} chunks)", where)
+        cluster = snapshot.decode(blob, where)
+        self._cached = (snap_id, cluster)
+        return cluster
+
+    # Writing
+
+    def _commit(self, new: Cluster, revision: int, previous: str | None, entry: Change) -> bool:
+        """One CAS on head (mod revision still `revision`; 0: head must not exist)."""
+        blob = snapshot.encode(new)
+        snap_id = f"{new.generation:012d}-{secrets.token_hex(4)}"
+        prefix = f"{SNAPSHOTS}{snap_id}/"
+        chunks = [blob[i:i + CHUNK_BYTES] for i in range(0, len(blob), CHUNK_BYTES)] or [b""]
+        head = {"schema": SCHEMA_VERSION, "generation": new.generation, "snapshot": snap_id,
+                "chunks": len(chunks), "sha256": hashlib.sha256(blob).hexdigest(),
+                "bytes": len(blob), "previous": previous}
+        ops = []
+        if len(chunks) > 1:
+            pause_point("before-chunks")
+            for number, chunk in enumerate(chunks):
+                key = f"{prefix}{number:04d}"
+                self._call(lambda c, key=key, chunk=chunk: c.put(key, chunk))
+            pause_point("chunks-written")
+        else:
+            ops.append(_put(f"{prefix}0000", chunks[0]))
+        ops += [_put(HEAD, snapshot.as_json(head)),
+                _put(f"{LOG}{new.generation:012d}", snapshot.encode_change(entry))]
+        if new.generation >= 2:
+            # Keep this generation's snapshot and the one before (a reader may be on it).
+            older = f"{SNAPSHOTS}{new.generation - 1:012d}"
+            ops.append({"request_delete_range": {"key": _b64(SNAPSHOTS),
+                                                 "range_end": _b64(older)}})
+        compare = ({"key": _b64(HEAD), "result": "EQUAL", "target": "MOD",
+                    "mod_revision": str(revision)} if revision
+                   else {"key": _b64(HEAD), "result": "EQUAL", "target": "VERSION",
+                         "version": "0"})
+        pause_point("before-commit")
+        result = self._call(lambda c: c.transaction({"compare": [compare], "success": ops,
+                                                     "failure": []}), writing=True)
+        if not result.get("succeeded"):
+            if len(chunks) > 1:
+                self._call(lambda c: c.delete_prefix(prefix))
+            return False
+        self._cached = (snap_id, new)
+        pause_point("committed")
+        return True
+
+    def _install(self, cluster: Cluster, changes: list[Change]) -> None:
+        """A whole database into a store with no head: log first, then the head by CAS."""
+        puts = [_put(f"{LOG}{c.generation:012d}", snapshot.encode_change(c)) for c in changes
+                if c.generation < cluster.generation]
+        for start in range(0, len(puts), TXN_OPS):
+            batch = puts[start:start + TXN_OPS]
+            self._call(lambda c, batch=batch: c.transaction({"success": batch}), writing=True)
+        last = next((c for c in changes if c.generation == cluster.generation),
+                    Change(cluster.generation, now(), user(), "db migrate", ""))
+        if not self._commit(cluster, 0, None, last):
+            raise VlxError(f"{self.name}: another writer made a database here meanwhile")
+
+    # Talking to etcd
+
+    def _call(self, request: Callable[[Etcd3Client], Any], writing: bool = False) -> Any:
+        """`request` on the first endpoint that answers, starting from the last good one."""
+        failures = []
+        for _ in range(len(self.clients)):
+            client = self.clients[self._current]
+            try:
+                return request(client)
+            except (ConnectionFailedError, ConnectionTimeoutError) as err:
+                failures.append(f"{client.host}:{client.port}: {_short(err)}")
+                self._current = (self._current + 1) % len(self.clients)
+            except Etcd3Exception as err:
+                raise VlxError(f"{self.name}: etcd refused the request: {_short(err)}") from None
+        note = (" (a change that timed out may still land, whole, once etcd has a quorum "
+                "again: see `vlx db log`)" if writing else "")
+        raise StoreUnreachable(f"{self.name} is unreachable or has no quorum "
+                               f"({'; '.join(failures)}){note}")
+
+
+def pause_point(point: str) -> None:
+    """Fault injection for the tests: stop this process at `point` of a write
+    (VLX_STORE_PAUSE_AT=point), so a test can SIGKILL it exactly there."""
+    if os.environ.get("VLX_STORE_PAUSE_AT") == point:
+        print(f"vlx: paused at {point}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def _put(key: str, value: bytes) -> dict[str, Any]:
+    return {"request_put": {"key": _b64(key), "value": base64.b64encode(value).decode()}}
+
+
+def _b64(key: str) -> str:
+    return base64.b64encode(key.encode()).decode()
+
+
+def _range_end(prefix: str) -> str:
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+def _short(err: Exception) -> str:
+    raw = str(getattr(err, "detail_text", "") or err)
+    for known in ("Connection refused", "timed out", "No route to host", "Name or service not "
+                  "known", "Network is unreachable"):
+        if known in raw:
+            return known.lower()
+    text = raw.strip().splitlines()
+    detail = text[0] if text else type(err).__name__
+    try:
+        detail = json.loads(detail).get("error", detail)
+    except (ValueError, AttributeError):
+        pass
+    return detail[:200]
