@@ -35,12 +35,14 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import requests
 from etcd3gw.client import Etcd3Client
 from etcd3gw.exceptions import (
     ConnectionFailedError,
     ConnectionTimeoutError,
     Etcd3Exception,
 )
+from etcd3gw.watch import Watcher
 
 from . import snapshot
 from .errors import VlxError
@@ -129,6 +131,19 @@ class EtcdStore:
         what a replica polls."""
         found = self._head_or_none()
         return None if found is None else (int(found[0]["generation"]), found[1])
+
+    def watch_head(self, callback: Callable[[], None],
+                   after_revision: int) -> Callable[[], None] | None:
+        """Call `callback` (from etcd3gw's watch thread) when head changes after
+        `after_revision`; returns the function that ends the watch, or None if the endpoint
+        did not take it (the caller polls anyway)."""
+        client = self.clients[self._current]
+        try:
+            watcher = Watcher(client, HEAD, lambda event: callback(),
+                              start_revision=after_revision + 1)
+        except (OSError, requests.RequestException):
+            return None
+        return watcher.stop
 
     def _head_or_none(self) -> tuple[dict[str, Any], int] | None:
         found = self._call(lambda c: c.get(HEAD, metadata=True))
