@@ -118,6 +118,10 @@ def validated(cluster: Cluster) -> Cluster:
             raise VlxError("nodes and VCs need cluster settings (domain, cidr, gateway_vip)")
         _check_volumes(cluster)
         return cluster
+    if settings.store_election_ms < 5 * settings.store_heartbeat_ms:
+        raise VlxError(f"store_election_ms {settings.store_election_ms} is under 5 heartbeats "
+                       f"of store_heartbeat_ms {settings.store_heartbeat_ms} (etcd refuses "
+                       "that)", "cluster")
     net = settings.cidr
     if not _is_host(settings.gateway_vip, net):
         raise VlxError(f"gateway_vip {settings.gateway_vip} is not a host address of {net}",

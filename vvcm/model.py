@@ -61,6 +61,13 @@ class Settings:
         "FIRST-LAST addresses DHCP hands to unknown MACs, so a metamaster learns new nodes "
         "(default: unknown MACs get no answer)", parse_address_range, dump_address_range,
         default=None, metavar="FIRST-LAST")
+    store_heartbeat_ms: int = setting(
+        "etcd heartbeat interval of `vlx db serve` members, in ms (etcd's default suits real "
+        "hardware; members in TCG guests on a shared machine need more)", ranged_int(10, 10_000),
+        default=100)
+    store_election_ms: int = setting(
+        "etcd election timeout of `vlx db serve` members, in ms (at least 5 heartbeats)",
+        ranged_int(50, 50_000), default=1000)
     cpu_overcommit: float = setting("VCPUs a node may carry per physical CPU", parse_ratio,
                                     default=1.0)
     memory_overcommit: float = setting("VM memory a node may carry per MiB it has",

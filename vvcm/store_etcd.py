@@ -83,13 +83,15 @@ class EtcdStore:
         if self.exists():
             if not force:
                 raise VlxError(f"{self.name} holds a database already (--force starts over)")
-            self._call(lambda c: c.delete_prefix(PREFIX))
+            self.call(lambda c: c.delete_prefix(PREFIX))
         self._install(Cluster(0, None), [Change(0, now(), user(), "db init", "")])
 
     def restore(self, cluster: Cluster, changes: list[Change]) -> None:
         if self.exists():
-            raise VlxError(f"{self.name} holds a database already: migrate into an empty "
-                           "store only")
+            if self.generation() != 0:
+                raise VlxError(f"{self.name} holds a database at generation "
+                               f"{self.generation()}: migrate into an empty store only")
+            self.call(lambda c: c.delete_prefix(PREFIX))   # only `db init` is lost
         self._install(cluster, changes)
 
     def generation(self) -> int:
@@ -120,7 +122,7 @@ class EtcdStore:
         def read(client: Etcd3Client) -> list:
             return client.get(LOG, range_end=_range_end(LOG), sort_order="descend",
                               sort_target="key", limit=limit or 0)
-        values = self._call(read)
+        values = self.call(read)
         return [snapshot.decode_change(value, f"{self.name} change log")
                 for value in reversed(values)]
 
@@ -146,7 +148,7 @@ class EtcdStore:
         return watcher.stop
 
     def _head_or_none(self) -> tuple[dict[str, Any], int] | None:
-        found = self._call(lambda c: c.get(HEAD, metadata=True))
+        found = self.call(lambda c: c.get(HEAD, metadata=True))
         if not found:
             return None
         value, meta = found[0]
@@ -173,7 +175,7 @@ class EtcdStore:
         if self._cached and self._cached[0] == snap_id:
             return self._cached[1]
         prefix = f"{SNAPSHOTS}{snap_id}/"
-        chunks = self._call(lambda c: c.get(prefix, range_end=_range_end(prefix),
+        chunks = self.call(lambda c: c.get(prefix, range_end=_range_end(prefix),
                                             sort_order="ascend", sort_target="key",
                                             revision=revision))
         blob = b"".join(chunks)
@@ -201,7 +203,7 @@ class EtcdStore:
             pause_point("before-chunks")
             for number, chunk in enumerate(chunks):
                 key = f"{prefix}{number:04d}"
-                self._call(lambda c, key=key, chunk=chunk: c.put(key, chunk))
+                self.call(lambda c, key=key, chunk=chunk: c.put(key, chunk))
             pause_point("chunks-written")
         else:
             ops.append(_put(f"{prefix}0000", chunks[0]))
@@ -217,11 +219,11 @@ class EtcdStore:
                    else {"key": _b64(HEAD), "result": "EQUAL", "target": "VERSION",
                          "version": "0"})
         pause_point("before-commit")
-        result = self._call(lambda c: c.transaction({"compare": [compare], "success": ops,
+        result = self.call(lambda c: c.transaction({"compare": [compare], "success": ops,
                                                      "failure": []}), writing=True)
         if not result.get("succeeded"):
             if len(chunks) > 1:
-                self._call(lambda c: c.delete_prefix(prefix))
+                self.call(lambda c: c.delete_prefix(prefix))
             return False
         self._cached = (snap_id, new)
         pause_point("committed")
@@ -233,7 +235,7 @@ class EtcdStore:
                 if c.generation < cluster.generation]
         for start in range(0, len(puts), TXN_OPS):
             batch = puts[start:start + TXN_OPS]
-            self._call(lambda c, batch=batch: c.transaction({"success": batch}), writing=True)
+            self.call(lambda c, batch=batch: c.transaction({"success": batch}), writing=True)
         last = next((c for c in changes if c.generation == cluster.generation),
                     Change(cluster.generation, now(), user(), "db migrate", ""))
         if not self._commit(cluster, 0, None, last):
@@ -241,7 +243,7 @@ class EtcdStore:
 
     # Talking to etcd
 
-    def _call(self, request: Callable[[Etcd3Client], Any], writing: bool = False) -> Any:
+    def call(self, request: Callable[[Etcd3Client], Any], writing: bool = False) -> Any:
         """`request` on the first endpoint that answers, starting from the last good one."""
         failures = []
         for _ in range(len(self.clients)):

@@ -1,0 +1,121 @@
+"""etcd members as processes in lab namespaces, for the store's lab tests and bench/store.py.
+
+Every member runs `vlx db serve` (which execs Debian's etcd) in its own namespace on one
+bridge, with its data in a temporary directory and long Raft timeouts (the machine is shared:
+etcd's 100 ms / 1 s defaults make a loaded 2-core box hold elections). Clients run `vlx` in a
+namespace too: a lab address is never reached from the host's namespace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from virtualinux.vm_test.netns import Namespace, Netns
+
+VLX = [sys.executable, "-c", "import sys; from virtualinux.vvcm.cli import main; sys.exit(main())"]
+HEARTBEAT_MS = 250
+ELECTION_MS = 2500
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@dataclasses.dataclass
+class Member:
+    name: str
+    address: str
+    ns: Namespace
+    data_dir: Path
+    log: Path
+    process: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.address}:2379"
+
+
+class Lab:
+    """A bridge, etcd members, and namespaces for writers, replicas and DHCP clients."""
+
+    def __init__(self, netns: Netns, tmp: Path):
+        self.netns = netns
+        self.tmp = tmp
+        self.hub = netns.namespace("hub")
+        self.bridge = netns.bridge(self.hub)
+        self.members: list[Member] = []
+        self.processes: list[subprocess.Popen] = []
+
+    def plug(self, role: str, address: str | None = None, mac: str | None = None) -> Namespace:
+        ns = self.netns.namespace(role)
+        self.netns.plug(self.hub, self.bridge, ns, address=f"{address}/24" if address else None,
+                        mac=mac)
+        return ns
+
+    def etcd(self, count: int) -> str:
+        """`count` members, started and healthy; returns the store URL naming them all."""
+        for i in range(1, count + 1):
+            address = f"198.18.0.{30 + i}"
+            self.members.append(Member(f"e{i}", address, self.plug(f"e{i}", address),
+                                       self.tmp / f"etcd-e{i}", self.tmp / f"etcd-e{i}.log"))
+        for member in self.members:
+            self.start(member)
+        self.admin = self.plug("admin", "198.18.0.30")
+        wait_for(lambda: self.healthy(self.members), 60, "the etcd members to be healthy",
+                 interval=0.5)
+        return self.url
+
+    @property
+    def url(self) -> str:
+        return "etcd://" + ",".join(m.endpoint for m in self.members)
+
+    def start(self, member: Member) -> None:
+        initial = ",".join(f"{m.name}=http://{m.address}:2380" for m in self.members)
+        member.process = member.ns.popen(
+            [*VLX, "db", "serve", "--name", member.name, "--listen", member.address,
+             "--initial-cluster", initial, "--data-dir", str(member.data_dir),
+             "--heartbeat-ms", str(HEARTBEAT_MS), "--election-ms", str(ELECTION_MS)],
+            stdout=member.log.open("a"), stderr=subprocess.STDOUT)
+
+    def kill(self, member: Member) -> None:
+        assert member.process is not None
+        member.process.send_signal(signal.SIGKILL)
+        member.process.wait(10)
+
+    def healthy(self, members: list[Member]) -> bool:
+        result = self.admin.run(["etcdctl", "--endpoints",
+                                 ",".join(f"http://{m.endpoint}" for m in members),
+                                 "--command-timeout=3s", "endpoint", "health"], check=False)
+        return result.returncode == 0
+
+    def vlx(self, *argv: str, ns: Namespace | None = None, env: dict | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess:
+        return (ns or self.admin).run([*VLX, "--store", self.url, *argv], check=False,
+                                      timeout=timeout, env=env)
+
+    def etcdctl(self, *argv: str) -> str:
+        return self.admin.run(["etcdctl", "--endpoints",
+                               ",".join(f"http://{m.endpoint}" for m in self.members),
+                               *argv]).stdout
+
+    def popen(self, ns: Namespace, argv: list[str], log: Path, **kwargs) -> subprocess.Popen:
+        process = ns.popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, **kwargs)
+        self.processes.append(process)
+        return process
+
+    def close(self) -> None:
+        for process in self.processes + [m.process for m in self.members if m.process]:
+            if process.poll() is None:
+                process.kill()
+            process.wait(10)
