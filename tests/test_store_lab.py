@@ -134,7 +134,7 @@ for i in range(count):
 print("conflicts", db.backend.conflicts)
 """
 
-CHANGES_PER_WRITER = 100
+CHANGES_PER_WRITER = 200
 
 
 def test_two_writers_at_once_lose_nothing_and_generations_stay_dense(lab, tmp_path):

@@ -73,8 +73,9 @@ def parse_url(text: str, where: str = "--store") -> StoreUrl:
         for part in rest.split(","):
             host, sep, port = part.strip().rpartition(":")
             if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise VlxError(f"{text!r}: {part.strip() or 'an empty endpoint'!r} is not "
-                               "HOST:PORT (etcd://198.18.0.11:2379,198.18.0.12:2379)", where)
+                shown = repr(part.strip()) if part.strip() else "an empty endpoint"
+                raise VlxError(f"{text!r}: {shown} is not HOST:PORT "
+                               "(etcd://198.18.0.11:2379,198.18.0.12:2379)", where)
             endpoints.append((host.strip("[]"), int(port)))
         return StoreUrl("etcd", endpoints=tuple(endpoints))
     raise VlxError(f"{text!r} is not a store URL: use sqlite:PATH or "
