@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 from virtualinux.bench.scale import inventory as big_inventory
+from virtualinux.vm_test.etcd import VLX, Lab, wait_for
 
 from .conftest import EXAMPLE, require
-from .etcd_lab import VLX, Lab, wait_for
 from .test_dhcp_lab import events, recording_script, udhcpc
 
 pytestmark = pytest.mark.lab

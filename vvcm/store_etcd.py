@@ -72,6 +72,7 @@ class EtcdStore:
         self.timeout = timeout
         self._current = 0
         self._cached: tuple[str, Cluster] | None = None   # (snapshot id, its cluster)
+        self._last_head: tuple[dict[str, Any], int] | None = None   # (head, mod revision)
         self.conflicts = 0           # CAS attempts lost to another writer (for the bench)
 
     # The Backend interface (store.py)
@@ -104,16 +105,33 @@ class EtcdStore:
 
     def update(self, action: str, detail: str,
                change: Callable[[Cluster], Cluster]) -> Cluster:
+        # The head this process wrote or read last is tried first, without reading it again:
+        # one round trip per change while nobody else writes. A CAS that loses hands back the
+        # current head (the transaction's failure branch reads it), and a change refused on a
+        # possibly stale head is judged again on a fresh one before it is refused for good.
+        state, fresh = self._last_head, False
         for _ in range(MAX_ATTEMPTS):
-            head, revision = self._head()
+            if state is None:
+                state, fresh = self._head(), True
+            head, revision = state
             old = self._cluster(head, revision)
-            new = next_generation(old, change)   # VlxError here: nothing was written
+            try:
+                new = next_generation(old, change)   # VlxError here: nothing was written
+            except VlxError:
+                if fresh:
+                    raise
+                state = None
+                continue
             if new is None:
-                return old
-            committed = self._commit(new, revision, head["snapshot"],
-                                     Change(new.generation, now(), user(), action, detail))
-            if committed:
+                if fresh:
+                    return old
+                state = None
+                continue
+            state = self._commit(new, revision, head["snapshot"],
+                                 Change(new.generation, now(), user(), action, detail))
+            if state is None:
                 return new
+            fresh = True
             self.conflicts += 1
         raise VlxError(f"{self.name}: {MAX_ATTEMPTS} attempts lost to other writers; "
                        "nothing was changed")
@@ -152,15 +170,7 @@ class EtcdStore:
         if not found:
             return None
         value, meta = found[0]
-        try:
-            head = json.loads(value)
-            if head.get("schema") != SCHEMA_VERSION:
-                raise VlxError(f"{self.name} holds schema {head.get('schema')!r}; this vlx "
-                               f"knows {SCHEMA_VERSION}")
-            int(head["generation"])
-            return head, int(meta["mod_revision"])
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise VlxError(f"{self.name}: key {HEAD} is not a virtualinux head") from None
+        return _parse_head(value, meta.get("mod_revision"), self.name)
 
     def _head(self) -> tuple[dict[str, Any], int]:
         found = self._head_or_none()
@@ -189,8 +199,10 @@ class EtcdStore:
 
     # Writing
 
-    def _commit(self, new: Cluster, revision: int, previous: str | None, entry: Change) -> bool:
-        """One CAS on head (mod revision still `revision`; 0: head must not exist)."""
+    def _commit(self, new: Cluster, revision: int, previous: str | None,
+                entry: Change) -> tuple[dict[str, Any], int] | None:
+        """One CAS on head (mod revision still `revision`; 0: head must not exist). None when
+        it won; else the head that beat it (from the same transaction), if there is one."""
         blob = snapshot.encode(new)
         snap_id = f"{new.generation:012d}-{secrets.token_hex(4)}"
         prefix = f"{SNAPSHOTS}{snap_id}/"
@@ -219,15 +231,18 @@ class EtcdStore:
                    else {"key": _b64(HEAD), "result": "EQUAL", "target": "VERSION",
                          "version": "0"})
         pause_point("before-commit")
-        result = self.call(lambda c: c.transaction({"compare": [compare], "success": ops,
-                                                     "failure": []}), writing=True)
+        result = self.call(lambda c: c.transaction({
+            "compare": [compare], "success": ops,
+            "failure": [{"request_range": {"key": _b64(HEAD)}}]}), writing=True)
         if not result.get("succeeded"):
             if len(chunks) > 1:
                 self.call(lambda c: c.delete_prefix(prefix))
-            return False
+            self._last_head = None
+            return _head_from(result, self.name)
         self._cached = (snap_id, new)
+        self._last_head = (head, int(result["header"]["revision"]))
         pause_point("committed")
-        return True
+        return None
 
     def _install(self, cluster: Cluster, changes: list[Change]) -> None:
         """A whole database into a store with no head: log first, then the head by CAS."""
@@ -238,7 +253,7 @@ class EtcdStore:
             self.call(lambda c, batch=batch: c.transaction({"success": batch}), writing=True)
         last = next((c for c in changes if c.generation == cluster.generation),
                     Change(cluster.generation, now(), user(), "db migrate", ""))
-        if not self._commit(cluster, 0, None, last):
+        if self._commit(cluster, 0, None, last) is not None:
             raise VlxError(f"{self.name}: another writer made a database here meanwhile")
 
     # Talking to etcd
@@ -259,6 +274,29 @@ class EtcdStore:
                 "again: see `vlx db log`)" if writing else "")
         raise StoreUnreachable(f"{self.name} is unreachable or has no quorum "
                                f"({'; '.join(failures)}){note}")
+
+
+def _parse_head(value: bytes, mod_revision: Any, name: str) -> tuple[dict[str, Any], int]:
+    try:
+        head = json.loads(value)
+        if head.get("schema") != SCHEMA_VERSION:
+            raise VlxError(f"{name} holds schema {head.get('schema')!r}; this vlx knows "
+                           f"{SCHEMA_VERSION}")
+        int(head["generation"])
+        return head, int(mod_revision)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise VlxError(f"{name}: key {HEAD} is not a virtualinux head") from None
+
+
+def _head_from(result: dict[str, Any], name: str) -> tuple[dict[str, Any], int] | None:
+    """The head a failed CAS read in its failure branch (None if there is no head)."""
+    try:
+        kvs = result["responses"][0]["response_range"].get("kvs", [])
+    except (KeyError, IndexError, AttributeError):
+        return None
+    if not kvs:
+        return None
+    return _parse_head(base64.b64decode(kvs[0]["value"]), kvs[0]["mod_revision"], name)
 
 
 def pause_point(point: str) -> None:

@@ -55,6 +55,7 @@ class Lab:
         self.hub = netns.namespace("hub")
         self.bridge = netns.bridge(self.hub)
         self.members: list[Member] = []
+        self.timing = (HEARTBEAT_MS, ELECTION_MS)
         self.processes: list[subprocess.Popen] = []
 
     def plug(self, role: str, address: str | None = None, mac: str | None = None) -> Namespace:
@@ -63,8 +64,10 @@ class Lab:
                         mac=mac)
         return ns
 
-    def etcd(self, count: int) -> str:
+    def etcd(self, count: int, heartbeat_ms: int = HEARTBEAT_MS,
+             election_ms: int = ELECTION_MS) -> str:
         """`count` members, started and healthy; returns the store URL naming them all."""
+        self.timing = (heartbeat_ms, election_ms)
         for i in range(1, count + 1):
             address = f"198.18.0.{30 + i}"
             self.members.append(Member(f"e{i}", address, self.plug(f"e{i}", address),
@@ -85,7 +88,7 @@ class Lab:
         member.process = member.ns.popen(
             [*VLX, "db", "serve", "--name", member.name, "--listen", member.address,
              "--initial-cluster", initial, "--data-dir", str(member.data_dir),
-             "--heartbeat-ms", str(HEARTBEAT_MS), "--election-ms", str(ELECTION_MS)],
+             "--heartbeat-ms", str(self.timing[0]), "--election-ms", str(self.timing[1])],
             stdout=member.log.open("a"), stderr=subprocess.STDOUT)
 
     def kill(self, member: Member) -> None:
