@@ -269,3 +269,31 @@ def test_migrate_sqlite_to_etcd_and_back_keeps_generation_and_log(lab, tmp_path)
     again = lab.admin.run([*VLX, "--db", str(source), "db", "migrate", "--to", lab.url],
                           check=False)
     assert again.returncode == 2 and "migrate into an empty store only" in again.stderr
+
+
+def test_with_tls_only_holders_of_a_cluster_certificate_get_in(lab, tmp_path):
+    source, tls = tmp_path / "source.db", tmp_path / "tls"
+    for argv in (["db", "import", str(EXAMPLE)], ["db", "tls", "init"],
+                 ["db", "tls", "member", "e1", "--ip", "198.18.0.31", "--out", str(tls)],
+                 ["db", "tls", "client", "--out", str(tls)]):
+        subprocess.run([*VLX, "--db", str(source), *argv], check=True, capture_output=True)
+    url = lab.etcd(1, tls=tls)
+    with_cert = dict(os.environ, VLX_STORE_TLS=str(tls))
+    moved = lab.admin.run([*VLX, "--db", str(source), "db", "migrate", "--to", url],
+                          env=with_cert)
+    assert "generation 2" in moved.stdout
+    shown = lab.vlx("db", "show", "--json", env=with_cert)
+    assert json.loads(shown.stdout)["generation"] == 2
+
+    plain = lab.vlx("db", "show", env=dict(os.environ, VLX_STORE_TIMEOUT="3"))
+    assert plain.returncode == 2 and plain.stderr.count("\n") == 1
+    assert "set VLX_STORE_TLS" in plain.stderr
+    # A certificate of another CA (another database's) is refused by etcd.
+    other, stranger = tmp_path / "other.db", tmp_path / "stranger"
+    for argv in (["db", "init"], ["db", "tls", "init"], ["db", "tls", "client", "--out",
+                                                          str(stranger)]):
+        subprocess.run([*VLX, "--db", str(other), *argv], check=True, capture_output=True)
+    (stranger / "ca.crt").write_bytes((tls / "ca.crt").read_bytes())   # trusts the server
+    refused = lab.vlx("db", "show", env=dict(os.environ, VLX_STORE_TLS=str(stranger)))
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "TLS refused" in refused.stderr

@@ -56,6 +56,8 @@ class Lab:
         self.bridge = netns.bridge(self.hub)
         self.members: list[Member] = []
         self.timing = (HEARTBEAT_MS, ELECTION_MS)
+        # ca.crt, eN.crt/.key of every member and client.crt/.key (`vlx db tls`): TLS for all
+        self.tls: Path | None = None
         self.processes: list[subprocess.Popen] = []
 
     def plug(self, role: str, address: str | None = None, mac: str | None = None) -> Namespace:
@@ -65,9 +67,10 @@ class Lab:
         return ns
 
     def etcd(self, count: int, heartbeat_ms: int = HEARTBEAT_MS,
-             election_ms: int = ELECTION_MS) -> str:
+             election_ms: int = ELECTION_MS, tls: Path | None = None) -> str:
         """`count` members, started and healthy; returns the store URL naming them all."""
         self.timing = (heartbeat_ms, election_ms)
+        self.tls = tls
         for i in range(1, count + 1):
             address = f"198.18.0.{30 + i}"
             self.members.append(Member(f"e{i}", address, self.plug(f"e{i}", address),
@@ -84,11 +87,13 @@ class Lab:
         return "etcd://" + ",".join(m.endpoint for m in self.members)
 
     def start(self, member: Member) -> None:
-        initial = ",".join(f"{m.name}=http://{m.address}:2380" for m in self.members)
+        scheme = "https" if self.tls else "http"
+        initial = ",".join(f"{m.name}={scheme}://{m.address}:2380" for m in self.members)
+        tls = ["--tls", str(self.tls)] if self.tls else []
         member.process = member.ns.popen(
             [*VLX, "db", "serve", "--name", member.name, "--listen", member.address,
              "--initial-cluster", initial, "--data-dir", str(member.data_dir),
-             "--heartbeat-ms", str(self.timing[0]), "--election-ms", str(self.timing[1])],
+             "--heartbeat-ms", str(self.timing[0]), "--election-ms", str(self.timing[1]), *tls],
             stdout=member.log.open("a"), stderr=subprocess.STDOUT)
 
     def kill(self, member: Member) -> None:
@@ -96,10 +101,16 @@ class Lab:
         member.process.send_signal(signal.SIGKILL)
         member.process.wait(10)
 
+    def etcdctl_args(self, members: list[Member]) -> list[str]:
+        scheme = "https" if self.tls else "http"
+        tls = ([f"--cacert={self.tls / 'ca.crt'}", f"--cert={self.tls / 'client.crt'}",
+                f"--key={self.tls / 'client.key'}"] if self.tls else [])
+        return ["etcdctl", "--endpoints",
+                ",".join(f"{scheme}://{m.endpoint}" for m in members), *tls]
+
     def healthy(self, members: list[Member]) -> bool:
-        result = self.admin.run(["etcdctl", "--endpoints",
-                                 ",".join(f"http://{m.endpoint}" for m in members),
-                                 "--command-timeout=3s", "endpoint", "health"], check=False)
+        result = self.admin.run([*self.etcdctl_args(members), "--command-timeout=3s",
+                                 "endpoint", "health"], check=False)
         return result.returncode == 0
 
     def vlx(self, *argv: str, ns: Namespace | None = None, env: dict | None = None,
@@ -108,9 +119,7 @@ class Lab:
                                       timeout=timeout, env=env)
 
     def etcdctl(self, *argv: str) -> str:
-        return self.admin.run(["etcdctl", "--endpoints",
-                               ",".join(f"http://{m.endpoint}" for m in self.members),
-                               *argv]).stdout
+        return self.admin.run([*self.etcdctl_args(self.members), *argv]).stdout
 
     def popen(self, ns: Namespace, argv: list[str], log: Path, **kwargs) -> subprocess.Popen:
         process = ns.popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, **kwargs)

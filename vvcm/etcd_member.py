@@ -41,14 +41,34 @@ class Member:
     election_ms: int = Settings.__dataclass_fields__["store_election_ms"].default
     client_port: int = CLIENT_PORT
     peer_port: int = PEER_PORT
+    # ca.crt, NAME.crt, NAME.key (`vlx db tls member`): TLS for clients and peers, and only
+    # holders of a certificate of the cluster CA get in. None: plain HTTP (the lab).
+    tls_dir: Path | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_dir else "http"
 
     @property
     def peer_url(self) -> str:
-        return f"http://{self.address}:{self.peer_port}"
+        return f"{self.scheme}://{self.address}:{self.peer_port}"
 
     @property
     def client_url(self) -> str:
-        return f"http://{self.address}:{self.client_port}"
+        return f"{self.scheme}://{self.address}:{self.client_port}"
+
+    def tls_flags(self) -> list[str]:
+        if self.tls_dir is None:
+            return []
+        ca, cert, key = (str(self.tls_dir / "ca.crt"), str(self.tls_dir / f"{self.name}.crt"),
+                         str(self.tls_dir / f"{self.name}.key"))
+        missing = [path for path in (ca, cert, key) if not Path(path).is_file()]
+        if missing:
+            raise VlxError(f"missing {', '.join(missing)} (`vlx db tls member {self.name} "
+                           f"--ip {self.address} --out {self.tls_dir}` writes them)", "--tls")
+        return ["--cert-file", cert, "--key-file", key, "--trusted-ca-file", ca,
+                "--client-cert-auth", "--peer-cert-file", cert, "--peer-key-file", key,
+                "--peer-trusted-ca-file", ca, "--peer-client-cert-auth"]
 
     def command(self, etcd: str = "etcd") -> list[str]:
         """The etcd command line of this member."""
@@ -70,7 +90,7 @@ class Member:
                 "--election-timeout", str(self.election_ms),
                 "--auto-compaction-mode", AUTO_COMPACTION[0],
                 "--auto-compaction-retention", AUTO_COMPACTION[1],
-                "--quota-backend-bytes", str(QUOTA_BYTES)]
+                "--quota-backend-bytes", str(QUOTA_BYTES), *self.tls_flags()]
 
 
 def parse_initial_cluster(text: str) -> tuple[tuple[str, str], ...]:

@@ -20,7 +20,7 @@ import tomli_w
 from . import changes
 from .errors import VlxError
 from .fields import from_mapping, parse_name, to_mapping
-from .model import Cluster, Node, Settings, VirtualCluster, Volume
+from .model import STORE_CA_OWNER, Cluster, Node, Settings, VirtualCluster, Volume
 
 SECTIONS = {"cluster": Settings, "node": Node, "vc": VirtualCluster, "volume": Volume}
 
@@ -96,7 +96,8 @@ def apply(cluster: Cluster, inventory: Inventory, source: str) -> Cluster:
         fresh = changes.put_volumes(fresh, inventory.volumes)
     except VlxError as err:
         raise VlxError(err.message, _entry(inventory, err.where) or where) from None
-    owners = {node.name for node in fresh.nodes} | {vm.name for vm in fresh.vms}
+    owners = {node.name for node in fresh.nodes} | {vm.name for vm in fresh.vms} | {
+        STORE_CA_OWNER}
     return dataclasses.replace(fresh, credentials=tuple(
         c for c in cluster.credentials if c.owner in owners))
 

@@ -36,6 +36,9 @@ from .fields import (
 
 ROLES = ("gateway-primary", "gateway-backup", "storage", "metamaster")
 VOLUME_KINDS = ("golden", "snapshot")
+# The credential holding the replicated store's cluster CA (cluster_ca); not a DNS label, so
+# no node or VM can own it.
+STORE_CA_OWNER = "@store-ca"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

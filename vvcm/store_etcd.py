@@ -33,6 +33,7 @@ import secrets
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import requests
@@ -64,10 +65,24 @@ class StoreUnreachable(VlxError):
 
 
 class EtcdStore:
-    def __init__(self, url: StoreUrl, timeout: float = TIMEOUT):
+    def __init__(self, url: StoreUrl, timeout: float = TIMEOUT, tls: Path | None = None):
         self.url = url
         self.name = str(url)
-        self.clients = [Etcd3Client(host=host, port=port, api_path="/v3/", timeout=timeout)
+        tls = tls or (Path(os.environ["VLX_STORE_TLS"]) if os.environ.get("VLX_STORE_TLS")
+                      else None)
+        files = {}
+        if tls is not None:
+            # The cluster CA and a client certificate it issued (`vlx db tls client`).
+            files = {"protocol": "https", "ca_cert": str(tls / "ca.crt"),
+                     "cert_cert": str(tls / "client.crt"), "cert_key": str(tls / "client.key")}
+            missing = [path for key, path in files.items() if key != "protocol"
+                       and not Path(path).is_file()]
+            if missing:
+                raise VlxError(f"VLX_STORE_TLS={tls}: missing {', '.join(missing)} "
+                               "(`vlx db tls client --out DIR` writes them)")
+        self.clients = [Etcd3Client(host=host, port=port, api_path="/v3/", timeout=timeout,
+                                    protocol=files.get("protocol", "http"),
+                                    session=_session(files))
                         for host, port in url.endpoints]
         self.timeout = timeout
         self._current = 0
@@ -276,6 +291,17 @@ class EtcdStore:
                                f"({'; '.join(failures)}){note}")
 
 
+def _session(files: dict[str, str]) -> requests.Session:
+    """A session that takes nothing from the environment: no HTTP proxy between us and etcd,
+    and no REQUESTS_CA_BUNDLE in place of the cluster CA."""
+    session = requests.Session()
+    session.trust_env = False
+    if files:
+        session.verify = files["ca_cert"]
+        session.cert = (files["cert_cert"], files["cert_key"])
+    return session
+
+
 def _parse_head(value: bytes, mod_revision: Any, name: str) -> tuple[dict[str, Any], int]:
     try:
         head = json.loads(value)
@@ -321,6 +347,11 @@ def _range_end(prefix: str) -> str:
 
 def _short(err: Exception) -> str:
     raw = str(getattr(err, "detail_text", "") or err)
+    if "SSL" in raw or "certificate" in raw or "HTTPS server" in raw:
+        return ("TLS refused: the store wants a cluster client certificate (VLX_STORE_TLS=DIR "
+                "with ca.crt, client.crt, client.key from `vlx db tls client`)")
+    if "RemoteDisconnected" in raw:
+        return "closed the connection unanswered (a TLS store? set VLX_STORE_TLS=DIR)"
     for known in ("Connection refused", "timed out", "No route to host", "Name or service not "
                   "known", "Network is unreachable"):
         if known in raw:

@@ -69,6 +69,9 @@ def register(nouns: argparse._SubParsersAction) -> None:
                        help=f"etcd's data (default: {etcd_member.DATA_ROOT}/NAME)")
     serve.add_argument("--heartbeat-ms", type=int, metavar="MS")
     serve.add_argument("--election-ms", type=int, metavar="MS")
+    serve.add_argument("--tls", type=Path, metavar="DIR",
+                       help="ca.crt, NAME.crt, NAME.key from `vlx db tls member`: TLS for "
+                            "clients and peers, certificates of the cluster CA required")
     serve.add_argument("--print", action="store_true", help="print the etcd command, do not run")
     serve.set_defaults(handler=cmd_serve)
 
@@ -86,6 +89,24 @@ def register(nouns: argparse._SubParsersAction) -> None:
     removing = member_verbs.add_parser("remove", help="remove a member by name")
     removing.add_argument("name")
     removing.set_defaults(handler=cmd_member_remove)
+
+    tls = verbs.add_parser("tls", help="the store's cluster CA and its certificates",
+                           description="The cluster CA lives in the database's secret part; "
+                                       "these make it and the certificates etcd members and "
+                                       "clients use (TLS for all store traffic).")
+    tls_verbs = tls.add_subparsers(dest="tls_verb", metavar="VERB", required=True)
+    tls_init = tls_verbs.add_parser("init", help="make the cluster CA (once)")
+    tls_init.set_defaults(handler=cmd_tls_init)
+    tls_member = tls_verbs.add_parser("member", help="a member's certificate (server+client)")
+    tls_member.add_argument("name")
+    tls_member.add_argument("--ip", required=True, type=ipaddress.IPv4Address, action="append",
+                            help="an address the member answers on (repeat for more)")
+    tls_member.add_argument("--out", required=True, type=Path, metavar="DIR")
+    tls_member.set_defaults(handler=cmd_tls_member)
+    tls_client = tls_verbs.add_parser("client", help="a client certificate for vlx and the "
+                                                     "replicas (VLX_STORE_TLS=DIR)")
+    tls_client.add_argument("--out", required=True, type=Path, metavar="DIR")
+    tls_client.set_defaults(handler=cmd_tls_client)
 
     log = verbs.add_parser("log", help="the change log, newest last")
     log.add_argument("-n", type=int, default=20, help="how many changes (default: 20)")
@@ -170,7 +191,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         name=args.name, address=args.listen,
         initial_cluster=(etcd_member.parse_initial_cluster(args.initial_cluster)
                          if args.initial_cluster else ()),
-        join=args.join, data_dir=args.data_dir,
+        join=args.join, data_dir=args.data_dir, tls_dir=args.tls,
         heartbeat_ms=args.heartbeat_ms or settings.store_heartbeat_ms,
         election_ms=args.election_ms or settings.store_election_ms)
     command = member.command(shutil.which("etcd") or "etcd")
@@ -225,6 +246,31 @@ def cmd_member_add(args: argparse.Namespace) -> int:
 def cmd_member_remove(args: argparse.Namespace) -> int:
     member_id = etcd_member.remove_member(_etcd(args), args.name)
     print(f"removed member {args.name} ({member_id:x})")
+    return 0
+
+
+def cmd_tls_init(args: argparse.Namespace) -> int:
+    from .. import cluster_ca
+    cluster = database(args).update("db tls init", "store CA", cluster_ca.with_ca)
+    print(f"the store CA is in the database (generation {cluster.generation})")
+    return 0
+
+
+def cmd_tls_member(args: argparse.Namespace) -> int:
+    from .. import cluster_ca
+    ca = cluster_ca.ca_of(database(args).load())
+    pair = cluster_ca.issue(ca, args.name, args.ip, member=True)
+    for path in cluster_ca.write(args.out, ca, args.name, pair):
+        print(path)
+    return 0
+
+
+def cmd_tls_client(args: argparse.Namespace) -> int:
+    from .. import cluster_ca
+    ca = cluster_ca.ca_of(database(args).load())
+    pair = cluster_ca.issue(ca, "client", (), member=False)
+    for path in cluster_ca.write(args.out, ca, "client", pair):
+        print(path)
     return 0
 
 
