@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 from virtualinux.bench.scale import inventory as big_inventory
-from virtualinux.vm_test.etcd import VLX, Lab, wait_for
+from virtualinux.vm_test.etcd import VLX, Lab
+from virtualinux.vm_test.wait import wait_for
 
 from .conftest import EXAMPLE, require
 from .test_dhcp_lab import events, recording_script, udhcpc

@@ -12,24 +12,14 @@ import dataclasses
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from virtualinux.vm_test.netns import Namespace, Netns
+from virtualinux.vm_test.wait import wait_for
 
 VLX = [sys.executable, "-c", "import sys; from virtualinux.vvcm.cli import main; sys.exit(main())"]
 HEARTBEAT_MS = 250
 ELECTION_MS = 2500
-
-
-def wait_for(condition, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @dataclasses.dataclass
