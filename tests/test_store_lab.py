@@ -298,3 +298,30 @@ def test_with_tls_only_holders_of_a_cluster_certificate_get_in(lab, tmp_path):
     refused = lab.vlx("db", "show", env=dict(os.environ, VLX_STORE_TLS=str(stranger)))
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
     assert "TLS refused" in refused.stderr
+
+
+def test_a_member_joins_and_leaves_with_db_member_add_and_remove(lab):
+    lab.etcd(1)
+    assert lab.vlx("db", "init").returncode == 0
+    added = lab.vlx("db", "member", "add", "e2", "--peer-url", "http://198.18.0.32:2380")
+    assert added.returncode == 0, added.stderr
+    assert "--initial-cluster e1=http://198.18.0.31:2380,e2=http://198.18.0.32:2380 --join" \
+        in added.stdout
+    e2 = lab.add("e2", "198.18.0.32")
+    lab.start(e2, join=True)
+    wait_for(lambda: lab.healthy([e2]), 60, "the new member to be healthy", interval=0.5)
+    listed = json.loads(lab.vlx("db", "member", "list", "--json").stdout)
+    assert sorted(m["name"] for m in listed) == ["e1", "e2"]
+    # The new member serves the store: read through it alone.
+    alone = lab.admin.run([*VLX, "--store", e2.endpoint.join(["etcd://", ""]), "db", "show",
+                           "--json"])
+    assert json.loads(alone.stdout)["generation"] == 0
+    # etcd refuses to remove a member until it has been connected for 5 s ("unhealthy
+    # cluster"): that refusal is one clear line, and a retry then goes through.
+    wait_for(lambda: lab.vlx("db", "member", "remove", "e2").returncode == 0, 60,
+             "etcd to let the new member go", interval=1)
+    lab.kill(e2)
+    listed = json.loads(lab.vlx("db", "member", "list", "--json").stdout)
+    assert [m["name"] for m in listed] == ["e1"]
+    missing = lab.vlx("db", "member", "remove", "e9")
+    assert missing.returncode == 2 and "no member named 'e9'" in missing.stderr

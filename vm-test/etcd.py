@@ -62,9 +62,7 @@ class Lab:
         self.timing = (heartbeat_ms, election_ms)
         self.tls = tls
         for i in range(1, count + 1):
-            address = f"198.18.0.{30 + i}"
-            self.members.append(Member(f"e{i}", address, self.plug(f"e{i}", address),
-                                       self.tmp / f"etcd-e{i}", self.tmp / f"etcd-e{i}.log"))
+            self.add(f"e{i}", f"198.18.0.{30 + i}")
         for member in self.members:
             self.start(member)
         self.admin = self.plug("admin", "198.18.0.30")
@@ -76,14 +74,22 @@ class Lab:
     def url(self) -> str:
         return "etcd://" + ",".join(m.endpoint for m in self.members)
 
-    def start(self, member: Member) -> None:
+    def add(self, name: str, address: str) -> Member:
+        """A member not started yet (for `vlx db member add`, then `start(..., join=True)`)."""
+        member = Member(name, address, self.plug(name, address), self.tmp / f"etcd-{name}",
+                        self.tmp / f"etcd-{name}.log")
+        self.members.append(member)
+        return member
+
+    def start(self, member: Member, join: bool = False) -> None:
         scheme = "https" if self.tls else "http"
         initial = ",".join(f"{m.name}={scheme}://{m.address}:2380" for m in self.members)
         tls = ["--tls", str(self.tls)] if self.tls else []
         member.process = member.ns.popen(
             [*VLX, "db", "serve", "--name", member.name, "--listen", member.address,
              "--initial-cluster", initial, "--data-dir", str(member.data_dir),
-             "--heartbeat-ms", str(self.timing[0]), "--election-ms", str(self.timing[1]), *tls],
+             "--heartbeat-ms", str(self.timing[0]), "--election-ms", str(self.timing[1]), *tls,
+             *(["--join"] if join else [])],
             stdout=member.log.open("a"), stderr=subprocess.STDOUT)
 
     def kill(self, member: Member) -> None:

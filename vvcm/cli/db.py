@@ -9,6 +9,7 @@ import ipaddress
 import os
 import shutil
 import sys
+import urllib.parse
 from pathlib import Path
 
 from .. import etcd_member, inventory
@@ -236,10 +237,12 @@ def cmd_member_list(args: argparse.Namespace) -> int:
 def cmd_member_add(args: argparse.Namespace) -> int:
     store = _etcd(args)
     member_id = etcd_member.add_member(store, args.peer_url)
-    cluster = ",".join(f"{m['name'] or args.name}={m['peer_urls'][0]}"
-                       for m in etcd_member.members(store) if m["peer_urls"])
+    cluster = ",".join(sorted(f"{m['name'] or args.name}={m['peer_urls'][0]}"
+                              for m in etcd_member.members(store) if m["peer_urls"]))
+    listen = urllib.parse.urlsplit(args.peer_url).hostname or "IP"
     print(f"added member {args.name} ({member_id:x}); start it with:\n"
-          f"  vlx db serve --name {args.name} --listen IP --initial-cluster {cluster} --join")
+          f"  vlx db serve --name {args.name} --listen {listen} --initial-cluster {cluster} "
+          "--join")
     return 0
 
 
