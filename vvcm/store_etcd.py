@@ -274,8 +274,14 @@ class EtcdStore:
     # Talking to etcd
 
     def call(self, request: Callable[[Etcd3Client], Any], writing: bool = False) -> Any:
-        """`request` on the first endpoint that answers, starting from the last good one."""
+        """`request` on the first endpoint that answers, starting from the last good one.
+
+        A write that timed out is not sent to the next endpoint: it may still commit where it
+        went, and a second copy would then lose its CAS and re-apply the change on top of
+        itself. It fails instead, saying so; a refused connection is safe to retry elsewhere.
+        """
         failures = []
+        timed_out = False
         for _ in range(len(self.clients)):
             client = self.clients[self._current]
             try:
@@ -283,12 +289,19 @@ class EtcdStore:
             except (ConnectionFailedError, ConnectionTimeoutError) as err:
                 failures.append(f"{client.host}:{client.port}: {_short(err)}")
                 self._current = (self._current + 1) % len(self.clients)
+                timed_out = _timed_out(err)
+                if writing and timed_out:
+                    break
             except Etcd3Exception as err:
                 raise VlxError(f"{self.name}: etcd refused the request: {_short(err)}") from None
         note = (" (a change that timed out may still land, whole, once etcd has a quorum "
-                "again: see `vlx db log`)" if writing else "")
+                "again: see `vlx db log`)" if writing and timed_out else "")
         raise StoreUnreachable(f"{self.name} is unreachable or has no quorum "
                                f"({'; '.join(failures)}){note}")
+
+
+def _timed_out(err: Exception) -> bool:
+    return isinstance(err, ConnectionTimeoutError) or "timed out" in _short(err)
 
 
 def _session(files: dict[str, str]) -> requests.Session:
