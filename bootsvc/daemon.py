@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +78,11 @@ def interface_addresses(interface: str) -> list[ipaddress.IPv4Address]:
 
 class Daemon:
     def __init__(self, database: Database, replica: Replica, service_names: tuple[str, ...],
-                 poll_interval: float = POLL_INTERVAL):
+                 poll_interval: float = POLL_INTERVAL,
+                 store_status: Callable[[], dict[str, Any]] | None = None):
         self.database = database
+        # Where the local copy comes from (vvcm.replica_copy), shown in the status.
+        self.store_status = store_status
         self.replica = replica
         self.service_names = service_names
         self.poll_interval = poll_interval
@@ -161,6 +165,7 @@ class Daemon:
                 "interface": replica.interface, "address": str(replica.address),
                 "database": str(self.database.path), "generation": self.generation,
                 "reloads": self.reloads, "stale_generations_refused": self.stale_generations,
+                "store": self.store_status() if self.store_status else None,
                 "services": {service.name: dict(sorted(service.counters.items()))
                              for service in self.services},
                 "details": {service.name: details for service in self.services

@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import hashlib
 import ipaddress
+import itertools
 import logging
 import socket
 from collections import Counter
@@ -81,7 +82,9 @@ class Network:
             return None
         first, size = self.pool
         index = int.from_bytes(hashlib.sha256(mac).digest()[:8], "big") % size
-        dns = tuple(host.ip for host in list(self.hosts.values())[:DNS_SERVERS_PER_HOST])
+        # islice, not list(): an unknown MAC must not cost a copy of every host.
+        dns = tuple(host.ip for host in itertools.islice(self.hosts.values(),
+                                                         DNS_SERVERS_PER_HOST))
         return Host(mac, first + index, "new-" + mac.hex(), dns)
 
     def contains(self, address: bytes) -> bool:

@@ -118,17 +118,26 @@ def render(cluster: Cluster, image_dir: Path, out: Path, kernel_args: Sequence[s
         manifest = Manifest(cluster.generation, kernel_args, sha256_file(staging / layout.KERNEL),
                             sha256_file(staging / layout.INITRD))
         files[layout.MANIFEST] = manifest.dump().encode()
+        # 10,000 nodes are 20,000 files: each is written once with its mode and hashed from
+        # memory, not read back and chmodded in a second walk of the tree.
+        digests = {}
+        parents = {staging}
         for name, data in files.items():
-            (staging / name).parent.mkdir(parents=True, exist_ok=True)
-            (staging / name).write_bytes(data)
-        names = tuple(sorted(str(p.relative_to(staging)) for p in staging.rglob("*")
-                             if p.is_file()))
-        digest = _tree_digest(staging, names)
-        final = out / f"{TREE_PREFIX}{cluster.generation}-{digest[:12]}"
-        for path in (staging, *staging.rglob("*")):
+            target = staging / name
+            if target.parent not in parents:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                parents.add(target.parent)
             # The per-node cpios hold CHAP secrets: only the service (root) reads them.
-            private = path.suffix == ".cpio"
-            path.chmod(0o755 if path.is_dir() else 0o600 if private else 0o644)
+            _write(target, data, 0o600 if target.suffix == ".cpio" else 0o644)
+            digests[name] = hashlib.sha256(data).hexdigest()
+        copied = (*binaries, layout.KERNEL, layout.INITRD)
+        names = tuple(sorted({*copied, *files}))
+        digest = _tree_digest(staging, names, digests)
+        final = out / f"{TREE_PREFIX}{cluster.generation}-{digest[:12]}"
+        for directory in parents | {(staging / name).parent for name in copied}:
+            directory.chmod(0o755)
+        for name in copied:
+            (staging / name).chmod(0o644)
         if final.exists():
             shutil.rmtree(staging)
         else:
@@ -162,11 +171,23 @@ def _copy(source: Path, target: Path, pad_to: int = 1) -> None:
         os.truncate(target, size + (-size % pad_to))
 
 
-def _tree_digest(tree: Path, names: Sequence[str]) -> str:
+def _tree_digest(tree: Path, names: Sequence[str], known: dict[str, str]) -> str:
     digest = hashlib.sha256()
     for name in names:
-        digest.update(name.encode() + b"\0" + sha256_file(tree / name).encode() + b"\n")
+        file_digest = known.get(name) or sha256_file(tree / name)
+        digest.update(name.encode() + b"\0" + file_digest.encode() + b"\n")
     return digest.hexdigest()
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, mode)   # exact, whatever the umask
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
 
 
 def _swap_current(out: Path, tree: Path) -> bool:

@@ -94,8 +94,8 @@ exit 1
 
 def root_volume(cluster: Cluster, node: Node) -> Volume | None:
     """The node's root: a snapshot volume it owns that is exported (has an iqn and a portal)."""
-    candidates = sorted((v for v in cluster.volumes
-                         if v.kind == "snapshot" and v.owner == node.name and v.iqn and v.portal),
+    candidates = sorted((v for v in cluster.volumes_owned_by(node.name)
+                         if v.kind == "snapshot" and v.iqn and v.portal),
                         key=lambda v: v.name)
     return candidates[0] if candidates else None
 

@@ -17,6 +17,7 @@ import pytest
 from virtualinux.bench import dhcp as bench
 from virtualinux.bootsvc import dhcp_wire as wire
 from virtualinux.vm_test.netns import Namespace, Netns
+from virtualinux.vm_test.wait import wait_for
 from virtualinux.vvcm import Node, changes, inventory
 from virtualinux.vvcm.cli import main
 from virtualinux.vvcm.command import vlx_command
@@ -105,16 +106,6 @@ def segment(netns, db_path, tmp_path):
         yield seg
     finally:
         seg.close()
-
-
-def wait_for(condition, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def recording_script(tmp: Path, name: str) -> tuple[Path, Path]:

@@ -19,9 +19,14 @@ def set_settings(cluster: Cluster, settings: Settings) -> Cluster:
 
 
 def add_node(cluster: Cluster, node: Node) -> Cluster:
-    if any(existing.name == node.name for existing in cluster.nodes):
+    if cluster.has_node(node.name):
         raise VlxError(f"node {node.name} exists already")
     return validated(dataclasses.replace(cluster, nodes=cluster.nodes + (node,)))
+
+
+def add_nodes(cluster: Cluster, nodes: Iterable[Node]) -> Cluster:
+    """Many nodes as one change, validated once (an import of 10,000 nodes stays linear)."""
+    return validated(dataclasses.replace(cluster, nodes=cluster.nodes + tuple(nodes)))
 
 
 def remove_node(cluster: Cluster, name: str) -> Cluster:
@@ -43,7 +48,7 @@ def define_vc(cluster: Cluster, vc: VirtualCluster,
     inventory gives an explicit `placement` (as `vlx db export` writes it)."""
     if cluster.settings is None:
         raise VlxError("the cluster has no settings yet: import an inventory first")
-    if any(existing.name == vc.name for existing in cluster.vcs):
+    if cluster.has_vc(vc.name):
         raise VlxError(f"virtual cluster {vc.name} exists already")
     if vc.vxlan is not None and vc.vlan is not None:
         raise VlxError(f"VC {vc.name}: give a vxlan or a vlan id, not both")
@@ -123,11 +128,15 @@ def validated(cluster: Cluster) -> Cluster:
             raise VlxError("nodes and VCs need cluster settings (domain, cidr, gateway_vip)")
         _check_volumes(cluster)
         return cluster
+    if settings.store_election_ms < 5 * settings.store_heartbeat_ms:
+        raise VlxError(f"store_election_ms {settings.store_election_ms} is under 5 heartbeats "
+                       f"of store_heartbeat_ms {settings.store_heartbeat_ms} (etcd refuses "
+                       "that)", "cluster")
     net = settings.cidr
     if not _is_host(settings.gateway_vip, net):
         raise VlxError(f"gateway_vip {settings.gateway_vip} is not a host address of {net}",
                        "cluster")
-    _unique("node name", ((node.name, "node") for node in cluster.nodes))
+    _unique("node name", ((node.name, f"node {node.name}") for node in cluster.nodes))
     _unique("MAC", [(node.mac, f"node {node.name}") for node in cluster.nodes]
             + [(vm.mac, f"VM {vm.name}") for vm in cluster.vms])
     _unique("cluster IP", [(node.ip, f"node {node.name}") for node in cluster.nodes]
@@ -206,7 +215,7 @@ def _unique(what: str, values: Iterable[tuple[object, str]]) -> None:
     seen: dict[object, str] = {}
     for value, owner in values:
         if value in seen:
-            raise VlxError(f"duplicate {what} {value} ({seen[value]} and {owner})")
+            raise VlxError(f"duplicate {what} {value} ({seen[value]} and {owner})", owner)
         seen[value] = owner
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import ipaddress
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -38,9 +39,19 @@ def setting(help: str, parse: Callable[[Any], Any], dump: Callable[[Any], Any] |
 
 
 def settings_of(cls: type) -> Iterator[tuple[str, Setting]]:
-    for field in dataclasses.fields(cls):
-        if "setting" in field.metadata:
-            yield field.name, field.metadata["setting"]
+    return iter(_settings(cls))
+
+
+@functools.cache
+def _settings(cls: type) -> tuple[tuple[str, Setting], ...]:
+    # Once per class: from_mapping and to_mapping run per row of a 10,000-node database.
+    return tuple((field.name, field.metadata["setting"]) for field in dataclasses.fields(cls)
+                 if "setting" in field.metadata)
+
+
+@functools.cache
+def _known(cls: type) -> frozenset[str]:
+    return frozenset(name for name, _ in _settings(cls))
 
 
 def from_mapping(cls: type, data: Mapping[str, Any], where: str,
@@ -48,12 +59,12 @@ def from_mapping(cls: type, data: Mapping[str, Any], where: str,
     """Build a `cls` from TOML/JSON data, naming `where` and the field in every error."""
     if not isinstance(data, Mapping):
         raise VlxError(f"expected a table, got {type(data).__name__}", where)
-    known = {name for name, _ in settings_of(cls)}
-    unknown = sorted(set(data) - known - set(ignore))
+    known = _known(cls)
+    unknown = sorted(data.keys() - known - set(ignore))
     if unknown:
         raise VlxError(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})", where)
     values = {}
-    for name, spec in settings_of(cls):
+    for name, spec in _settings(cls):
         if name not in data or data[name] is None:
             if spec.default is REQUIRED:
                 raise VlxError(f"missing required key {name!r} ({spec.help})", where)
@@ -68,7 +79,7 @@ def from_mapping(cls: type, data: Mapping[str, Any], where: str,
 def to_mapping(obj: Any, skip_defaults: bool = False) -> dict[str, Any]:
     """Dumped values of every setting of `obj`, leaving out those that are None."""
     out = {}
-    for name, spec in settings_of(type(obj)):
+    for name, spec in _settings(type(obj)):
         value = getattr(obj, name)
         if value is None or (skip_defaults and spec.default is not REQUIRED
                              and value == spec.default):

@@ -20,7 +20,7 @@ import tomli_w
 from . import changes
 from .errors import VlxError
 from .fields import from_mapping, parse_name, to_mapping
-from .model import Cluster, Node, Settings, VirtualCluster, Volume
+from .model import STORE_CA_OWNER, Cluster, Node, Settings, VirtualCluster, Volume
 
 SECTIONS = {"cluster": Settings, "node": Node, "vc": VirtualCluster, "volume": Volume}
 
@@ -57,9 +57,10 @@ def parse(text: str, source: str = "<inventory>") -> Inventory:
                        f"{', '.join(sorted(SECTIONS))})", source)
     if "cluster" not in data:
         raise VlxError("missing the [cluster] section (domain, cidr, gateway_vip)", source)
-    settings = from_mapping(Settings, data["cluster"], _where(text, source, "cluster", None))
+    headers = _Headers(text)
+    locations = {"cluster": headers.where(source, "cluster", None)}
+    settings = from_mapping(Settings, data["cluster"], locations["cluster"])
     entries: dict[str, list[Any]] = {}
-    locations = {}
     for section in ("node", "vc", "volume"):
         items = data.get(section, [])
         if not isinstance(items, list):
@@ -67,7 +68,7 @@ def parse(text: str, source: str = "<inventory>") -> Inventory:
                            source)
         entries[section] = []
         for number, item in enumerate(items):
-            where = _where(text, source, section, number, item)
+            where = headers.where(source, section, number, item)
             ignore = ("placement",) if section == "vc" else ()
             value = from_mapping(SECTIONS[section], item, where, ignore=ignore)
             locations[f"{section} {value.name}"] = where
@@ -78,24 +79,35 @@ def parse(text: str, source: str = "<inventory>") -> Inventory:
 
 
 def apply(cluster: Cluster, inventory: Inventory, source: str) -> Cluster:
-    """The cluster as the inventory describes it; credentials of owners it keeps stay."""
-    fresh = Cluster(generation=cluster.generation, settings=None)
+    """The cluster as the inventory describes it; credentials of owners it keeps stay.
+
+    The nodes go in at once and are validated once (validating after each node made an import
+    quadratic); a VC is placed against the nodes, so VCs still go one by one.
+    """
     where = source
     try:
-        fresh = changes.set_settings(fresh, inventory.settings)
-        for node in inventory.nodes:
-            where = inventory.locations.get(f"node {node.name}", source)
-            fresh = changes.add_node(fresh, node)
+        fresh = changes.set_settings(Cluster(generation=cluster.generation, settings=None),
+                                     inventory.settings)
+        fresh = changes.add_nodes(fresh, inventory.nodes)
         for vc, placement in inventory.vcs:
             where = inventory.locations.get(f"vc {vc.name}", source)
             fresh = changes.define_vc(fresh, vc, placement)
         where = source
         fresh = changes.put_volumes(fresh, inventory.volumes)
     except VlxError as err:
-        raise VlxError(err.message, where) from None
-    owners = {node.name for node in fresh.nodes} | {vm.name for vm in fresh.vms}
+        raise VlxError(err.message, _entry(inventory, err.where) or where) from None
+    owners = {node.name for node in fresh.nodes} | {vm.name for vm in fresh.vms} | {
+        STORE_CA_OWNER}
     return dataclasses.replace(fresh, credentials=tuple(
         c for c in cluster.credentials if c.owner in owners))
+
+
+def _entry(inventory: Inventory, subject: str | None) -> str | None:
+    """The file location of the entry a validation error names ("node node2", "VC green")."""
+    if not subject:
+        return None
+    section, _, name = subject.partition(" ")
+    return inventory.locations.get(f"{section.lower()} {name}")
 
 
 def dump(cluster: Cluster) -> str:
@@ -123,15 +135,26 @@ def _placement(value: Any, where: str) -> dict[str, str] | None:
         raise VlxError(f"placement: {err}", where) from None
 
 
-def _where(text: str, source: str, section: str, number: int | None,
-           item: Any = None) -> str:
-    """`FILE:LINE: [[section]] #N (name)`: the line of the entry's header, found in the text."""
-    pattern = (rf"^\s*\[\[\s*{section}\s*\]\]" if number is not None
-               else rf"^\s*\[\s*{section}\s*\]")
-    headers = [i for i, line in enumerate(text.splitlines(), 1) if re.match(pattern, line)]
-    index = number or 0
-    line = f":{headers[index]}" if index < len(headers) else ""
-    label = f"[{section}]" if number is None else f"[[{section}]] #{number + 1}"
-    if isinstance(item, Mapping) and isinstance(item.get("name"), str):
-        label += f" ({item['name']})"
-    return f"{source}{line}: {label}"
+class _Headers:
+    """The line of every section header, found once per file, not once per entry."""
+
+    def __init__(self, text: str):
+        self.lines: dict[str, list[int]] = {}
+        for number, line in enumerate(text.splitlines(), 1):
+            match = _HEADER.match(line)
+            if match:
+                key = match.group(1) or f"[{match.group(2)}]"
+                self.lines.setdefault(key, []).append(number)
+
+    def where(self, source: str, section: str, number: int | None, item: Any = None) -> str:
+        """`FILE:LINE: [[section]] #N (name)`: the line of the entry's header."""
+        headers = self.lines.get(section if number is not None else f"[{section}]", [])
+        index = number or 0
+        line = f":{headers[index]}" if index < len(headers) else ""
+        label = f"[{section}]" if number is None else f"[[{section}]] #{number + 1}"
+        if isinstance(item, Mapping) and isinstance(item.get("name"), str):
+            label += f" ({item['name']})"
+        return f"{source}{line}: {label}"
+
+
+_HEADER = re.compile(r"^\s*(?:\[\[\s*(\w+)\s*\]\]|\[\s*(\w+)\s*\])")

@@ -38,6 +38,9 @@ from .fields import (
 # "dhcp": when any node has it, only those nodes are DHCP replicas (bootsvc/balance.py).
 ROLES = ("gateway-primary", "gateway-backup", "storage", "metamaster", "dhcp")
 VOLUME_KINDS = ("golden", "snapshot")
+# The credential holding the replicated store's cluster CA (cluster_ca); not a DNS label, so
+# no node or VM can own it.
+STORE_CA_OWNER = "@store-ca"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -74,6 +77,14 @@ class Settings:
     dhcp_fallback_secs: int = setting(
         "a client whose DHCP secs field reached this many seconds is answered by every "
         "replica, in case its chosen ones are down", ranged_int(0, 65535), default=3)
+
+    store_heartbeat_ms: int = setting(
+        "etcd heartbeat interval of `vlx db serve` members, in ms (etcd's default suits real "
+        "hardware; members in TCG guests on a shared machine need more)", ranged_int(10, 10_000),
+        default=100)
+    store_election_ms: int = setting(
+        "etcd election timeout of `vlx db serve` members, in ms (at least 5 heartbeats)",
+        ranged_int(50, 50_000), default=1000)
     cpu_overcommit: float = setting("VCPUs a node may carry per physical CPU", parse_ratio,
                                     default=1.0)
     memory_overcommit: float = setting("VM memory a node may carry per MiB it has",
@@ -171,6 +182,8 @@ class Cluster:
     volumes: tuple[Volume, ...] = ()
     credentials: tuple[Credential, ...] = ()
 
+    # Indexes, built once per generation on first use: a Cluster is frozen, so they never go
+    # stale, and every lookup below is O(1) however many nodes, VMs and volumes there are.
     @cached_property
     def _nodes_by_name(self) -> dict[str, Node]:
         return {node.name: node for node in self.nodes}
@@ -179,35 +192,67 @@ class Cluster:
     def nodes_by_mac(self) -> dict[str, Node]:
         return {node.mac: node for node in self.nodes}
 
+    @cached_property
+    def _vcs_by_name(self) -> dict[str, VirtualCluster]:
+        return {vc.name: vc for vc in self.vcs}
+
+    @cached_property
+    def _volumes_by_name(self) -> dict[str, Volume]:
+        return {volume.name: volume for volume in self.volumes}
+
+    @cached_property
+    def _credentials_by_owner(self) -> dict[str, Credential]:
+        return {credential.owner: credential for credential in self.credentials}
+
+    @cached_property
+    def _vms_by_vc(self) -> dict[str, tuple[VM, ...]]:
+        return _group(self.vms, lambda vm: vm.vc)
+
+    @cached_property
+    def _vms_by_node(self) -> dict[str, tuple[VM, ...]]:
+        return _group(self.vms, lambda vm: vm.node)
+
+    @cached_property
+    def _volumes_by_owner(self) -> dict[str, tuple[Volume, ...]]:
+        return _group((v for v in self.volumes if v.owner is not None),
+                      lambda volume: volume.owner or "")
+
     def node(self, name: str) -> Node:
         try:
             return self._nodes_by_name[name]
         except KeyError:
             raise NotFound(f"no node named {name!r}") from None
 
+    def has_node(self, name: str) -> bool:
+        return name in self._nodes_by_name
+
     def vc(self, name: str) -> VirtualCluster:
-        for vc in self.vcs:
-            if vc.name == name:
-                return vc
-        raise NotFound(f"no virtual cluster named {name!r}")
+        try:
+            return self._vcs_by_name[name]
+        except KeyError:
+            raise NotFound(f"no virtual cluster named {name!r}") from None
+
+    def has_vc(self, name: str) -> bool:
+        return name in self._vcs_by_name
 
     def volume(self, name: str) -> Volume:
-        for volume in self.volumes:
-            if volume.name == name:
-                return volume
-        raise NotFound(f"no volume named {name!r}")
+        try:
+            return self._volumes_by_name[name]
+        except KeyError:
+            raise NotFound(f"no volume named {name!r}") from None
 
     def credential(self, owner: str) -> Credential | None:
-        for credential in self.credentials:
-            if credential.owner == owner:
-                return credential
-        return None
+        return self._credentials_by_owner.get(owner)
 
     def vms_of(self, vc: str) -> tuple[VM, ...]:
-        return tuple(vm for vm in self.vms if vm.vc == vc)
+        return self._vms_by_vc.get(vc, ())
 
     def vms_on(self, node: str) -> tuple[VM, ...]:
-        return tuple(vm for vm in self.vms if vm.node == node)
+        return self._vms_by_node.get(node, ())
+
+    def volumes_owned_by(self, owner: str) -> tuple[Volume, ...]:
+        """The volumes of a node or VM, in database order."""
+        return self._volumes_by_owner.get(owner, ())
 
     def fqdn(self, name: str) -> str:
         return f"{name}.{self.settings.domain}" if self.settings else name
@@ -227,6 +272,13 @@ class Cluster:
             else:
                 net["vxlan"] = vc.vxlan
             yield net
+
+
+def _group(items, key) -> dict:
+    groups: dict = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return {name: tuple(members) for name, members in groups.items()}
 
 
 def _one_of(value: object, choices: tuple[str, ...]) -> str:

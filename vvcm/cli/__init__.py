@@ -26,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_shared_argument("--db", metavar="PATH",
                                help="cluster database (default: $VLX_DB or "
                                     "/var/lib/virtualinux/cluster.db)")
+    parser.add_shared_argument("--store", metavar="URL",
+                               help="cluster database as a store URL: sqlite:PATH or "
+                                    "etcd://HOST:PORT[,HOST:PORT...] (default: $VLX_STORE, "
+                                    "else --db)")
     parser.add_shared_argument("-v", "--verbose", action="store_true",
                                help="log details (debug level) on stderr")
     nouns = parser.add_subparsers(dest="noun", metavar="NOUN", required=True)

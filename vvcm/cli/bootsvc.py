@@ -13,7 +13,9 @@ from virtualinux.bootsvc import daemon
 from virtualinux.bootsvc.service import SERVICE_NAMES, service_class
 from virtualinux.netboot import layout, render
 
+from ..db import Database, default_path, default_url
 from ..errors import VlxError
+from ..store import parse_url
 from .common import add_json_flag, add_verb, database, print_json, print_table
 
 log = logging.getLogger("virtualinux.bootsvc")
@@ -32,7 +34,11 @@ def register(nouns: argparse._SubParsersAction) -> None:
                                                    f"(default: {DEFAULT_STATE_DIR})")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    run = verbs.add_parser("run", help="run this replica's boot services until SIGTERM")
+    run = verbs.add_parser(
+        "run", help="run this replica's boot services until SIGTERM",
+        description="Run this replica's boot services until SIGTERM. With --store etcd://..., "
+                    "they serve from a local copy of the store (the file --db names, default "
+                    "$VLX_DB or /var/lib/virtualinux/cluster.db), kept up to date by a watch.")
     run.add_argument("--interface", required=True, metavar="IF",
                      help="the cluster network interface to serve on")
     run.add_argument("--node", metavar="NAME",
@@ -87,14 +93,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     missing = missing_tree_warning(args.services, args.netboot_root)
     if missing:
         log.warning("%s", missing)
-    db = database(args)
+    url = parse_url(args.store) if args.store else default_url()
+    follower = None
+    if url.scheme == "etcd":
+        # Serve from a local copy of the replicated store (--db names it), which a thread
+        # keeps up to date; the daemon polls that file like any other database.
+        from .. import replica_copy
+        follower = replica_copy.ReplicaCopy(Database(store=url),
+                                            Path(args.db) if args.db else default_path(),
+                                            poll_interval=args.poll)
+        follower.prepare()
+        db = Database(follower.path)
+    else:
+        db = database(args)
     cluster = db.load()
     replica = daemon.resolve_replica(cluster, args.interface, args.node, args.address,
                                      args.netboot_root, args.state_dir, args.services)
     if args.quiet:
         for name in args.services:
             logging.getLogger(f"virtualinux.bootsvc.{name}").setLevel(logging.WARNING)
-    runner = daemon.Daemon(db, replica, args.services, poll_interval=args.poll)
+    runner = daemon.Daemon(db, replica, args.services, poll_interval=args.poll,
+                           store_status=follower.status if follower else None)
+    if follower:
+        follower.start()
     try:
         asyncio.run(runner.run())
     except PermissionError as err:
@@ -102,6 +123,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                        "and CAP_NET_RAW)") from None
     except OSError as err:
         raise VlxError(f"cannot serve on {args.interface}: {err}") from None
+    finally:
+        if follower:
+            follower.stop()
     return 0
 
 
@@ -126,6 +150,8 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"pid {status['pid']}, gen {status['generation']}, updated {status['updated']}")
     print(f"reloads {status['reloads']}, older generations refused "
           f"{status['stale_generations_refused']}")
+    if status.get("store"):
+        print(f"store: {status['store']['message']}")
     rows = [(service, counter, value)
             for service, counters in status["services"].items()
             for counter, value in counters.items()]

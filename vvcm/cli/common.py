@@ -46,7 +46,9 @@ class VlxParser(argparse.ArgumentParser):
 
 
 def database(args: argparse.Namespace) -> Database:
-    return Database(args.db)
+    """The database named by --db or --store (else $VLX_STORE, else $VLX_DB, else the default
+    file)."""
+    return Database(args.db, store=getattr(args, "store", None))
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:

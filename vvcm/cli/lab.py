@@ -80,11 +80,11 @@ def _cluster_to_boot(args: argparse.Namespace) -> tuple[Cluster, str]:
         source = str(args.inventory)
         return inventory.apply(Cluster(generation=0, settings=None),
                                inventory.load(args.inventory), source), source
-    db = Database(args.db)
-    if not db.path.exists():
-        raise VlxError(f"no database at {db.path}: name the cluster with --inventory FILE",
+    db = Database(args.db, store=args.store)
+    if not db.exists():
+        raise VlxError(f"no database at {db.name}: name the cluster with --inventory FILE",
                        "--inventory")
-    return db.load(), str(db.path)
+    return db.load(), db.name
 
 
 def cmd_up(args: argparse.Namespace) -> int:

@@ -1,0 +1,132 @@
+"""Store URLs, the snapshot codec, local copies and the indexes, without etcd (the lab tests in
+test_store_lab.py run the etcd store against real members)."""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+
+import pytest
+from virtualinux.bench.scale import inventory as big_inventory
+from virtualinux.vvcm import inventory, snapshot
+from virtualinux.vvcm.db import Database
+from virtualinux.vvcm.errors import VlxError
+from virtualinux.vvcm.store import parse_url
+from virtualinux.vvcm.store_sqlite import write_copy
+
+from .conftest import EXAMPLE, vlx
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("etcd://", "an empty endpoint is not HOST:PORT"),
+    ("etcd://10.0.0.1", "'10.0.0.1' is not HOST:PORT"),
+    ("etcd://a:1,b:x", "'b:x' is not HOST:PORT"),
+    ("etcd://a:70000", "'a:70000' is not HOST:PORT"),
+    ("sqlite:", "name the file"),
+    ("mysql://x", "is not a store URL: use sqlite:PATH or etcd://"),
+])
+def test_a_malformed_store_url_is_one_line_and_exit_2(capsys, url, expected):
+    code, out, err = vlx(capsys, "--store", url, "db", "show")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and expected in err and err.startswith("vlx: error: --store")
+
+
+def test_store_urls_name_their_endpoints():
+    url = parse_url("etcd://198.18.0.11:2379,198.18.0.12:2379")
+    assert url.endpoints == (("198.18.0.11", 2379), ("198.18.0.12", 2379))
+    assert str(url) == "etcd://198.18.0.11:2379,198.18.0.12:2379"
+    assert str(parse_url("sqlite:/tmp/x.db").path) == "/tmp/x.db"
+
+
+def test_an_unreachable_etcd_is_one_line_and_exit_2(capsys, monkeypatch):
+    monkeypatch.setenv("VLX_STORE_TIMEOUT", "2")
+    # Port 1 on loopback: refused at once, no traffic leaves the machine.
+    code, _, err = vlx(capsys, "--store", "etcd://127.0.0.1:1", "db", "show")
+    assert code == 2 and err.count("\n") == 1
+    assert "etcd://127.0.0.1:1 is unreachable or has no quorum (127.0.0.1:1: connection " \
+           "refused)" in err
+
+
+def test_db_and_store_together_are_refused(capsys, tmp_path):
+    code, _, err = vlx(capsys, "--db", str(tmp_path / "a.db"), "--store",
+                       f"sqlite:{tmp_path / 'b.db'}", "db", "show")
+    assert code == 2 and "not both" in err
+
+
+def test_a_sqlite_store_url_is_the_same_database_as_db(capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("VLX_DB", raising=False)
+    monkeypatch.setenv("VLX_STORE", f"sqlite:{tmp_path / 'c.db'}")
+    assert vlx(capsys, "db", "import", str(EXAMPLE))[0] == 0
+    assert Database(tmp_path / "c.db").generation() == 1
+
+
+def test_a_snapshot_decodes_to_the_same_cluster(db):
+    cluster = db.update("db import", "t",
+                        lambda c: inventory.apply(c, inventory.load(EXAMPLE), "t"))
+    assert snapshot.decode(snapshot.encode(cluster), "test") == cluster
+
+
+@pytest.mark.parametrize("blob, expected", [
+    (b"garbage", "does not decode"),
+    (__import__("zlib").compress(b'{"schema": 99}'), "snapshot schema 99"),
+    (__import__("zlib").compress(b'{"schema": 1, "generation": 1}'), "broken field"),
+])
+def test_a_bad_snapshot_is_refused_with_a_reason(blob, expected):
+    with pytest.raises(VlxError, match=expected):
+        snapshot.decode(blob, "test")
+
+
+def test_a_local_copy_is_written_whole_and_replaces_the_old_one(db, tmp_path):
+    cluster = db.update("db import", "t",
+                        lambda c: inventory.apply(c, inventory.load(EXAMPLE), "t"))
+    path = tmp_path / "copy.db"
+    path.write_bytes(b"an older, broken copy")
+    write_copy(path, cluster, db.changes(None))
+    copy = Database(path)
+    assert copy.load() == cluster
+    assert [c.generation for c in copy.changes(None)] == [0, 1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cluster.db", "copy.db"]
+
+
+def test_a_local_copy_of_a_newer_schema_is_refused(db, tmp_path):
+    with sqlite3.connect(db.path) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    with pytest.raises(VlxError, match="schema version 99"):
+        Database(db.path).load()
+
+
+def test_store_timing_settings_must_allow_an_election(db):
+    cluster = db.update("db import", "t",
+                        lambda c: inventory.apply(c, inventory.load(EXAMPLE), "t"))
+    assert (cluster.settings.store_heartbeat_ms, cluster.settings.store_election_ms) == \
+        (100, 1000)
+    from virtualinux.vvcm import changes
+    with pytest.raises(VlxError, match="under 5 heartbeats"):
+        changes.validated(dataclasses.replace(cluster, settings=dataclasses.replace(
+            cluster.settings, store_heartbeat_ms=500)))
+
+
+def test_a_big_inventory_error_still_names_the_entry_line(tmp_path):
+    text = big_inventory(2000)
+    # The last node takes the first node's MAC: found by the one whole validation.
+    text = text.replace('mac = "52:54:00:00:07:cf"', 'mac = "52:54:00:00:00:00"')
+    path = tmp_path / "big.toml"
+    path.write_text(text)
+    line = text.splitlines().index('name = "n1999"')   # 0-based: the header is the line above
+    with pytest.raises(VlxError) as error:
+        inventory.apply(__import__("virtualinux.vvcm.model", fromlist=["Cluster"]).Cluster(
+            0, None), inventory.load(path), str(path))
+    assert str(error.value).startswith(f"{path}:{line}: [[node]] #2000 (n1999): duplicate MAC")
+
+
+def test_cluster_lookups_use_the_indexes(db):
+    cluster = db.update("db import", "t",
+                        lambda c: inventory.apply(c, inventory.load(EXAMPLE), "t"))
+    assert cluster.vc("green").name == "green"
+    assert [vm.name for vm in cluster.vms_of("green")] == [f"green-{i}" for i in range(1, 5)]
+    assert all(vm.node == "node1" for vm in cluster.vms_on("node1"))
+    assert cluster.volumes_owned_by("node1") == ()
+    with pytest.raises(VlxError, match="no virtual cluster named 'x'"):
+        cluster.vc("x")
+    with pytest.raises(VlxError, match="no volume named 'x'"):
+        cluster.volume("x")
