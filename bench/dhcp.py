@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import dataclasses
 import ipaddress
-import json
 import os
 import re
 import signal
@@ -29,8 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from virtualinux.bootsvc.status import read_status, wait_running
 from virtualinux.vm_test.netns import Namespace, Netns
-from virtualinux.vvcm import Database, Node, Settings
+from virtualinux.vvcm import Database, Node, Settings, VlxError
 from virtualinux.vvcm.changes import validated
 
 CIDR = ipaddress.IPv4Network("198.18.0.0/18")      # room for 15,000 nodes
@@ -228,14 +228,18 @@ def run_ours(work: Path, count: int, seconds: float, log=print) -> ServerResult:
                                   "--state-dir", str(state), "--quiet"],
                          work / "ours.log")
         try:
-            _wait_ready(lambda: (state / "status.json").exists(), process, work / "ours.log")
+            try:
+                wait_running(state, process.pid, 30, exited=lambda: process.poll() is not None)
+            except VlxError as err:
+                raise RuntimeError(f"{err}:\n{(work / 'ours.log').read_text()[-2000:]}") \
+                    from None
             best = best_clean_rate(client, server, process.pid, work / "macs", count, seconds,
                                    log)
             rss = peak_rss_kib(process.pid)
         finally:
             _stop(process)
     # Its own account: every answer it sent, and whether any send failed.
-    counters = json.loads((state / "status.json").read_text())["services"]["dhcp"]
+    counters = read_status(state).counters("dhcp")
     log("    server counters: " + ", ".join(f"{k} {v}" for k, v in counters.items()))
     return ServerResult("virtualinux", count, best, rss)
 

@@ -24,6 +24,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from virtualinux.vm_test.lab import VLX
 from virtualinux.vm_test.netns import Netns
 from virtualinux.vvcm import inventory
 from virtualinux.vvcm.db import Database
@@ -76,16 +77,18 @@ class BenchLab:
             c, inventory.load(EXAMPLE), "bench"))
         self.client = self.netns.namespace("client")
         bridge = self.netns.bridge(self.client)
-        self.client.ip("addr", "add", f"{CLIENT}/24", "dev", bridge)
+        self.client.add_address(bridge, f"{CLIENT}/24")
         self.server = self.netns.namespace("server")
         self.netns.plug(self.client, bridge, self.server, address=f"{OURS}/24")
-        self.server.ip("addr", "add", f"{ANCHOR}/24", "dev", "eth0")
+        self.server.add_address("eth0", f"{ANCHOR}/24")
 
     def start_ours(self, *services: str) -> None:
+        # The way production runs them: `vlx bootsvc run`, one process for all services.
         process = self.server.popen(pinned(SERVER_CPU, [
-            sys.executable, "-m", "virtualinux.bootsvc.standalone", "--db",
-             str(self.workdir / "cluster.db"), "--root", str(self.tree), "--address", OURS,
-             *services]), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            *VLX, "--db", str(self.workdir / "cluster.db"), "bootsvc", "run",
+            "--interface", "eth0", "--address", OURS, "--services", ",".join(services),
+            "--netboot-root", str(self.tree), "--state-dir", str(self.workdir / "state")]),
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.processes.append(process)
         line = process.stdout.readline()
         if not line.startswith("ready"):

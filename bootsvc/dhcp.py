@@ -28,7 +28,8 @@ from virtualinux.netboot import layout
 from virtualinux.vvcm import Cluster, Node
 
 from . import dhcp_wire as wire
-from .service import Replica, Service
+from .service import Replica, Service, check_port
+from .status import Status
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ DRAIN_BATCH = 64
 # Bigger than any DHCP message (RFC 2131 allows up to the client's option 57, at most 64 KiB
 # in UDP); a datagram cut at this size is dropped, not parsed.
 MAX_DATAGRAM = 65535
+# The key of details() under which the discovery pool's answers are reported.
+DISCOVERED = "discovered"
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)   # Linux; Python names it from 3.12
 
 
@@ -331,9 +334,16 @@ class DhcpService(Service):
 
     name = "dhcp"
 
-    def __init__(self, replica: Replica, cluster: Cluster, port: int = wire.SERVER_PORT):
-        super().__init__(replica, cluster)
-        self.port = port
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        port: int = wire.SERVER_PORT
+
+        def __post_init__(self) -> None:
+            check_port(self.port)
+
+    def __init__(self, replica: Replica, cluster: Cluster, options: Options | None = None):
+        super().__init__(replica, cluster, options)
+        self.options: DhcpService.Options
         self.discovered: dict[str, str] = {}
         self.responder = Responder(cluster, replica, self.counters, self._log_events(),
                                    self.discovered)
@@ -356,7 +366,7 @@ class DhcpService(Service):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE,
                             self.replica.interface.encode())
-            sock.bind(("0.0.0.0", self.port))
+            sock.bind(("0.0.0.0", self.options.port))
             self.port = sock.getsockname()[1]   # port 0 in a test: the one we got
             sock.setblocking(False)
         except OSError:
@@ -388,7 +398,7 @@ class DhcpService(Service):
 
     def details(self) -> dict[str, object]:
         """Unknown MACs answered from the discovery pool, for `vlx bootsvc discovered`."""
-        return {"discovered": dict(sorted(self.discovered.items()))} if self.discovered else {}
+        return {DISCOVERED: dict(sorted(self.discovered.items()))} if self.discovered else {}
 
     def _drain(self) -> None:
         sock = self._sock
@@ -427,6 +437,12 @@ class DhcpService(Service):
                 # A relay or client that cannot be reached: count it and keep serving.
                 self.counters["send_errors"] += 1
                 log.debug("dhcp send to %s failed: %s", reply.address, err)
+
+
+def discovered(status: Status) -> dict[str, str]:
+    """The unknown MACs a replica answered from the discovery pool (MAC -> pool address),
+    as its status reports them."""
+    return dict(status.details(DhcpService.name).get(DISCOVERED, {}))
 
 
 SERVICE = DhcpService

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 from virtualinux.bench import dhcp as bench
+from virtualinux.bootsvc import dhcp
 from virtualinux.bootsvc import dhcp_wire as wire
+from virtualinux.bootsvc.status import Status, read_status, wait_running
 from virtualinux.vm_test.netns import Namespace, Netns
-from virtualinux.vvcm import Node, changes, inventory
+from virtualinux.vvcm import Node, VlxError, changes, inventory
 from virtualinux.vvcm.cli import main
 
 from .conftest import EXAMPLE, require
@@ -37,8 +39,15 @@ class Replica:
     state_dir: Path
     log: Path
 
-    def status(self) -> dict:
-        return json.loads((self.state_dir / "status.json").read_text())
+    def status(self) -> Status:
+        return read_status(self.state_dir)
+
+    def wait_running(self) -> Status:
+        try:
+            return wait_running(self.state_dir, self.process.pid, 30,
+                                exited=lambda: self.process.poll() is not None)
+        except VlxError as err:
+            raise AssertionError(f"{err}:\n{self.log.read_text()}") from None
 
     def stop(self) -> int:
         if self.process.poll() is None:
@@ -74,9 +83,7 @@ class Segment:
                            stdout=log.open("w"), stderr=subprocess.STDOUT)
         replica = Replica(address, process, state_dir, log)
         self.replicas.append(replica)
-        wait_for(lambda: (state_dir / "status.json").exists() or process.poll() is not None,
-                 10, "the replica to start")
-        assert process.poll() is None, log.read_text()
+        replica.wait_running()
         return replica
 
     def close(self) -> None:
@@ -174,7 +181,7 @@ def test_udhcpc_gets_address_router_dns_and_host_name(lab_db, segment, tmp_path)
     assert lease["dns"].split() == ["198.18.0.12", "198.18.0.13", "198.18.0.14"]
     assert lease["hostname"] == "node1" and lease["domain"] == "cluster.lab"
     assert lease["serverid"] == A and lease["lease"] == "60"
-    wait_for(lambda: replica.status()["services"]["dhcp"].get("DHCPACK"), 3,
+    wait_for(lambda: replica.status().counters("dhcp").get("DHCPACK"), 3,
              "the ACK to show in the status file")
     assert f"DHCPACK {NODE1_MAC} -> 198.18.0.11 node1 (gen 2)" in replica.log.read_text()
 
@@ -189,8 +196,8 @@ def test_client_rebinds_with_other_replica_after_kill(lab_db, segment, tmp_path)
                      "the first lease")
     leased_from, other = lease["serverid"], (B if lease["serverid"] == A else A)
     # What the client's hook would do: configure the address, so it can renew by unicast.
-    client.ip("addr", "add", f"{lease['ip']}/24", "dev", "eth0")
-    wait_for(lambda: replicas[other].status()["services"]["dhcp"].get("ignored_other_server"),
+    client.add_address("eth0", f"{lease['ip']}/24")
+    wait_for(lambda: replicas[other].status().counters("dhcp").get("ignored_other_server"),
              3, "the other replica to leave the REQUEST to the one it named")
     assert replicas[leased_from].stop() == 0
     # T1 is 30 s; with the server gone udhcpc's renewal fails and it rebinds by broadcast.
@@ -275,7 +282,7 @@ def test_malformed_packets_are_dropped_and_a_client_is_still_served(lab_db, segm
         f"the lease took {flooded:.1f} s in the flood, {quiet:.1f} s before")
 
     def dropped() -> int:
-        counters = replica.status()["services"]["dhcp"]
+        counters = replica.status().counters("dhcp")
         return sum(v for k, v in counters.items() if k.startswith("dropped_"))
     wait_for(lambda: dropped() == sent, 5, f"{sent} drops to be counted (have {dropped()})")
     assert replica.process.poll() is None
@@ -289,11 +296,11 @@ def test_daemon_reloads_a_new_generation_and_serves_the_new_node(lab_db, segment
     client = segment.plug("client", mac=mac)
     script, out = recording_script(tmp_path, "udhcpc")
     before = client.run(udhcpc(client, script, "-q", "-n", "-t", "2"), check=False, timeout=20)
-    assert before.returncode != 0 and replica.status()["services"]["dhcp"][
+    assert before.returncode != 0 and replica.status().counters("dhcp")[
         "ignored_unknown_mac"] >= 1
     newer = lab_db.update("node add", "node5", lambda c: changes.add_node(c, Node(
         name="node5", mac=mac, ip=ipaddress.IPv4Address(ip), cpus=2, memory=1024)))
-    wait_for(lambda: replica.status()["generation"] == newer.generation, 5, "the reload")
+    wait_for(lambda: replica.status().generation == newer.generation, 5, "the reload")
     after = client.run(udhcpc(client, script, "-q", "-n"), check=False, timeout=20)
     assert after.returncode == 0 and events(out)[-1]["ip"] == ip
     assert events(out)[-1]["hostname"] == "node5"
@@ -306,10 +313,10 @@ def test_daemon_never_goes_back_to_an_older_generation(lab_db, segment, db_path,
     newer = lab_db.update("settings", "lease 120 s", lambda c: changes.set_settings(
         c, dataclasses.replace(c.settings, lease_time=120)))
     replica = segment.replica(A, "--poll", "0.2")
-    assert replica.status()["generation"] == newer.generation
+    assert replica.status().generation == newer.generation
     os.replace(old_copy, db_path)   # a database restored from an old backup
-    wait_for(lambda: replica.status()["stale_generations_refused"] >= 1, 5, "the refusal")
-    assert replica.status()["generation"] == newer.generation
+    wait_for(lambda: replica.status().stale_generations_refused >= 1, 5, "the refusal")
+    assert replica.status().generation == newer.generation
     client = segment.plug("client", mac=NODE1_MAC)
     script, out = recording_script(tmp_path, "udhcpc")
     assert client.run(udhcpc(client, script, "-q", "-n"), timeout=20).returncode == 0
@@ -341,9 +348,7 @@ def test_replica_on_a_node_finds_its_node_from_the_interface(lab_db, segment, tm
                        stdout=log.open("w"), stderr=subprocess.STDOUT)
     replica = Replica("198.18.0.12", process, state_dir, log)
     segment.replicas.append(replica)
-    wait_for(lambda: (state_dir / "status.json").exists() or process.poll() is not None, 10,
-             "the replica to start")
-    assert replica.status()["node"] == "node2", log.read_text()
+    assert replica.wait_running().node == "node2"
     client = segment.plug("client", mac=NODE1_MAC)
     script, out = recording_script(tmp_path, "udhcpc")
     assert client.run(udhcpc(client, script, "-q", "-n"), timeout=20).returncode == 0
@@ -365,7 +370,7 @@ def test_metamaster_learns_an_unknown_machine_from_the_discovery_pool(lab_db, se
     lease = events(out)[-1]
     assert pool[0] <= ipaddress.IPv4Address(lease["ip"]) <= pool[1]
     assert lease["hostname"] == "new-525400000077"
-    wait_for(lambda: replica.status().get("details", {}).get("dhcp"), 3,
+    wait_for(lambda: dhcp.discovered(replica.status()), 3,
              "the discovered MAC in the status file")
     assert main(["bootsvc", "discovered", "--state-dir", str(replica.state_dir), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == [{"mac": mac, "ip": lease["ip"]}]

@@ -176,7 +176,7 @@ def tgt_target(netns, node_image, tmp_path):
     require("tgtd", "tgtadm")
     hub = netns.namespace("hub")
     bridge = netns.bridge(hub)
-    hub.ip("addr", "add", "198.18.0.254/24", "dev", bridge)
+    hub.add_address(bridge, "198.18.0.254/24")
     tap = netns.tap(hub, bridge, "tap0")
     clone = tmp_path / "node1.img"
     subprocess.run(["cp", "--reflink=auto", "--sparse=always", str(node_image / "root.img"),

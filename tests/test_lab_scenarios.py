@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from pyroute2 import IPRoute
 from virtualinux.vm_test import lab, plan, state
 from virtualinux.vvcm import Database
 
@@ -52,10 +53,11 @@ def leftovers(state_dir: Path) -> list[str]:
         if str(state_dir).encode() in cmdline and int(proc.name) != os.getpid():
             shown = cmdline.replace(b"\0", b" ")[:120]
             found.append(f"process {proc.name}: {shown!r}")
-    taps = subprocess.run(["ip", "-o", "link", "show", "type", "tun"], capture_output=True,
-                          text=True).stdout
-    found += [f"tap in the host namespace: {line}" for line in taps.splitlines()
-              if plan.namespace_prefix(state_dir) in line]
+    with IPRoute() as ipr:
+        taps = [link.get("ifname") for link in ipr.get_links()
+                if link.get(("linkinfo", "kind")) == "tun"]
+    found += [f"tap in the host namespace: {name}" for name in taps
+              if plan.namespace_prefix(state_dir) in name]
     return found
 
 
