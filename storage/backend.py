@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from virtualinux.vvcm.errors import VlxError
-from virtualinux.vvcm.model import Volume
+from virtualinux.vvcm.model import StorageBackend, Volume
 
-BACKENDS = ("reflink", "lvm-thin", "qcow2")
+BACKENDS = tuple(StorageBackend)
 CHUNK = 1024 * 1024
 
 
