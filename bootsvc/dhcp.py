@@ -140,6 +140,11 @@ class Responder:
         self._relay_networks: dict[bytes, Network | None] = {}
         self._unknown_logged: set[bytes] = set()
 
+    @property
+    def cached_answers(self) -> int:
+        """How many encoded answers are kept for reuse (only known hosts get one)."""
+        return len(self._templates)
+
     def respond(self, data: bytes) -> Reply | None:
         """The answer to one datagram, or None; raises `wire.MalformedPacket` for garbage."""
         request = wire.parse_request(data)
@@ -416,7 +421,8 @@ class DhcpService(Service):
                 continue
             self.handle(data, source)
 
-    def handle(self, data: bytes, source: tuple[str, int]) -> None:
+    def handle(self, data: bytes, source: tuple[str, int]) -> Reply | None:
+        """Answer one datagram from `source`: the reply sent (None: none, or not started)."""
         try:
             reply = self.responder.respond(data)
         except wire.MalformedPacket as err:
@@ -427,7 +433,7 @@ class DhcpService(Service):
                 self._malformed_logged.add(host)
                 log.warning("dropped a malformed packet from %s:%d: %s (further ones from "
                             "there are only counted)", host, source[1], err)
-            return
+            return None
         if reply is not None and self._sock is not None:
             try:
                 self._sock.sendto(reply.data, (reply.address, reply.port))
@@ -437,6 +443,7 @@ class DhcpService(Service):
                 # A relay or client that cannot be reached: count it and keep serving.
                 self.counters["send_errors"] += 1
                 log.debug("dhcp send to %s failed: %s", reply.address, err)
+        return reply
 
 
 def discovered(status: Status) -> dict[str, str]:

@@ -89,9 +89,18 @@ def test_older_generation_is_refused_and_the_newer_kept(db, db_path, cluster, tm
 
 def test_unreadable_database_keeps_the_served_generation(db, db_path, cluster, tmp_path):
     runner = _daemon(db, cluster, tmp_path)
+    db.update("settings", "lease", lambda c: changes.set_settings(
+        c, dataclasses.replace(c.settings, lease_time=120)))
+    good = db_path.read_bytes()
     db_path.write_bytes(b"not a database at all")
     asyncio.run(runner.poll())
-    assert runner.generation == cluster.generation
+    # The poll looked, failed to read, said so, and kept serving what it had.
+    assert runner.generation == cluster.generation and runner.reloads == 0
+    assert runner.write_status(State.RUNNING).database_unreadable == 1
+    assert runner.services[0].responder.generation == cluster.generation
+    db_path.write_bytes(good)       # readable again: the newer generation is taken
+    asyncio.run(runner.poll())
+    assert runner.generation == cluster.generation + 1 and runner.reloads == 1
 
 
 def test_status_file_holds_counters_and_status_reads_it(db, cluster, tmp_path, capsys):
