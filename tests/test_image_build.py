@@ -107,7 +107,10 @@ def test_node_root_image_holds_virtualinux_and_no_node_identity(node_image, tmp_
     try:
         imported = subprocess.run(
             ["chroot", str(mount), "/opt/virtualinux/bin/python", "-c",
-             "import virtualinux.vvcm.model, virtualinux.image.tiny; print('ok')"],
+             "import importlib.util, virtualinux.vvcm.model, virtualinux.image.tiny\n"
+             "assert importlib.util.find_spec('virtualinux.vm_test') is None\n"
+             "assert importlib.util.find_spec('virtualinux.bench') is None\n"
+             "print('ok')"],
             capture_output=True, text=True, timeout=60)
         assert imported.stdout.strip() == "ok", imported.stderr
         assert os.path.islink(mount / "usr/local/bin/vlx")
