@@ -146,6 +146,7 @@ def best_clean_rate(client: Namespace, server: Namespace, pid: int, macs: Path, 
         if best is None:
             failed, rate = rate, rate // 2
     for _ in range(REFINE_STEPS if failed is not None else 0):
+        assert failed is not None
         low = best.rate if best else 0
         rate = (low + failed) // 2
         if rate <= low:

@@ -90,6 +90,7 @@ class BenchLab:
             "--netboot-root", str(self.tree), "--state-dir", str(self.workdir / "state")]),
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.processes.append(process)
+        assert process.stdout is not None
         line = process.stdout.readline()
         if not line.startswith("ready"):
             raise RuntimeError(f"our services did not start: {line!r}")
@@ -112,10 +113,11 @@ class BenchLab:
             except subprocess.TimeoutExpired:
                 process.kill()
                 out, err = process.communicate()
-                failures.append(f"timed out: {process.args}")
+                failures.append(f"timed out: {process.args!r}")
                 continue
             if process.returncode != 0:
-                failures.append(f"exit {process.returncode}: {process.args[-3:]} {err[-200:]}")
+                failures.append(f"exit {process.returncode}: {str(process.args)[-120:]} "
+                                f"{err[-200:]}")
         elapsed = time.perf_counter() - start
         if failures:
             raise RuntimeError("; ".join(failures[:3]))

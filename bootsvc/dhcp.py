@@ -192,6 +192,8 @@ class Responder:
         elif request.ciaddr != ZERO:                            # RENEWING or REBINDING
             wanted = request.ciaddr
         else:
+            wanted = None
+        if wanted is None:      # (a SELECTING one must name the address: RFC 2131 4.3.2)
             self.counters["ignored_request_without_address"] += 1
             return None
         if wanted != mine:
@@ -407,6 +409,8 @@ class DhcpService(Service):
 
     def _drain(self) -> None:
         sock = self._sock
+        if sock is None:        # stopped between the wake-up and now
+            return
         for _ in range(DRAIN_BATCH):
             try:
                 data, _, flags, source = sock.recvmsg(MAX_DATAGRAM)

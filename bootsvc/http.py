@@ -164,6 +164,7 @@ class HttpService(Service):
     async def _connection(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        assert task is not None     # a connection callback always runs in its task
         self._connections.add(task)
         peer = writer.get_extra_info("peername") or ("?", 0)
         try:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from virtualinux.vvcm.errors import VlxError
-from virtualinux.vvcm.model import Volume
+from virtualinux.vvcm.model import StorageBackend, Volume, VolumeKind
 
 from .backend import CHUNK, NoSpace, free_bytes, fsync_directory
 from .reflink import FICLONE, ReflinkBackend
@@ -120,7 +120,8 @@ class Qcow2Backend(ReflinkBackend):
         golden written into it (by qemu-io, each from a small file of its own): unchanged
         data stays in the golden, as it was before the backup."""
         path = self.snapshot(golden, [name])[0]
-        volume = Volume(name=name, kind="snapshot", backend=self.name, path=path,
+        volume = Volume(name=name, kind=VolumeKind.SNAPSHOT, backend=StorageBackend(self.name),
+                        path=path,
                         size=golden.size, origin=golden.name)
         try:
             if size > golden.size:

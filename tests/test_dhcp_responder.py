@@ -97,6 +97,14 @@ def test_request_in_selecting_state_gets_an_ack(cluster):
     assert r.counters["DHCPACK"] == 1
 
 
+def test_selecting_request_without_the_address_is_counted_not_answered(cluster):
+    """RFC 2131 4.3.2: a REQUEST naming this server must name the address too."""
+    service = DhcpService(replica(), cluster)
+    data = scapy_request("request", NODE1, extra=[("server_id", str(A))])
+    assert service.handle(data, ("0.0.0.0", 68)) is None
+    assert service.counters["ignored_request_without_address"] == 1
+
+
 def test_request_naming_another_server_is_left_to_it(cluster):
     r = responder(cluster)
     reply, _ = answer(r, "request", NODE1, extra=[

@@ -300,6 +300,8 @@ def stop_processes(record: LabRecord) -> list[str]:
     alive = [entry for entry in record.processes if same_process(entry)]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for entry in alive:
+            if entry.pid is None:       # same_process() is never true for one
+                continue
             with contextlib.suppress(ProcessLookupError):
                 os.kill(entry.pid, sig)
         deadline = time.monotonic() + STOP_GRACE

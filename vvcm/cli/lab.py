@@ -214,13 +214,13 @@ def _print_status(report: dict) -> None:
                      node["qemu_pid"] or "-"))
     print_table(("NODE", "MAC", "ADDRESS", "PHASE", "INIT AFTER (s)", "QEMU PID"), rows)
     print()
-    rows = []
+    replicas = []
     for replica in report["replicas"]:
         counters = replica["counters"]
         acks = counters.get("dhcp", {}).get("DHCPACK", 0)
-        rows.append((replica["name"], replica["address"], replica["state"],
-                     replica["pid"] or "-", replica["generation"], acks, replica["log"]))
-    print_table(("REPLICA", "ADDRESS", "STATE", "PID", "GEN", "DHCPACKS", "LOG"), rows)
+        replicas.append((replica["name"], replica["address"], replica["state"],
+                         replica["pid"] or "-", replica["generation"], acks, replica["log"]))
+    print_table(("REPLICA", "ADDRESS", "STATE", "PID", "GEN", "DHCPACKS", "LOG"), replicas)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

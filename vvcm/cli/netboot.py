@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from ..errors import VlxError
 from .common import add_json_flag, database, print_json
@@ -65,7 +66,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     manifest = render.Manifest.load(tree) if tree and (tree / layout.MANIFEST).exists() else None
     kernel_args = manifest.kernel_args if manifest else ()
     if args.node is None:
-        data = {"current": str(tree) if tree else None,
+        data: dict[str, Any] = {"current": str(tree) if tree else None,
                 "tree_generation": manifest.generation if manifest else None,
                 "database_generation": cluster.generation,
                 "kernel_args": list(kernel_args),

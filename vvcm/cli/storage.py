@@ -10,6 +10,7 @@ import argparse
 import logging
 import signal
 import time
+from typing import Any
 
 from virtualinux.storage import tgt
 from virtualinux.storage.naming import parse_portal
@@ -70,7 +71,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not args.watch:
             raise
         log.error("%s", err)  # keep watching what is served
-        daemon = tgt.recorded_daemon(portal)
+        recorded = tgt.recorded_daemon(portal)
+        if recorded is None:
+            raise
+        daemon = recorded
     else:
         print(f"tgtd pid {daemon.pid} {'started' if started else 'running'} on {portal} "
               f"(control port {daemon.control_port}): {added} targets added", flush=True)
@@ -113,7 +117,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     cluster = database(args).load()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for daemon in tgt.recorded_daemons():
         alive = daemon.alive()
         targets = daemon.admin.targets() if alive else {}
