@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import types
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,6 +43,27 @@ CONVERTERS: dict[object, tuple[Callable[[str], object], str]] = {
     Path: (Path, "a path"),
     ipaddress.IPv4Address: (ipaddress.IPv4Address, "an IPv4 address"),
 }
+NONE = "none"       # what sets an optional field (`int | None`) to None
+
+
+def converter(declared: object) -> tuple[Callable[[str], object], str]:
+    """How to read a field of type `declared` from text: one of CONVERTERS, `X | None`
+    (NONE or an X) or `tuple[X, ...]` (X,X,...); and what the error calls it."""
+    if declared in CONVERTERS:
+        return CONVERTERS[declared]
+    arguments = typing.get_args(declared)
+    if typing.get_origin(declared) in (typing.Union, types.UnionType) \
+            and type(None) in arguments and len(arguments) == 2:
+        inner, described = converter(next(a for a in arguments if a is not type(None)))
+        return (lambda text: None if text.lower() == NONE else inner(text),
+                f"{described} or {NONE}")
+    if typing.get_origin(declared) is tuple and len(arguments) == 2 \
+            and arguments[1] is Ellipsis:
+        item, described = converter(arguments[0])
+        return (lambda text: tuple(item(part.strip()) for part in text.split(",")
+                                   if part.strip()),
+                f"a comma-separated list, each {described}")
+    raise TypeError(f"no command-line form for a field of type {declared!r}")
 
 
 def parse(services: Sequence[str], settings: Sequence[str] = (),
@@ -90,8 +112,11 @@ def _setting(flag: str, shown: str, item: str,
     if field not in fields:
         known = ", ".join(sorted(fields)) or "none"
         raise VlxError(f"{shown!r}: {service} has no option {field!r} (it has: {known})", flag)
-    declared = typing.get_type_hints(cls.Options)[field]
-    convert, described = CONVERTERS[declared]
+    try:
+        convert, described = converter(typing.get_type_hints(cls.Options)[field])
+    except TypeError as err:
+        raise VlxError(f"{shown!r}: {service}.{field} cannot be set here ({err})",
+                       flag) from None
     try:
         return service, field, convert(text)
     except ValueError:

@@ -185,3 +185,30 @@ def test_a_service_takes_its_options_or_its_defaults(cluster, tmp_path):
     assert TftpService(replica, cluster).options == TftpService.Options()
     chosen = TftpService.Options(workers=3)
     assert TftpService(replica, cluster, chosen).options is chosen
+
+
+@pytest.mark.parametrize(("declared", "text", "value"), [
+    (int, "69", 69), (float, "0.5", 0.5), (bool, "yes", True), (bool, "off", False),
+    (str, "eth0", "eth0"), (Path, "/srv/tree", Path("/srv/tree")),
+    (ipaddress.IPv4Address, "198.18.0.1", ipaddress.IPv4Address("198.18.0.1")),
+    (int | None, "none", None), (int | None, "5", 5),
+    (tuple[ipaddress.IPv4Address, ...], "198.18.0.1, 198.18.0.2",
+     (ipaddress.IPv4Address("198.18.0.1"), ipaddress.IPv4Address("198.18.0.2"))),
+])
+def test_option_text_is_read_by_the_field_type(declared, text, value):
+    convert, _ = options.converter(declared)
+    assert convert(text) == value
+
+
+@pytest.mark.parametrize(("declared", "text"), [
+    (int, "x"), (bool, "maybe"), (ipaddress.IPv4Address, "198.18.0.300"), (int | None, "x"),
+    (tuple[int, ...], "1,x")])
+def test_option_text_of_the_wrong_type_is_a_value_error(declared, text):
+    convert, _ = options.converter(declared)
+    with pytest.raises(ValueError):
+        convert(text)
+
+
+def test_a_field_type_with_no_command_line_form_is_named():
+    with pytest.raises(TypeError, match="no command-line form"):
+        options.converter(dict[str, int])

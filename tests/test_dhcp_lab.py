@@ -397,3 +397,15 @@ def test_metamaster_learns_an_unknown_machine_from_the_discovery_pool(lab_db, se
              "the discovered MAC in the status file")
     assert main(["bootsvc", "discovered", "--state-dir", str(replica.state_dir), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == [{"mac": mac, "ip": lease["ip"]}]
+
+
+def test_sighup_makes_the_daemon_take_a_new_generation_at_once(lab_db, segment, tmp_path):
+    # Polling only once an hour: the new generation can come only from the SIGHUP.
+    replica = segment.replica(A, "--poll", "3600")
+    served = replica.status().generation
+    newer = lab_db.update("settings", "lease 120 s", lambda c: changes.set_settings(
+        c, dataclasses.replace(c.settings, lease_time=120)))
+    replica.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: replica.status().generation == newer.generation, 30, "the reload")
+    assert newer.generation == served + 1 and replica.status().reloads == 1
+    assert replica.process.poll() is None
