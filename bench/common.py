@@ -19,6 +19,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -59,32 +60,32 @@ def ours_command(db: Path, root: Path, address: str, services: Sequence[str],
                  settings: Mapping[str, int] | None = None,
                  dhcp_receive_buffer: int | None = None,
                  boot_over_tftp: bool = False, quiet: bool = True) -> list[str]:
-    """Our services in the foreground (bootsvc/standalone.py): prints `ready ...` once they
-    listen, and their counters as one JSON line when stopped. `settings`: SERVICE.NAME ->
-    integer. `dhcp_receive_buffer`: bytes for the DHCP socket's SO_RCVBUF (the kernel doubles
-    it), so ours can be given the same buffer as peers that keep the kernel's default.
+    """Our services as production runs them, `vlx bootsvc run`, in the foreground: it prints
+    `ready ...` once they listen and keeps its counters in STATE_DIR's status file (a fresh
+    temporary directory when `state_dir` is None). `settings`: SERVICE.FIELD -> value.
+    `dhcp_receive_buffer`: bytes for the DHCP socket's SO_RCVBUF (the kernel doubles it), so
+    ours can be given the same buffer as peers that keep the kernel's default.
     `boot_over_tftp`: the node scripts name kernel and initrd by tftp:// instead of http://,
     so a PXE row can hold the protocol equal with a TFTP-only peer (the product has no such
     setting; the bench sets it for its run only). `quiet`: problems only, no line per answer
-    (like `vlx bootsvc run --quiet`, and like the peers with their per-packet logs off)."""
-    args = ["--db", str(db), "--root", str(root), "--address", address,
-            "--interface", interface]
-    if state_dir is not None:
-        args += ["--state-dir", str(state_dir)]
+    (`--quiet`, like the peers with their per-packet logs off)."""
+    state = state_dir or Path(tempfile.mkdtemp(prefix="bench-ours-"))
+    args = ["--db", str(db), "bootsvc", "run", "--netboot-root", str(root),
+            "--address", address, "--interface", interface, "--state-dir", str(state),
+            "--services", ",".join(services)]
     for key, value in (settings or {}).items():
         args += ["--set", f"{key}={value}"]
-    prelude = ""
     if quiet:
-        prelude += ("import logging; "
-                    "logging.getLogger('virtualinux.bootsvc').setLevel(logging.WARNING); ")
+        args.append("--quiet")
+    prelude = ""
     if dhcp_receive_buffer is not None:
         prelude += (f"from virtualinux.bootsvc import dhcp; "
                     f"dhcp.RECEIVE_BUFFER = {int(dhcp_receive_buffer)}; ")
     if boot_over_tftp:
         prelude += ("from virtualinux.netboot import scripts; "
                     "scripts.HTTP_BASE = 'tftp://${next-server}'; ")
-    return [sys.executable, "-c", prelude + "import sys; from virtualinux.bootsvc.standalone "
-            "import main; sys.exit(main(sys.argv[1:]))", *args, *services]
+    return [sys.executable, "-c", prelude + "import sys; from virtualinux.vvcm.cli "
+            "import main; sys.exit(main(sys.argv[1:]))", *args]
 
 
 def start_ours(namespace, cmd_args: dict[str, Any], log: Path | None = None,

@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from virtualinux.bootsvc.status import read_status
 from virtualinux.vm_test.netns import Namespace, Netns
 from virtualinux.vvcm import Database, Node, Settings
 from virtualinux.vvcm.changes import validated
@@ -235,9 +236,9 @@ def measure(sweep: Sweep, work: Path, client: Namespace, server_ns: Namespace, c
         kernel = socket_drops(server_ns) - before
         sweep.peak_rss_kib = max(sweep.peak_rss_kib, peak_rss_kib(pid))
     finally:
-        out = common.stop(process)
-    if sweep.server.name == "virtualinux" and out.strip():
-        sweep.counters = json.loads(out.strip().splitlines()[-1]).get("dhcp", {})
+        common.stop(process)
+    if sweep.server.name == "virtualinux":
+        sweep.counters = read_status(work / "state").counters("dhcp")
     log(f"    {sweep.server.name:<34} -r {rate:>6}: {result.dora_per_second:>8.0f} DORA/s, "
         f"{result.drops} drops ({kernel} in port 67's receive queue), server CPU "
         f"{result.cpu_us_per_dora:.0f} us/DORA")

@@ -39,6 +39,7 @@ from pathlib import Path
 from virtualinux.vm_test.netns import Namespace, Netns
 from virtualinux.vvcm import changes
 
+from .common import ours_command
 from .dhcp import cluster_database, cpu_seconds, node_ip, peak_rss_kib
 
 CLIENT = "198.18.0.200"
@@ -132,9 +133,9 @@ def start_servers(netns: Netns, hub: Namespace, bridge: str, work: Path, count: 
     unbound_conf = work / "unbound.conf"
     unbound_conf.write_text(unbound_config(count))
     commands = {
-        "virtualinux": [sys.executable, "-m", "virtualinux.bootsvc.standalone", "--db",
-                        str(db_path), "--root", str(work), "--address", SERVERS["virtualinux"],
-                        "--set", "dns.rate_limit=0", "--set", "dns.receive_buffer=0", "dns"],
+        "virtualinux": ours_command(db_path, work, SERVERS["virtualinux"], ["dns"],
+                                    state_dir=work / "state",
+                                    settings={"dns.rate_limit": 0, "dns.receive_buffer": 0}),
         "dnsmasq": ["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv",
                     "--no-hosts", "--user=root", "--pid-file", f"--server={UPSTREAM}",
                     f"--listen-address={SERVERS['dnsmasq']}", "--bind-interfaces",
@@ -278,7 +279,7 @@ def run_size(count: int, seconds: float, max_rate: int, profile: float, log=prin
             c.settings, upstream_dns=(ipaddress.IPv4Address(UPSTREAM),))))
         hub = netns.namespace("hub")
         bridge = netns.bridge(hub)
-        hub.ip("addr", "add", f"{CLIENT}/{PREFIX}", "dev", bridge)
+        hub.add_address(bridge, f"{CLIENT}/{PREFIX}")
         files = query_files(work, count)
         ours, theirs = in_process_cost(db.path)
         log(f"  in-process CPU per local answer: ours {ours:.1f} us, dnspython's path "

@@ -52,11 +52,14 @@ def plain_dib(release: str, work: Path) -> Row:
     env = dib.environment(release, dib.Mirrors(), work / "dib-cache", {})
     env.pop("ELEMENTS_PATH")
     times = []
+    tool = shutil.which("disk-image-create", path=env["PATH"])
+    if tool is None:
+        raise RuntimeError("no disk-image-create on PATH (pip install diskimage-builder)")
     for run in (1, 2):
         output = work / f"plain{run}"
         started = time.monotonic()
         with (work / f"plain{run}.log").open("w") as log:
-            subprocess.run([shutil.which("disk-image-create", path=env["PATH"]), "-t", "tar",
+            subprocess.run([tool, "-t", "tar",
                             "-o", str(output), "debian-minimal"], env=env, check=True,
                            stdout=log, stderr=subprocess.STDOUT)
         times.append(time.monotonic() - started)

@@ -120,7 +120,7 @@ def run(sizes: list[int], full_sizes: list[int], golden_mib: int, repeat: int,
         env = {**os.environ, "VLX_DB": str(workdir / "cluster.db"), "VLX_POOL": str(pool),
                "VLX_STORAGE_STATE": str(workdir / "state")}
         san = netns.namespace("san")
-        san.ip("addr", "add", "198.18.0.11/24", "dev", "lo")
+        san.add_address("lo", "198.18.0.11/24")
         subprocess.run(vlx + ["db", "init"], env=env, check=True, capture_output=True)
         subprocess.run(vlx + ["db", "import", str(inventory(workdir / "c.toml", max(sizes)))],
                        env=env, check=True, capture_output=True)

@@ -40,6 +40,7 @@ from virtualinux.bench import dhcp as bench
 from virtualinux.bootsvc import dhcp_wire as wire
 from virtualinux.bootsvc.dhcp import Responder
 from virtualinux.bootsvc.service import Replica
+from virtualinux.bootsvc.status import STATUS_FILE, read_status
 from virtualinux.vm_test.netns import Netns
 from virtualinux.vvcm import Database, Node, Settings
 from virtualinux.vvcm.changes import validated
@@ -156,7 +157,7 @@ class Run:
 
 
 def _counters(state: Path) -> dict[str, int]:
-    return json.loads((state / "status.json").read_text())["services"].get("dhcp", {})
+    return read_status(state).counters("dhcp")
 
 
 def _wait(condition, timeout: float, what: str) -> None:
@@ -191,12 +192,12 @@ def storm(work: Path, replicas: int, clients: int, rate: int, k: int, dead: floa
                      "--poll", "0.2"], stdout=(work / f"r{i + 1}.log").open("w"),
                     stderr=subprocess.STDOUT))
                 states.append(state)
-            _wait(lambda: all((s / "status.json").exists() for s in states), 60,
+            _wait(lambda: all((s / STATUS_FILE).exists() for s in states), 60,
                   "the replicas to start")
             for answering in (0, k):
                 generation = set_answering(db, answering) if answering else db.generation()
-                _wait(lambda g=generation: all(json.loads((s / "status.json").read_text())[
-                    "generation"] >= g for s in states), 30, "the replicas to reload")
+                _wait(lambda g=generation: all(read_status(s).generation >= g for s in states),
+                      30, "the replicas to reload")
                 runs.append(_one_run(client, processes, states, work, answering, clients,
                                      rate, retry, log))
             # Replicas down (powered off, crashed): the rest still serve every client.

@@ -75,11 +75,11 @@ class BenchLab:
             c, inventory.load(EXAMPLE), "bench"))
         self.client = self.netns.namespace("client")
         bridge = self.netns.bridge(self.client)
-        self.client.ip("addr", "add", f"{CLIENT}/24", "dev", bridge)
+        self.client.add_address(bridge, f"{CLIENT}/24")
         self.server = self.netns.namespace("server")
         self.netns.plug(self.client, bridge, self.server, address=f"{OURS}/24")
         for address in (ANCHOR, THIRD):
-            self.server.ip("addr", "add", f"{address}/24", "dev", "eth0")
+            self.server.add_address("eth0", f"{address}/24")
 
     def start_ours(self, *services: str) -> None:
         self.processes.append(common.start_ours(self.server, {

@@ -33,8 +33,9 @@ from collections import Counter
 from collections.abc import Iterable
 
 from virtualinux.vvcm import Cluster
+from virtualinux.vvcm.model import Role
 
-ROLE = "dhcp"
+ROLE = Role.DHCP
 MASK = (1 << 64) - 1
 # A retransmission comes a second or more after the first copy (iPXE: 1 s, then 2, 4, 8;
 # udhcpc: -T, 3 s by default; RFC 2131: 4 s); a duplicate of one packet comes at once.

@@ -1,37 +1,38 @@
 """The boot-service daemon: one asyncio process hosting a replica's services.
 
 `resolve_replica` works out who this replica is (a node, or a bare address beside the nodes as
-in the lab); `Daemon.run` starts the chosen services (`service.service_class(name)`), polls the
-database generation (a cheap read, off the event loop), reloads every service when it grows,
-refuses to go back to an older one, and writes its counters to `STATUS_FILE` in the state
-directory about once a second for `vlx bootsvc status`. SIGTERM and SIGINT stop it cleanly.
+in the lab); `Daemon.run` starts the chosen services (`service.service_class(name)`, each with
+its typed `Options`), polls the database generation (a cheap read, off the event loop), reloads
+every service when it grows, refuses to go back to an older one, and writes its `Status`
+(bootsvc.status) to the state directory about once a second for `vlx bootsvc status`. SIGHUP
+looks for a new generation at once; SIGTERM and SIGINT stop it cleanly. This is the one way
+services run: production, the lab, the tests and the benches all start `vlx bootsvc run`.
 Imports the model and the services; never the CLI.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import datetime
 import ipaddress
-import json
 import logging
 import os
 import signal
 import socket
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pyroute2 import IPRoute
 from virtualinux.vvcm import Cluster, Database, VlxError
 
 from .service import Replica, Service, service_class
+from .status import ServiceStatus, State, Status, now
 
 log = logging.getLogger(__name__)
 
-STATUS_FILE = "status.json"
 POLL_INTERVAL = 1.0
+# The signals the daemon handles: stop, and look at the database now.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def resolve_replica(cluster: Cluster, interface: str, node_name: str | None,
@@ -66,19 +67,19 @@ def resolve_replica(cluster: Cluster, interface: str, node_name: str | None,
 
 
 def interface_addresses(interface: str) -> list[ipaddress.IPv4Address]:
-    out = subprocess.run(["ip", "-j", "-4", "addr", "show", "dev", interface],
-                         capture_output=True, text=True, check=False).stdout
-    try:
-        links = json.loads(out or "[]")
-    except json.JSONDecodeError:
-        return []
-    return [ipaddress.IPv4Address(info["local"]) for link in links
-            for info in link.get("addr_info", []) if "local" in info]
+    """The IPv4 addresses on `interface` (none if there is no such interface)."""
+    with IPRoute() as ipr:
+        index = ipr.link_lookup(ifname=interface)
+        if not index:
+            return []
+        return [ipaddress.IPv4Address(message.get("local") or message.get("address"))
+                for message in ipr.get_addr(family=socket.AF_INET, index=index[0])]
 
 
 class Daemon:
     def __init__(self, database: Database, replica: Replica, service_names: tuple[str, ...],
-                 poll_interval: float = POLL_INTERVAL,
+                 poll_interval: float = POLL_INTERVAL, options: dict[str, object] | None = None,
+                 on_running: Callable[[Status], None] | None = None,
                  store_status: Callable[[], dict[str, Any]] | None = None):
         self.database = database
         # Where the local copy comes from (vvcm.replica_copy), shown in the status.
@@ -88,44 +89,67 @@ class Daemon:
         self.poll_interval = poll_interval
         # Resolve every name first, so a typo fails before anything binds a socket.
         self.classes = [service_class(name) for name in service_names]
+        self.options = options or {}
+        # Called once every service listens (the CLI prints its "ready" line).
+        self.on_running = on_running
         self.services: list[Service] = []
         self.generation = -1
         self.reloads = 0
         self.stale_generations = 0
-        self.started = _now()
+        self.unreadable = 0      # polls that could not read the database
+        self.started = now()
         self._stop = asyncio.Event()
+        self._look_now = asyncio.Event()
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    def request_poll(self) -> None:
+        self._look_now.set()
 
     async def run(self) -> None:
         cluster = await asyncio.to_thread(self.database.load)
         self.generation = cluster.generation
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.request_poll)
         try:
+            self.write_status(State.STARTING)
             for cls in self.classes:
-                service = cls(self.replica, cluster)
+                service = cls(self.replica, cluster, self.options.get(cls.name))
                 await service.start()
                 self.services.append(service)
             log.info("bootsvc %s on %s (%s): %s, gen %d",
                      self.replica.node.name if self.replica.node else "(not a node)",
                      self.replica.interface, self.replica.address,
                      ",".join(self.service_names), self.generation)
+            running = self.write_status(State.RUNNING)
+            if self.on_running is not None:
+                self.on_running(running)
             while not self._stop.is_set():
-                self.write_status("running")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), self.poll_interval)
+                await self._sleep()
                 if not self._stop.is_set():
                     await self.poll()
+                    self.write_status(State.RUNNING)
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (*STOP_SIGNALS, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             for service in reversed(self.services):
                 await service.stop()
-            self.write_status("stopped")
+            self.write_status(State.STOPPED)
             log.info("bootsvc stopped at gen %d", self.generation)
+
+    async def _sleep(self) -> None:
+        """Until the poll interval passes, a SIGHUP asks to look now, or a stop."""
+        waits = [asyncio.ensure_future(event.wait()) for event in (self._stop, self._look_now)]
+        try:
+            await asyncio.wait(waits, timeout=self.poll_interval,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        self._look_now.clear()
 
     async def poll(self) -> None:
         """Reload on a newer generation; keep serving the one we have on anything else."""
@@ -139,6 +163,7 @@ class Daemon:
             cluster = await asyncio.to_thread(self.database.load)
         except (VlxError, OSError, ValueError) as err:
             # A database being replaced or briefly unreadable must not stop the boot services.
+            self.unreadable += 1
             log.warning("cannot read the database (%s); still serving gen %d", err,
                         self.generation)
             return
@@ -158,55 +183,24 @@ class Daemon:
                         "gen %d (a database restored from an old copy?)", generation,
                         self.generation, self.generation)
 
-    def status(self, state: str) -> dict[str, Any]:
+    def status(self, state: State) -> Status:
         replica = self.replica
-        return {"state": state, "pid": os.getpid(), "started": self.started, "updated": _now(),
-                "node": replica.node.name if replica.node else None,
-                "interface": replica.interface, "address": str(replica.address),
-                "database": str(self.database.path), "generation": self.generation,
-                "reloads": self.reloads, "stale_generations_refused": self.stale_generations,
-                "store": self.store_status() if self.store_status else None,
-                "services": {service.name: dict(sorted(service.counters.items()))
-                             for service in self.services},
-                "details": {service.name: details for service in self.services
-                            if (details := service.details())}}
+        return Status(
+            state=state, pid=os.getpid(), started=self.started, updated=now(),
+            node=replica.node.name if replica.node else None, interface=replica.interface,
+            address=str(replica.address), database=str(self.database.path),
+            generation=self.generation, reloads=self.reloads,
+            stale_generations_refused=self.stale_generations,
+            database_unreadable=self.unreadable,
+            store=self.store_status() if self.store_status else None,
+            services={service.name: ServiceStatus(
+                port=service.port, counters=dict(sorted(service.counters.items())),
+                details=service.details()) for service in self.services})
 
-    def write_status(self, state: str) -> None:
-        path = self.replica.state_dir / STATUS_FILE
-        fresh = path.with_name(path.name + ".new")
+    def write_status(self, state: State) -> Status:
+        status = self.status(state)
         try:
-            self.replica.state_dir.mkdir(parents=True, exist_ok=True)
-            fresh.write_text(json.dumps(self.status(state), indent=2) + "\n")
-            os.replace(fresh, path)
+            status.write(self.replica.state_dir)
         except OSError as err:
-            log.warning("cannot write %s: %s", path, err)
-
-
-def read_status(state_dir: Path) -> dict[str, Any]:
-    path = state_dir / STATUS_FILE
-    try:
-        status = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise VlxError(f"no status at {path}: is `vlx bootsvc run` running with this "
-                       "--state-dir?") from None
-    except (OSError, json.JSONDecodeError) as err:
-        raise VlxError(f"cannot read {path}: {err}") from None
-    if status.get("state") == "running" and not _alive(int(status.get("pid", 0))):
-        status["state"] = "dead"   # killed without a chance to say so
-    return status
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+            log.warning("cannot write the status to %s: %s", self.replica.state_dir, err)
+        return status

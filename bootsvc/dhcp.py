@@ -32,7 +32,8 @@ from virtualinux.vvcm import Cluster, Node
 
 from . import balance
 from . import dhcp_wire as wire
-from .service import Replica, Service
+from .service import Replica, Service, check_port
+from .status import Status
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ DRAIN_BATCH = 64
 # Bigger than any DHCP message (RFC 2131 allows up to the client's option 57, at most 64 KiB
 # in UDP); a datagram cut at this size is dropped, not parsed.
 MAX_DATAGRAM = 65535
+# The key of details() under which the discovery pool's answers are reported.
+DISCOVERED = "discovered"
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)   # Linux; Python names it from 3.12
 
 
@@ -149,6 +152,11 @@ class Responder:
         self._relay_networks: dict[bytes, Network | None] = {}
         self._unknown_logged: set[bytes] = set()
 
+    @property
+    def cached_answers(self) -> int:
+        """How many encoded answers are kept for reuse (only known hosts get one)."""
+        return len(self._templates)
+
     def respond(self, data: bytes) -> Reply | None:
         """The answer to one datagram, or None; raises `wire.MalformedPacket` for garbage."""
         request = wire.parse_request(data)
@@ -207,6 +215,8 @@ class Responder:
         elif request.ciaddr != ZERO:                            # RENEWING or REBINDING
             wanted = request.ciaddr
         else:
+            wanted = None
+        if wanted is None:      # (a SELECTING one must name the address: RFC 2131 4.3.2)
             self.counters["ignored_request_without_address"] += 1
             return None
         if wanted != mine:
@@ -354,9 +364,16 @@ class DhcpService(Service):
 
     name = "dhcp"
 
-    def __init__(self, replica: Replica, cluster: Cluster, port: int = wire.SERVER_PORT):
-        super().__init__(replica, cluster)
-        self.port = port
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        port: int = wire.SERVER_PORT
+
+        def __post_init__(self) -> None:
+            check_port(self.port)
+
+    def __init__(self, replica: Replica, cluster: Cluster, options: Options | None = None):
+        super().__init__(replica, cluster, options)
+        self.options: DhcpService.Options
         self.discovered: dict[str, str] = {}
         self.transactions = balance.Transactions()
         self.responder = Responder(cluster, replica, self.counters, self._log_events(),
@@ -380,7 +397,7 @@ class DhcpService(Service):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE,
                             self.replica.interface.encode())
-            sock.bind(("0.0.0.0", self.port))
+            sock.bind(("0.0.0.0", self.options.port))
             self.port = sock.getsockname()[1]   # port 0 in a test: the one we got
             sock.setblocking(False)
         except OSError:
@@ -412,10 +429,12 @@ class DhcpService(Service):
 
     def details(self) -> dict[str, object]:
         """Unknown MACs answered from the discovery pool, for `vlx bootsvc discovered`."""
-        return {"discovered": dict(sorted(self.discovered.items()))} if self.discovered else {}
+        return {DISCOVERED: dict(sorted(self.discovered.items()))} if self.discovered else {}
 
     def _drain(self) -> None:
         sock = self._sock
+        if sock is None:        # stopped between the wake-up and now
+            return
         for _ in range(DRAIN_BATCH):
             try:
                 data, _, flags, source = sock.recvmsg(MAX_DATAGRAM)
@@ -430,7 +449,8 @@ class DhcpService(Service):
                 continue
             self.handle(data, source)
 
-    def handle(self, data: bytes, source: tuple[str, int]) -> None:
+    def handle(self, data: bytes, source: tuple[str, int]) -> Reply | None:
+        """Answer one datagram from `source`: the reply sent (None: none, or not started)."""
         try:
             reply = self.responder.respond(data)
         except wire.MalformedPacket as err:
@@ -441,7 +461,7 @@ class DhcpService(Service):
                 self._malformed_logged.add(host)
                 log.warning("dropped a malformed packet from %s:%d: %s (further ones from "
                             "there are only counted)", host, source[1], err)
-            return
+            return None
         if reply is not None and self._sock is not None:
             try:
                 self._sock.sendto(reply.data, (reply.address, reply.port))
@@ -451,6 +471,13 @@ class DhcpService(Service):
                 # A relay or client that cannot be reached: count it and keep serving.
                 self.counters["send_errors"] += 1
                 log.debug("dhcp send to %s failed: %s", reply.address, err)
+        return reply
+
+
+def discovered(status: Status) -> dict[str, str]:
+    """The unknown MACs a replica answered from the discovery pool (MAC -> pool address),
+    as its status reports them."""
+    return dict(status.details(DhcpService.name).get(DISCOVERED, {}))
 
 
 SERVICE = DhcpService

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import struct
+from collections.abc import Iterable
 from typing import NamedTuple
 
 BOOTREQUEST = 1
@@ -301,7 +302,7 @@ def decode(data: bytes) -> Message:
                    sname=sname.rstrip(b"\0"), file=file.rstrip(b"\0"))
 
 
-def addresses(values) -> bytes:
+def addresses(values: Iterable[ipaddress.IPv4Address | str | int]) -> bytes:
     """An option value that is a list of IPv4 addresses."""
     return b"".join(ipaddress.IPv4Address(v).packed for v in values)
 

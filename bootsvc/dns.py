@@ -108,11 +108,8 @@ class DnsService(Service):
         memo_entries: int = 65536       # UDP local answers kept by query bytes (see _drain)
         receive_buffer: int = 4 << 20   # UDP socket buffer for bursts; 0: the kernel's default
 
-    def __init__(self, replica: Replica, cluster: Cluster, options: Options | None = None,
-                 **overrides: int):
-        super().__init__(replica, cluster)
-        # `overrides` are the `port=`/`--set` integers bootsvc.standalone passes today.
-        self.options = dataclasses.replace(options or self.Options(), **overrides)
+    def __init__(self, replica: Replica, cluster: Cluster, options: Options | None = None):
+        super().__init__(replica, cluster, options)
         self.port = self.options.port
         self.zones = ClusterZones(cluster)
         self.cache = Cache(self.options.cache_entries, self.options.cache_bytes, self.counters)

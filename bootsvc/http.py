@@ -6,13 +6,14 @@ iPXE fetches kernels and initrds here because HTTP over TCP is far faster than T
 we cannot parse gets 400 and the connection closes; a slow or silent client is dropped after a
 timeout; nothing a client sends stops the service. Start one from a test or the daemon with
 
-    service = HttpService(replica, cluster, port=80)
+    service = HttpService(replica, cluster, HttpService.Options(port=80))
     await service.start(); ...; await service.stop()
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
 import logging
 import re
@@ -29,7 +30,7 @@ from virtualinux.netboot.files import (
 )
 from virtualinux.vvcm import Cluster
 
-from .service import Replica, Service
+from .service import Replica, Service, check_port
 
 log = logging.getLogger(__name__)
 
@@ -125,16 +126,23 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
 class HttpService(Service):
     name = "http"
 
-    def __init__(self, replica: Replica, cluster: Cluster, port: int = HTTP_PORT):
-        super().__init__(replica, cluster)
-        self.port = port
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        port: int = HTTP_PORT
+
+        def __post_init__(self) -> None:
+            check_port(self.port)
+
+    def __init__(self, replica: Replica, cluster: Cluster, options: Options | None = None):
+        super().__init__(replica, cluster, options)
+        self.options: HttpService.Options
         self.files = BootFiles(Path(replica.netboot_root), cluster)
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
-            self._connection, str(self.replica.address), self.port, limit=MAX_HEADER_BYTES,
+            self._connection, str(self.replica.address), self.options.port, limit=MAX_HEADER_BYTES,
             backlog=512, reuse_address=True)
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("HTTP on %s:%d serving %s (gen %d)", self.replica.address, self.port,
@@ -156,6 +164,7 @@ class HttpService(Service):
     async def _connection(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        assert task is not None     # a connection callback always runs in its task
         self._connections.add(task)
         peer = writer.get_extra_info("peername") or ("?", 0)
         try:

@@ -5,6 +5,12 @@ A service is an asyncio object: `start()` binds its sockets, `stop()` releases t
 cluster: precompute there, answer from the precomputed state). `counters` counts what happened
 (answers, drops by reason) for `vlx bootsvc status`.
 
+Each service declares its settings as a nested frozen dataclass `Options` whose fields all have
+defaults (`port: int = 69`, `workers: int = 1`); the daemon builds it from typed `--set
+SERVICE.FIELD=VALUE` flags (bootsvc.options) and hands it to the constructor
+`(replica, cluster, options=None)`. A service that binds a port sets `self.port` to the one it
+got in `start()` (port 0 in a test: any free one); the status file and the ready line show it.
+
 The service named NAME lives in `virtualinux.bootsvc.NAME` as that module's `SERVICE` class.
 """
 
@@ -16,7 +22,7 @@ import importlib
 import ipaddress
 from collections import Counter
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from virtualinux.vvcm import Cluster, Node, VlxError
 
@@ -41,10 +47,17 @@ class Replica:
 class Service(abc.ABC):
     name: ClassVar[str]
 
-    def __init__(self, replica: Replica, cluster: Cluster):
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        """A service without settings; each service declares its own."""
+
+    def __init__(self, replica: Replica, cluster: Cluster, options: Any = None):
         self.replica = replica
         self.cluster = cluster
+        self.options = options if options is not None else type(self).Options()
         self.counters: Counter[str] = Counter()
+        # The port bound in start(); None for a service that listens on none.
+        self.port: int | None = None
 
     @abc.abstractmethod
     async def start(self) -> None: ...
@@ -58,6 +71,12 @@ class Service(abc.ABC):
     def details(self) -> dict[str, object]:
         """What the service has seen beyond its counters, for the status file."""
         return {}
+
+
+def check_port(port: int) -> None:
+    """For a service's `Options`: 0 (any free port, for tests) to 65535."""
+    if not 0 <= port <= 65535:
+        raise ValueError("port must be from 0 to 65535")
 
 
 def service_class(name: str) -> type[Service]:

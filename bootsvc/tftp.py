@@ -6,13 +6,14 @@ The request port is an asyncio datagram endpoint; each transfer gets a socket of
 bad request gets a TFTP error; a malformed packet is counted, logged (the first few of each
 kind, with their source) and dropped. Start one from a test or the daemon with
 
-    service = TftpService(replica, cluster, port=69)
+    service = TftpService(replica, cluster, TftpService.Options(port=69))
     await service.start(); ...; service.reload(newer_cluster); ...; await service.stop()
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import mmap
 import os
@@ -23,7 +24,7 @@ from pathlib import Path
 from virtualinux.netboot.files import BootFiles, DiskFile, FileMissing, RequestRefused
 from virtualinux.vvcm import Cluster
 
-from .service import Replica, Service
+from .service import Replica, Service, check_port
 from .tftp_window import Transfer, TransferEngine
 from .tftp_wire import (
     ERR_ACCESS,
@@ -31,6 +32,7 @@ from .tftp_wire import (
     ERR_NOT_FOUND,
     ERR_UNDEFINED,
     MAX_BLKSIZE,
+    MIN_BLKSIZE,
     MalformedPacket,
     Request,
     encode_error,
@@ -52,14 +54,26 @@ LOGGED_PER_REASON = 5            # then only every 1000th, so a flood cannot fil
 class TftpService(Service):
     name = "tftp"
 
-    def __init__(self, replica: Replica, cluster: Cluster, port: int = TFTP_PORT,
-                 max_blksize: int = MAX_BLKSIZE, workers: int = WORKERS):
-        super().__init__(replica, cluster)
-        self.port = port
-        self.max_blksize = max_blksize
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        port: int = TFTP_PORT
+        # The largest block size a client may negotiate (RFC 2348 allows up to 65464).
+        max_blksize: int = MAX_BLKSIZE
+        # Transfer threads (bench/tftp.py measures 1 against 2).
+        workers: int = WORKERS
+
+        def __post_init__(self) -> None:
+            check_port(self.port)
+            if not MIN_BLKSIZE <= self.max_blksize <= MAX_BLKSIZE:
+                raise ValueError(f"max_blksize must be from {MIN_BLKSIZE} to {MAX_BLKSIZE}")
+            if self.workers < 1:
+                raise ValueError("workers must be at least 1")
+
+    def __init__(self, replica: Replica, cluster: Cluster, options: Options | None = None):
+        super().__init__(replica, cluster, options)
+        self.options: TftpService.Options
         self.files = BootFiles(Path(replica.netboot_root), cluster)
         self.transfers: dict[tuple[str, int], Transfer] = {}
-        self.workers = workers
         self._engines: list[TransferEngine] = []
         self._endpoint: asyncio.DatagramTransport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -67,9 +81,10 @@ class TftpService(Service):
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._endpoint, _ = await self._loop.create_datagram_endpoint(
-            lambda: _RequestPort(self), local_addr=(str(self.replica.address), self.port))
+            lambda: _RequestPort(self),
+            local_addr=(str(self.replica.address), self.options.port))
         self.port = self._endpoint.get_extra_info("sockname")[1]
-        self._engines = [TransferEngine(f"tftp-{i}") for i in range(self.workers)]
+        self._engines = [TransferEngine(f"tftp-{i}") for i in range(self.options.workers)]
         for engine in self._engines:
             engine.start()
         log.info("TFTP on %s:%d serving %s (gen %d)", self.replica.address, self.port,
@@ -131,7 +146,7 @@ class TftpService(Service):
             self.refuse(peer, ERR_NOT_FOUND, "file not readable", "unreadable",
                         f"{request.filename}: {err}")
             return
-        options = negotiate(request, len(data), self.max_blksize)
+        options = negotiate(request, len(data), self.options.max_blksize)
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)

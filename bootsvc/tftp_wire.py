@@ -109,7 +109,8 @@ def _integer(text: str | None) -> int | None:
 def encode_oack(options: dict[str, str]) -> bytes:
     packet = TftpPacketOACK()
     packet.options = options
-    return packet.encode().buffer
+    encoded: bytes = packet.encode().buffer     # tftpy is untyped
+    return encoded
 
 
 def encode_error(code: int, message: str) -> bytes:

@@ -30,6 +30,8 @@ import uuid
 from importlib import metadata
 from pathlib import Path
 
+import tomli_w
+
 from ..vvcm.errors import VlxError
 from . import cache, dib
 from .dib import Clock, Mirrors, Progress, stderr_progress
@@ -87,16 +89,52 @@ def image_spec(kind: str, release: str = "bookworm", mirror: str | None = None,
     return ImageSpec(kind, release, mirrors, root_size_mib, xen, source)
 
 
-def wheel_sources(source: Path) -> list[str]:
-    """What a wheel of the checkout is made of: pyproject, README and every package folder it
-    maps (tests, .git and the venv are not in the wheel)."""
+# What a node runs is every package of the checkout but these: the virtual lab and the
+# benchmarks drive QEMU, namespaces and peer servers on a developer's machine, never on a node.
+# `pip install -e .` of the checkout still has them all.
+DEVELOPER_PACKAGES = ("virtualinux.vm_test", "virtualinux.bench")
+
+
+def _setuptools_config(source: Path) -> dict:
     config = tomllib.loads((source / "pyproject.toml").read_text())
-    folders = set(config.get("tool", {}).get("setuptools", {}).get("package-dir", {}).values())
+    return config.get("tool", {}).get("setuptools", {})
+
+
+def node_package_dirs(source: Path) -> dict[str, str]:
+    """Package -> folder, for the packages the node wheel carries."""
+    return {package: folder
+            for package, folder in _setuptools_config(source).get("package-dir", {}).items()
+            if package not in DEVELOPER_PACKAGES}
+
+
+def wheel_sources(source: Path) -> list[str]:
+    """What the node wheel of the checkout is made of: pyproject, README and every package
+    folder it carries (tests, bench, vm-test, .git and the venv are not in it)."""
+    folders = set(node_package_dirs(source).values())
     files = [name for name in ("pyproject.toml", "README.md") if (source / name).is_file()]
     # vvcm/cli is mapped too, but it is inside vvcm: copy and hash each file once.
     tops = [folder for folder in folders
             if not any(folder.startswith(f"{other}/") for other in folders)]
     return files + sorted(folder for folder in tops if (source / folder).is_dir())
+
+
+def node_source(source: Path, copy: Path) -> Path:
+    """Into `copy`: exactly the hashed files, with a pyproject.toml that lists only the
+    node's packages, so `pip wheel` of it builds the node wheel."""
+    copy.mkdir(parents=True, exist_ok=True)
+    for name in wheel_sources(source):
+        if (source / name).is_dir():
+            shutil.copytree(source / name, copy / name,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source / name, copy / name)
+    config = tomllib.loads((source / "pyproject.toml").read_text())
+    setuptools = config.setdefault("tool", {}).setdefault("setuptools", {})
+    setuptools["packages"] = [package for package in setuptools.get("packages", [])
+                              if package not in DEVELOPER_PACKAGES]
+    setuptools["package-dir"] = node_package_dirs(source)
+    (copy / "pyproject.toml").write_text(tomli_w.dumps(config))
+    return copy
 
 
 def source_tree_hash(source: Path) -> str:
@@ -163,17 +201,11 @@ def run_logged(cmd: list[str], log_path: Path, phase: str, cwd: Path | None = No
 
 
 def build_wheels(spec: ImageSpec, work: Path, log_path: Path) -> Path:
-    """Wheels of virtualinux and all its dependencies in `work/wheels`. The wheel is built
-    from a copy of exactly the hashed files: pip builds in the tree it is given, and the
-    checkout (shared with others) must not grow a build/ folder."""
-    copy = work / "source"
-    copy.mkdir()
-    for name in wheel_sources(spec.source):
-        if (spec.source / name).is_dir():
-            shutil.copytree(spec.source / name, copy / name,
-                            ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(spec.source / name, copy / name)
+    """Wheels of virtualinux (what a node runs: `node_source`) and all its dependencies in
+    `work/wheels`. The wheel is built from a copy of exactly the hashed files: pip builds in
+    the tree it is given, and the checkout (shared with others) must not grow a build/
+    folder."""
+    copy = node_source(spec.source, work / "source")
     wheel_dir = work / "wheels"
     run_logged([sys.executable, "-m", "pip", "wheel", "--disable-pip-version-check",
                 "--wheel-dir", str(wheel_dir), str(copy)], log_path, "wheels")

@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from virtualinux.vvcm.errors import VlxError
-from virtualinux.vvcm.model import Volume
+from virtualinux.vvcm.model import StorageBackend, Volume, VolumeKind
 
-BACKENDS = ("reflink", "lvm-thin", "qcow2")
+BACKENDS = tuple(StorageBackend)
 CHUNK = 1024 * 1024
 
 
@@ -99,7 +99,8 @@ class Backend(ABC):
         """Make snapshot `name` of `golden` whose contents are `source` (`size` bytes), writing
         only the chunks that differ from the golden, so unchanged data stays shared."""
         path = self.snapshot(golden, [name])[0]
-        volume = Volume(name=name, kind="snapshot", backend=self.name, path=path,
+        volume = Volume(name=name, kind=VolumeKind.SNAPSHOT, backend=StorageBackend(self.name),
+                        path=path,
                         size=golden.size, origin=golden.name)
         try:
             if size > golden.size:

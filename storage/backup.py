@@ -153,8 +153,9 @@ def restore_vc(db: Database, directory: Path) -> VirtualCluster:
     verify(directory, manifest)
     cluster = db.load()
     name = cluster_name(cluster)
-    if not all(node in {n.name for n in cluster.nodes} for node in placement.values()):
-        placement = None  # another cluster: place the VMs afresh
+    known_nodes = {n.name for n in cluster.nodes}
+    # From another cluster (a node it names is not here): place the VMs afresh.
+    place = placement if all(node in known_nodes for node in placement.values()) else None
     for volume in rows:
         if any(v.name == volume.name for v in cluster.volumes):
             raise VlxError(f"a volume named {volume.name} exists already; nothing restored")
@@ -166,7 +167,7 @@ def restore_vc(db: Database, directory: Path) -> VirtualCluster:
     portals = sorted({v.portal for v in rows if v.portal})
     for portal in portals:
         tgt.running_daemon(portal)
-    trial = changes.define_vc(cluster, vc, placement)  # refuses a VC that exists, before I/O
+    trial = changes.define_vc(cluster, vc, place)  # refuses a VC that exists, before I/O
     del trial
     made: list[Volume] = []
     try:
@@ -182,7 +183,7 @@ def restore_vc(db: Database, directory: Path) -> VirtualCluster:
             restored.append(fresh)
 
         def change(current: Cluster) -> Cluster:
-            current = changes.define_vc(current, vc, placement)
+            current = changes.define_vc(current, vc, place)
             current = changes.put_volumes(current, restored)
             have = {c.owner for c in current.credentials}
             current = dataclasses.replace(current, credentials=current.credentials + tuple(

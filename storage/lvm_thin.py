@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from virtualinux.vvcm.errors import VlxError
-from virtualinux.vvcm.model import Volume
+from virtualinux.vvcm.model import StorageBackend, Volume, VolumeKind
 
 from .backend import Backend, NoSpace, check_image, copy_sparse
 
@@ -104,8 +104,8 @@ class LvmThinBackend(Backend):
         size = check_image(image)
         self._check_room(thin_pool)
         run_lvm(create_thin_command(vg, thin_pool, name, size))
-        volume = Volume(name=name, kind="golden", backend=self.name, path=self.path_for(name),
-                        size=size)
+        volume = Volume(name=name, kind=VolumeKind.GOLDEN, backend=StorageBackend(self.name),
+                        path=self.path_for(name), size=size)
         try:
             fd = os.open(volume.path, os.O_WRONLY)
             try:

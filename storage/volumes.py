@@ -17,7 +17,7 @@ from pathlib import Path
 from virtualinux.vvcm import changes
 from virtualinux.vvcm.db import Database
 from virtualinux.vvcm.errors import VlxError
-from virtualinux.vvcm.model import Cluster, Volume
+from virtualinux.vvcm.model import Cluster, Role, StorageBackend, Volume, VolumeKind
 
 from . import tgt
 from .backend import InUse, backend_class, backend_for
@@ -49,7 +49,7 @@ def cluster_name(cluster: Cluster) -> str:
 
 def default_portal(cluster: Cluster) -> str:
     """The first storage node's address: where `--export` without `--portal` exports."""
-    storage = cluster.nodes_with_role("storage")
+    storage = cluster.nodes_with_role(Role.STORAGE)
     if not storage:
         raise VlxError("no node has the storage role: name the portal with --portal IP[:PORT]")
     return f"{storage[0].ip}:{ISCSI_PORT}"
@@ -62,7 +62,8 @@ def add_golden(db: Database, name: str, image: Path, backend: str, pool: str) ->
         raise VlxError(f"a volume named {name} exists already")
     store = backend_class(backend)(pool)
     path, size = store.add_golden(name, image)
-    volume = Volume(name=name, kind="golden", backend=backend, path=path, size=size)
+    volume = Volume(name=name, kind=VolumeKind.GOLDEN, backend=StorageBackend(backend),
+                    path=path, size=size)
     try:
         db.update("volume golden add", f"{name} from {image}",
                   lambda c: changes.put_volumes(_absent(c, [name]), [volume]))
@@ -180,7 +181,7 @@ def snapshot_volumes(db: Database, golden_name: str, count: int | None = None,
                                      origin=golden.name))
         iqn_base = cluster_name(cluster) if portal else ""
         paths = store.snapshot(golden, names)
-        made.extend(Volume(name=name, kind="snapshot", backend=golden.backend, path=path,
+        made.extend(Volume(name=name, kind=VolumeKind.SNAPSHOT, backend=golden.backend, path=path,
                            size=golden.size, origin=golden.name, owner=owner,
                            iqn=target_iqn(iqn_base, name) if portal else None, portal=portal)
                     for name, path, (owner, _) in zip(names, paths, chosen, strict=True))
@@ -194,7 +195,8 @@ def snapshot_volumes(db: Database, golden_name: str, count: int | None = None,
         cluster = db.update("volume snapshot", detail, change)
     except BaseException:
         for volume in made:
-            store.remove(volume)
+            if store is not None:
+                store.remove(volume)
         raise
     tgt.sync_if_served(cluster, made)
     return made
@@ -217,7 +219,8 @@ def export(db: Database, names: Sequence[str], portal: str | None = None) -> lis
     exported = [dataclasses.replace(v, iqn=target_iqn(cluster_name(cluster), v.name),
                                     portal=portal) for v in volumes]
     cluster = db.update("volume export", f"{', '.join(names)} on {portal}", lambda c: (
-        ensure_credentials(changes.put_volumes(c, exported), (v.owner for v in exported))))
+        ensure_credentials(changes.put_volumes(c, exported),
+                           (v.owner for v in exported if v.owner))))
     tgt.sync_if_served(cluster, exported)
     return exported
 

@@ -70,7 +70,7 @@ def dnsmasq_dhcp(netns, leases: Path, host: str):
     require("dnsmasq")
     hub = netns.namespace("hub")
     bridge = netns.bridge(hub)
-    hub.ip("addr", "add", "198.18.0.254/24", "dev", bridge)
+    hub.add_address(bridge, "198.18.0.254/24")
     tap = netns.tap(hub, bridge, "tap0")
     dnsmasq = hub.popen(["dnsmasq", "--keep-in-foreground", "--port=0", "--no-resolv",
                          "--no-hosts", f"--interface={bridge}", "--bind-interfaces",

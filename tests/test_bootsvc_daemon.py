@@ -10,8 +10,11 @@ import json
 from pathlib import Path
 
 import pytest
-from virtualinux.bootsvc import daemon
+from virtualinux.bootsvc import daemon, options
 from virtualinux.bootsvc.dhcp import DhcpService
+from virtualinux.bootsvc.http import HttpService
+from virtualinux.bootsvc.status import STATUS_FILE, State, read_status
+from virtualinux.bootsvc.tftp import TftpService
 from virtualinux.vvcm import NotFound, VlxError, changes, inventory
 from virtualinux.vvcm.cli import main
 
@@ -86,18 +89,27 @@ def test_older_generation_is_refused_and_the_newer_kept(db, db_path, cluster, tm
 
 def test_unreadable_database_keeps_the_served_generation(db, db_path, cluster, tmp_path):
     runner = _daemon(db, cluster, tmp_path)
+    db.update("settings", "lease", lambda c: changes.set_settings(
+        c, dataclasses.replace(c.settings, lease_time=120)))
+    good = db_path.read_bytes()
     db_path.write_bytes(b"not a database at all")
     asyncio.run(runner.poll())
-    assert runner.generation == cluster.generation
+    # The poll looked, failed to read, said so, and kept serving what it had.
+    assert runner.generation == cluster.generation and runner.reloads == 0
+    assert runner.write_status(State.RUNNING).database_unreadable == 1
+    assert runner.services[0].responder.generation == cluster.generation
+    db_path.write_bytes(good)       # readable again: the newer generation is taken
+    asyncio.run(runner.poll())
+    assert runner.generation == cluster.generation + 1 and runner.reloads == 1
 
 
 def test_status_file_holds_counters_and_status_reads_it(db, cluster, tmp_path, capsys):
     runner = _daemon(db, cluster, tmp_path)
     runner.services[0].handle(b"garbage", ("198.18.0.9", 68))
-    runner.write_status("running")
-    status = json.loads((tmp_path / "st" / daemon.STATUS_FILE).read_text())
-    assert status["generation"] == cluster.generation and status["address"] == "127.0.0.1"
-    assert status["services"]["dhcp"] == {"dropped_short": 1}
+    runner.write_status(State.RUNNING)
+    status = read_status(tmp_path / "st")
+    assert status.generation == cluster.generation and status.address == "127.0.0.1"
+    assert status.counters("dhcp") == {"dropped_short": 1}
     assert main(["bootsvc", "status", "--state-dir", str(tmp_path / "st")]) == 0
     out = capsys.readouterr().out
     assert out.startswith("running: (not a node) on lo (127.0.0.1)")
@@ -105,7 +117,7 @@ def test_status_file_holds_counters_and_status_reads_it(db, cluster, tmp_path, c
 
 
 def test_status_of_a_killed_daemon_says_dead(tmp_path, capsys):
-    (tmp_path / daemon.STATUS_FILE).write_text(json.dumps({
+    (tmp_path / STATUS_FILE).write_text(json.dumps({
         "state": "running", "pid": 2**22 + 12345, "node": None, "interface": "eth0",
         "address": "198.18.0.201", "generation": 3, "updated": "x", "reloads": 0,
         "stale_generations_refused": 0, "services": {}}))
@@ -120,6 +132,22 @@ def test_status_of_a_killed_daemon_says_dead(tmp_path, capsys):
     (["--interface", "lo", "--address", "198.18.0.201"], "not an address of lo"),
     (["--interface", "lo", "--node", "nosuch"], "no node named 'nosuch'"),
     (["--interface", "lo", "--poll", "0"], "--poll: must be more than 0 seconds"),
+    (["--interface", "lo", "--set", "tftp.workers=2"],
+     "--set: 'tftp.workers=2': tftp is not run here (--services dhcp)"),
+    (["--interface", "lo", "--set", "bogus.port=1"], "--set: unknown service 'bogus'"),
+    (["--interface", "lo", "--services", "tftp", "--set", "tftp.threads=2"],
+     "--set: 'tftp.threads=2': tftp has no option 'threads' (it has: max_blksize, port, "
+     "workers)"),
+    (["--interface", "lo", "--services", "tftp", "--set", "tftp.workers=two"],
+     "--set: 'tftp.workers=two': tftp.workers must be an integer, not 'two'"),
+    (["--interface", "lo", "--services", "tftp", "--set", "tftp.workers=0"],
+     "--set: tftp: workers must be at least 1"),
+    (["--interface", "lo", "--services", "tftp", "--set", "tftp.workers"],
+     "--set: 'tftp.workers': write SERVICE.FIELD=VALUE"),
+    (["--interface", "lo", "--port", "dhcp=70000"], "--port: dhcp: port must be from 0 to 65535"),
+    (["--interface", "lo", "--port", "dhcp"], "--port: 'dhcp': write SERVICE=PORT"),
+    (["--interface", "lo", "--port", "dhcp=6767", "--set", "dhcp.port=6868"],
+     "--set: dhcp.port is set twice"),
 ])
 def test_bad_run_arguments_exit_2_with_one_message(cluster, db_path, capsys, argv, message):
     assert main(["--db", str(db_path), "bootsvc", "run", *argv]) == 2
@@ -140,3 +168,47 @@ def test_malformed_run_arguments_are_usage_errors(db_path, argv):
 def test_status_without_a_daemon_is_a_clear_error(tmp_path: Path, capsys):
     assert main(["bootsvc", "status", "--state-dir", str(tmp_path)]) == 2
     assert "is `vlx bootsvc run` running with this --state-dir?" in capsys.readouterr().err
+
+
+def test_options_are_typed_dataclasses_built_from_the_flags():
+    parsed = options.parse(("dhcp", "tftp", "http"),
+                           ["tftp.workers=2", "tftp.max_blksize=1468"], ["http=8080"])
+    assert parsed["tftp"] == TftpService.Options(port=69, max_blksize=1468, workers=2)
+    assert parsed["http"] == HttpService.Options(port=8080)
+    assert parsed["dhcp"] == DhcpService.Options()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        parsed["tftp"].workers = 3
+
+
+def test_a_service_takes_its_options_or_its_defaults(cluster, tmp_path):
+    replica = daemon.resolve_replica(cluster, "lo", None, LOOPBACK, tmp_path, tmp_path, ())
+    assert TftpService(replica, cluster).options == TftpService.Options()
+    chosen = TftpService.Options(workers=3)
+    assert TftpService(replica, cluster, chosen).options is chosen
+
+
+@pytest.mark.parametrize(("declared", "text", "value"), [
+    (int, "69", 69), (float, "0.5", 0.5), (bool, "yes", True), (bool, "off", False),
+    (str, "eth0", "eth0"), (Path, "/srv/tree", Path("/srv/tree")),
+    (ipaddress.IPv4Address, "198.18.0.1", ipaddress.IPv4Address("198.18.0.1")),
+    (int | None, "none", None), (int | None, "5", 5),
+    (tuple[ipaddress.IPv4Address, ...], "198.18.0.1, 198.18.0.2",
+     (ipaddress.IPv4Address("198.18.0.1"), ipaddress.IPv4Address("198.18.0.2"))),
+])
+def test_option_text_is_read_by_the_field_type(declared, text, value):
+    convert, _ = options.converter(declared)
+    assert convert(text) == value
+
+
+@pytest.mark.parametrize(("declared", "text"), [
+    (int, "x"), (bool, "maybe"), (ipaddress.IPv4Address, "198.18.0.300"), (int | None, "x"),
+    (tuple[int, ...], "1,x")])
+def test_option_text_of_the_wrong_type_is_a_value_error(declared, text):
+    convert, _ = options.converter(declared)
+    with pytest.raises(ValueError):
+        convert(text)
+
+
+def test_a_field_type_with_no_command_line_form_is_named():
+    with pytest.raises(TypeError, match="no command-line form"):
+        options.converter(dict[str, int])

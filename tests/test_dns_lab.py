@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from virtualinux.vvcm import changes, inventory
+from virtualinux.vvcm.command import vlx_command
 
 from .conftest import EXAMPLE, require
 
@@ -85,13 +86,13 @@ def dns_lab(db, db_path, netns, tmp_path):
             c.settings, upstream_dns=tuple(map(ipaddress.IPv4Address, UPSTREAMS)))))
         lan = netns.namespace("lan")
         bridge = netns.bridge(lan)
-        lan.ip("addr", "add", f"{CLIENT}/24", "dev", bridge)
-        lan.ip("addr", "add", f"{FLOODER}/24", "dev", bridge)
+        lan.add_address(bridge, f"{CLIENT}/24")
+        lan.add_address(bridge, f"{FLOODER}/24")
         logs = []
         for index, (address, spoofer) in enumerate(zip(UPSTREAMS, SPOOFERS, strict=True)):
             up = netns.namespace(f"up{index + 1}")
             netns.plug(lan, bridge, up, address=f"{address}/24")
-            up.ip("addr", "add", f"{spoofer}/24", "dev", "eth0")
+            up.add_address("eth0", f"{spoofer}/24")
             log = tmp_path / f"upstream{index + 1}.log"
             log.touch()
             silent = ["--silent"] if silent_first and index == 0 else []
@@ -106,9 +107,12 @@ def dns_lab(db, db_path, netns, tmp_path):
             ns = netns.namespace(f"r{index + 1}")
             netns.plug(lan, bridge, ns, address=f"{address}/24")
             process = ns.popen(
-                [sys.executable, "-m", "virtualinux.bootsvc.standalone", "--db", str(db_path),
-                 "--root", str(tmp_path), "--address", address, "--port", "dns=53",
-                 "--set", "dns.upstream_timeout_ms=700", *[f"--set={s}" for s in sets], "dns"],
+                vlx_command("--db", str(db_path), "bootsvc", "run", "--interface", "eth0",
+                            "--address", address, "--netboot-root", str(tmp_path),
+                            "--state-dir", str(tmp_path / f"state-{index + 1}"),
+                            "--services", "dns", "--port", "dns=53",
+                            "--set", "dns.upstream_timeout_ms=700",
+                            *[f"--set={s}" for s in sets]),
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             processes.append(process)
             assert process.stdout.readline().startswith("ready dns=53"), "dns did not start"

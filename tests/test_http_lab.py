@@ -50,7 +50,7 @@ def test_head_and_node_files_from_the_database(bootfiles_lab):
     assert result.stdout == scripts.node_script(lab.cluster, node, ["console=ttyS0"])
     cpio_url = f"{URL}/nodes/52-54-00-00-00-11.cpio"
     assert curl(lab, "-o", "/dev/null", "-w", "%{http_code}", cpio_url).stdout == "403"
-    lab.client.ip("addr", "add", f"{node.ip}/24", "dev", "br0")     # now we are node1
+    lab.client.add_address("br0", f"{node.ip}/24")     # now we are node1
     result = curl(lab, "--fail", "--interface", str(node.ip), "-o", str(lab.download / "cpio"),
                   cpio_url)
     assert result.returncode == 0, result.stderr

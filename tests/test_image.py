@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -110,6 +112,33 @@ def test_source_hash_covers_the_packages_but_not_the_tests(tmp_path):
     assert build.source_tree_hash(source) == first
     (source / "pkg" / "a.py").write_text("A = 2\n")
     assert build.source_tree_hash(source) != first
+
+
+def test_the_node_wheel_carries_what_a_node_runs_and_not_the_lab_or_benches(tmp_path):
+    source = build.node_source(build.REPOSITORY, tmp_path / "source")
+    assert not (source / "bench").exists() and not (source / "vm-test").exists()
+    # The same folders the node key hashes: a change to a bench makes no new node image.
+    assert sorted(p.name for p in source.iterdir()) == sorted(
+        build.wheel_sources(build.REPOSITORY))
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
+                           "--disable-pip-version-check", "--wheel-dir", str(tmp_path / "w"),
+                           str(source)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (wheel,) = (tmp_path / "w").glob("virtualinux-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        packages = {name.split("/")[1] for name in archive.namelist()
+                    if name.startswith("virtualinux/")}
+    assert packages == {"bootsvc", "image", "initscripts", "netboot", "storage", "vvcm"}
+
+
+def test_vlx_works_on_a_node_without_the_lab(tmp_path):
+    """What `vlx` does where vm_test is not installed (a node): every noun but `lab`."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['virtualinux.vm_test'] = None\n"
+         "from virtualinux.vvcm.cli import main; sys.exit(main(sys.argv[1:]))", "--help"],
+        capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "bootsvc" in done.stdout and "\n    lab " not in done.stdout
 
 
 def test_root_size_leaves_headroom_in_whole_64_mib():

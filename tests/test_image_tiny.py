@@ -69,7 +69,7 @@ def test_node_comes_up_with_the_address_of_ip_and_answers_ping(netns, tiny, tmp_
     require("qemu-system-x86_64")
     hub = netns.namespace("hub")
     bridge = netns.bridge(hub)
-    hub.ip("addr", "add", "198.18.0.254/24", "dev", bridge)
+    hub.add_address(bridge, "198.18.0.254/24")
     tap = netns.tap(hub, bridge, "tap0")
     # A hostile vlx.hostname must be ignored as data, not run; the ip= name then counts.
     append = ("ip=198.18.0.11::198.18.0.254:255.255.255.0:node1:eth0:off "

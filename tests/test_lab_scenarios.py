@@ -15,11 +15,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from pyroute2 import IPRoute
 from virtualinux.vm_test import lab, plan, state
 from virtualinux.vvcm import Database
 from virtualinux.vvcm.command import vlx_command
@@ -51,10 +53,11 @@ def leftovers(state_dir: Path) -> list[str]:
         if str(state_dir).encode() in cmdline and int(proc.name) != os.getpid():
             shown = cmdline.replace(b"\0", b" ")[:120]
             found.append(f"process {proc.name}: {shown!r}")
-    taps = subprocess.run(["ip", "-o", "link", "show", "type", "tun"], capture_output=True,
-                          text=True).stdout
-    found += [f"tap in the host namespace: {line}" for line in taps.splitlines()
-              if plan.namespace_prefix(state_dir) in line]
+    with IPRoute() as ipr:
+        taps = [link.get("ifname") for link in ipr.get_links()
+                if link.get(("linkinfo", "kind")) == "tun"]
+    found += [f"tap in the host namespace: {name}" for name in taps
+              if plan.namespace_prefix(state_dir) in name]
     return found
 
 
@@ -153,32 +156,43 @@ def test_every_node_boots_when_a_replica_is_killed_while_nodes_boot(lab_dir):
 
 
 def test_down_after_up_was_killed_half_way_leaves_nothing(lab_dir):
+    """`up` is killed at one exact point: replicas spawned, none serving yet, no QEMU. The
+    test holds the lab database locked once `up` has filled it, so the replicas wait in their
+    first read (VLX_DB_TIMEOUT) and `up` waits for them; no race with how fast `up` is."""
     up = subprocess.Popen([*VLX, "lab", "up", "--inventory", str(EXAMPLE), "--nodes", "1",
                            "--state-dir", str(lab_dir)],
+                          env={**os.environ, "VLX_DB_TIMEOUT": "300"},
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    holder = None
     try:
         deadline = time.monotonic() + 120
-        record = None
-        while time.monotonic() < deadline:
-            with_pid = None
+        while time.monotonic() < deadline and up.poll() is None:
             try:
                 record = state.LabRecord.load(lab_dir)
             except state.StateError:
                 record = None     # caught between two writes of the record
-            if record is not None:
-                with_pid = record.process("replica-r2")
-            if with_pid is not None and with_pid.pid is not None:
+            # A namespace in the record: the database is filled and `up` writes it no more.
+            if record is not None and record.namespaces and holder is None:
+                holder = sqlite3.connect(lab_dir / "cluster.db", isolation_level=None)
+                holder.execute("BEGIN EXCLUSIVE")
+            entry = record.process("replica-r2") if record is not None else None
+            if holder is not None and entry is not None and entry.pid is not None:
                 break
             time.sleep(0.02)
-        # Killed while starting: replicas run, QEMU may or may not.
+        else:
+            pytest.fail(f"`up` never started replica r2 (exit {up.poll()})")
         up.kill()
         up.wait()
     finally:
         if up.poll() is None:
             up.kill()
             up.wait()
+        if holder is not None:
+            holder.execute("ROLLBACK")
+            holder.close()
     record = state.LabRecord.load(lab_dir)
     assert record is not None and record.phase == "starting"
+    assert record.process("qemu-node1") is None
     pids = [p.pid for p in record.processes if p.pid is not None]
     assert lab.lab_namespaces(record.prefix) and pids
     done = vlx("lab", "down", "--state-dir", str(lab_dir), timeout=60)

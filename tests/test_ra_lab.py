@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -79,7 +80,12 @@ def test_client_sees_no_default_router_and_gets_no_route(netns, tmp_path, db_pat
     replica_ns = netns.namespace("r1")
     netns.plug(hub, bridge, replica_ns, address="198.18.0.201/24", mac="52:54:00:00:02:01")
     # No link-local address on the replica's side: the service must make one (EUI-64).
-    replica_ns.ip("-6", "addr", "flush", "dev", "eth0", "scope", "link")
+    with replica_ns.netlink() as ipr:
+        index = ipr.link_lookup(ifname="eth0")[0]
+        for address in ipr.get_addr(family=socket.AF_INET6, index=index):
+            if address["scope"] == 253:     # RT_SCOPE_LINK
+                ipr.addr("del", index=index, address=address.get("IFA_ADDRESS"),
+                         prefixlen=address["prefixlen"])
     client = netns.namespace("cli")
     netns.plug(hub, bridge, client)
     # A client that takes default routes and addresses from RAs, as a host would.

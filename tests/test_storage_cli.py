@@ -21,9 +21,17 @@ def cluster(db_path, tmp_path, monkeypatch, capsys):
     return tmp_path / "state"
 
 
-def test_status_with_no_tgtd_lists_nothing(cluster, capsys):
+def test_status_lists_each_recorded_tgtd_and_nothing_more(cluster, capsys):
     code, out, _ = vlx(capsys, "storage", "status", "--json")
     assert code == 0 and json.loads(out) == []
+    cluster.mkdir()
+    # Recorded, but the pid is not a tgtd (this test process): listed, and listed as dead.
+    tgt.state_file("198.18.0.11:3260", cluster).write_text(json.dumps(
+        {"portal": "198.18.0.11:3260", "control_port": 31999, "pid": os.getpid()}))
+    code, out, _ = vlx(capsys, "storage", "status", "--json")
+    rows = json.loads(out)
+    assert code == 2 and [(r["portal"], r["pid"], r["alive"], r["control_port"])
+                          for r in rows] == [("198.18.0.11:3260", os.getpid(), False, 31999)]
 
 
 def test_stop_without_a_tgtd_succeeds_and_bad_portals_are_refused(cluster, capsys):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -14,7 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from virtualinux.bootsvc.status import State, read_status
 from virtualinux.netboot import render, scripts
+from virtualinux.vm_test.lab import VLX
 from virtualinux.vvcm import Credential, Volume, changes, inventory
 
 from .conftest import EXAMPLE, require
@@ -32,13 +33,16 @@ class BootFilesLab:
     tree: Path              # the rendered tree (OUT/current)
     cluster: object
     process: subprocess.Popen
+    state_dir: Path         # the replica's --state-dir
     download: Path          # a directory for what clients fetch
 
-    def stop(self) -> dict:
-        """Stop the services (running transfers get to finish); their counters."""
+    def stop(self) -> dict[str, dict[str, int]]:
+        """Stop the services (running transfers get to finish); their final counters."""
         self.process.terminate()
-        out, _ = self.process.communicate(timeout=20)
-        return json.loads(out.strip().splitlines()[-1])
+        assert self.process.wait(timeout=20) == 0
+        status = read_status(self.state_dir)
+        assert status.state == State.STOPPED
+        return {name: status.counters(name) for name in status.services}
 
     def run(self, cmd: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
         return self.client.run(cmd, check=False, timeout=timeout)
@@ -50,7 +54,7 @@ def digest(path: Path) -> str:
 
 @pytest.fixture
 def service_settings() -> list[str]:
-    """Extra `--set SERVICE.NAME=INT` for the services; a test overrides this fixture."""
+    """Extra `--set SERVICE.FIELD=VALUE` for the services; a test overrides this fixture."""
     return []
 
 
@@ -78,19 +82,21 @@ def bootfiles_lab(db, db_path, netns, tmp_path, service_settings):
 
     client = netns.namespace("client")
     bridge = netns.bridge(client)
-    client.ip("addr", "add", f"{CLIENT}/24", "dev", bridge)
+    client.add_address(bridge, f"{CLIENT}/24")
     server = netns.namespace("server")
     netns.plug(client, bridge, server, address=f"{SERVER}/24")
+    state_dir = tmp_path / "replica"
     process = server.popen(
-        [sys.executable, "-m", "virtualinux.bootsvc.standalone", "--db", str(db_path),
-         "--root", str(out / render.CURRENT), "--address", SERVER,
-         *[f"--set={setting}" for setting in service_settings], "tftp", "http"],
+        [*VLX, "--db", str(db_path), "bootsvc", "run", "--interface", "eth0",
+         "--address", SERVER, "--services", "tftp,http", "--state-dir", str(state_dir),
+         "--netboot-root", str(out / render.CURRENT),
+         *[f"--set={setting}" for setting in service_settings]],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        assert process.stdout.readline().startswith("ready"), "services did not start"
+        assert process.stdout.readline() == "ready tftp=69 http=80\n", "services did not start"
         download = tmp_path / "download"
         download.mkdir()
-        yield BootFilesLab(client, out / render.CURRENT, cluster, process, download)
+        yield BootFilesLab(client, out / render.CURRENT, cluster, process, state_dir, download)
     finally:
         if process.poll() is None:
             process.kill()
@@ -134,7 +140,7 @@ def test_node_script_is_made_from_the_database_and_netascii_converts(bootfiles_l
     cpio = f"tftp://{SERVER}/nodes/52-54-00-00-00-11.cpio"
     result = lab.run(["curl", "-sS", "-o", "/dev/null", cpio])
     assert result.returncode == 69          # curl's "TFTP: access violation"
-    lab.client.ip("addr", "add", "198.18.0.11/24", "dev", "br0")
+    lab.client.add_address("br0", "198.18.0.11/24")
     result = lab.run(["curl", "-sS", "--fail", "--interface", "198.18.0.11",
                       "-o", str(lab.download / "cpio"), cpio])
     assert result.returncode == 0, result.stderr
@@ -166,7 +172,7 @@ def test_bad_packets_are_dropped_and_the_service_keeps_serving(bootfiles_lab):
               f"for p in {garbage!r}:\n"
               f"    s.sendto(p, ('{SERVER}', 69))\n")
     assert lab.run([sys.executable, "-c", sender]).returncode == 0
-    time.sleep(0.3)
+    # The request port takes datagrams in order: this request comes after all the garbage.
     result = lab.run(["curl", "-sS", "--fail", f"tftp://{SERVER}/boot.ipxe"])
     assert result.returncode == 0 and result.stdout.startswith("#!ipxe"), result.stderr
     counters = lab.stop()["tftp"]

@@ -8,7 +8,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 from virtualinux.vvcm import changes, inventory
@@ -114,14 +113,26 @@ def test_overcommit_ratio_is_configurable(db):
 
 def test_a_second_writer_waits_for_the_first(db, db_path):
     imported(db)
-    holder = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+    holder = sqlite3.connect(db_path, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
-    threading.Timer(1.0, lambda: holder.execute("COMMIT")).start()
-    started = time.monotonic()
-    db.update("node add", "node5", lambda c: changes.add_node(c, node("node5", 15)))
-    assert time.monotonic() - started >= 0.9
+    # The change function runs only once the writer holds the database: that is the event.
+    holding = threading.Event()
+
+    def change(cluster):
+        holding.set()
+        return changes.add_node(cluster, node("node5", 15))
+    writer = threading.Thread(target=db.update, args=("node add", "node5", change))
+    writer.start()
+    try:
+        # While the first writer holds it the second never gets in (a writer that did not
+        # wait would be in within milliseconds; a slow machine can only make this pass).
+        assert not holding.wait(0.5)
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    assert holding.wait(30), "the second writer never got in after the first committed"
+    writer.join(30)
     assert db.load().node("node5").ip == ipaddress.IPv4Address("198.18.0.15")
-    holder.close()
 
 
 def test_a_writer_that_cannot_wait_longer_fails_cleanly(db, db_path):

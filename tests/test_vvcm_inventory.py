@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from virtualinux.vvcm import inventory
+from virtualinux.vvcm import changes, fields, inventory
 from virtualinux.vvcm.cli import main
 from virtualinux.vvcm.errors import VlxError
+from virtualinux.vvcm.model import Network, Role, StorageBackend, Volume, VolumeKind
 
 from .conftest import EXAMPLE
 
@@ -89,3 +90,41 @@ def test_a_failed_import_leaves_the_database_unchanged(db_path, tmp_path, capsys
     assert main(["db", "import", "--replace", str(bad)]) == 2
     assert "does not fit" in capsys.readouterr().err
     assert db_path.read_bytes() == before
+
+
+def test_roles_kinds_and_backends_are_enums_that_read_and_write_as_names(db):
+    db.update("db import", "test", lambda c: inventory.apply(c, inventory.load(EXAMPLE), "test"))
+    db.update("volume", "test", lambda c: changes.put_volumes(c, [Volume(
+        name="golden", kind=VolumeKind.GOLDEN, backend=StorageBackend.QCOW2, path="/p/g",
+        size=1 << 30)]))
+    loaded = db.load()
+    roles = loaded.node("node1").roles
+    assert roles and all(type(role) is Role for role in roles)
+    assert Role.GATEWAY_PRIMARY in roles and "gateway-primary" in roles
+    volume = loaded.volume("golden")
+    assert type(volume.kind) is VolumeKind and volume.kind == "golden"
+    assert type(volume.backend) is StorageBackend and volume.backend == "qcow2"
+    dumped = inventory.dump(loaded)
+    assert '"gateway-primary",' in dumped and 'backend = "qcow2"' in dumped
+    assert "Role." not in dumped and "StorageBackend." not in dumped
+
+
+def test_a_volume_of_an_unknown_backend_or_kind_is_refused():
+    with pytest.raises(VlxError, match="kind = 'copy': choose from golden, snapshot"):
+        fields.from_mapping(Volume, {"name": "v", "kind": "copy", "backend": "qcow2",
+                                     "path": "/p", "size": 1}, "test")
+    with pytest.raises(VlxError, match="backend = 'zfs': choose from reflink, lvm-thin, qcow2"):
+        fields.from_mapping(Volume, {"name": "v", "kind": "golden", "backend": "zfs",
+                                     "path": "/p", "size": 1}, "test")
+
+
+def test_networks_are_typed_records(db):
+    cluster = db.update("db import", "test",
+                        lambda c: inventory.apply(c, inventory.load(EXAMPLE), "test"))
+    first, *vcs = cluster.networks()
+    assert first == Network(name="cluster", cidr=cluster.settings.cidr,
+                            gateway=cluster.settings.gateway_vip)
+    assert [(net.name, net.cidr, net.vxlan) for net in vcs] == [
+        (vc.name, vc.cidr, vc.vxlan) for vc in cluster.vcs]
+    assert first.to_json() == {"name": "cluster", "cidr": "198.18.0.0/24",
+                               "gateway": "198.18.0.254"}

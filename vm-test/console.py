@@ -60,8 +60,8 @@ def attach(socket_path: Path, stdin: int | None = None, stdout: int | None = Non
 
 def _pump(conn: socket.socket, stdin: int, stdout: int) -> None:
     while True:
-        readable, _, _ = select.select([conn, stdin], [], [])
-        if conn in readable:
+        readable, _, _ = select.select([conn.fileno(), stdin], [], [])
+        if conn.fileno() in readable:
             data = conn.recv(65536)
             if not data:
                 return

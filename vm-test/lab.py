@@ -3,7 +3,7 @@
     STATE/lab.json            the record of everything made (state.py), written before making it
     STATE/cluster.db          the lab's own database, imported from the inventory
     STATE/netboot/current     the netboot tree the replicas serve (rendered by the caller)
-    STATE/replicas/rN/        a replica's log and status.json (`vlx bootsvc run --state-dir`)
+    STATE/replicas/rN/        a replica's log and status (`vlx bootsvc run --state-dir`)
     STATE/nodes/NAME/         a node's serial.log, serial.sock, monitor.sock, qemu.log
 
 Network (all in namespaces named PREFIX-*, addresses from the cluster network only, no route
@@ -14,15 +14,15 @@ one replica on a veth into br0, at a free address of the cluster network.
 half-made); `Lab.wait(...)` follows the nodes' progress; `down(state_dir)` removes everything the
 record names, also after a crash of `start`; `status(state_dir)` reports on a running lab.
 
-Imports the model only: the caller hands in how to fill the database and render the tree (the
-command line, which may import the other areas, does that).
+Imports the model and the replicas' status format (bootsvc.status); the caller hands in how to
+fill the database and render the tree (the command line, which may import the other areas, does
+that).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import shutil
 import signal
@@ -33,10 +33,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from virtualinux.bootsvc.status import read_status, wait_running
 from virtualinux.vvcm import Cluster, Database, VlxError
 
 from . import qemu
-from .netns import NETNS_DIR, Namespace, Netns, kill_all
+from .netns import NETNS_DIR, Namespace, Netns, remove_namespace
 from .plan import BRIDGE, REPLICA_INTERFACE, LabPlan, namespace_prefix
 from .progress import NodeProgress, Watcher, ping_from
 from .state import LabRecord, StateError, process_start_time, same_process
@@ -49,7 +50,7 @@ REPLICA_START_TIMEOUT = 30.0
 STOP_GRACE = 5.0
 # A unix socket path longer than this does not fit in sockaddr_un.
 MAX_SOCKET_PATH = 107
-REQUIRED_PROGRAMS = ("ip", "nsenter", "busybox")
+REQUIRED_PROGRAMS = ("nsenter", "busybox")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,20 +160,13 @@ class Lab:
             self._await_replica(replica.name, procs[replica.name])
 
     def _await_replica(self, name: str, proc: subprocess.Popen) -> None:
-        """Until the replica's services are bound (its status file says running)."""
-        status_file = self.paths.replica_dir(name) / "status.json"
-        deadline = time.monotonic() + REPLICA_START_TIMEOUT
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise VlxError(f"replica {name} exited with {proc.returncode} at start:\n"
-                               + tail(self.paths.replica_log(name)))
-            with contextlib.suppress(OSError, ValueError):
-                status = json.loads(status_file.read_text())
-                if status.get("state") == "running" and status.get("pid") == proc.pid:
-                    return
-            time.sleep(0.1)
-        raise VlxError(f"replica {name} did not start within {REPLICA_START_TIMEOUT:g} s:\n"
-                       + tail(self.paths.replica_log(name)))
+        """Until the replica's services are bound (its status says running)."""
+        try:
+            wait_running(self.paths.replica_dir(name), proc.pid, REPLICA_START_TIMEOUT,
+                         exited=lambda: proc.poll() is not None)
+        except VlxError as err:
+            raise VlxError(f"replica {name}: {err}:\n"
+                           + tail(self.paths.replica_log(name))) from None
 
     def start_nodes(self) -> None:
         hub = Namespace(self.plan.hub)
@@ -294,8 +288,7 @@ def down(state_dir: Path, prefix: str | None = None) -> list[str]:
     names = set(record.namespaces if record else ()) | set(lab_namespaces(prefix))
     for name in sorted(names):
         if (NETNS_DIR / name).exists():
-            kill_all(Namespace(name))
-            subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+            remove_namespace(name)
             removed.append(f"namespace {name}")
     if record is not None:
         shutil.rmtree(state_dir, ignore_errors=True)
@@ -307,6 +300,8 @@ def stop_processes(record: LabRecord) -> list[str]:
     alive = [entry for entry in record.processes if same_process(entry)]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for entry in alive:
+            if entry.pid is None:       # same_process() is never true for one
+                continue
             with contextlib.suppress(ProcessLookupError):
                 os.kill(entry.pid, sig)
         deadline = time.monotonic() + STOP_GRACE
@@ -356,10 +351,10 @@ def status(state_dir: Path) -> dict[str, Any]:
         running = entry is not None and same_process(entry) and _running(entry.pid)
         counters: dict[str, Any] = {}
         generation = None
-        with contextlib.suppress(OSError, ValueError):
-            report = json.loads((paths.replica_dir(name) / "status.json").read_text())
-            counters = report.get("services", {})
-            generation = report.get("generation")
+        with contextlib.suppress(VlxError):
+            report = read_status(paths.replica_dir(name))
+            counters = {service: report.counters(service) for service in report.services}
+            generation = report.generation
         replicas.append({"name": name, "namespace": info["namespace"],
                          "address": info["address"], "state": "running" if running else "dead",
                          "pid": entry.pid if running and entry else None,

@@ -4,24 +4,32 @@ A `Netns` registry makes namespaces (named with its own prefix, so two runs neve
 links them through a bridge (a "segment", like one switch), and on `close()` kills every
 process left in them and deletes them: veths, taps and bridges go with their namespace.
 Lab traffic stays inside: no namespace made here gets a route out.
+
+Everything is done over rtnetlink with pyroute2, in this process: errors are exceptions
+(`NetlinkError`, `OSError`), not parsed stderr. The namespaces are the ones `ip netns` knows
+(/run/netns/NAME), so people can still look inside with it. pyroute2 opens a socket inside a
+namespace (and makes a tap there) from a short-lived child process; `_netlink` closes every
+such socket, and with it reaps the child, before it returns.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import ipaddress
 import os
 import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from pyroute2 import IPRoute
+from pyroute2 import netns as pyroute2_netns
+from pyroute2.netlink.exceptions import NetlinkError
+
 NETNS_DIR = Path("/run/netns")
-
-
-def ip(*args: str, netns: str | None = None) -> None:
-    cmd = ["ip"] + (["-n", netns] if netns else []) + list(args)
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
 
 
 class Namespace:
@@ -49,13 +57,34 @@ class Namespace:
     def popen(self, cmd: Sequence[str], **kwargs) -> subprocess.Popen:
         return subprocess.Popen(self.prefix(cmd), **kwargs)
 
-    def ip(self, *args: str) -> None:
-        ip(*args, netns=self.name)
+    @contextlib.contextmanager
+    def netlink(self) -> Iterator[IPRoute]:
+        """An rtnetlink socket inside this namespace (flags=0: never make a missing one)."""
+        with IPRoute(netns=self.name, flags=0) as ipr:
+            yield ipr
+
+    def add_address(self, ifname: str, address: str) -> None:
+        """`address` ("198.18.0.1/24") on `ifname`."""
+        interface = ipaddress.ip_interface(address)
+        with self.netlink() as ipr:
+            ipr.addr("add", index=_index(ipr, ifname), address=str(interface.ip),
+                     prefixlen=interface.network.prefixlen)
+
+    def links(self, kind: str | None = None) -> list[str]:
+        """The names of the links here, of one kind ("tun", "veth", "bridge") if given."""
+        with self.netlink() as ipr:
+            return [link.get("ifname") for link in ipr.get_links()
+                    if kind is None or link.get(("linkinfo", "kind")) == kind]
 
     def pids(self) -> list[int]:
-        out = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True,
-                             text=True).stdout
-        return [int(pid) for pid in out.split()]
+        return pyroute2_netns.ns_pids().get(self.name, [])
+
+
+def _index(ipr: IPRoute, ifname: str) -> int:
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise NetlinkError(errno.ENODEV, f"no link {ifname!r}")
+    return found[0]
 
 
 class Netns:
@@ -76,47 +105,63 @@ class Netns:
 
     def namespace(self, role: str) -> Namespace:
         name = f"{self.prefix}-{role}"
-        ip("netns", "add", name)
+        if name in pyroute2_netns.listnetns():
+            raise FileExistsError(errno.EEXIST, "namespace exists already", name)
+        pyroute2_netns.create(name)
         ns = Namespace(name)
         self.namespaces.append(ns)
-        ns.ip("link", "set", "lo", "up")
+        with ns.netlink() as ipr:
+            ipr.link("set", index=_index(ipr, "lo"), state="up")
         return ns
 
     def bridge(self, ns: Namespace, name: str = "br0") -> str:
-        ns.ip("link", "add", name, "type", "bridge", "forward_delay", "0")
-        ns.ip("link", "set", name, "up")
+        with ns.netlink() as ipr:
+            ipr.link("add", ifname=name, kind="bridge", br_forward_delay=0)
+            ipr.link("set", index=_index(ipr, name), state="up")
         return name
 
     def plug(self, hub: Namespace, bridge: str, ns: Namespace, ifname: str = "eth0",
              address: str | None = None, mac: str | None = None) -> str:
         """A veth from `ns` (named `ifname`) into `bridge` in `hub`; returns the hub end."""
         self._links += 1
+        # Both ends start with names unique on the machine: a name taken in either
+        # namespace (two replicas' eth0) would refuse the pair.
         outer = f"v{self._links}{uuid.uuid4().hex[:6]}"
-        inner_tmp = f"i{self._links}{uuid.uuid4().hex[:6]}"
-        ip("link", "add", outer, "netns", hub.name, "type", "veth", "peer", "name", inner_tmp,
-           "netns", ns.name)
-        ns.ip("link", "set", inner_tmp, "name", ifname)
-        if mac:
-            ns.ip("link", "set", ifname, "address", mac)
-        hub.ip("link", "set", outer, "master", bridge)
-        hub.ip("link", "set", outer, "up")
-        if address:
-            ns.ip("addr", "add", address, "dev", ifname)
-        ns.ip("link", "set", ifname, "up")
+        inner = f"i{self._links}{uuid.uuid4().hex[:6]}"
+        with hub.netlink() as ipr:
+            ipr.link("add", ifname=outer, kind="veth", peer=inner)
+            ipr.link("set", index=_index(ipr, inner), net_ns_fd=ns.name)
+            ipr.link("set", index=_index(ipr, outer), master=_index(ipr, bridge), state="up")
+        with ns.netlink() as ipr:
+            index = _index(ipr, inner)
+            ipr.link("set", index=index, ifname=ifname)
+            if mac:
+                ipr.link("set", index=index, address=mac)
+            if address:
+                interface = ipaddress.ip_interface(address)
+                ipr.addr("add", index=index, address=str(interface.ip),
+                         prefixlen=interface.network.prefixlen)
+            ipr.link("set", index=index, state="up")
         return outer
 
     def tap(self, hub: Namespace, bridge: str, name: str) -> str:
         """A persistent tap device `name` in `hub`, enslaved to `bridge` (QEMU opens it)."""
-        hub.ip("tuntap", "add", "dev", name, "mode", "tap")
-        hub.ip("link", "set", name, "master", bridge)
-        hub.ip("link", "set", name, "up")
+        with hub.netlink() as ipr:
+            ipr.link("add", ifname=name, kind="tuntap", mode="tap")
+            ipr.link("set", index=_index(ipr, name), master=_index(ipr, bridge), state="up")
         return name
 
     def close(self) -> None:
         for ns in reversed(self.namespaces):
-            kill_all(ns)
-            subprocess.run(["ip", "netns", "delete", ns.name], capture_output=True)
+            remove_namespace(ns.name)
         self.namespaces.clear()
+
+
+def remove_namespace(name: str) -> None:
+    """Kill what runs in namespace `name`, then delete it (its links go with it)."""
+    kill_all(Namespace(name))
+    with contextlib.suppress(FileNotFoundError):
+        pyroute2_netns.remove(name)
 
 
 def kill_all(ns: Namespace, grace: float = 3.0) -> None:
@@ -126,10 +171,8 @@ def kill_all(ns: Namespace, grace: float = 3.0) -> None:
         if not pids:
             return
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and ns.pids():
             time.sleep(0.05)

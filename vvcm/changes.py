@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 
 from .allocate import free_vxlan_id, vm_addresses, vm_mac, vm_name
 from .errors import NotFound, VlxError
-from .model import VM, Cluster, Node, Settings, VirtualCluster, Volume
+from .model import VM, Cluster, Node, Role, Settings, VirtualCluster, Volume
 from .placement import node_load, place
 
 
@@ -154,7 +154,7 @@ def validated(cluster: Cluster) -> Cluster:
     for node in cluster.nodes:
         if not _is_host(node.ip, net):
             raise VlxError(f"ip {node.ip} {_not_a_host(node.ip, net)}", f"node {node.name}")
-    for role in ("gateway-primary", "gateway-backup"):
+    for role in (Role.GATEWAY_PRIMARY, Role.GATEWAY_BACKUP):
         holders = [node.name for node in cluster.nodes_with_role(role)]
         if len(holders) > 1:
             raise VlxError(f"only one node may be {role}, not {', '.join(holders)}")

@@ -8,9 +8,11 @@ two replicas holding the same generation answer the same.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import ipaddress
 from collections.abc import Iterator
 from functools import cached_property
+from typing import TypeVar
 
 from .errors import NotFound
 from .fields import (
@@ -35,9 +37,33 @@ from .fields import (
     setting,
 )
 
-# "dhcp": when any node has it, only those nodes are DHCP replicas (bootsvc/balance.py).
-ROLES = ("gateway-primary", "gateway-backup", "storage", "metamaster", "dhcp")
-VOLUME_KINDS = ("golden", "snapshot")
+
+class Role(enum.StrEnum):
+    """What a node does beyond hosting VMs. A StrEnum: TOML, JSON and comparisons with the
+    plain names keep working."""
+
+    GATEWAY_PRIMARY = "gateway-primary"
+    GATEWAY_BACKUP = "gateway-backup"
+    STORAGE = "storage"
+    METAMASTER = "metamaster"
+    # When any node has it, only those nodes are DHCP replicas (bootsvc/balance.py).
+    DHCP = "dhcp"
+
+
+class VolumeKind(enum.StrEnum):
+    GOLDEN = "golden"
+    SNAPSHOT = "snapshot"       # a copy-on-write clone of a golden volume
+
+
+class StorageBackend(enum.StrEnum):
+    """Where a volume's bytes live; the module storage/NAME (with _ for -) implements it."""
+
+    REFLINK = "reflink"
+    LVM_THIN = "lvm-thin"
+    QCOW2 = "qcow2"
+
+
+ROLES = tuple(Role)
 # The credential holding the replicated store's cluster CA (cluster_ca); not a DNS label, so
 # no node or VM can own it.
 STORE_CA_OWNER = "@store-ca"
@@ -101,8 +127,10 @@ class Node:
     cpus: int = setting("physical CPUs", parse_count)
     memory: int = setting("memory, e.g. 4GiB (an integer means MiB)", parse_memory_mib,
                           dump_memory_mib)
-    roles: tuple[str, ...] = setting(f"roles, any of {', '.join(ROLES)}", choice_list(ROLES),
-                                     list, default=(), metavar="ROLE,...")
+    roles: tuple[Role, ...] = setting(f"roles, any of {', '.join(ROLES)}",
+                                      lambda v: tuple(map(Role, choice_list(ROLES)(v))),
+                                      lambda roles: [str(role) for role in roles], default=(),
+                                      metavar="ROLE,...")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -141,8 +169,10 @@ class Volume:
     """A golden volume or a copy-on-write snapshot of one, and where it is exported."""
 
     name: str = setting("volume name", parse_name)
-    kind: str = setting("golden or snapshot", lambda v: _one_of(v, VOLUME_KINDS))
-    backend: str = setting("storage backend, e.g. reflink, lvm-thin, qcow2", parse_name)
+    kind: VolumeKind = setting("golden or snapshot", lambda v: _one_of(v, VolumeKind), str)
+    backend: StorageBackend = setting(
+        f"storage backend, one of {', '.join(StorageBackend)}",
+        lambda v: _one_of(v, StorageBackend), str)
     path: str = setting("where the backend keeps it", lambda v: _text(v))
     size: int = setting("size in bytes", ranged_int(0, 2**63 - 1))
     origin: str | None = setting("golden volume it was cloned from", parse_name, default=None)
@@ -257,21 +287,19 @@ class Cluster:
     def fqdn(self, name: str) -> str:
         return f"{name}.{self.settings.domain}" if self.settings else name
 
-    def nodes_with_role(self, role: str) -> tuple[Node, ...]:
+    def nodes_with_role(self, role: Role) -> tuple[Node, ...]:
         return tuple(node for node in self.nodes if role in node.roles)
 
-    def networks(self) -> Iterator[dict[str, object]]:
+    def networks(self) -> Iterator[Network]:
         """The cluster network first, then one private network per VC."""
         if self.settings:
-            yield {"name": "cluster", "cidr": str(self.settings.cidr),
-                   "gateway": str(self.settings.gateway_vip)}
+            yield Network(name=CLUSTER_NETWORK, cidr=self.settings.cidr,
+                          gateway=self.settings.gateway_vip)
         for vc in self.vcs:
-            net: dict[str, object] = {"name": vc.name, "cidr": str(vc.cidr)}
             if vc.vlan is not None:
-                net["vlan"] = vc.vlan
+                yield Network(name=vc.name, cidr=vc.cidr, vlan=vc.vlan)
             else:
-                net["vxlan"] = vc.vxlan
-            yield net
+                yield Network(name=vc.name, cidr=vc.cidr, vxlan=vc.vxlan)
 
 
 def _group(items, key) -> dict:
@@ -281,10 +309,38 @@ def _group(items, key) -> dict:
     return {name: tuple(members) for name, members in groups.items()}
 
 
-def _one_of(value: object, choices: tuple[str, ...]) -> str:
-    if value not in choices:
+CLUSTER_NETWORK = "cluster"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Network:
+    """The cluster network (it has the gateway) or a VC's private one (a VXLAN or VLAN id)."""
+
+    name: str
+    cidr: ipaddress.IPv4Network
+    gateway: ipaddress.IPv4Address | None = None
+    vxlan: int | None = None
+    vlan: int | None = None
+
+    def to_json(self) -> dict[str, object]:
+        """Name and CIDR, then only what this network has (gateway, vxlan or vlan)."""
+        out: dict[str, object] = {"name": self.name, "cidr": str(self.cidr)}
+        if self.gateway is not None:
+            out["gateway"] = str(self.gateway)
+        if self.vlan is not None:
+            out["vlan"] = self.vlan
+        elif self.gateway is None:
+            out["vxlan"] = self.vxlan
+        return out
+
+
+E = TypeVar("E", bound=enum.StrEnum)
+
+
+def _one_of(value: object, choices: type[E]) -> E:
+    if not isinstance(value, str) or value not in set(choices):
         raise ValueError(f"choose from {', '.join(choices)}")
-    return str(value)
+    return choices(value)
 
 
 def _text(value: object) -> str:

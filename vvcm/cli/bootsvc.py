@@ -1,5 +1,9 @@
 """`vlx bootsvc run|status|discovered`: run this machine's boot-service replica, read its
-counters, and list the unknown machines it has seen."""
+counters, and list the unknown machines it has seen.
+
+`run` prints one line `ready dhcp=67 tftp=69` on stdout once every service listens (the ports
+it got: `--port tftp=0` takes any free one), and its status file says "running" with them; a
+test or bench waits for either. Everything else it says goes to stderr."""
 
 from __future__ import annotations
 
@@ -9,8 +13,9 @@ import ipaddress
 import logging
 from pathlib import Path
 
-from virtualinux.bootsvc import daemon
+from virtualinux.bootsvc import daemon, dhcp, options
 from virtualinux.bootsvc.service import SERVICE_NAMES, service_class
+from virtualinux.bootsvc.status import State, Status, read_status
 from virtualinux.netboot import layout, render
 
 from ..db import Database, default_path, default_url
@@ -54,6 +59,13 @@ def register(nouns: argparse._SubParsersAction) -> None:
                           f"(default: {DEFAULT_NETBOOT_ROOT})")
     run.add_argument("--poll", type=float, default=daemon.POLL_INTERVAL, metavar="SECONDS",
                      help="how often to look for a new database generation (default: 1)")
+    run.add_argument("--set", dest="settings", action="append", default=[],
+                     metavar="SERVICE.FIELD=VALUE",
+                     help="a service option, e.g. tftp.workers=2 or tftp.max_blksize=1468 "
+                          "(the fields of each service's Options)")
+    run.add_argument("--port", dest="ports", action="append", default=[],
+                     metavar="SERVICE=PORT",
+                     help="short for --set SERVICE.port=PORT (0: any free port)")
     run.add_argument("--quiet", action="store_true",
                      help="do not log every answer (DHCPACK ...), only problems")
     run.set_defaults(handler=cmd_run, logs_events=True)
@@ -93,6 +105,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     missing = missing_tree_warning(args.services, args.netboot_root)
     if missing:
         log.warning("%s", missing)
+    service_options = options.parse(args.services, args.settings, args.ports)
     url = parse_url(args.store) if args.store else default_url()
     follower = None
     if url.scheme == "etcd":
@@ -113,6 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for name in args.services:
             logging.getLogger(f"virtualinux.bootsvc.{name}").setLevel(logging.WARNING)
     runner = daemon.Daemon(db, replica, args.services, poll_interval=args.poll,
+                           options=service_options, on_running=_print_ready,
                            store_status=follower.status if follower else None)
     if follower:
         follower.start()
@@ -139,34 +153,38 @@ def missing_tree_warning(services: tuple[str, ...], root: Path) -> str | None:
             "until `vlx netboot render` makes it (or name another with --netboot-root)")
 
 
+def _print_ready(status: Status) -> None:
+    ports = " ".join(f"{name}={port}" for name, port in status.ports.items())
+    print(f"ready {ports}".rstrip(), flush=True)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    status = daemon.read_status(args.state_dir)
-    code = 0 if status["state"] == "running" else 1   # the same with and without --json
+    status = read_status(args.state_dir)
+    code = 0 if status.state == State.RUNNING else 1   # the same with and without --json
     if args.json:
-        print_json(status)
+        print_json(status.to_json())
         return code
-    node = status.get("node") or "(not a node)"
-    print(f"{status['state']}: {node} on {status['interface']} ({status['address']}), "
-          f"pid {status['pid']}, gen {status['generation']}, updated {status['updated']}")
-    print(f"reloads {status['reloads']}, older generations refused "
-          f"{status['stale_generations_refused']}")
-    if status.get("store"):
-        print(f"store: {status['store']['message']}")
-    rows = [(service, counter, value)
-            for service, counters in status["services"].items()
-            for counter, value in counters.items()]
+    node = status.node or "(not a node)"
+    print(f"{status.state}: {node} on {status.interface} ({status.address}), "
+          f"pid {status.pid}, gen {status.generation}, updated {status.updated}")
+    print(f"reloads {status.reloads}, older generations refused "
+          f"{status.stale_generations_refused}")
+    if status.store:
+        print(f"store: {status.store['message']}")
+    rows = [(name, counter, value)
+            for name, service in status.services.items()
+            for counter, value in service.counters.items()]
     if rows:
         print()
         print_table(("SERVICE", "COUNTER", "VALUE"), rows)
     ours = database(args).path
-    if status.get("database") and Path(status["database"]).resolve() != ours.resolve():
-        print(f"\nnote: this replica serves {status['database']}, not {ours} (--db, VLX_DB)")
+    if status.database and Path(status.database).resolve() != ours.resolve():
+        print(f"\nnote: this replica serves {status.database}, not {ours} (--db, VLX_DB)")
     return code
 
 
 def cmd_discovered(args: argparse.Namespace) -> int:
-    status = daemon.read_status(args.state_dir)
-    found = status.get("details", {}).get("dhcp", {}).get("discovered", {})
+    found = dhcp.discovered(read_status(args.state_dir))
     if args.json:
         print_json([{"mac": mac, "ip": ip} for mac, ip in found.items()])
         return 0

@@ -190,7 +190,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     cluster = database(args).load()
     settings = to_mapping(cluster.settings) if cluster.settings else {}
     summary = {**settings, "generation": cluster.generation,
-               "networks": list(cluster.networks()), "nodes": len(cluster.nodes),
+               "networks": [net.to_json() for net in cluster.networks()],
+               "nodes": len(cluster.nodes),
                "vcs": len(cluster.vcs), "vms": len(cluster.vms),
                "volumes": len(cluster.volumes)}
     if args.json:
@@ -203,10 +204,10 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"{key + ':':<19}{shown}")
     print()
     print_table(["NETWORK", "CIDR", "GATEWAY/ID"],
-                [[net["name"], net["cidr"],
-                  net.get("gateway") or (f"vlan {net['vlan']}" if "vlan" in net
-                                         else f"vxlan {net['vxlan']}")]
-                 for net in summary["networks"]])
+                [[net.name, net.cidr,
+                  net.gateway or (f"vlan {net.vlan}" if net.vlan is not None
+                                  else f"vxlan {net.vxlan}")]
+                 for net in cluster.networks()])
     return 0
 
 

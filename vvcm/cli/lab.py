@@ -2,7 +2,8 @@
 
 This module joins the areas the lab needs: the inventory goes into the lab's own database,
 `image.tiny` builds the boot image (cached), `netboot.render` renders the tree the replicas
-serve, and `vm_test.lab` makes the network, the replicas and the QEMU nodes.
+serve, and `vm_test.lab` makes the network, the replicas and the QEMU nodes. A node's install
+has no vm_test (image/build.py leaves the lab out of the node wheel): there `vlx` has no `lab`.
 """
 
 from __future__ import annotations
@@ -15,8 +16,15 @@ import sys
 import time
 from pathlib import Path
 
-from virtualinux.vm_test import console, lab, plan, qemu
-from virtualinux.vm_test.progress import PHASES, NodeProgress
+try:
+    from virtualinux.vm_test import console, lab, plan, qemu
+    from virtualinux.vm_test.progress import PHASES, NodeProgress
+except ModuleNotFoundError as missing:
+    if missing.name is None or not missing.name.startswith("virtualinux.vm_test"):
+        raise
+    HAVE_LAB = False
+else:
+    HAVE_LAB = True
 
 from .. import inventory
 from ..db import Database
@@ -31,6 +39,8 @@ LAB_KERNEL_ARGS = ("console=ttyS0",)
 
 
 def register(nouns: argparse._SubParsersAction) -> None:
+    if not HAVE_LAB:
+        return
     parser = nouns.add_parser("lab", help="the virtual lab: QEMU nodes PXE-booting from "
                                           "replicated boot services",
                               description="Bring up, inspect and remove the virtual lab: QEMU "
@@ -211,13 +221,13 @@ def _print_status(report: dict) -> None:
                      node["qemu_pid"] or "-"))
     print_table(("NODE", "MAC", "ADDRESS", "PHASE", "INIT AFTER (s)", "QEMU PID"), rows)
     print()
-    rows = []
+    replicas = []
     for replica in report["replicas"]:
         counters = replica["counters"]
         acks = counters.get("dhcp", {}).get("DHCPACK", 0)
-        rows.append((replica["name"], replica["address"], replica["state"],
-                     replica["pid"] or "-", replica["generation"], acks, replica["log"]))
-    print_table(("REPLICA", "ADDRESS", "STATE", "PID", "GEN", "DHCPACKS", "LOG"), rows)
+        replicas.append((replica["name"], replica["address"], replica["state"],
+                         replica["pid"] or "-", replica["generation"], acks, replica["log"]))
+    print_table(("REPLICA", "ADDRESS", "STATE", "PID", "GEN", "DHCPACKS", "LOG"), replicas)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

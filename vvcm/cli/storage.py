@@ -95,7 +95,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not args.watch:
             raise
         log.error("%s", err)  # keep watching what is served
-        daemon = tgt.recorded_daemon(portal)
+        recorded = tgt.recorded_daemon(portal)
+        if recorded is None:
+            raise
+        daemon = recorded
     else:
         print(f"tgtd pid {daemon.pid} {'started' if started else 'running'} on {portal} "
               f"(control port {daemon.control_port}): {plural(added, 'target')} added",
