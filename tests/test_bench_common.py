@@ -51,7 +51,8 @@ def test_report_writes_the_same_rows_as_json_with_load_and_command(tmp_path, cap
 def test_ours_command_names_services_settings_and_the_receive_buffer():
     cmd = ours_command(Path("/db"), Path("/tree"), "198.18.0.1", ["tftp", "http"],
                        settings={"tftp.workers": 2}, dhcp_receive_buffer=4096)
-    assert cmd[-2:] == ["tftp", "http"]
+    assert cmd[3:5] == ["--db", "/db"] and cmd[5:7] == ["bootsvc", "run"]
+    assert ["--services", "tftp,http"] == cmd[cmd.index("--services"):cmd.index("--services") + 2]
     assert ["--set", "tftp.workers=2"] == cmd[cmd.index("--set"):cmd.index("--set") + 2]
     assert "dhcp.RECEIVE_BUFFER = 4096" in cmd[2]
     assert "RECEIVE_BUFFER" not in ours_command(Path("/db"), Path("/t"), "198.18.0.1",

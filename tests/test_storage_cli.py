@@ -30,8 +30,8 @@ def test_status_lists_each_recorded_tgtd_and_nothing_more(cluster, capsys):
         {"portal": "198.18.0.11:3260", "control_port": 31999, "pid": os.getpid()}))
     code, out, _ = vlx(capsys, "storage", "status", "--json")
     rows = json.loads(out)
-    assert code == 2 and [(r["portal"], r["pid"], r["alive"], r["control_port"])
-                          for r in rows] == [("198.18.0.11:3260", os.getpid(), False, 31999)]
+    assert code == 2 and [(r["portal"], r["pid"], r["state"], r["control_port"])
+                          for r in rows] == [("198.18.0.11:3260", os.getpid(), "dead", 31999)]
 
 
 def test_stop_without_a_tgtd_succeeds_and_bad_portals_are_refused(cluster, capsys):
