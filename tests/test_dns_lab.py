@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import json
 import re
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from virtualinux.bootsvc.status import State, read_status
 from virtualinux.vvcm import changes, inventory
 from virtualinux.vvcm.command import vlx_command
 
@@ -46,6 +46,7 @@ class DnsLab:
     client: object
     replicas: list[subprocess.Popen]
     upstream_logs: list[Path]
+    state_dirs: list[Path]
 
     def dig(self, *args: str, server: str = REPLICAS[0]) -> str:
         result = self.client.run(["dig", "+time=5", "+tries=1", f"@{server}", *args],
@@ -68,8 +69,10 @@ class DnsLab:
     def stop(self, index: int = 0) -> dict[str, int]:
         process = self.replicas[index]
         process.terminate()
-        out, _ = process.communicate(timeout=20)
-        return json.loads(out.strip().splitlines()[-1])["dns"]
+        process.communicate(timeout=20)
+        status = read_status(self.state_dirs[index])
+        assert status.state == State.STOPPED, status.state
+        return status.counters("dns")
 
 
 @pytest.fixture
@@ -117,7 +120,8 @@ def dns_lab(db, db_path, netns, tmp_path):
             processes.append(process)
             assert process.stdout.readline().startswith("ready dns=53"), "dns did not start"
             servers.append(process)
-        return DnsLab(lan, servers, logs)
+        return DnsLab(lan, servers, logs,
+                      [tmp_path / f"state-{i + 1}" for i in range(len(servers))])
 
     try:
         yield start
