@@ -1,0 +1,159 @@
+"""What holding the gateway does to this host's network, and undoing it exactly.
+
+`Gateway.take()`: the VIP goes on the cluster interface (pyroute2), gratuitous ARPs tell the
+segment where it went (scapy), and, when the cluster names an uplink, forwarding is switched
+on and the cluster network is masqueraded out of the uplink by an nftables table of its own,
+`vlx_vrrp_VRID`, so `release()` removes exactly what `take()` added (the `nft` command: the
+one tool that speaks nftables' transactions; pyroute2's nftables support is experimental).
+`release()` also cleans up after a predecessor killed with SIGKILL, so the service calls it on
+start. `run_hook` runs the operator's notify script, never through a shell.
+Imports nothing of the project.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import subprocess
+from pathlib import Path
+
+from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+from scapy.arch.linux import L2Socket
+from scapy.layers.l2 import ARP, Ether
+
+log = logging.getLogger(__name__)
+
+FORWARDING = Path("/proc/sys/net/ipv4/ip_forward")   # per network namespace
+GARP_COUNT = 3            # a lost frame must not leave hosts pointing at the old master
+HOOK_TIMEOUT = 30.0
+
+
+class Gateway:
+    def __init__(self, interface: str, vip: ipaddress.IPv4Address, vrid: int,
+                 network: ipaddress.IPv4Network, uplink: str | None = None):
+        self.interface = interface
+        self.vip = vip
+        self.vrid = vrid
+        self.network = network
+        self.uplink = uplink
+        self.table = f"vlx_vrrp_{vrid}"
+        self.held = False
+        self._forwarding_before: str | None = None
+        self._l2: L2Socket | None = None
+
+    async def take(self) -> int:
+        """Hold the VIP; returns how many gratuitous ARPs went out."""
+        async with AsyncIPRoute() as ipr:
+            index = await self._index(ipr)
+            try:
+                await ipr.addr("add", index=index, address=str(self.vip), prefixlen=32)
+            except NetlinkError as err:
+                if err.code != errno.EEXIST:
+                    raise
+            mac = (await ipr.link("get", index=index))[0].get("IFLA_ADDRESS")
+        self.held = True
+        sent = self._gratuitous_arp(mac)
+        if self.uplink:
+            await self._nat_on()
+        return sent
+
+    async def release(self) -> None:
+        """Give the VIP and the NAT back; quiet when there is nothing to give back."""
+        async with AsyncIPRoute() as ipr:
+            try:
+                await ipr.addr("del", index=await self._index(ipr), address=str(self.vip),
+                               prefixlen=32)
+            except NetlinkError as err:
+                if err.code not in (errno.EADDRNOTAVAIL, errno.ENODEV):
+                    raise
+        self.held = False
+        await self._nat_off()
+
+    async def holds_address(self) -> bool:
+        async with AsyncIPRoute() as ipr:
+            index = await self._index(ipr)
+            return any(msg.get("IFA_ADDRESS") == str(self.vip)
+                       async for msg in await ipr.addr("dump", index=index))
+
+    def close(self) -> None:
+        if self._l2 is not None:
+            self._l2.close()
+            self._l2 = None
+
+    async def _index(self, ipr: AsyncIPRoute) -> int:
+        found = await ipr.link_lookup(ifname=self.interface)
+        if not found:
+            raise OSError(errno.ENODEV, f"no interface {self.interface}")
+        return found[0]
+
+    def _gratuitous_arp(self, mac: str) -> int:
+        # An ARP request for the VIP from the VIP (RFC 5798 8.1.2 / RFC 5227's announcement):
+        # every host that has the VIP cached replaces the old master's MAC with ours.
+        frame = Ether(src=mac, dst="ff:ff:ff:ff:ff:ff") / ARP(
+            op=1, hwsrc=mac, psrc=str(self.vip), hwdst="00:00:00:00:00:00", pdst=str(self.vip))
+        try:
+            if self._l2 is None:
+                self._l2 = L2Socket(iface=self.interface)
+            for _ in range(GARP_COUNT):
+                self._l2.send(frame)
+        except OSError as err:
+            log.warning("gratuitous ARP for %s on %s failed: %s", self.vip, self.interface, err)
+            self.close()
+            return 0
+        return GARP_COUNT
+
+    async def _nat_on(self) -> None:
+        if self._forwarding_before is None:
+            self._forwarding_before = FORWARDING.read_text().strip()
+        FORWARDING.write_text("1\n")
+        # One transaction: create (so the delete cannot fail), delete, define afresh.
+        ruleset = (f"add table ip {self.table}\n"
+                   f"delete table ip {self.table}\n"
+                   f"table ip {self.table} {{\n"
+                   f"  chain postrouting {{\n"
+                   f"    type nat hook postrouting priority srcnat; policy accept;\n"
+                   f"    ip saddr {self.network} oifname \"{self.uplink}\" masquerade\n"
+                   f"  }}\n"
+                   f"}}\n")
+        await _nft(ruleset)
+        log.info("NAT %s -> %s on (nftables table %s)", self.network, self.uplink, self.table)
+
+    async def _nat_off(self) -> None:
+        if not self.uplink:
+            return
+        await _nft(f"add table ip {self.table}\ndelete table ip {self.table}\n")
+        if self._forwarding_before is not None:
+            FORWARDING.write_text(self._forwarding_before + "\n")
+            self._forwarding_before = None
+
+
+async def _nft(ruleset: str) -> None:
+    process = await asyncio.create_subprocess_exec(
+        "nft", "-f", "-", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE)
+    _, err = await process.communicate(ruleset.encode())
+    if process.returncode != 0:
+        raise OSError(f"nft failed: {err.decode(errors='replace').strip()}")
+
+
+async def run_hook(path: str, state: str) -> int | None:
+    """Run `path STATE` (no shell, so nothing in it is interpreted); its exit code, None if
+    it could not run or outlived HOOK_TIMEOUT."""
+    try:
+        process = await asyncio.create_subprocess_exec(
+            path, state, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+    except OSError as err:
+        log.warning("notify hook %s %s: %s", path, state, err)
+        return None
+    try:
+        return await asyncio.wait_for(process.wait(), HOOK_TIMEOUT)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        log.warning("notify hook %s %s: still running after %.0f s, killed", path, state,
+                    HOOK_TIMEOUT)
+        return None
