@@ -64,6 +64,7 @@ class Router:
         self.master_down_at: float | None = None
         self.adver_at: float | None = None
         self._lower_master_since: float | None = None
+        self._stepped_down: ipaddress.IPv4Address | None = None   # sent priority 0
 
     # RFC 5798 6.1, in seconds; Master_Adver_Interval is what the master announces.
     def skew_time(self) -> float:
@@ -107,8 +108,11 @@ class Router:
     def tick(self, now: float) -> list[Action]:
         if self.state is State.BACKUP and self.master_down_at is not None \
                 and now >= self.master_down_at:
-            silent = self.master_down_interval()
-            return self._become_master(now, f"no advertisement for {silent:.2f} s")
+            if self._stepped_down is not None:
+                why = f"master {self._stepped_down} stepped down (priority 0)"
+            else:
+                why = f"no advertisement for {self.master_down_interval():.2f} s"
+            return self._become_master(now, why)
         if self.state is State.MASTER and self.adver_at is not None and now >= self.adver_at:
             self.adver_at = now + self.config.interval / CENTI
             return [Send(self.advert())]
@@ -151,6 +155,7 @@ class Router:
             # The master stepped down: wait only our skew, so the highest backup goes first.
             self.master_down_at = now + self.skew_time()
             self.master_address = None
+            self._stepped_down = advert.source
             return []
         if advert.priority < self.priority and self.config.preempt:
             if self._lower_master_since is None:
@@ -159,6 +164,7 @@ class Router:
                 return []   # discarded: the master-down timer runs out and we preempt
         else:
             self._lower_master_since = None
+        self._stepped_down = None
         self.master_address = advert.source
         self.master_adver_interval = advert.interval
         self.master_down_at = now + self.master_down_interval()
@@ -181,6 +187,7 @@ class Router:
         self.master_down_at = None
         self.master_address = self.config.address
         self._lower_master_since = None
+        self._stepped_down = None
         self.adver_at = now + self.config.interval / CENTI
         return [Send(self.advert()), Transition(old, State.MASTER, reason)]
 

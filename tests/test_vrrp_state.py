@@ -83,7 +83,9 @@ def test_priority_zero_makes_the_backup_take_over_after_its_skew():
     r.receive(advert(200), 1.0)
     r.receive(advert(0), 1.5)
     assert r.deadline() == pytest.approx(1.5 + r.skew_time())
-    assert transitions(r.tick(r.deadline())) == [(State.BACKUP, State.MASTER)]
+    actions = r.tick(r.deadline())
+    assert transitions(actions) == [(State.BACKUP, State.MASTER)]
+    assert actions[-1].reason == f"master {PRIMARY} stepped down (priority 0)"
 
 
 def test_shutdown_of_a_master_sends_priority_zero():

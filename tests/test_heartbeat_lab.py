@@ -1,0 +1,282 @@
+"""The gateway heartbeat in network namespaces: two of ours, ours with keepalived (both ways),
+a partition that heals, malformed advertisements on the wire, and NAT out of the uplink.
+Each of ours is a real `vlx bootsvc run --services heartbeat` process (vm_test.vrrp_pair)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+from virtualinux.bootsvc import vrrp_wire as wire
+from virtualinux.vm_test.vrrp_pair import (
+    BACKUP,
+    MACS,
+    PRIMARY,
+    VIP,
+    VLX,
+    PairLab,
+    Speaker,
+    probe_result,
+    start_probe,
+    wait_for,
+)
+
+from .conftest import require
+
+pytestmark = pytest.mark.lab
+
+# Half a second: master-down about 1.7 s, quick tests that a loaded machine does not make flap.
+INTERVAL = 0.5
+SETTLE = 30.0     # a safety net only: every wait ends on the state it waits for
+
+
+@pytest.fixture
+def pair(netns, tmp_path):
+    require("keepalived", "nft", "ping")
+    lab = PairLab(netns, tmp_path, INTERVAL)
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+def wait_state(speaker: Speaker, state: str, timeout: float = SETTLE) -> None:
+    wait_for(lambda: speaker.state() == state, timeout,
+             f"{speaker.kind} {speaker.address} to be {state} (is {speaker.state()}):\n"
+             + (speaker.log.read_text()[-1500:] if speaker.log.exists() else ""))
+
+
+def wait_settled(master: Speaker, backup: Speaker) -> None:
+    """The master holds the VIP and the backup has heard it (ours say whom they follow)."""
+    wait_state(master, "master")
+    wait_for(master.holds_vip, SETTLE, f"{master.address} to hold the VIP")
+    wait_state(backup, "backup")
+    if backup.kind == "ours":
+        wait_for(lambda: backup.status().get("master") == master.address, SETTLE,
+                 f"{backup.address} to follow {master.address}")
+    else:
+        time.sleep(3 * INTERVAL)    # keepalived says nothing: give it three adverts to hear
+    assert not backup.holds_vip()
+
+
+def assert_vip_answers_from(lab: PairLab, speaker: Speaker) -> None:
+    """An echo reply for the VIP comes from `speaker`'s MAC (the client was told by ARP)."""
+    probe = start_probe(lab.client, speaker.mac, SETTLE)
+    assert probe_result(probe) is not None, f"no reply for {VIP} from {speaker.mac}"
+    neighbour = lab.client.run(["ip", "neigh", "show", VIP, "dev", "eth0"]).stdout
+    assert speaker.mac in neighbour
+
+
+def kill_and_take_over(lab: PairLab, master: Speaker, backup: Speaker) -> None:
+    probe = start_probe(lab.client, backup.mac, SETTLE)
+    master.kill()
+    killed = time.monotonic()
+    replied = probe_result(probe)
+    assert replied is not None, f"the VIP never answered from {backup.address}"
+    assert replied > killed
+    wait_state(backup, "master")
+    assert backup.holds_vip()
+    assert_vip_answers_from(lab, backup)
+
+
+def restart_and_preempt(lab: PairLab, primary: Speaker, backup: Speaker) -> None:
+    primary.start()
+    wait_settled(primary, backup)
+    assert_vip_answers_from(lab, primary)
+
+
+def test_backup_takes_over_when_the_primary_is_killed_and_the_primary_preempts(pair):
+    primary, backup = pair.speaker(PRIMARY, "ours"), pair.speaker(BACKUP, "ours")
+    primary.start()
+    backup.start()
+    wait_settled(primary, backup)
+    assert primary.status()["vip_held"] and primary.status()["priority"] == 200
+    assert_vip_answers_from(pair, primary)
+
+    kill_and_take_over(pair, primary, backup)
+    assert "no advertisement for" in backup.status()["last_change"]
+
+    restart_and_preempt(pair, primary, backup)
+    assert backup.status()["last_change"] == (
+        f"master -> backup (higher priority 200 from {PRIMARY})")
+    # The restarted primary started as backup and took the VIP back once.
+    assert primary.status()["counters"]["became_master"] == 1
+
+
+def test_sigterm_hands_over_at_once_with_priority_zero(pair):
+    primary, backup = pair.speaker(PRIMARY, "ours"), pair.speaker(BACKUP, "ours")
+    primary.start()
+    backup.start()
+    wait_settled(primary, backup)
+    primary.stop()
+    assert not primary.holds_vip()             # released on the way out
+    wait_state(backup, "master")
+    # Priority 0 cut the wait to the backup's skew time, no master-down interval.
+    assert backup.status()["last_change"] == (
+        f"backup -> master (master {PRIMARY} stepped down (priority 0))")
+
+
+def test_a_healed_partition_leaves_one_master(pair):
+    primary, backup = pair.speaker(PRIMARY, "ours"), pair.speaker(BACKUP, "ours")
+    primary.start()
+    backup.start()
+    wait_settled(primary, backup)
+    pair.cut(PRIMARY, up=False)
+    wait_state(backup, "master")
+    assert primary.state() == "master"          # split brain while the link is cut
+    pair.cut(PRIMARY, up=True)
+    wait_state(backup, "backup")
+    assert primary.state() == "master" and not backup.holds_vip()
+    assert backup.status()["last_change"].startswith("master -> backup (higher priority 200")
+    assert_vip_answers_from(pair, primary)
+
+
+@pytest.mark.parametrize("ours_is", ["primary", "backup"])
+def test_keepalived_as_the_peer(pair, ours_is):
+    if ours_is == "primary":
+        primary, backup = pair.speaker(PRIMARY, "ours"), pair.speaker(BACKUP, "keepalived")
+    else:
+        primary, backup = pair.speaker(PRIMARY, "keepalived"), pair.speaker(BACKUP, "ours")
+    primary.start()
+    backup.start()
+    wait_settled(primary, backup)
+    assert_vip_answers_from(pair, primary)
+    ours = primary if ours_is == "primary" else backup
+    assert ours.status()["counters"].get("adverts_received" if ours is backup
+                                         else "adverts_sent", 0) > 0
+    assert not any(k.startswith("dropped_") for k in ours.status()["counters"])
+
+    kill_and_take_over(pair, primary, backup)
+    restart_and_preempt(pair, primary, backup)
+    if ours is backup:
+        assert backup.status()["last_change"] == (
+            f"master -> backup (higher priority 200 from {PRIMARY})")
+    # keepalived logs what it made of our advertisements: never a complaint.
+    assert "invalid" not in next(s for s in pair.speakers if s.kind == "keepalived"
+                                 ).log.read_text().lower()
+
+
+def malformed_frames() -> dict[str, list[bytes]]:
+    """IP packets that would take the master's place if they were accepted (priority 254 from
+    an address above both), each broken in one way, by the counter it must land in."""
+    from scapy.layers.inet import IP
+
+    source = "198.18.0.250"
+    advert = wire.Advertisement(vrid=51, priority=254, interval=50,
+                                addresses=(wire.ipaddress.IPv4Address(VIP),))
+    good = bytearray(wire.encode_ip(advert, wire.ipaddress.IPv4Address(source)))
+
+    def rebuilt(message: bytes, ttl: int = 255) -> bytes:
+        # A valid IP header (scapy recomputes length and checksum) around a broken message.
+        return bytes(IP(src=source, dst=str(wire.GROUP), ttl=ttl, proto=112) / message)
+
+    def with_checksum(message: bytearray) -> bytes:
+        from scapy.layers.inet import in4_chksum
+        message[6:8] = b"\0\0"
+        message[6:8] = in4_chksum(112, IP(src=source, dst=str(wire.GROUP)),
+                                  bytes(message)).to_bytes(2, "big")
+        return bytes(message)
+
+    message = bytearray(good[20:])
+    bad_sum = bytearray(message)
+    bad_sum[7] ^= 0x55
+    v2 = bytearray(message)
+    v2[0] = 0x21
+    type2 = bytearray(message)
+    type2[0] = 0x32
+    count = bytearray(message)
+    count[3] = 3
+    vrid = bytearray(message)
+    vrid[1] = 52
+    return {
+        "bad_checksum": [rebuilt(bytes(bad_sum))],
+        "bad_ttl": [rebuilt(bytes(message), ttl=64)],
+        "bad_version": [rebuilt(with_checksum(v2))],
+        "bad_type": [rebuilt(with_checksum(type2))],
+        "address_count": [rebuilt(with_checksum(count))],
+        "wrong_vrid": [rebuilt(with_checksum(vrid))],
+        "truncated": [rebuilt(bytes(message[:6]))],
+    }
+
+
+def send_frames(lab: PairLab, packets: list[bytes]) -> None:
+    """Send whole IP packets as Ethernet multicast frames from the client's namespace."""
+    code = ("import sys, socket\n"
+            "s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)\n"
+            "s.bind(('eth0', 0))\n"
+            "mac = open('/sys/class/net/eth0/address').read().strip().replace(':', '')\n"
+            "head = bytes.fromhex('01005e000012' + mac + '0800')\n"
+            "for line in sys.stdin:\n"
+            "    s.send(head + bytes.fromhex(line.strip()))\n")
+    lab.client.run([sys.executable, "-c", code],
+                   input="".join(p.hex() + "\n" for p in packets))
+
+
+def test_malformed_advertisements_are_dropped_counted_and_change_nothing(pair):
+    primary, backup = pair.speaker(PRIMARY, "ours"), pair.speaker(BACKUP, "ours")
+    primary.start()
+    backup.start()
+    wait_settled(primary, backup)
+    frames = malformed_frames()
+    repeat = 5
+    send_frames(pair, [p for packets in frames.values() for p in packets] * repeat)
+    expected = {f"dropped_{reason}": len(packets) * repeat for reason, packets in frames.items()}
+    for speaker in (primary, backup):
+        wait_for(lambda s=speaker: all(s.status()["counters"].get(k) == v
+                                       for k, v in expected.items()), SETTLE,
+                 f"{speaker.address} to count the drops (has {speaker.status()['counters']})")
+    assert primary.state() == "master" and backup.state() == "backup"
+    assert primary.status()["counters"]["became_master"] == 1
+    assert "became_master" not in backup.status()["counters"]
+    assert backup.status()["master"] == PRIMARY
+    # Logged once per source and reason, not once per packet.
+    log = primary.log.read_text()
+    assert log.count("VRRP packet from 198.18.0.250 dropped: checksum") == 1
+
+
+def test_master_masquerades_the_cluster_out_of_the_uplink(netns, tmp_path):
+    """A world namespace at 198.19.0.1 knows no route back to the cluster network: a client
+    reaches it only through the master's NAT, before and after a takeover."""
+    require("nft", "ping")
+    lab = PairLab(netns, tmp_path, INTERVAL, uplink="up0")
+    try:
+        world = netns.namespace("world")
+        outside = netns.bridge(world, "br1")
+        world.ip("addr", "add", "198.19.0.1/24", "dev", outside)
+        for address in (PRIMARY, BACKUP):
+            netns.plug(world, outside, lab.namespaces[address], ifname="up0",
+                       address=f"198.19.0.{address.rsplit('.', 1)[1]}/24")
+        primary, backup = lab.speaker(PRIMARY, "ours"), lab.speaker(BACKUP, "ours")
+        primary.start()
+        backup.start()
+        wait_settled(primary, backup)
+        table = "vlx_vrrp_51"
+        assert table in primary.ns.run(["nft", "list", "tables"]).stdout
+        assert table not in backup.ns.run(["nft", "list", "tables"]).stdout
+        ping = ["ping", "-c", "1", "-W", "2", "198.19.0.1"]
+        wait_for(lambda: lab.client.run(ping, check=False).returncode == 0, SETTLE,
+                 "the world to answer through the NAT")
+
+        primary.stop()          # gives the address and the NAT back
+        assert table not in primary.ns.run(["nft", "list", "tables"]).stdout
+        assert primary.ns.run(["cat", "/proc/sys/net/ipv4/ip_forward"]).stdout.strip() == "0"
+        wait_state(backup, "master")
+        assert table in backup.ns.run(["nft", "list", "tables"]).stdout
+        wait_for(lambda: lab.client.run(ping, check=False).returncode == 0, SETTLE,
+                 "the world to answer through the backup's NAT")
+        out = lab.client.run(["ip", "neigh", "show", VIP]).stdout
+        assert MACS[BACKUP] in out
+    finally:
+        lab.close()
+
+
+def test_a_node_outside_the_pair_refuses_to_start(pair):
+    ns = pair.netns.namespace("n3")
+    pair.netns.plug(pair.hub, pair.bridge, ns, address="198.18.0.13/24")
+    result = ns.run([*VLX, "--db", str(pair.db_path), "bootsvc", "run", "--interface", "eth0",
+                     "--address", "198.18.0.13", "--services", "heartbeat",
+                     "--state-dir", str(pair.work / "n3")], check=False)
+    assert result.returncode == 2, result.stderr
+    assert ("node3 is not a node of the gateway pair (gateway-primary node1, "
+            "gateway-backup node2)") in result.stderr
