@@ -49,7 +49,8 @@ class HeartbeatOptions:
     priority: int = 0
     # An executable run as `NOTIFY STATE` (master, backup, initialize) after each change.
     notify: str = ""
-    # While this interface has no carrier, our priority is lower by track_weight.
+    # While this interface has no carrier, our priority is lower by track_weight (default:
+    # gateway_uplink when the cluster sets vrrp_track_uplink).
     track_interface: str = ""
     track_weight: int = 150
     preempt: bool = True
@@ -97,6 +98,11 @@ class HeartbeatService(Service):
         self.gateway = self._gateway(cluster)
         self.last_change = ""
         self.track_down = False
+        settings = cluster.settings
+        assert settings is not None
+        # The uplink from the database, or any interface the options name (read at start).
+        self.tracked = self.options.track_interface or (
+            settings.gateway_uplink or "" if settings.vrrp_track_uplink else "")
         self._sock: socket.socket | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._changes: asyncio.Queue[State] = asyncio.Queue()
@@ -112,6 +118,11 @@ class HeartbeatService(Service):
                        settings.cidr, settings.gateway_uplink)
 
     async def start(self) -> None:
+        if self.tracked:
+            try:
+                socket.if_nametoindex(self.tracked)
+            except OSError:
+                raise VlxError(f"heartbeat: no interface {self.tracked!r} to track") from None
         self._loop = asyncio.get_running_loop()
         # A predecessor killed with SIGKILL may have left the VIP and the NAT: a backup must
         # not answer for the VIP, so start from nothing held.
@@ -119,7 +130,7 @@ class HeartbeatService(Service):
         self._sock = self._open_socket()
         self._loop.add_reader(self._sock.fileno(), self._drain)
         self._tasks.append(asyncio.create_task(self._apply_changes()))
-        if self.options.track_interface:
+        if self.tracked:
             self._tasks.append(asyncio.create_task(self._track()))
         self._perform(self.router.start(self._loop.time()))
         log.info("VRRP VRID %d on %s as %s, priority %d, interval %.2f s, VIP %s",
@@ -169,7 +180,8 @@ class HeartbeatService(Service):
                 "master": str(router.master_address) if router.master_address else None,
                 "vip": str(self.gateway.vip), "vip_held": self.gateway.held,
                 "last_change": self.last_change,
-                **({"track_down": self.track_down} if self.options.track_interface else {})}
+                **({"tracked": self.tracked, "track_down": self.track_down}
+                   if self.tracked else {})}
 
     def _open_socket(self) -> socket.socket:
         interface = self.replica.interface
@@ -302,8 +314,14 @@ class HeartbeatService(Service):
             old.close()
 
     async def _track(self) -> None:
+        try:
+            await self._follow_link(self.tracked)
+        except Exception as err:   # the heartbeat goes on at the priority it has
+            self.counters["track_errors"] += 1
+            log.error("VRRP: cannot follow %s any more: %s", self.tracked, err)
+
+    async def _follow_link(self, name: str) -> None:
         """Follow the tracked link's carrier through netlink events, not polling."""
-        name = self.options.track_interface
         async with AsyncIPRoute() as monitor:
             await monitor.bind()
             async with AsyncIPRoute() as ipr:
@@ -322,7 +340,7 @@ class HeartbeatService(Service):
         self.track_down = not up
         base = self.router.config.priority
         priority = max(1, base - self.options.track_weight) if self.track_down else base
-        log.info("VRRP tracked %s is %s: priority %d", self.options.track_interface,
+        log.info("VRRP tracked %s is %s: priority %d", self.tracked,
                  "down" if self.track_down else "up", priority)
         self.counters["track_down" if self.track_down else "track_up"] += 1
         assert self._loop is not None

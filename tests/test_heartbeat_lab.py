@@ -4,6 +4,7 @@ Each of ours is a real `vlx bootsvc run --services heartbeat` process (vm_test.v
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 
@@ -93,6 +94,10 @@ def test_backup_takes_over_when_the_primary_is_killed_and_the_primary_preempts(p
     wait_settled(primary, backup)
     assert primary.status()["vip_held"] and primary.status()["priority"] == 200
     assert_vip_answers_from(pair, primary)
+    shown = subprocess.run([*VLX, "bootsvc", "status", "--state-dir", str(backup.state_dir)],
+                           capture_output=True, text=True, check=True).stdout
+    assert "heartbeat: state backup, priority 100, vrid 51" in shown
+    assert f"master {PRIMARY}, vip {VIP}, vip_held False" in shown
 
     kill_and_take_over(pair, primary, backup)
     assert "no advertisement for" in backup.status()["last_change"]
@@ -235,40 +240,72 @@ def test_malformed_advertisements_are_dropped_counted_and_change_nothing(pair):
     assert log.count("VRRP packet from 198.18.0.250 dropped: checksum") == 1
 
 
-def test_master_masquerades_the_cluster_out_of_the_uplink(netns, tmp_path):
-    """A world namespace at 198.19.0.1 knows no route back to the cluster network: a client
-    reaches it only through the master's NAT, before and after a takeover."""
+@pytest.fixture
+def uplinked(netns, tmp_path):
+    """The pair with an uplink each (up0) into a world namespace at 198.19.0.1 that knows no
+    route back to the cluster network: a client reaches it only through the master's NAT."""
     require("nft", "ping")
-    lab = PairLab(netns, tmp_path, INTERVAL, uplink="up0")
+    lab = PairLab(netns, tmp_path, INTERVAL, gateway_uplink="up0", vrrp_track_uplink=True)
     try:
         world = netns.namespace("world")
         outside = netns.bridge(world, "br1")
         world.ip("addr", "add", "198.19.0.1/24", "dev", outside)
+        lab.uplinks = {}
         for address in (PRIMARY, BACKUP):
-            netns.plug(world, outside, lab.namespaces[address], ifname="up0",
-                       address=f"198.19.0.{address.rsplit('.', 1)[1]}/24")
-        primary, backup = lab.speaker(PRIMARY, "ours"), lab.speaker(BACKUP, "ours")
-        primary.start()
-        backup.start()
-        wait_settled(primary, backup)
-        table = "vlx_vrrp_51"
-        assert table in primary.ns.run(["nft", "list", "tables"]).stdout
-        assert table not in backup.ns.run(["nft", "list", "tables"]).stdout
-        ping = ["ping", "-c", "1", "-W", "2", "198.19.0.1"]
-        wait_for(lambda: lab.client.run(ping, check=False).returncode == 0, SETTLE,
-                 "the world to answer through the NAT")
-
-        primary.stop()          # gives the address and the NAT back
-        assert table not in primary.ns.run(["nft", "list", "tables"]).stdout
-        assert primary.ns.run(["cat", "/proc/sys/net/ipv4/ip_forward"]).stdout.strip() == "0"
-        wait_state(backup, "master")
-        assert table in backup.ns.run(["nft", "list", "tables"]).stdout
-        wait_for(lambda: lab.client.run(ping, check=False).returncode == 0, SETTLE,
-                 "the world to answer through the backup's NAT")
-        out = lab.client.run(["ip", "neigh", "show", VIP]).stdout
-        assert MACS[BACKUP] in out
+            lab.uplinks[address] = (world, netns.plug(
+                world, outside, lab.namespaces[address], ifname="up0",
+                address=f"198.19.0.{address.rsplit('.', 1)[1]}/24"))
+        yield lab
     finally:
         lab.close()
+
+
+def world_answers(lab: PairLab) -> bool:
+    return lab.client.run(["ping", "-c", "1", "-W", "2", "198.19.0.1"],
+                          check=False).returncode == 0
+
+
+def nat_tables(speaker: Speaker) -> str:
+    return speaker.ns.run(["nft", "list", "tables"]).stdout
+
+
+def test_master_masquerades_the_cluster_out_of_the_uplink(uplinked):
+    lab = uplinked
+    primary, backup = lab.speaker(PRIMARY, "ours"), lab.speaker(BACKUP, "ours")
+    primary.start()
+    backup.start()
+    wait_settled(primary, backup)
+    assert "vlx_vrrp_51" in nat_tables(primary) and "vlx_vrrp_51" not in nat_tables(backup)
+    wait_for(lambda: world_answers(lab), SETTLE, "the world to answer through the NAT")
+
+    primary.stop()          # gives the address and the NAT back
+    assert "vlx_vrrp_51" not in nat_tables(primary)
+    assert primary.ns.run(["cat", "/proc/sys/net/ipv4/ip_forward"]).stdout.strip() == "0"
+    wait_state(backup, "master")
+    assert "vlx_vrrp_51" in nat_tables(backup)
+    wait_for(lambda: world_answers(lab), SETTLE, "the world to answer through the backup")
+    assert MACS[BACKUP] in lab.client.run(["ip", "neigh", "show", VIP]).stdout
+
+
+def test_a_master_whose_uplink_goes_down_hands_over_and_takes_back(uplinked):
+    lab = uplinked
+    primary, backup = lab.speaker(PRIMARY, "ours"), lab.speaker(BACKUP, "ours")
+    primary.start()
+    backup.start()
+    wait_settled(primary, backup)
+    world, link = lab.uplinks[PRIMARY]
+    world.ip("link", "set", link, "down")        # the primary's up0 loses its carrier
+    wait_settled(backup, primary)
+    assert primary.status()["priority"] == 50 and primary.status()["track_down"]
+    assert primary.status()["last_change"] == (
+        f"master -> backup (higher priority 100 from {BACKUP})")
+    wait_for(lambda: world_answers(lab), SETTLE, "the world to answer through the backup")
+
+    world.ip("link", "set", link, "up")
+    wait_settled(primary, backup)
+    assert primary.status()["priority"] == 200
+    assert primary.status()["counters"]["track_down"] == 1
+    assert primary.status()["counters"]["track_up"] == 1
 
 
 def test_a_node_outside_the_pair_refuses_to_start(pair):

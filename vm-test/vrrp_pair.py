@@ -40,13 +40,14 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cluster.toml"
 VLX = [sys.executable, "-c", "import sys; from virtualinux.vvcm.cli import main; sys.exit(main())"]
 
 
-def pair_database(path: Path, interval: float, uplink: str | None = None) -> Database:
-    """The example cluster (node1 gateway-primary at .11, node2 gateway-backup at .12)."""
+def pair_database(path: Path, interval: float, **settings: object) -> Database:
+    """The example cluster (node1 gateway-primary at .11, node2 gateway-backup at .12), with
+    `settings` (gateway_uplink="up0", ...) on top."""
     db = Database.create(path)
     db.update("db import", "vrrp pair",
               lambda c: inventory.apply(c, inventory.load(EXAMPLE), str(EXAMPLE)))
     db.update("settings", f"vrrp every {interval} s", lambda c: changes.set_settings(
-        c, dataclasses.replace(c.settings, vrrp_interval=interval, gateway_uplink=uplink)))
+        c, dataclasses.replace(c.settings, vrrp_interval=interval, **settings)))
     return db
 
 
@@ -160,12 +161,12 @@ class Speaker:
 
 
 class PairLab:
-    def __init__(self, netns: Netns, work: Path, interval: float, uplink: str | None = None):
+    def __init__(self, netns: Netns, work: Path, interval: float, **settings: object):
         self.netns = netns
         self.work = work
         self.interval = interval
         self.db_path = work / "cluster.db"
-        pair_database(self.db_path, interval, uplink)
+        pair_database(self.db_path, interval, **settings)
         self.hub = netns.namespace("hub")
         self.bridge = netns.bridge(self.hub)
         self.client = netns.namespace("client")

@@ -85,6 +85,10 @@ class Settings:
         "interface of the gateway pair that leads out; the master masquerades the cluster "
         "network out of it (default: no NAT, the VIP only)", lambda v: _interface(v),
         default=None, metavar="IF")
+    vrrp_track_uplink: bool = setting(
+        "while gateway_uplink has no carrier, the gateway node's VRRP priority drops by 150, "
+        "so the other node of the pair takes the gateway over", lambda v: _boolean(v),
+        default=False, metavar="true|false")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -268,6 +272,14 @@ def _number(value: object) -> float:
     if not math.isfinite(number):
         raise ValueError("not a finite number")
     return number
+
+
+def _boolean(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+        return value.lower() in ("true", "yes", "1")
+    raise ValueError("expected true or false")
 
 
 def _interface(value: object) -> str:

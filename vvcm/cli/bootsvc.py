@@ -115,6 +115,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if rows:
         print()
         print_table(("SERVICE", "COUNTER", "VALUE"), rows)
+    # One line per service of what it holds beyond counters (the heartbeat's state and VIP).
+    for service, details in status.get("details", {}).items():
+        shown = {k: v for k, v in details.items() if not isinstance(v, dict | list)}
+        if shown:
+            print(f"\n{service}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
     return 0 if status["state"] == "running" else 1
 
 
