@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -32,8 +33,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--state-dir", type=Path, default=Path("/tmp"))
     parser.add_argument("--port", action="append", default=[], metavar="SERVICE=PORT",
                         help="listen on another port, e.g. tftp=6969 (0: any free port)")
-    parser.add_argument("--set", action="append", default=[], metavar="SERVICE.NAME=INT",
-                        help="another integer setting of a service, e.g. tftp.workers=2")
+    parser.add_argument("--set", action="append", default=[], metavar="SERVICE.NAME=VALUE",
+                        help="another setting of a service, e.g. tftp.workers=2 or "
+                             "heartbeat.role=primary")
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("services", nargs="+", metavar="SERVICE")
     return parser.parse_args(argv)
@@ -48,7 +50,7 @@ async def run(args: argparse.Namespace) -> dict[str, dict[str, int]]:
     for item in args.set:
         key, _, value = item.partition("=")
         service_name, _, setting = key.partition(".")
-        settings.setdefault(service_name, {})[setting] = int(value)
+        settings.setdefault(service_name, {})[setting] = _typed(service_name, setting, value)
     services = []
     for name in args.services:
         kwargs = {"port": int(ports[name])} if name in ports else {}
@@ -74,6 +76,17 @@ async def run(args: argparse.Namespace) -> dict[str, dict[str, int]]:
     for service in services:
         await service.stop()
     return {service.name: dict(service.counters) for service in services}
+
+
+def _typed(service_name: str, setting: str, text: str) -> object:
+    """An integer, unless the service's `Options` declares the field a str or a bool."""
+    options = getattr(service_class(service_name), "Options", None)
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(options)} if options else {}
+    if kinds.get(setting) == "str":
+        return text
+    if kinds.get(setting) == "bool":
+        return text.lower() in ("1", "true", "yes")
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:

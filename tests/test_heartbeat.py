@@ -99,3 +99,34 @@ def test_notify_hook_gets_the_state_as_one_argument_without_a_shell(tmp_path):
     assert out.read_text() == "1|master; touch pwned|"
     assert not (tmp_path / "pwned").exists()
     assert asyncio.run(run_hook(str(tmp_path / "missing"), "backup")) is None
+
+
+def example_with(lines: str) -> str:
+    """The example inventory with `lines` in [cluster] in place of its heartbeat keys."""
+    text = EXAMPLE.read_text().replace("vrrp_id = 51\nvrrp_interval = 1.0\n", "")
+    return text.replace("cpu_overcommit = 2.0", f"cpu_overcommit = 2.0\n{lines}")
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("vrrp_interval = 0.005", "vrrp_interval = 0.005: must be 0.01 to 40.95 seconds"),
+    ("vrrp_interval = 41", "must be 0.01 to 40.95 seconds"),
+    ("vrrp_id = 256", "vrrp_id = 256: must be between 1 and 255"),
+    ("vrrp_priority_primary = 255", "must be between 1 and 254"),
+    ("vrrp_preempt_delay = -1", "must be 0 to 3600 seconds"),
+    ('gateway_uplink = "eth0/x"', "expected a network interface name"),
+    ('vrrp_track_uplink = "maybe"', "expected true or false"),
+])
+def test_bad_heartbeat_settings_are_one_clear_error(line, message):
+    text = example_with(line)
+    with pytest.raises(VlxError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        inventory.parse(text, "cluster.toml")
+
+
+def test_heartbeat_settings_round_trip_through_the_inventory():
+    text = example_with('vrrp_interval = 0.1\ngateway_uplink = "up0"\n'
+                        'vrrp_track_uplink = true\nvrrp_preempt_delay = 5')
+    settings = inventory.parse(text).settings
+    assert (settings.vrrp_interval, settings.gateway_uplink, settings.vrrp_track_uplink,
+            settings.vrrp_preempt_delay) == (0.1, "up0", True, 5.0)
+    cluster = inventory.apply(Cluster(generation=1, settings=None), inventory.parse(text), "x")
+    assert inventory.parse(inventory.dump(cluster)).settings == settings

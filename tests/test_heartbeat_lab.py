@@ -317,3 +317,34 @@ def test_a_node_outside_the_pair_refuses_to_start(pair):
     assert result.returncode == 2, result.stderr
     assert ("node3 is not a node of the gateway pair (gateway-primary node1, "
             "gateway-backup node2)") in result.stderr
+
+
+def test_a_replica_beside_the_nodes_takes_a_role_and_runs_the_notify_hook(pair, tmp_path):
+    """The lab's case: the replica is not a node, its options make it the primary."""
+    out = tmp_path / "hook.out"
+    hook = tmp_path / "hook"
+    hook.write_text(f"#!/bin/sh\necho \"$1\" >> {out}\n")
+    hook.chmod(0o755)
+    backup = pair.speaker(BACKUP, "ours")
+    backup.start()
+    standalone = pair.namespaces[PRIMARY].popen(
+        [sys.executable, "-m", "virtualinux.bootsvc.standalone", "--db", str(pair.db_path),
+         "--root", str(tmp_path), "--address", PRIMARY, "--set", "heartbeat.role=primary",
+         "--set", f"heartbeat.notify={hook}", "heartbeat"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert standalone.stdout.readline().startswith("ready heartbeat")
+        wait_for(lambda: backup.status().get("master") == PRIMARY, SETTLE,
+                 "the backup to follow the standalone primary")
+        wait_for(lambda: out.exists() and out.read_text() == "backup\nmaster\n", SETTLE,
+                 "the hook to be told backup, then master")
+        assert pair.namespaces[PRIMARY].run(["ip", "-4", "-o", "addr"]).stdout.count(VIP) == 1
+        standalone.terminate()
+        counters = standalone.communicate(timeout=30)[0]
+        assert '"became_master": 1' in counters
+        assert out.read_text() == "backup\nmaster\ninitialize\n"
+        wait_state(backup, "master")
+    finally:
+        if standalone.poll() is None:
+            standalone.kill()
+            standalone.wait(10)
