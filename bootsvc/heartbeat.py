@@ -19,12 +19,14 @@ Imports the model, `vrrp_wire`, `vrrp_state`, `gateway_net`.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dataclasses
 import logging
 import socket
 import struct
 
 from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 from virtualinux.vvcm import Cluster, VlxError
 
 from . import vrrp_wire as wire
@@ -39,6 +41,18 @@ MAX_PACKET = 65535
 LOG_ONCE_LIMIT = 4096        # remembered (source, reason) pairs, only to avoid repeating a line
 DRAIN_BATCH = 64
 IFF_RUNNING = 0x40           # carrier: what a cut cable or a peer's veth going down clears
+SO_ATTACH_FILTER = 26        # Linux; Python's socket module does not name it
+
+
+class _DropAll:
+    """A classic BPF program of one instruction, `ret #0`: the socket queues nothing."""
+
+    def __init__(self) -> None:
+        self.code = ctypes.create_string_buffer(struct.pack("HBBI", 0x06, 0, 0, 0))
+        self.program = struct.pack("HL", 1, ctypes.addressof(self.code))
+
+
+_DROP_ALL = _DropAll()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +118,7 @@ class HeartbeatService(Service):
         self.tracked = self.options.track_interface or (
             settings.gateway_uplink or "" if settings.vrrp_track_uplink else "")
         self._sock: socket.socket | None = None
+        self._vmac_sock: socket.socket | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._changes: asyncio.Queue[State] = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
@@ -115,7 +130,7 @@ class HeartbeatService(Service):
         settings = cluster.settings
         assert settings is not None    # router_config refused a cluster without settings
         return Gateway(self.replica.interface, settings.gateway_vip, settings.vrrp_id,
-                       settings.cidr, settings.gateway_uplink)
+                       settings.cidr, settings.gateway_uplink, settings.vrrp_vmac)
 
     async def start(self) -> None:
         if self.tracked:
@@ -148,6 +163,7 @@ class HeartbeatService(Service):
             self._sock.close()
             self._sock = None
         await self._changes.join()          # the release and the hook of the shutdown
+        self._send_from(None)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -183,15 +199,31 @@ class HeartbeatService(Service):
                 **({"tracked": self.tracked, "track_down": self.track_down}
                    if self.tracked else {})}
 
+    def _send_from(self, index: int | None) -> None:
+        """Adverts go out of the virtual MAC's macvlan while it exists (RFC 5798 7.3): a
+        second raw socket bound to it (one bound to a device cannot send out of another),
+        which reads nothing (a filter that drops all), and is closed when the macvlan goes."""
+        if self._vmac_sock is not None:
+            self._vmac_sock.close()
+            self._vmac_sock = None
+        if index is None or self._sock is None:
+            return
+        self._vmac_sock = self._raw_socket(socket.if_indextoname(index), index, join=False)
+
     def _open_socket(self) -> socket.socket:
         interface = self.replica.interface
-        index = socket.if_nametoindex(interface)
+        return self._raw_socket(interface, socket.if_nametoindex(interface), join=True)
+
+    def _raw_socket(self, interface: str, index: int, join: bool) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, wire.PROTOCOL)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
             membership = struct.pack("4s4si", wire.GROUP.packed, self.replica.address.packed,
                                      index)
-            sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, membership)
+            if join:
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, membership)
+            else:
+                sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, _DROP_ALL.program)
             # Sent from our address out of our interface; TTL 255 so receivers can tell the
             # packet has not crossed a router; our own adverts are not looped back to us.
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, membership)
@@ -260,7 +292,8 @@ class HeartbeatService(Service):
             self._timer = self._loop.call_at(deadline, self._on_timer)
 
     def _send(self, advert: wire.Advertisement) -> None:
-        if self._sock is None:
+        sock = self._vmac_sock or self._sock
+        if sock is None:
             return
         key = (advert.priority, advert.interval)
         message = self._encoded.get(key)
@@ -269,7 +302,7 @@ class HeartbeatService(Service):
                 self._encoded.clear()
             message = self._encoded[key] = wire.encode(advert, self.replica.address)
         try:
-            self._sock.sendto(message, (str(wire.GROUP), 0))
+            sock.sendto(message, (str(wire.GROUP), 0))
         except OSError as err:
             # A link that is down must not stop the timers: we try again next interval.
             self.counters["send_errors"] += 1
@@ -289,24 +322,33 @@ class HeartbeatService(Service):
         while True:
             state = await self._changes.get()
             try:
-                if state is State.MASTER:
-                    self.counters["garp_sent"] += await self.gateway.take()
-                elif self.gateway.held or state is State.INITIALIZE:
-                    await self.gateway.release()
-            except OSError as err:
-                self.counters["gateway_errors"] += 1
-                log.error("VRRP %s: cannot %s the gateway %s: %s", state.value,
-                          "take" if state is State.MASTER else "release", self.gateway.vip, err)
-            if self.options.notify:
-                code = await run_hook(self.options.notify, state.value)
-                self.counters["hooks_run" if code == 0 else "hooks_failed"] += 1
-            self._changes.task_done()
+                await self._apply(state)
+            finally:
+                self._changes.task_done()
+
+    async def _apply(self, state: State) -> None:
+        try:
+            if state is State.MASTER:
+                self.counters["garp_sent"] += await self.gateway.take()
+            elif self.gateway.held or state is State.INITIALIZE:
+                await self.gateway.release()
+            # A master sends from the virtual MAC's macvlan (RFC 5798 7.3), when there is one.
+            self._send_from(self.gateway.sending_index)
+        except (OSError, NetlinkError) as err:
+            # Still master by the protocol (the peer must not take over too); the operator
+            # sees the error in the log and the counter.
+            self.counters["gateway_errors"] += 1
+            log.error("VRRP %s: cannot %s the gateway %s: %s", state.value,
+                      "take" if state is State.MASTER else "release", self.gateway.vip, err)
+        if self.options.notify:
+            code = await run_hook(self.options.notify, state.value)
+            self.counters["hooks_run" if code == 0 else "hooks_failed"] += 1
 
     async def _swap(self, old: Gateway) -> None:
         try:
             await old.release()
             self.counters["garp_sent"] += await self.gateway.take()
-        except OSError as err:
+        except (OSError, NetlinkError) as err:
             self.counters["gateway_errors"] += 1
             log.error("VRRP: cannot move the gateway %s -> %s: %s", old.vip, self.gateway.vip,
                       err)

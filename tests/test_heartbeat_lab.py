@@ -348,3 +348,41 @@ def test_a_replica_beside_the_nodes_takes_a_role_and_runs_the_notify_hook(pair, 
         if standalone.poll() is None:
             standalone.kill()
             standalone.wait(10)
+
+
+def test_the_virtual_mac_moves_with_the_gateway(netns, tmp_path):
+    """vrrp_vmac: the VIP answers from 00:00:5e:00:01:33 (VRID 51) on whichever node is
+    master, so the client's ARP entry never changes."""
+    vmac = "00:00:5e:00:01:33"
+    lab = PairLab(netns, tmp_path, INTERVAL, vrrp_vmac=True)
+    try:
+        primary, backup = lab.speaker(PRIMARY, "ours"), lab.speaker(BACKUP, "ours")
+        primary.start()
+        backup.start()
+        wait_settled(primary, backup)
+
+        def vmac_on(speaker: Speaker) -> bool:
+            out = speaker.ns.run(["ip", "-o", "link", "show", "vrrp.51"], check=False).stdout
+            return vmac in out
+
+        assert vmac_on(primary) and not vmac_on(backup)
+        # The master's advertisements come from the virtual MAC (RFC 5798 7.3).
+        seen = lab.client.run(["tcpdump", "-c", "1", "-e", "-n", "-i", "eth0", "ip proto 112"],
+                              timeout=SETTLE).stdout
+        assert seen.startswith(tuple("0123456789")) and f"{vmac} > 01:00:5e:00:00:12" in seen
+        # Requests go to the virtual MAC; the node routes its replies out of eth0.
+        assert probe_result(start_probe(lab.client, primary.mac, SETTLE)) is not None
+        assert vmac in lab.client.run(["ip", "neigh", "show", VIP]).stdout
+        # The base interface leaves ARP for the VIP to the macvlan.
+        arping = lab.client.run(["arping", "-c", "2", "-w", "5", "-I", "eth0", VIP],
+                                check=False).stdout
+        assert vmac.upper() in arping.upper() and MACS[PRIMARY].upper() not in arping.upper()
+
+        primary.stop()
+        assert not vmac_on(primary)
+        wait_state(backup, "master")
+        wait_for(lambda: vmac_on(backup), SETTLE, "the backup's virtual MAC")
+        assert probe_result(start_probe(lab.client, backup.mac, SETTLE)) is not None
+        assert vmac in lab.client.run(["ip", "neigh", "show", VIP]).stdout
+    finally:
+        lab.close()

@@ -135,8 +135,8 @@ class Speaker:
                 self.kill()
 
     def holds_vip(self) -> bool:
-        out = self.ns.run(["ip", "-4", "-o", "addr", "show", "dev", "eth0"]).stdout
-        return f" {VIP}/" in out
+        """On eth0, or on the virtual MAC's macvlan."""
+        return f" {VIP}/" in self.ns.run(["ip", "-4", "-o", "addr", "show"]).stdout
 
     def drop_vip(self) -> None:
         """What a dead master leaves behind, removed before the next round of a bench."""

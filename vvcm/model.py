@@ -85,6 +85,10 @@ class Settings:
         "interface of the gateway pair that leads out; the master masquerades the cluster "
         "network out of it (default: no NAT, the VIP only)", lambda v: _interface(v),
         default=None, metavar="IF")
+    vrrp_vmac: bool = setting(
+        "the gateway master answers for the VIP with the VRRP virtual MAC 00:00:5e:00:01:VRID "
+        "(on a macvlan), so hosts need no new ARP entry after a takeover", lambda v: _boolean(v),
+        default=False, metavar="true|false")
     vrrp_track_uplink: bool = setting(
         "while gateway_uplink has no carrier, the gateway node's VRRP priority drops by 150, "
         "so the other node of the pair takes the gateway over", lambda v: _boolean(v),
