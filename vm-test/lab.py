@@ -35,7 +35,7 @@ from typing import Any
 
 from virtualinux.vvcm import Cluster, Database, VlxError
 
-from . import qemu
+from . import qemu, uplink
 from .netns import NETNS_DIR, Namespace, Netns, kill_all
 from .plan import BRIDGE, REPLICA_INTERFACE, LabPlan, namespace_prefix
 from .progress import NodeProgress, Watcher, ping_from
@@ -268,6 +268,7 @@ def start(lab: LabPlan, fill_database: Callable[[Database], Cluster],
         render_tree(cluster, running.paths.netboot)
         running.make_network()
         running.start_replicas(services)
+        uplink.start(running, cluster)
         running.start_nodes()
         record.phase = "up"
         record.save()
