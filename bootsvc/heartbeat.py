@@ -120,7 +120,7 @@ class HeartbeatService(Service):
         self._sock: socket.socket | None = None
         self._vmac_sock: socket.socket | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._changes: asyncio.Queue[State] = asyncio.Queue()
+        self._changes: asyncio.Queue[State | Gateway] = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
         self._encoded: dict[tuple[int, int], bytes] = {}
         self._logged: set[tuple[str, str]] = set()
@@ -177,17 +177,16 @@ class HeartbeatService(Service):
             log.warning("%s; keeping gen %d's settings", err, self.cluster.generation)
             return
         self.cluster = cluster
-        if config == self.router.config or self._loop is None:
+        if self._loop is None:
             return
         gateway = self._gateway(cluster)
-        if (gateway.vip, gateway.vrid, gateway.network, gateway.uplink) != (
-                self.gateway.vip, self.gateway.vrid, self.gateway.network, self.gateway.uplink):
-            # Give back what the old settings took; the next change applies the new ones.
-            old = self.gateway
+        if _what_it_holds(gateway) != _what_it_holds(self.gateway):
+            # The old settings' VIP, NAT and macvlan go, the new ones come (if master), in
+            # order with the state changes: through the same queue.
+            self._changes.put_nowait(self.gateway)
             self.gateway = gateway
-            if self.router.state is State.MASTER:
-                self._tasks.append(asyncio.create_task(self._swap(old)))
-        self._perform(self.router.reconfigure(config, self._loop.time()))
+        if config != self.router.config:
+            self._perform(self.router.reconfigure(config, self._loop.time()))
 
     def details(self) -> dict[str, object]:
         router = self.router
@@ -318,11 +317,15 @@ class HeartbeatService(Service):
         self._changes.put_nowait(change.new)
 
     async def _apply_changes(self) -> None:
-        """Take or give back the gateway, then run the hook, one change at a time in order."""
+        """Take or give back the gateway, then run the hook, one change at a time in order;
+        a `Gateway` in the queue is one a reload replaced, to be swapped for the new one."""
         while True:
-            state = await self._changes.get()
+            change = await self._changes.get()
             try:
-                await self._apply(state)
+                if isinstance(change, Gateway):
+                    await self._swap(change)
+                else:
+                    await self._apply(change)
             finally:
                 self._changes.task_done()
 
@@ -347,13 +350,15 @@ class HeartbeatService(Service):
     async def _swap(self, old: Gateway) -> None:
         try:
             await old.release()
-            self.counters["garp_sent"] += await self.gateway.take()
+            old.close()
+            if self.router.state is State.MASTER:
+                self.counters["garp_sent"] += await self.gateway.take()
+            self._send_from(self.gateway.sending_index)
+            log.info("VRRP gateway now %s", _what_it_holds(self.gateway))
         except (OSError, NetlinkError) as err:
             self.counters["gateway_errors"] += 1
             log.error("VRRP: cannot move the gateway %s -> %s: %s", old.vip, self.gateway.vip,
                       err)
-        finally:
-            old.close()
 
     async def _track(self) -> None:
         try:
@@ -393,6 +398,11 @@ class HeartbeatService(Service):
             return
         self._logged.add((source, reason))
         log.warning("%s", line)
+
+
+def _what_it_holds(gateway: Gateway) -> dict[str, object]:
+    return {"vip": str(gateway.vip), "vrid": gateway.vrid, "network": str(gateway.network),
+            "uplink": gateway.uplink, "vmac": gateway.vmac}
 
 
 SERVICE = HeartbeatService

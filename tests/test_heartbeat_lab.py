@@ -4,6 +4,8 @@ Each of ours is a real `vlx bootsvc run --services heartbeat` process (vm_test.v
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import subprocess
 import sys
 import time
@@ -22,6 +24,7 @@ from virtualinux.vm_test.vrrp_pair import (
     start_probe,
     wait_for,
 )
+from virtualinux.vvcm import Database, changes
 
 from .conftest import require
 
@@ -386,3 +389,24 @@ def test_the_virtual_mac_moves_with_the_gateway(netns, tmp_path):
         assert vmac in lab.client.run(["ip", "neigh", "show", VIP]).stdout
     finally:
         lab.close()
+
+
+def test_a_new_generation_moves_the_vip_and_changes_the_interval(pair):
+    primary, backup = pair.speaker(PRIMARY, "ours"), pair.speaker(BACKUP, "ours")
+    primary.start()
+    backup.start()
+    wait_settled(primary, backup)
+    new_vip = "198.18.0.250"
+    Database(pair.db_path).update("settings", "new gateway", lambda c: changes.set_settings(
+        c, dataclasses.replace(c.settings, gateway_vip=ipaddress.IPv4Address(new_vip),
+                               vrrp_interval=0.3)))
+
+    def addresses(speaker: Speaker) -> str:
+        return speaker.ns.run(["ip", "-4", "-o", "addr", "show"]).stdout
+
+    wait_for(lambda: f" {new_vip}/32" in addresses(primary), SETTLE, "the new VIP")
+    assert f" {VIP}/" not in addresses(primary) and new_vip not in addresses(backup)
+    wait_for(lambda: backup.status().get("interval") == 0.3, SETTLE, "the new interval")
+    assert primary.state() == "master" and backup.status()["master"] == PRIMARY
+    # The two reload at their own poll: an advert or two may carry the other VIP meanwhile.
+    assert "became_master" not in backup.status()["counters"]
