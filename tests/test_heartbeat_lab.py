@@ -64,6 +64,15 @@ def wait_settled(master: Speaker, backup: Speaker) -> None:
     assert not backup.holds_vip()
 
 
+def two_of_ours(lab: PairLab) -> tuple[Speaker, Speaker]:
+    """Our primary and backup, started and settled."""
+    primary, backup = lab.speaker(PRIMARY, "ours"), lab.speaker(BACKUP, "ours")
+    primary.start()
+    backup.start()
+    wait_settled(primary, backup)
+    return primary, backup
+
+
 def assert_vip_answers_from(lab: PairLab, speaker: Speaker) -> None:
     """An echo reply for the VIP comes from `speaker`'s MAC (the client was told by ARP)."""
     probe = start_probe(lab.client, speaker.mac, SETTLE)
@@ -91,10 +100,7 @@ def restart_and_preempt(lab: PairLab, primary: Speaker, backup: Speaker) -> None
 
 
 def test_backup_takes_over_when_the_primary_is_killed_and_the_primary_preempts(pair):
-    primary, backup = pair.speaker(PRIMARY, "ours"), pair.speaker(BACKUP, "ours")
-    primary.start()
-    backup.start()
-    wait_settled(primary, backup)
+    primary, backup = two_of_ours(pair)
     assert primary.status()["vip_held"] and primary.status()["priority"] == 200
     assert_vip_answers_from(pair, primary)
     shown = subprocess.run([*VLX, "bootsvc", "status", "--state-dir", str(backup.state_dir)],
@@ -113,10 +119,7 @@ def test_backup_takes_over_when_the_primary_is_killed_and_the_primary_preempts(p
 
 
 def test_sigterm_hands_over_at_once_with_priority_zero(pair):
-    primary, backup = pair.speaker(PRIMARY, "ours"), pair.speaker(BACKUP, "ours")
-    primary.start()
-    backup.start()
-    wait_settled(primary, backup)
+    primary, backup = two_of_ours(pair)
     primary.stop()
     assert not primary.holds_vip()             # released on the way out
     wait_state(backup, "master")
@@ -126,10 +129,7 @@ def test_sigterm_hands_over_at_once_with_priority_zero(pair):
 
 
 def test_a_healed_partition_leaves_one_master(pair):
-    primary, backup = pair.speaker(PRIMARY, "ours"), pair.speaker(BACKUP, "ours")
-    primary.start()
-    backup.start()
-    wait_settled(primary, backup)
+    primary, backup = two_of_ours(pair)
     pair.cut(PRIMARY, up=False)
     wait_state(backup, "master")
     assert primary.state() == "master"          # split brain while the link is cut
@@ -222,10 +222,7 @@ def send_frames(lab: PairLab, packets: list[bytes]) -> None:
 
 
 def test_malformed_advertisements_are_dropped_counted_and_change_nothing(pair):
-    primary, backup = pair.speaker(PRIMARY, "ours"), pair.speaker(BACKUP, "ours")
-    primary.start()
-    backup.start()
-    wait_settled(primary, backup)
+    primary, backup = two_of_ours(pair)
     frames = malformed_frames()
     repeat = 5
     send_frames(pair, [p for packets in frames.values() for p in packets] * repeat)
@@ -274,10 +271,7 @@ def nat_tables(speaker: Speaker) -> str:
 
 def test_master_masquerades_the_cluster_out_of_the_uplink(uplinked):
     lab = uplinked
-    primary, backup = lab.speaker(PRIMARY, "ours"), lab.speaker(BACKUP, "ours")
-    primary.start()
-    backup.start()
-    wait_settled(primary, backup)
+    primary, backup = two_of_ours(lab)
     assert "vlx_vrrp_51" in nat_tables(primary) and "vlx_vrrp_51" not in nat_tables(backup)
     wait_for(lambda: world_answers(lab), SETTLE, "the world to answer through the NAT")
 
@@ -292,10 +286,7 @@ def test_master_masquerades_the_cluster_out_of_the_uplink(uplinked):
 
 def test_a_master_whose_uplink_goes_down_hands_over_and_takes_back(uplinked):
     lab = uplinked
-    primary, backup = lab.speaker(PRIMARY, "ours"), lab.speaker(BACKUP, "ours")
-    primary.start()
-    backup.start()
-    wait_settled(primary, backup)
+    primary, backup = two_of_ours(lab)
     world, link = lab.uplinks[PRIMARY]
     world.ip("link", "set", link, "down")        # the primary's up0 loses its carrier
     wait_settled(backup, primary)
@@ -359,10 +350,7 @@ def test_the_virtual_mac_moves_with_the_gateway(netns, tmp_path):
     vmac = "00:00:5e:00:01:33"
     lab = PairLab(netns, tmp_path, INTERVAL, vrrp_vmac=True)
     try:
-        primary, backup = lab.speaker(PRIMARY, "ours"), lab.speaker(BACKUP, "ours")
-        primary.start()
-        backup.start()
-        wait_settled(primary, backup)
+        primary, backup = two_of_ours(lab)
 
         def vmac_on(speaker: Speaker) -> bool:
             out = speaker.ns.run(["ip", "-o", "link", "show", "vrrp.51"], check=False).stdout
@@ -392,10 +380,7 @@ def test_the_virtual_mac_moves_with_the_gateway(netns, tmp_path):
 
 
 def test_a_new_generation_moves_the_vip_and_changes_the_interval(pair):
-    primary, backup = pair.speaker(PRIMARY, "ours"), pair.speaker(BACKUP, "ours")
-    primary.start()
-    backup.start()
-    wait_settled(primary, backup)
+    primary, backup = two_of_ours(pair)
     new_vip = "198.18.0.250"
     Database(pair.db_path).update("settings", "new gateway", lambda c: changes.set_settings(
         c, dataclasses.replace(c.settings, gateway_vip=ipaddress.IPv4Address(new_vip),

@@ -18,6 +18,15 @@ def router(priority: int = 100, address=BACKUP, interval: int = 100, **kw) -> Ro
                          addresses=(VIP,), **kw))
 
 
+def master(priority: int = 100, address=BACKUP, **kw) -> Router:
+    """A router that started alone and became master when its master-down timer ran out."""
+    r = router(priority=priority, address=address, **kw)
+    r.start(0.0)
+    r.tick(r.deadline())
+    assert r.state is State.MASTER
+    return r
+
+
 def advert(priority: int, source=PRIMARY, interval: int = 100) -> Advertisement:
     return Advertisement(vrid=51, priority=priority, interval=interval, addresses=(VIP,),
                          source=source)
@@ -109,19 +118,14 @@ def test_master_steps_down_for_higher_priority_and_says_why():
 
 
 def test_master_ignores_lower_priority():
-    r = router(priority=200, address=PRIMARY)
-    r.start(0.0)
-    r.tick(r.deadline())
+    r = master(priority=200, address=PRIMARY)
     assert r.receive(advert(100, source=BACKUP), 5.0) == []
     assert r.state is State.MASTER
 
 
 def test_equal_priority_higher_address_wins():
-    low = router(priority=100, address=PRIMARY)
-    high = router(priority=100, address=BACKUP)
-    for r in (low, high):
-        r.start(0.0)
-        r.tick(r.deadline())
+    low = master(priority=100, address=PRIMARY)
+    high = master(priority=100, address=BACKUP)
     assert transitions(low.receive(advert(100, source=BACKUP), 5.0)) == [
         (State.MASTER, State.BACKUP)]
     assert high.receive(advert(100, source=PRIMARY), 5.0) == []
@@ -161,12 +165,8 @@ def test_preempt_delay_holds_off_preemption_for_that_long():
 
 
 def test_split_brain_heals_to_one_master_within_one_interval():
-    a = router(priority=200, address=PRIMARY)
-    b = router(priority=100, address=BACKUP)
-    for r in (a, b):
-        r.start(0.0)
-        r.tick(r.deadline())
-    assert a.state is b.state is State.MASTER          # the partition
+    a = master(priority=200, address=PRIMARY)
+    b = master(priority=100, address=BACKUP)          # the partition: two masters
     # The link heals at t=20: each hears the other's next advertisement.
     now = 20.0
     for _ in range(3):
