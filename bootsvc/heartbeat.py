@@ -88,8 +88,9 @@ def router_config(cluster: Cluster, replica: Replica, options: HeartbeatOptions)
         priority = (settings.vrrp_priority_primary if role == "primary"
                     else settings.vrrp_priority_backup)
     else:
-        pair = ", ".join(f"gateway-{r} {', '.join(n.name for n in cluster.nodes_with_role(f'gateway-{r}')) or '(none)'}"  # noqa: E501
-                         for r in ROLES)
+        holders = {r: [n.name for n in cluster.nodes_with_role(f"gateway-{r}")] for r in ROLES}
+        pair = ", ".join(f"gateway-{r} {', '.join(names) or '(none)'}"
+                         for r, names in holders.items())
         who = replica.node.name if replica.node else f"{replica.address} (not a node)"
         raise VlxError(f"heartbeat: {who} is not a node of the gateway pair ({pair}): run "
                        "heartbeat on those two, or give this replica a role or priority")
@@ -106,8 +107,15 @@ class HeartbeatService(Service):
     def __init__(self, replica: Replica, cluster: Cluster,
                  options: HeartbeatOptions | None = None, **fields: object):
         super().__init__(replica, cluster)
-        # **fields: today's standalone runner passes `--set heartbeat.NAME=INT` as keywords.
+        # **fields: today's standalone runner passes `--set heartbeat.NAME=VALUE` as keywords.
+        known = {f.name for f in dataclasses.fields(self.Options)}
+        if unknown := sorted(set(fields) - known):
+            raise VlxError(f"heartbeat has no option {unknown[0]!r} (it has "
+                           f"{', '.join(sorted(known))})")
         self.options = dataclasses.replace(options or self.Options(), **fields)
+        if not 0 <= self.options.track_weight <= 254:
+            raise VlxError(f"heartbeat: track_weight {self.options.track_weight} is not "
+                           "between 0 and 254")
         self.router = Router(router_config(cluster, replica, self.options))
         self.gateway = self._gateway(cluster)
         self.last_change = ""
@@ -326,6 +334,9 @@ class HeartbeatService(Service):
                     await self._swap(change)
                 else:
                     await self._apply(change)
+            except Exception:   # the next change, and stop(), must not wait on a dead task
+                self.counters["gateway_errors"] += 1
+                log.exception("VRRP: applying %s failed", change)
             finally:
                 self._changes.task_done()
 

@@ -88,6 +88,10 @@ def test_malformed_packets_are_counted_by_reason_and_never_change_state(cluster)
 def test_standalone_keywords_override_options(cluster):
     service = HeartbeatService(replica(cluster, None), cluster, priority=77)
     assert service.router.priority == 77
+    with pytest.raises(VlxError, match="heartbeat has no option 'port'"):
+        HeartbeatService(replica(cluster, None), cluster, port=112)
+    with pytest.raises(VlxError, match="track_weight 300"):
+        HeartbeatService(replica(cluster, "node1"), cluster, track_weight=300)
 
 
 def test_notify_hook_gets_the_state_as_one_argument_without_a_shell(tmp_path):
