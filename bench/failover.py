@@ -38,10 +38,14 @@ TIMEOUT = 60.0        # bound on every wait of a round
 
 
 def settle(primary: Speaker, backup: Speaker, interval: float) -> None:
-    wait_for(lambda: primary.state() == "master" and primary.holds_vip(), TIMEOUT,
-             f"{primary.kind} primary to hold the VIP")
-    wait_for(lambda: backup.state() == "backup" and not backup.holds_vip(), TIMEOUT,
-             f"{backup.kind} backup to be backup")
+    wait_for(lambda: not primary.running() or (primary.state() == "master"
+                                               and primary.holds_vip()),
+             TIMEOUT, f"{primary.kind} primary to hold the VIP")
+    wait_for(lambda: not backup.running() or (backup.state() == "backup"
+                                              and not backup.holds_vip()),
+             TIMEOUT, f"{backup.kind} backup to be backup")
+    if not (primary.running() and backup.running()):
+        raise AssertionError(f"a {primary.kind} router exited")
     # Both kinds get the same grace: three advertisements heard by the backup.
     time.sleep(3 * interval)
 
@@ -51,7 +55,12 @@ def one_takeover(lab: PairLab, kind: str) -> float:
     try:
         primary.start()
         backup.start()
-        settle(primary, backup, lab.interval)
+        try:
+            settle(primary, backup, lab.interval)
+        except AssertionError as err:
+            tails = "\n".join(f"--- {s.log.name}\n{s.log.read_text()[-1500:]}"
+                              for s in (primary, backup) if s.log.exists())
+            raise RuntimeError(f"{err}\n{tails}") from None
         probe = start_probe(lab.client, backup.mac, TIMEOUT)
         killed = time.monotonic()
         primary.kill()

@@ -176,7 +176,6 @@ class HeartbeatService(Service):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        self.gateway.close()
 
     def reload(self, cluster: Cluster) -> None:
         try:
@@ -361,7 +360,6 @@ class HeartbeatService(Service):
     async def _swap(self, old: Gateway) -> None:
         try:
             await old.release()
-            old.close()
             if self.router.state is State.MASTER:
                 self.counters["garp_sent"] += await self.gateway.take()
             self._send_from(self.gateway.sending_index)

@@ -102,10 +102,15 @@ class Speaker:
         else:
             conf = self.work / f"keepalived-{self.address}.conf"
             conf.write_text(keepalived_config(self.priority, self.interval))
-            # Private pid files: another keepalived on this machine must not see ours.
+            # Private pid files: another keepalived on this machine must not see ours. Removed
+            # first: after a SIGKILL they name pids the busy machine may have handed to
+            # another process, and keepalived would then refuse ("daemon is already running").
             pid = self.work / f"keepalived-{self.address}"
+            pid_files = [Path(f"{pid}{suffix}.pid") for suffix in ("", "-vrrp", "-check")]
+            for path in pid_files:
+                path.unlink(missing_ok=True)
             cmd = ["keepalived", "-n", "-l", "-D", "-P", "-f", str(conf),
-                   "-p", f"{pid}.pid", "-r", f"{pid}-vrrp.pid", "-c", f"{pid}-check.pid"]
+                   "-p", str(pid_files[0]), "-r", str(pid_files[1]), "-c", str(pid_files[2])]
         with self.log.open("a") as log:
             self.process = self.ns.popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
