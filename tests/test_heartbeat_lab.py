@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from scapy.layers.inet import IP, in4_chksum
 from virtualinux.bootsvc import vrrp_wire as wire
 from virtualinux.vm_test.vrrp_pair import (
     BACKUP,
@@ -168,19 +169,16 @@ def test_keepalived_as_the_peer(pair, ours_is):
 def malformed_frames() -> dict[str, list[bytes]]:
     """IP packets that would take the master's place if they were accepted (priority 254 from
     an address above both), each broken in one way, by the counter it must land in."""
-    from scapy.layers.inet import IP
-
     source = "198.18.0.250"
     advert = wire.Advertisement(vrid=51, priority=254, interval=50,
-                                addresses=(wire.ipaddress.IPv4Address(VIP),))
-    good = bytearray(wire.encode_ip(advert, wire.ipaddress.IPv4Address(source)))
+                                addresses=(ipaddress.IPv4Address(VIP),))
+    good = bytearray(wire.encode_ip(advert, ipaddress.IPv4Address(source)))
 
     def rebuilt(message: bytes, ttl: int = 255) -> bytes:
         # A valid IP header (scapy recomputes length and checksum) around a broken message.
         return bytes(IP(src=source, dst=str(wire.GROUP), ttl=ttl, proto=112) / message)
 
     def with_checksum(message: bytearray) -> bytes:
-        from scapy.layers.inet import in4_chksum
         message[6:8] = b"\0\0"
         message[6:8] = in4_chksum(112, IP(src=source, dst=str(wire.GROUP)),
                                   bytes(message)).to_bytes(2, "big")
