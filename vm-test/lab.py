@@ -36,7 +36,7 @@ from typing import Any
 from virtualinux.bootsvc.status import read_status, wait_running
 from virtualinux.vvcm import Cluster, Database, VlxError
 
-from . import qemu
+from . import qemu, uplink
 from .netns import NETNS_DIR, Namespace, Netns, remove_namespace
 from .plan import BRIDGE, REPLICA_INTERFACE, LabPlan, namespace_prefix
 from .progress import NodeProgress, Watcher, ping_from
@@ -262,6 +262,7 @@ def start(lab: LabPlan, fill_database: Callable[[Database], Cluster],
         render_tree(cluster, running.paths.netboot)
         running.make_network()
         running.start_replicas(services)
+        uplink.start(running, cluster)
         running.start_nodes()
         record.phase = "up"
         record.save()

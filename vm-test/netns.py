@@ -19,6 +19,7 @@ import errno
 import ipaddress
 import os
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -69,6 +70,34 @@ class Namespace:
         with self.netlink() as ipr:
             ipr.addr("add", index=_index(ipr, ifname), address=str(interface.ip),
                      prefixlen=interface.network.prefixlen)
+
+    def remove_address(self, ifname: str, address: str) -> bool:
+        """Take `address` ("198.18.0.254/32") off `ifname`; False if it was not there."""
+        interface = ipaddress.ip_interface(address)
+        with self.netlink() as ipr:
+            try:
+                ipr.addr("del", index=_index(ipr, ifname), address=str(interface.ip),
+                         prefixlen=interface.network.prefixlen)
+            except NetlinkError as err:
+                if err.code == errno.EADDRNOTAVAIL:
+                    return False
+                raise
+        return True
+
+    def ipv4_addresses(self) -> list[str]:
+        """Every IPv4 address here, with its prefix ("198.18.0.254/32")."""
+        with self.netlink() as ipr:
+            return [f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}"
+                    for a in ipr.get_addr(family=socket.AF_INET)]
+
+    def set_link(self, ifname: str, up: bool) -> None:
+        with self.netlink() as ipr:
+            ipr.link("set", index=_index(ipr, ifname), state="up" if up else "down")
+
+    def default_route(self, gateway: str) -> None:
+        """A default route via `gateway` (an address on one of this namespace's links)."""
+        with self.netlink() as ipr:
+            ipr.route("add", dst="0.0.0.0/0", gateway=gateway)
 
     def links(self, kind: str | None = None) -> list[str]:
         """The names of the links here, of one kind ("tun", "veth", "bridge") if given."""

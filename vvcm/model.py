@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import ipaddress
+import math
+import re
 from collections.abc import Iterator
 from functools import cached_property
 from typing import TypeVar
@@ -115,6 +117,32 @@ class Settings:
                                     default=1.0)
     memory_overcommit: float = setting("VM memory a node may carry per MiB it has",
                                        parse_ratio, default=1.0)
+    # The gateway heartbeat (VRRPv3, RFC 5798) of the gateway-primary/backup pair.
+    vrrp_id: int = setting("VRRP virtual router id of the gateway pair (VRID; unique on the "
+                           "cluster network)", ranged_int(1, 255), default=51)
+    vrrp_interval: float = setting(
+        "seconds between the gateway master's VRRP advertisements (0.01-40.95, in steps of "
+        "0.01); the backup takes over after about 3.5 of them", lambda v: _centiseconds(v),
+        default=1.0)
+    vrrp_preempt_delay: float = setting(
+        "seconds the gateway-primary, back up, leaves the address with the backup before "
+        "taking it over", lambda v: _preempt_delay(v), default=0.0)
+    vrrp_priority_primary: int = setting("VRRP priority of the gateway-primary node",
+                                         ranged_int(1, 254), default=200)
+    vrrp_priority_backup: int = setting("VRRP priority of the gateway-backup node",
+                                        ranged_int(1, 254), default=100)
+    gateway_uplink: str | None = setting(
+        "interface of the gateway pair that leads out; the master masquerades the cluster "
+        "network out of it (default: no NAT, the VIP only)", lambda v: _interface(v),
+        default=None, metavar="IF")
+    vrrp_vmac: bool = setting(
+        "the gateway master answers for the VIP with the VRRP virtual MAC 00:00:5e:00:01:VRID "
+        "(on a macvlan), so hosts need no new ARP entry after a takeover", lambda v: _boolean(v),
+        default=False, metavar="true|false")
+    vrrp_track_uplink: bool = setting(
+        "while gateway_uplink has no carrier, the gateway node's VRRP priority drops by 150, "
+        "so the other node of the pair takes the gateway over", lambda v: _boolean(v),
+        default=False, metavar="true|false")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -341,6 +369,50 @@ def _one_of(value: object, choices: type[E]) -> E:
     if not isinstance(value, str) or value not in set(choices):
         raise ValueError(f"choose from {', '.join(choices)}")
     return choices(value)
+
+
+def _centiseconds(value: object) -> float:
+    """Seconds in the 12-bit centisecond field of a VRRPv3 advertisement."""
+    seconds = _number(value)
+    centis = round(seconds * 100)
+    if not 1 <= centis <= 4095 or abs(centis - seconds * 100) > 1e-6:
+        raise ValueError("must be 0.01 to 40.95 seconds, in steps of 0.01")
+    return centis / 100
+
+
+def _preempt_delay(value: object) -> float:
+    seconds = _number(value)
+    if not 0 <= seconds <= 3600:
+        raise ValueError("must be 0 to 3600 seconds")
+    return seconds
+
+
+def _number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError("not a number")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError("not a number") from None
+    if not math.isfinite(number):
+        raise ValueError("not a finite number")
+    return number
+
+
+def _boolean(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+        return value.lower() in ("true", "yes", "1")
+    raise ValueError("expected true or false")
+
+
+def _interface(value: object) -> str:
+    # Linux interface names: at most 15 bytes, no slash, no white space.
+    if not isinstance(value, str) or not re.fullmatch(r"[^/\s:]{1,15}", value) \
+            or value in (".", ".."):
+        raise ValueError("expected a network interface name (1-15 characters)")
+    return value
 
 
 def _text(value: object) -> str:

@@ -177,6 +177,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if rows:
         print()
         print_table(("SERVICE", "COUNTER", "VALUE"), rows)
+    # One line per service of what it holds beyond counters (the heartbeat's state and VIP).
+    for name, service in status.services.items():
+        shown = {k: v for k, v in service.details.items() if not isinstance(v, dict | list)}
+        if shown:
+            print(f"\n{name}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
     ours = database(args).path
     if status.database and Path(status.database).resolve() != ours.resolve():
         print(f"\nnote: this replica serves {status.database}, not {ours} (--db, VLX_DB)")

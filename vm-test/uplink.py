@@ -1,0 +1,105 @@
+"""The lab's uplink: a namespace standing for the outside world, reached only through the VIP.
+
+    PREFIX-world   bridge br1 holding the addresses the inventory names outside the cluster
+                   (upstream_dns, ntp_servers) and one more to ping; the gateways' `up0`
+                   veths plug into it, each at an address of the uplink network
+
+The world has no route to the cluster network: a node reaches it only through the gateway
+VIP, whose master masquerades the cluster network out of `up0` (bootsvc.heartbeat with
+`gateway_uplink = "up0"`). `plan` is pure; `make_world` builds it in a `Netns`; `start` does
+both for a running lab and runs the heartbeat on its first two replicas (primary, backup),
+which the tiny image needs (its nodes run no host OS). Imports the model only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from virtualinux.vvcm import Cluster, Database, Settings, VlxError, changes
+from virtualinux.vvcm.command import vlx_command
+
+from .netns import Namespace, Netns
+from .plan import LAB_RANGE, REPLICA_INTERFACE
+
+if TYPE_CHECKING:
+    from .lab import Lab
+
+UPLINK_INTERFACE = "up0"
+WORLD_BRIDGE = "br1"
+# Where the world is when the inventory names nothing outside the cluster.
+DEFAULT_NETWORK = ipaddress.IPv4Network("198.18.255.0/24")
+ROLES = ("primary", "backup")
+
+
+@dataclasses.dataclass(frozen=True)
+class UplinkPlan:
+    network: ipaddress.IPv4Network
+    outside: tuple[ipaddress.IPv4Address, ...]     # held by the world; the first is to ping
+    gateways: tuple[ipaddress.IPv4Address, ...]    # the gateways' up0 addresses, in order
+
+
+def plan(settings: Settings, gateways: int = 2) -> UplinkPlan:
+    """The world's network: the /24 of the first outside address the inventory names."""
+    named = tuple(dict.fromkeys((*settings.upstream_dns, *settings.ntp_servers)))
+    network = (ipaddress.IPv4Network(f"{named[0]}/24", strict=False) if named
+               else DEFAULT_NETWORK)
+    for address in named:
+        if address not in LAB_RANGE or address in settings.cidr or address not in network:
+            raise VlxError(f"the lab's world holds {address} on {network}, which must be in "
+                           f"{LAB_RANGE} and outside the cluster network {settings.cidr}: "
+                           "give upstream_dns and ntp_servers addresses of one /24",
+                           "[cluster]")
+    if network.overlaps(settings.cidr) or not network.subnet_of(LAB_RANGE):
+        raise VlxError(f"the lab's world network {network} must be in {LAB_RANGE} and "
+                       f"outside the cluster network {settings.cidr}", "[cluster]")
+    free = [a for a in network.hosts() if a not in named]
+    ping = free[0]
+    ups = tuple(reversed(free[-gateways:]))
+    return UplinkPlan(network, (ping, *named), ups)
+
+
+def make_world(netns: Netns, uplink: UplinkPlan, gateways: Sequence[Namespace]) -> Namespace:
+    world = netns.namespace("world")
+    netns.bridge(world, WORLD_BRIDGE)
+    for address in uplink.outside:
+        world.ip("addr", "add", f"{address}/{uplink.network.prefixlen}", "dev", WORLD_BRIDGE)
+    for gateway, address in zip(gateways, uplink.gateways, strict=False):
+        netns.plug(world, WORLD_BRIDGE, gateway, UPLINK_INTERFACE,
+                   address=f"{address}/{uplink.network.prefixlen}")
+    return world
+
+
+def heartbeat_command(database: Path, state_dir: Path, address: ipaddress.IPv4Address,
+                      role: str) -> list[str]:
+    """The heartbeat of a replica that is not a node: its role comes from the options."""
+    return vlx_command("--db", str(database), "bootsvc", "run", "--address", str(address),
+                       "--interface", REPLICA_INTERFACE, "--services", "heartbeat",
+                       "--state-dir", str(state_dir), "--set", f"heartbeat.role={role}")
+
+
+def use_uplink(database: Database) -> Cluster:
+    """The gateway's NAT goes out of the lab's uplink interface."""
+    return database.update("lab up", f"gateway_uplink {UPLINK_INTERFACE}",
+                           lambda c: changes.set_settings(c, dataclasses.replace(
+                               c.settings, gateway_uplink=UPLINK_INTERFACE)))
+
+
+def start(lab: Lab, cluster: Cluster) -> None:
+    """The world for a running lab, and the gateway pair on its first two replicas."""
+    if cluster.settings is None:
+        return
+    replicas = lab.plan.replicas[:len(ROLES)]
+    uplink = plan(cluster.settings, len(replicas))
+    lab.record.add_namespace(f"{lab.plan.prefix}-world")
+    make_world(lab.netns, uplink, [Namespace(r.namespace) for r in replicas])
+    use_uplink(Database(lab.paths.database))
+    for replica, role in zip(replicas, ROLES, strict=False):
+        lab.spawn(f"heartbeat-{replica.name}", replica.namespace,
+                  heartbeat_command(lab.paths.database,
+                                    lab.paths.replica_dir(replica.name) / "heartbeat",
+                                    replica.address, role),
+                  lab.paths.replica_dir(replica.name) / "heartbeat.log")
