@@ -332,7 +332,8 @@ def test_a_replica_beside_the_nodes_takes_a_role_and_runs_the_notify_hook(pair, 
                  "the backup to follow the primary")
         wait_for(lambda: out.exists() and out.read_text() == "backup\nmaster\n", SETTLE,
                  "the hook to be told backup, then master")
-        assert [a for a in pair.namespaces[PRIMARY].ipv4_addresses() if a.startswith(f"{VIP}/")] == [f"{VIP}/32"]
+        held = pair.namespaces[PRIMARY].ipv4_addresses()
+        assert [a for a in held if a.startswith(f"{VIP}/")] == [f"{VIP}/32"]
         primary.terminate()
         primary.communicate(timeout=30)
         assert read_status(state).counters("heartbeat")["became_master"] == 1
