@@ -66,7 +66,7 @@ def make_world(netns: Netns, uplink: UplinkPlan, gateways: Sequence[Namespace]) 
     world = netns.namespace("world")
     netns.bridge(world, WORLD_BRIDGE)
     for address in uplink.outside:
-        world.ip("addr", "add", f"{address}/{uplink.network.prefixlen}", "dev", WORLD_BRIDGE)
+        world.add_address(WORLD_BRIDGE, f"{address}/{uplink.network.prefixlen}")
     for gateway, address in zip(gateways, uplink.gateways, strict=False):
         netns.plug(world, WORLD_BRIDGE, gateway, UPLINK_INTERFACE,
                    address=f"{address}/{uplink.network.prefixlen}")

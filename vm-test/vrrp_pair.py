@@ -194,7 +194,7 @@ class PairLab:
 
     def cut(self, address: str, up: bool) -> None:
         """Take the hub end of a speaker's link down (a partition) or up again (healed)."""
-        self.hub.ip("link", "set", self.links[address], "up" if up else "down")
+        self.hub.set_link(self.links[address], up)
 
     def close(self) -> None:
         for speaker in self.speakers:

@@ -154,8 +154,10 @@ def missing_tree_warning(services: tuple[str, ...], root: Path) -> str | None:
 
 
 def _print_ready(status: Status) -> None:
-    ports = " ".join(f"{name}={port}" for name, port in status.ports.items())
-    print(f"ready {ports}".rstrip(), flush=True)
+    # `ready tftp=69 http=80 heartbeat`: each service, with the port it bound if it has one.
+    shown = " ".join(name if service.port is None else f"{name}={service.port}"
+                     for name, service in status.services.items())
+    print(f"ready {shown}".rstrip(), flush=True)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
