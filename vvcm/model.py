@@ -36,6 +36,8 @@ from .fields import (
 
 ROLES = ("gateway-primary", "gateway-backup", "storage", "metamaster")
 VOLUME_KINDS = ("golden", "snapshot")
+# auto: KVM where the node's libvirt offers it, plain QEMU (TCG) where it does not.
+HYPERVISORS = ("auto", "kvm", "qemu", "xen-pv", "xen-hvm")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -65,6 +67,19 @@ class Settings:
                                     default=1.0)
     memory_overcommit: float = setting("VM memory a node may carry per MiB it has",
                                        parse_ratio, default=1.0)
+    hypervisor: str = setting(
+        f"what runs the VMs, one of {', '.join(HYPERVISORS)} (auto: KVM where the node's "
+        "libvirt offers it, else QEMU's TCG)", lambda v: _one_of(v, HYPERVISORS),
+        default="auto")
+    libvirt_uri: str = setting(
+        "how each node's libvirt is reached; {driver} (qemu or xen), {ip} and {name} are "
+        "filled in per node", lambda v: _uri_template(v), default="{driver}+tcp://{ip}/system",
+        metavar="URI")
+    vm_log_dir: str = setting("where each VM's serial console is logged on its node",
+                              lambda v: _text(v), default="/var/log/virtualinux/vms",
+                              metavar="DIR")
+    vlan_uplink: str = setting("the node interface that carries VC VLANs (VCs with a vlan id)",
+                               lambda v: _ifname(v), default="eth0", metavar="IFNAME")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -79,6 +94,12 @@ class Node:
                           dump_memory_mib)
     roles: tuple[str, ...] = setting(f"roles, any of {', '.join(ROLES)}", choice_list(ROLES),
                                      list, default=(), metavar="ROLE,...")
+    libvirt_uri: str | None = setting(
+        "this node's libvirt URI, instead of the cluster's libvirt_uri (the lab's unix "
+        "sockets, say)", lambda v: _uri_template(v), default=None, metavar="URI")
+    netns: str | None = setting(
+        "network namespace that stands for this node (lab nodes): VC bridges are made there",
+        lambda v: _ifname(v), default=None, metavar="NAME")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -97,6 +118,12 @@ class VirtualCluster:
                                 ranged_int(1, 2**24 - 1), default=None)
     vlan: int | None = setting("802.1Q VLAN id instead of VXLAN (for real switches)",
                                ranged_int(1, 4094), default=None)
+    kernel: str | None = setting("kernel to boot the VMs with directly (default: boot the disk)",
+                                 lambda v: _path(v), default=None, metavar="PATH")
+    initrd: str | None = setting("initrd for the direct kernel boot", lambda v: _path(v),
+                                 default=None, metavar="PATH")
+    cmdline: str | None = setting("extra kernel command line for the direct kernel boot",
+                                  lambda v: _text(v), default=None, metavar="ARGS")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +247,31 @@ def _one_of(value: object, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"choose from {', '.join(choices)}")
     return str(value)
+
+
+def _path(value: object) -> str:
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        raise ValueError("expected an absolute path")
+    return value
+
+
+def _ifname(value: object) -> str:
+    # Linux interface and namespace names: at most 15 bytes, no '/', no white space.
+    if not isinstance(value, str) or not 0 < len(value) <= 15 or any(
+            c in value for c in "/: \t\n\0"):
+        raise ValueError("expected an interface name of 1-15 characters")
+    return value
+
+
+def _uri_template(value: object) -> str:
+    text = _text(value)
+    try:
+        text.format(driver="qemu", ip="198.18.0.1", name="node")
+    except (KeyError, IndexError, ValueError) as err:
+        raise ValueError(f"bad URI template ({err}): use {{driver}}, {{ip}}, {{name}}") from None
+    if "://" not in text:
+        raise ValueError("not a libvirt URI like qemu+tcp://{ip}/system")
+    return text
 
 
 def _text(value: object) -> str:
