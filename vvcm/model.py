@@ -78,6 +78,10 @@ class Settings:
     vm_log_dir: str = setting("where each VM's serial console is logged on its node",
                               lambda v: _text(v), default="/var/log/virtualinux/vms",
                               metavar="DIR")
+    storage_shared_unseen: bool = setting(
+        "VM disks are on storage every node shares but libvirt cannot tell is shared (the "
+        "lab's one host file system): live migrations then skip libvirt's shared-storage "
+        "check", lambda v: _bool(v), default=False, metavar="BOOL")
     vlan_uplink: str = setting("the node interface that carries VC VLANs (VCs with a vlan id)",
                                lambda v: _ifname(v), default="eth0", metavar="IFNAME")
 
@@ -247,6 +251,14 @@ def _one_of(value: object, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"choose from {', '.join(choices)}")
     return str(value)
+
+
+def _bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.lower() in ("true", "yes", "1")
+    raise ValueError("expected true or false")
 
 
 def _path(value: object) -> str:

@@ -1,7 +1,8 @@
 """Reaching each node's libvirt: its URI, one connection per node, work on many nodes at once.
 
 A node's URI is its own `libvirt_uri` if it has one (the lab's unix sockets), else the
-cluster's template (`{driver}+tcp://{ip}/system` by default) filled in for it. `per_node()`
+cluster's template (`{driver}+tcp://{ip}/system` by default) filled in for it; the template
+is also how the nodes' libvirtds reach each other (`peer_uri`). `per_node()`
 runs one function per node in threads, each with a connection of its own: libvirt-python
 drops the GIL while it waits on the daemon, so N nodes take about as long as the slowest one.
 """
@@ -47,6 +48,14 @@ def configured_driver(cluster: Cluster) -> str:
 def node_uri(cluster: Cluster, node: Node) -> str:
     template = node.libvirt_uri or (cluster.settings.libvirt_uri if cluster.settings
                                     else "{driver}+tcp://{ip}/system")
+    return template.format(driver=configured_driver(cluster), ip=node.ip, name=node.name)
+
+
+def peer_uri(cluster: Cluster, node: Node) -> str:
+    """How another node's libvirtd reaches this one (a peer-to-peer migration's destination):
+    the cluster's template over the cluster network. A node's own `libvirt_uri` is how vlx
+    reaches it, which in the lab is a unix socket the other daemons could not use."""
+    template = cluster.settings.libvirt_uri if cluster.settings else "{driver}+tcp://{ip}/system"
     return template.format(driver=configured_driver(cluster), ip=node.ip, name=node.name)
 
 

@@ -20,7 +20,7 @@ from ..errors import VlxError
 from ..model import VM, Cluster
 from ..placement import place
 from . import network
-from .connect import connection, error_text, node_uri
+from .connect import connection, error_text, peer_uri
 from .lifecycle import find_domain
 
 LIVE_FLAGS = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
@@ -66,9 +66,11 @@ def migrate(db: Database, vc_name: str, vm_name: str, target: str) -> Migration:
             if domain is None:
                 raise VlxError(f"{vm.name} has no domain on {vm.node}: nothing to migrate")
             live = bool(domain.isActive())
+            flags = LIVE_FLAGS if live else OFFLINE_FLAGS
+            if cluster.settings and cluster.settings.storage_shared_unseen:
+                flags |= libvirt.VIR_MIGRATE_UNSAFE
             try:
-                domain.migrateToURI3(node_uri(cluster, target_node), {},
-                                     LIVE_FLAGS if live else OFFLINE_FLAGS)
+                domain.migrateToURI3(peer_uri(cluster, target_node), {}, flags)
             except libvirt.libvirtError as err:
                 raise VlxError(f"migration of {vm.name} to {target} failed, it stays on "
                                f"{vm.node}: {error_text(err)}") from None
