@@ -187,6 +187,18 @@ def test_vc_boots_pings_is_isolated_migrates_live_and_destroys_clean(lab, db, ca
     type_into(lab, blue1, "blue-1",
               "ping -c 3 -W 2 198.19.6.2 >/dev/null && echo again$((40+2))", r"^again42")
 
+    # Drain the node that now holds both blue VMs: everything ends up on the other one.
+    other = "node2" if target == "node1" else "node1"
+    drained_at = len(console_log(lab, "blue-2"))
+    code, out, err = vlx(capsys, "node", "drain", target)
+    assert code == 0, err
+    assert {vm.node for vm in db.load().vms} == {other}
+    assert domains(by_node[target]) == [] and domains(by_node[other]) == [
+        "blue-1", "blue-2", "red-1"]
+    last = max(int(n) for n in re.findall(r"^tick(\d+)", console_log(lab, "blue-2"), re.M))
+    wait_for(lab, "blue-2", rf"^tick{last + 3}\b", timeout=60, start=drained_at)
+    assert vlx_links(by_node[target]) == []
+
     for vc in ("blue", "red"):
         code, out, err = vlx(capsys, "vc", "destroy", vc)
         assert code == 0, err
