@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -72,7 +73,7 @@ def lab(netns, tmp_path, db, capsys):
             [("node1", daemons[0]), ("node2", daemons[1])], logs))
         assert vlx(capsys, "db", "import", str(tmp_path / "cluster.toml"))[0] == 0
         golden = tmp_path / "guest.raw"
-        golden.write_bytes(b"\0" * (16 << 20))
+        golden.write_bytes(b"Z" * (16 << 20))  # not zeros: a full backup must carry it
         pool = tmp_path / "pool"
         pool.mkdir()
         assert vlx(capsys, "volume", "golden", "add", "guest", "--from", str(golden),
@@ -206,3 +207,64 @@ def test_vc_boots_pings_is_isolated_migrates_live_and_destroys_clean(lab, db, ca
     assert vlx_links(node1) == vlx_links(node2) == []
     assert list(lab["pool"].glob("*.qcow2")) == []
     assert [v.name for v in db.load().volumes] == ["guest"]
+
+
+def disk_bytes(tmp_path: Path, image: Path, offset: int, length: int) -> bytes:
+    """`length` bytes at `offset` of a disk image as the guest sees it (qcow2 chains too)."""
+    raw = tmp_path / "read.raw"
+    raw.unlink(missing_ok=True)
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(raw)], check=True)
+    with open(raw, "rb") as handle:
+        handle.seek(offset)
+        return handle.read(length)
+
+
+def test_live_full_and_incremental_backup_then_restore_beside_the_original(lab, db, capsys,
+                                                                           tmp_path):
+    placed = {vm.name: vm.node for vm in db.load().vms}
+    daemon = dict(zip(("node1", "node2"), lab["daemons"], strict=True))[placed["blue-1"]]
+    assert vlx(capsys, "vc", "create", "blue")[0] == 0
+    assert vlx(capsys, "vc", "start", "blue")[0] == 0
+    up = wait_for(lab, "blue-1", r"virtualinux: node blue-1 up ")
+    wait_for(lab, "blue-1", r"^/ # ", start=up.end())
+    write = "echo {text} | dd of=/dev/vda bs=512 seek={block} conv=fsync 2>/dev/null && " \
+            "echo wr$((1+1))ote{block}"
+    type_into(lab, daemon, "blue-1", write.format(text="first-marker", block=2048),
+              r"^wr2ote2048")
+    # A plain backup of a running VC is refused (its disks are open for writing).
+    code, _, err = vlx(capsys, "vc", "backup", "blue", str(tmp_path / "plain"))
+    assert code == 2 and "--live" in err
+    code, out, err = vlx(capsys, "vc", "backup", "blue", str(tmp_path / "full"), "--live")
+    assert code == 0 and "(2 live)" in out, err
+    type_into(lab, daemon, "blue-1", write.format(text="second-marker", block=4096),
+              r"^wr2ote4096")
+    code, out, err = vlx(capsys, "vc", "backup", "blue", str(tmp_path / "incr"), "--since",
+                         str(tmp_path / "full"))
+    assert code == 0 and "(2 live, incremental)" in out, err
+    full, incr = tmp_path / "full" / "blue-1-disk.qcow2", tmp_path / "incr" / "blue-1-disk.qcow2"
+    assert disk_bytes(tmp_path, full, 2048 * 512, 12) == b"first-marker"
+    assert disk_bytes(tmp_path, full, 4096 * 512, 13) == b"Z" * 13
+    assert disk_bytes(tmp_path, incr, 4096 * 512, 13) == b"second-marker"
+    # The full file carries the whole 16 MiB disk; the incremental one only what changed.
+    assert full.stat().st_size > 16 << 20
+    assert incr.stat().st_size < 1 << 20
+    conn = libvirt.open(daemon.uri)
+    try:
+        points = [p.getName() for p in conn.lookupByName("blue-1").listAllCheckpoints()]
+    finally:
+        conn.close()
+    assert points == [json.loads((tmp_path / "incr" / "vc.json").read_text())["volumes"][0][
+        "checkpoint"]]  # the newest only: older bitmaps would cost every guest write
+
+    code, out, err = vlx(capsys, "vc", "restore", str(tmp_path / "incr"), "--as", "green",
+                         "--cidr", "198.19.8.0/24")
+    assert code == 0 and "restored green" in out, err
+    restored = db.load()
+    green = restored.vc("green")
+    assert green.vxlan not in (None, restored.vc("blue").vxlan)
+    assert [vm.volume for vm in restored.vms_of("green")] == ["green-1-disk", "green-2-disk"]
+    disk = Path(restored.volume("green-1-disk").path)
+    assert disk_bytes(tmp_path, disk, 2048 * 512, 12) == b"first-marker"
+    assert disk_bytes(tmp_path, disk, 4096 * 512, 13) == b"second-marker"
+    for vc in ("blue", "green"):
+        assert vlx(capsys, "vc", "destroy", vc)[0] == 0

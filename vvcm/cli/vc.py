@@ -12,6 +12,7 @@ from virtualinux.storage import volumes
 
 from .. import changes
 from ..db import Database
+from ..errors import VlxError
 from ..fields import add_arguments, from_arguments, to_mapping
 from ..model import Cluster, VirtualCluster
 from ..virt import lifecycle, migrate
@@ -82,11 +83,22 @@ def register(nouns: argparse._SubParsersAction) -> None:
                                              "and its database rows, to a new directory")
     backup.add_argument("name")
     backup.add_argument("directory", type=Path)
+    backup.add_argument("--live", action="store_true",
+                        help="back up running VMs with libvirt backup jobs while they run")
+    backup.add_argument("--since", type=Path, metavar="DIR",
+                        help="incremental: only what changed since the live backup in DIR "
+                             "(implies --live)")
     backup.set_defaults(handler=cmd_backup)
 
     restore = verbs.add_parser("restore", help="recreate a VC from a backup directory "
                                                "(checksums verified first)")
     restore.add_argument("directory", type=Path)
+    restore.add_argument("--as", dest="new_name", metavar="NAME",
+                         help="restore beside the original under another name (fresh VXLAN "
+                              "id, VMs and volumes renamed)")
+    restore.add_argument("--cidr", metavar="CIDR",
+                         help="with --as: the new VC's network (the original's overlaps it "
+                              "while both exist)")
     restore.set_defaults(handler=cmd_restore)
 
 
@@ -206,13 +218,19 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    manifest = vc_backup.backup_vc(database(args), args.name, args.directory)
+    manifest = vc_backup.backup_vc(database(args), args.name, args.directory, args.live,
+                                   args.since)
+    live = sum(1 for entry in manifest["volumes"] if entry["image"] == "qcow2")
+    how = f" ({live} live{', incremental' if args.since else ''})" if live else ""
     print(f"backed up {args.name}: {len(manifest['vms'])} VMs, {len(manifest['volumes'])} "
-          f"volumes to {args.directory}")
+          f"volumes{how} to {args.directory}")
     return 0
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    vc = vc_backup.restore_vc(database(args), args.directory)
+    if args.cidr and not args.new_name:
+        raise VlxError("--cidr goes with --as NAME (a restore under its own name keeps its "
+                       "network)")
+    vc = vc_backup.restore_vc(database(args), args.directory, args.new_name, args.cidr)
     print(f"restored {vc.name} from {args.directory}")
     return 0
