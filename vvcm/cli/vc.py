@@ -212,8 +212,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     result = migrate.migrate(database(args), args.name, args.vm, args.to)
+    downtime = f", downtime {result.downtime_ms} ms" if result.downtime_ms is not None else ""
     print(f"migrated {result.vm} from {result.source} to {result.target} in "
-          f"{result.seconds:.1f} s")
+          f"{result.seconds:.1f} s{downtime}")
     return 0
 
 

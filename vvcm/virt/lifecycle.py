@@ -21,7 +21,7 @@ from ..db import Database
 from ..errors import VlxError
 from ..model import VM, Cluster, Node, VirtualCluster
 from . import network
-from .connect import error_text, hypervisor_of, per_node
+from .connect import each, error_text, hypervisor_of, per_node
 from .domain import console_log, domain_xml
 
 STOP_TIMEOUT = 60.0
@@ -157,11 +157,15 @@ def start(db: Database, name: str) -> list[str]:
     def boot(node: Node, conn: libvirt.virConnect) -> None:
         domains = [(vm, _domain_or_fail(conn, vm, node)) for vm in by_node[node.name]]
         network.ensure(plans[node.name])  # a node rebooted since create has lost its bridge
-        for vm, domain in domains:
+
+        def boot_one(pair: tuple[VM, libvirt.virDomain]) -> None:
+            vm, domain = pair
             if not domain.isActive():
                 domain.create()
                 with lock:
                     started.append(vm.name)
+
+        each(domains, boot_one)
 
     per_node(cluster, by_node, boot)
     return sorted(started)
@@ -179,11 +183,7 @@ def stop(db: Database, name: str, force: bool = False,
     def halt(node: Node, conn: libvirt.virConnect) -> None:
         running = [(vm, d) for vm in by_node[node.name]
                    if (d := find_domain(conn, vm.name)) is not None and d.isActive()]
-        for _, domain in running:
-            if force:
-                domain.destroy()
-            else:
-                domain.shutdown()
+        each([d for _, d in running], lambda d: d.destroy() if force else d.shutdown())
         deadline = time.monotonic() + timeout
         for _, domain in running:
             while domain.isActive() and time.monotonic() < deadline:
@@ -205,13 +205,15 @@ def destroy(db: Database, name: str, disks: Disks, keep_volumes: bool = False) -
     by_node = _vms_by_node(cluster, name)
 
     def remove_domains(node: Node, conn: libvirt.virConnect) -> None:
-        for vm in by_node[node.name]:
+        def remove_one(vm: VM) -> None:
             domain = find_domain(conn, vm.name)
             if domain is None:
-                continue
+                return
             if domain.isActive():
                 domain.destroy()
             undefine(domain)
+
+        each(by_node[node.name], remove_one)
 
     per_node(cluster, by_node, remove_domains)
     for plan in network.node_plans(cluster, name, by_node):

@@ -102,7 +102,8 @@ def _downtime(cluster: Cluster, node: str, name: str) -> int | None:
             domain = find_domain(conn, name)
             if domain is None:
                 return None
-            stats = domain.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+            stats = domain.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED
+                                    | libvirt.VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED)
     except (libvirt.libvirtError, VlxError):
         return None
     value = stats.get("downtime")

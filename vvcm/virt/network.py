@@ -17,13 +17,17 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 from collections.abc import Iterable
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from typing import TYPE_CHECKING
 
 from ..errors import VlxError
 from ..model import Cluster, VirtualCluster
 from .domain import bridge_name
+
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute
+
+# pyroute2 is imported where netlink is used, not at module load: it takes ~0.5 s to import,
+# which every `vlx` command would pay otherwise (the command line imports this module).
 
 VXLAN_PORT = 4789
 TUNNEL_MTU = 1500
@@ -84,6 +88,9 @@ def node_plans(cluster: Cluster, vc_name: str, nodes: Iterable[str]) -> list[Nod
 def open_node(plan: NodePlan) -> IPRoute:
     """Netlink to the plan's node: its lab namespace, or this host when the node's address
     is one of this host's."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
     if plan.netns:
         try:
             return IPRoute(netns=plan.netns)
@@ -107,6 +114,8 @@ def check_reachable(plans: Iterable[NodePlan]) -> None:
 
 def ensure(plan: NodePlan) -> list[str]:
     """Make the node match `plan`; returns the devices it created (empty if all was there)."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
     created: list[str] = []
     with open_node(plan) as ipr:
         try:
@@ -197,6 +206,8 @@ def _lookup(ipr: IPRoute, name: str) -> int | None:
 
 
 def _delete(ipr: IPRoute, name: str) -> bool:
+    from pyroute2.netlink.exceptions import NetlinkError
+
     index = _lookup(ipr, name)
     if index is None:
         return False
