@@ -27,7 +27,7 @@ from pathlib import Path
 
 import libvirt
 from virtualinux.image.tiny import build_tiny
-from virtualinux.vm_test.libvirtd import LabLibvirtd
+from virtualinux.vm_test.libvirtd import LabLibvirtd, lab_nodes
 from virtualinux.vm_test.netns import Netns
 from virtualinux.vvcm import changes
 from virtualinux.vvcm.db import Database
@@ -137,15 +137,8 @@ def run(sizes: list[int], repeats: int) -> int:
     image = build_tiny()
     with tempfile.TemporaryDirectory(prefix="bench-vc-") as tmp, Netns(prefix="bvc") as lab:
         root = Path(tmp)
-        hub = lab.namespace("hub")
-        bridge = lab.bridge(hub)
-        daemons = []
+        daemons = lab_nodes(lab, root)
         try:
-            for index in (1, 2):
-                ns = lab.namespace(f"n{index}")
-                lab.plug(hub, bridge, ns, address=f"198.18.0.{10 + index}/24")
-                daemons.append(LabLibvirtd(ns, f"198.18.0.{10 + index}", root / f"node{index}"))
-                daemons[-1].start()
             return _measure(root, image, daemons, sizes, repeats)
         finally:
             for daemon in daemons:

@@ -16,7 +16,7 @@ from pathlib import Path
 import libvirt
 import pytest
 from virtualinux.image.tiny import build_tiny
-from virtualinux.vm_test.libvirtd import LabLibvirtd
+from virtualinux.vm_test.libvirtd import LabLibvirtd, lab_nodes
 from virtualinux.vvcm.virt.connect import silence_libvirt
 
 from .conftest import require, vlx
@@ -58,16 +58,8 @@ def lab(netns, tmp_path, db, capsys):
     require("libvirtd", "virtlogd", "qemu-system-x86_64", "qemu-img")
     silence_libvirt()
     image = build_tiny()
-    hub = netns.namespace("hub")
-    bridge = netns.bridge(hub)
-    daemons = []
+    daemons = lab_nodes(netns, tmp_path)
     try:
-        for index in (1, 2):
-            ns = netns.namespace(f"n{index}")
-            netns.plug(hub, bridge, ns, address=f"198.18.0.{10 + index}/24")
-            daemon = LabLibvirtd(ns, f"198.18.0.{10 + index}", tmp_path / f"node{index}")
-            daemons.append(daemon)
-            daemon.start()
         logs = tmp_path / "logs"
         (tmp_path / "cluster.toml").write_text(inventory(
             [("node1", daemons[0]), ("node2", daemons[1])], logs))

@@ -17,7 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .netns import Namespace
+from .netns import Namespace, Netns
 
 PRIVATE_DIRS = {"run": "/run/libvirt", "lib": "/var/lib/libvirt", "etc": "/etc/libvirt",
                 "log": "/var/log/libvirt", "cache": "/var/cache/libvirt"}
@@ -98,3 +98,24 @@ class LabLibvirtd:
                 time.sleep(0.1)
             else:
                 os.kill(pid, signal.SIGKILL)
+
+
+def lab_nodes(registry: Netns, state: Path, count: int = 2) -> list[LabLibvirtd]:
+    """`count` lab nodes 198.18.0.11, .12, ... on one segment (a bridge in a hub namespace),
+    each a namespace with its libvirtd running. The caller stops them (and `registry.close()`
+    removes the namespaces); if one fails to start, those started are stopped here."""
+    hub = registry.namespace("hub")
+    bridge = registry.bridge(hub)
+    daemons: list[LabLibvirtd] = []
+    try:
+        for index in range(1, count + 1):
+            ns = registry.namespace(f"n{index}")
+            address = f"198.18.0.{10 + index}"
+            registry.plug(hub, bridge, ns, address=f"{address}/24")
+            daemons.append(LabLibvirtd(ns, address, state / f"node{index}"))
+            daemons[-1].start()
+    except BaseException:
+        for daemon in daemons:
+            daemon.stop()
+        raise
+    return daemons
