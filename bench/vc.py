@@ -37,6 +37,7 @@ from virtualinux.vvcm.virt.connect import silence_libvirt
 from virtualinux.vvcm.virt.domain import domain_xml
 
 GOAL_RATIO = 2.0
+BOOT_TIMEOUT = 300.0
 MEMORY = "96MiB"
 
 
@@ -209,9 +210,24 @@ def _measure(root: Path, image: Path, daemons: list[LabLibvirtd], sizes: list[in
     return 0
 
 
+def _booted(logs: Path, names: list[str], timeout: float = BOOT_TIMEOUT) -> None:
+    """Until each guest's console says it is up: both migrate a guest at rest, not one
+    still booting (a booting guest dirties more memory, which makes its migration longer)."""
+    deadline = time.monotonic() + timeout
+    for name in names:
+        log = logs / f"{name}.log"
+        while f"virtualinux: node {name} up" not in (log.read_text(errors="replace")
+                                                      if log.exists() else ""):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"bench: {name} did not boot in {timeout:g} s")
+            time.sleep(0.2)
+
+
 def _migrations(db: Database, db_path: Path, ours: str, peer: str, uris: dict[str, str],
                 daemons: list[LabLibvirtd]) -> None:
     cluster = db.load()
+    _booted(Path(cluster.settings.vm_log_dir),
+            [cluster.vms_of(ours)[0].name, cluster.vms_of(peer)[0].name])
     vm = cluster.vms_of(ours)[0]
     target = "node2" if vm.node == "node1" else "node1"
     said: list[str] = []

@@ -57,8 +57,13 @@ def migrate(db: Database, vc_name: str, vm_name: str, target: str) -> Migration:
     changes.move_vm(cluster, vm.name, target)  # no room there: refused before anything moves
     before = network.hosting_nodes(cluster, vc_name)
     during = network.node_plans(cluster, vc_name, before + [target])
-    network.check_reachable(during)
-    made = {plan.node: network.ensure(plan) for plan in during}
+    made: dict[str, list[str]] = {}
+    try:
+        for plan in during:
+            made[plan.node] = network.ensure(plan)
+    except BaseException:
+        _undo_networks(cluster, vc_name, before, during, made)
+        raise
     started = time.monotonic()
     try:
         with connection(cluster, cluster.node(vm.node)) as source:
@@ -75,11 +80,7 @@ def migrate(db: Database, vc_name: str, vm_name: str, target: str) -> Migration:
                 raise VlxError(f"migration of {vm.name} to {target} failed, it stays on "
                                f"{vm.node}: {error_text(err)}") from None
     except BaseException:
-        for plan in network.node_plans(cluster, vc_name, before):
-            network.ensure(plan)  # peers as they were
-        for plan in during:
-            if plan.node not in before and made.get(plan.node):
-                network.remove(plan)
+        _undo_networks(cluster, vc_name, before, during, made)
         raise
     seconds = time.monotonic() - started
     downtime = _downtime(cluster, target, vm.name) if live else None
@@ -93,6 +94,16 @@ def migrate(db: Database, vc_name: str, vm_name: str, target: str) -> Migration:
             if plan.node == vm.node:
                 network.remove(plan)
     return Migration(vm.name, vm.node, target, seconds, live, downtime)
+
+
+def _undo_networks(cluster: Cluster, vc_name: str, before: list[str],
+                   during: list[network.NodePlan], made: dict[str, list[str]]) -> None:
+    """The VC's networks as they were before a migration that did not happen."""
+    for plan in network.node_plans(cluster, vc_name, before):
+        network.ensure(plan)  # peers as they were
+    for plan in during:
+        if plan.node not in before and made.get(plan.node):
+            network.remove(plan)
 
 
 def _downtime(cluster: Cluster, node: str, name: str) -> int | None:
