@@ -208,3 +208,17 @@ def test_bad_requests_are_one_line_and_change_nothing(cluster, db, capsys, argv,
     code, _, err = vlx(capsys, *argv)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert db.generation() == generation
+
+
+def test_graceful_stop_waits_for_the_guests_and_status_follows(cluster, db, capsys):
+    assert vlx(capsys, "vc", "create", "blue")[0] == 0
+    assert vlx(capsys, "vc", "start", "blue")[0] == 0
+    code, out, err = vlx(capsys, "vc", "stop", "blue", "--timeout", "30")
+    assert code == 0 and "stopped 2 VMs of blue: blue-1, blue-2" in out, err
+    code, out, _ = vlx(capsys, "vc", "status", "blue")
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert [(r[0], r[2], r[3], r[4]) for r in rows] == [
+        ("blue-1", "node1", "shut", "off"), ("blue-2", "node2", "shut", "off")]
+    assert vlx(capsys, "vc", "destroy", "blue")[0] == 0
+    code, out, _ = vlx(capsys, "vc", "status", "blue", "--json")
+    assert out.count('"state": "not created"') == 2
