@@ -156,8 +156,10 @@ def test_vc_boots_pings_is_isolated_migrates_live_and_destroys_clean(lab, db, ca
 
     blue1, blue2 = by_node[placed["blue-1"]], by_node[placed["blue-2"]]
     # Markers are computed by the guest's shell, so the echoed command line never matches.
+    # 1400 bytes of payload: near-full frames cross the VXLAN (guest MTU 1450, underlay 1500).
     type_into(lab, blue1, "blue-1",
-              "ping -c 3 -W 2 198.19.6.2 >/dev/null && echo reach$((40+2))", r"^reach42")
+              "ping -c 3 -W 2 -s 1400 198.19.6.2 >/dev/null && echo reach$((40+2))",
+              r"^reach42")
     # red-1 takes an address in blue's network: blue's VMs are still out of its reach.
     red = by_node[placed["red-1"]]
     type_into(lab, red, "red-1", "ip addr add 198.19.6.200/24 dev eth0; "

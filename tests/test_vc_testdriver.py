@@ -7,6 +7,9 @@ second or two.
 
 from __future__ import annotations
 
+import re
+import subprocess
+
 import libvirt
 import pytest
 from virtualinux.vvcm.virt import network
@@ -78,6 +81,14 @@ def cluster(tmp_path, db, netns, capsys, test_driver):
     return {"namespaces": namespaces, "pool": pool, "conn": test_driver}
 
 
+def plan_mtu(plan) -> dict[str, int]:
+    out = subprocess.run(["ip", "-n", plan.netns, "-o", "link", "show"], capture_output=True,
+                         text=True, check=True).stdout
+    return {name: int(mtu) for name, mtu in re.findall(r"^\d+: ([^:@]+)[^\n]* mtu (\d+)",
+                                                          out, re.MULTILINE)
+            if name.startswith("vlx")}
+
+
 def plans(db, vc="blue"):
     cluster = db.load()
     return network.node_plans(cluster, vc, network.hosting_nodes(cluster, vc))
@@ -100,6 +111,8 @@ def test_create_start_stop_destroy(cluster, db, capsys):
         assert network.devices_present(plan) == ["vlxbr100", "vlxvx100"]
         other = "198.18.0.12" if plan.node == "node1" else "198.18.0.11"
         assert network.peers_of(plan) == [other]
+        mtu = plan_mtu(plan)
+        assert mtu == {"vlxbr100": 1450, "vlxvx100": 1450}  # what the guests are given
 
     code, out, err = vlx(capsys, "vc", "start", "blue")
     assert code == 0, err

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import VlxError
 from ..model import Cluster, VirtualCluster
-from .domain import bridge_name
+from .domain import GUEST_MTU, bridge_name
 
 if TYPE_CHECKING:
     from pyroute2 import IPRoute
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 # which every `vlx` command would pay otherwise (the command line imports this module).
 
 VXLAN_PORT = 4789
-TUNNEL_MTU = 1500
 ZERO_MAC = "00:00:00:00:00:00"
 
 
@@ -135,7 +134,7 @@ def ensure(plan: NodePlan) -> list[str]:
                     _check_kind(ipr, index, request, plan)
             bridge = _lookup(ipr, plan.bridge)
             tunnel = _lookup(ipr, plan.tunnel)
-            ipr.link("set", index=tunnel, master=bridge, mtu=TUNNEL_MTU, state="up")
+            ipr.link("set", index=tunnel, master=bridge, mtu=GUEST_MTU, state="up")
             ipr.link("set", index=bridge, state="up")
             if plan.vxlan is not None:
                 _sync_peers(ipr, tunnel, plan.peers)
