@@ -187,8 +187,9 @@ def restore_vc(db: Database, directory: Path, new_name: str | None = None,
                cidr: str | None = None) -> VirtualCluster:
     """Recreate the VC backed up in `directory`: rows, volumes, credentials; all or none.
 
-    `new_name` restores it beside the original: VMs and volumes renamed after it, a fresh
-    VXLAN id (never the original's network), unexported, on `cidr` if given."""
+    `new_name` restores it beside the original: VMs and volumes renamed after it, placed
+    afresh, a fresh VXLAN id (never the original's network), unexported, on `cidr` if
+    given."""
     manifest = read_manifest(directory)
     where = f"{directory / MANIFEST}"
     try:
@@ -207,7 +208,8 @@ def restore_vc(db: Database, directory: Path, new_name: str | None = None,
     verify(directory, manifest)
     cluster = db.load()
     name = cluster_name(cluster)
-    if not all(node in {n.name for n in cluster.nodes} for node in placement.values()):
+    if placement is not None and not all(node in {n.name for n in cluster.nodes}
+                                         for node in placement.values()):
         placement = None  # another cluster: place the VMs afresh
     for volume in rows:
         if any(v.name == volume.name for v in cluster.volumes):
@@ -271,7 +273,8 @@ def _raw_image(directory: Path, entry: dict, scratch: str) -> Iterator[Path]:
 
 def _renamed(vc: VirtualCluster, rows: list[Volume], placement: dict[str, str],
              disks: dict[str, str], name: str, cidr: str | None):
-    """The backup's VC as `name`: VMs NAME-1.., their volumes renamed after them."""
+    """The backup's VC as `name`: VMs NAME-1.., their volumes renamed after them, placed
+    afresh."""
     vms = {old: vm_name(name, index) for index, old in enumerate(
         sorted(placement, key=lambda n: int(n.rsplit("-", 1)[1])), start=1)}
 
@@ -286,4 +289,5 @@ def _renamed(vc: VirtualCluster, rows: list[Volume], placement: dict[str, str],
     fresh_rows = [dataclasses.replace(v, name=rename(v.name, v.owner), owner=vms[v.owner],
                                       iqn=None, portal=None) for v in rows]
     fresh_disks = {vms[vm]: rename(volume, vm) for vm, volume in disks.items()}
-    return fresh_vc, fresh_rows, {vms[vm]: node for vm, node in placement.items()}, fresh_disks
+    # Placed afresh: the original still holds its nodes' room.
+    return fresh_vc, fresh_rows, None, fresh_disks
