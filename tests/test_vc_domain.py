@@ -9,12 +9,13 @@ import ipaddress
 import itertools
 import subprocess
 
+import libvirt
 import pytest
 from virtualinux.vvcm import changes
 from virtualinux.vvcm.errors import VlxError
 from virtualinux.vvcm.model import Cluster, Node, Settings, VirtualCluster, Volume
 from virtualinux.vvcm.virt import network
-from virtualinux.vvcm.virt.connect import node_uri
+from virtualinux.vvcm.virt.connect import hypervisor_of, node_uri, silence_libvirt
 from virtualinux.vvcm.virt.domain import domain_xml
 
 from .conftest import require, vlx
@@ -267,3 +268,13 @@ def test_bad_hypervisor_settings_are_one_line_and_exit_2(db, tmp_path, capsys, k
         else 'hypervisor = "xen-pv"'))
     code, _, err = vlx(capsys, "db", "import", str(inventory))
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_auto_hypervisor_is_tcg_where_libvirt_offers_no_kvm():
+    silence_libvirt()
+    conn = libvirt.open("test:///default")  # its capabilities list no kvm domain type
+    try:
+        assert hypervisor_of(cluster(), conn) == "qemu"
+        assert hypervisor_of(cluster(settings={"hypervisor": "kvm"}), conn) == "kvm"
+    finally:
+        conn.close()
