@@ -222,3 +222,13 @@ def _unique(what: str, values: Iterable[tuple[object, str]]) -> None:
 def _is_host(address, network) -> bool:
     return address in network and address not in (network.network_address,
                                                    network.broadcast_address)
+
+
+def move_vm(cluster: Cluster, vm_name: str, node: str) -> Cluster:
+    """VM `vm_name` placed on `node` (after a migration), if the node has room for it."""
+    cluster.node(node)
+    if not any(vm.name == vm_name for vm in cluster.vms):
+        raise NotFound(f"no VM named {vm_name!r}")
+    return validated(dataclasses.replace(cluster, vms=tuple(
+        dataclasses.replace(vm, node=node) if vm.name == vm_name else vm
+        for vm in cluster.vms)))

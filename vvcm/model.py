@@ -71,6 +71,20 @@ ROLES = tuple(Role)
 STORE_CA_OWNER = "@store-ca"
 
 
+class Hypervisor(enum.StrEnum):
+    """What runs the VMs. auto: KVM where the node's libvirt offers it, plain QEMU (TCG) where
+    it does not."""
+
+    AUTO = "auto"
+    KVM = "kvm"
+    QEMU = "qemu"
+    XEN_PV = "xen-pv"
+    XEN_HVM = "xen-hvm"
+
+
+HYPERVISORS = tuple(Hypervisor)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings:
     """Cluster-wide settings: the cluster network and how VMs may share nodes."""
@@ -143,6 +157,23 @@ class Settings:
         "while gateway_uplink has no carrier, the gateway node's VRRP priority drops by 150, "
         "so the other node of the pair takes the gateway over", lambda v: _boolean(v),
         default=False, metavar="true|false")
+    hypervisor: Hypervisor = setting(
+        f"what runs the VMs, one of {', '.join(HYPERVISORS)} (auto: KVM where the node's "
+        "libvirt offers it, else QEMU's TCG)", lambda v: _one_of(v, Hypervisor), str,
+        default=Hypervisor.AUTO)
+    libvirt_uri: str = setting(
+        "how each node's libvirt is reached; {driver} (qemu or xen), {ip} and {name} are "
+        "filled in per node", lambda v: _uri_template(v), default="{driver}+tcp://{ip}/system",
+        metavar="URI")
+    vm_log_dir: str = setting("where each VM's serial console is logged on its node",
+                              lambda v: _text(v), default="/var/log/virtualinux/vms",
+                              metavar="DIR")
+    storage_shared_unseen: bool = setting(
+        "VM disks are on storage every node shares but libvirt cannot tell is shared (the "
+        "lab's one host file system): live migrations then skip libvirt's shared-storage "
+        "check", lambda v: _boolean(v), default=False, metavar="BOOL")
+    vlan_uplink: str = setting("the node interface that carries VC VLANs (VCs with a vlan id)",
+                               lambda v: _interface(v), default="eth0", metavar="IFNAME")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -159,6 +190,12 @@ class Node:
                                       lambda v: tuple(map(Role, choice_list(ROLES)(v))),
                                       lambda roles: [str(role) for role in roles], default=(),
                                       metavar="ROLE,...")
+    libvirt_uri: str | None = setting(
+        "this node's libvirt URI, instead of the cluster's libvirt_uri (the lab's unix "
+        "sockets, say)", lambda v: _uri_template(v), default=None, metavar="URI")
+    netns: str | None = setting(
+        "network namespace that stands for this node (lab nodes): VC bridges are made there",
+        lambda v: _interface(v), default=None, metavar="NAME")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -177,6 +214,12 @@ class VirtualCluster:
                                 ranged_int(1, 2**24 - 1), default=None)
     vlan: int | None = setting("802.1Q VLAN id instead of VXLAN (for real switches)",
                                ranged_int(1, 4094), default=None)
+    kernel: str | None = setting("kernel to boot the VMs with directly (default: boot the disk)",
+                                 lambda v: _path(v), default=None, metavar="PATH")
+    initrd: str | None = setting("initrd for the direct kernel boot", lambda v: _path(v),
+                                 default=None, metavar="PATH")
+    cmdline: str | None = setting("extra kernel command line for the direct kernel boot",
+                                  lambda v: _text(v), default=None, metavar="ARGS")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,6 +456,23 @@ def _interface(value: object) -> str:
             or value in (".", ".."):
         raise ValueError("expected a network interface name (1-15 characters)")
     return value
+
+
+def _path(value: object) -> str:
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        raise ValueError("expected an absolute path")
+    return value
+
+
+def _uri_template(value: object) -> str:
+    text = _text(value)
+    try:
+        text.format(driver="qemu", ip="198.18.0.1", name="node")
+    except (KeyError, IndexError, ValueError) as err:
+        raise ValueError(f"bad URI template ({err}): use {{driver}}, {{ip}}, {{name}}") from None
+    if "://" not in text:
+        raise ValueError("not a libvirt URI like qemu+tcp://{ip}/system")
+    return text
 
 
 def _text(value: object) -> str:

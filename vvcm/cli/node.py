@@ -7,12 +7,13 @@ import argparse
 from .. import changes
 from ..fields import add_arguments, from_arguments, to_mapping
 from ..model import Cluster, Node
+from ..virt import migrate
 from .common import add_verb, database, print_json, print_table
 
 
 def register(nouns: argparse._SubParsersAction) -> None:
     parser = nouns.add_parser("node", help="physical nodes",
-                              description="Add, list, show and remove physical nodes.")
+                              description="Add, list, show, drain and remove physical nodes.")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     add = verbs.add_parser("add", help="add a node")
@@ -26,6 +27,13 @@ def register(nouns: argparse._SubParsersAction) -> None:
 
     remove = add_verb(verbs, "remove", cmd_remove, help="remove a node that hosts no VMs")
     remove.add_argument("name")
+
+    drain = verbs.add_parser("drain", help="live-migrate every VM off a node",
+                             description="Move every VM placed on NODE to the node placement "
+                                         "chooses for it now, one after another; the "
+                                         "database follows each move.")
+    drain.add_argument("name")
+    drain.set_defaults(handler=cmd_drain)
 
 
 def node_json(cluster: Cluster, node: Node) -> dict:
@@ -69,4 +77,12 @@ def cmd_remove(args: argparse.Namespace) -> int:
     cluster = database(args).update("node remove", args.name,
                                     lambda cluster: changes.remove_node(cluster, args.name))
     print(f"removed {args.name} (generation {cluster.generation})")
+    return 0
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    moved = migrate.drain(database(args), args.name)
+    for move in moved:
+        print(f"migrated {move.vm} from {move.source} to {move.target} in {move.seconds:.1f} s")
+    print(f"drained {args.name}: {len(moved)} VMs moved")
     return 0

@@ -1,4 +1,6 @@
-"""`vlx vc`: virtual clusters, their VMs and where the VMs are placed."""
+"""`vlx vc`: virtual clusters, their VMs and where the VMs are placed, and running them on
+libvirt (create, start, stop, destroy, status, migrate). The work is done by
+`virtualinux.vvcm.virt` and `virtualinux.storage`; this module parses and prints."""
 
 from __future__ import annotations
 
@@ -9,10 +11,14 @@ from virtualinux.storage import backup as vc_backup
 from virtualinux.storage import volumes
 
 from .. import changes
+from ..db import Database
+from ..errors import VlxError
 from ..fields import add_arguments, from_arguments, to_mapping
 from ..model import Cluster, VirtualCluster
+from ..virt import lifecycle, migrate
 from .common import (
     ProgressLine,
+    add_json_flag,
     add_verb,
     database,
     plural,
@@ -43,15 +49,64 @@ def register(nouns: argparse._SubParsersAction) -> None:
                         help="remove the VMs' volumes too (refused while one is exported); "
                              "without it a VC that has volumes is refused")
 
+    create = verbs.add_parser("create", help="make the VC's disks, network and domains",
+                              description="One snapshot disk per VM, the VC's network on "
+                                          "every node that hosts one of its VMs, a libvirt "
+                                          "domain per VM on its node. Idempotent: a second "
+                                          "run completes a first; a failed run undoes itself.")
+    create.add_argument("name")
+    create.set_defaults(handler=cmd_create)
+
+    start = verbs.add_parser("start", help="start every VM of the VC (all nodes at once)")
+    start.add_argument("name")
+    start.set_defaults(handler=cmd_start)
+
+    stop = verbs.add_parser("stop", help="shut every VM of the VC down (all nodes at once)")
+    stop.add_argument("name")
+    stop.add_argument("--force", action="store_true", help="pull the plug, no ACPI shutdown")
+    stop.add_argument("--timeout", type=float, default=lifecycle.STOP_TIMEOUT, metavar="S",
+                      help="seconds to wait for a shutdown before pulling the plug "
+                           "(default: %(default)g)")
+    stop.set_defaults(handler=cmd_stop)
+
+    destroy = verbs.add_parser("destroy", help="remove the VC's domains, network and disks "
+                                               "(the VC stays defined)")
+    destroy.add_argument("name")
+    destroy.add_argument("--keep-volumes", action="store_true", help="keep the VMs' disks")
+    destroy.set_defaults(handler=cmd_destroy)
+
+    status = verbs.add_parser("status", help="VMs of one or every VC: node, state, address, "
+                                             "CPU time")
+    status.add_argument("name", nargs="?")
+    add_json_flag(status)
+    status.set_defaults(handler=cmd_status)
+
+    move = verbs.add_parser("migrate", help="live-migrate a VM to another node")
+    move.add_argument("name")
+    move.add_argument("vm")
+    move.add_argument("--to", required=True, metavar="NODE", help="the node to move it to")
+    move.set_defaults(handler=cmd_migrate)
+
     backup = verbs.add_parser("backup", help="save a VC: its volumes (sparse, checksummed) "
                                              "and its database rows, to a new directory")
     backup.add_argument("name")
     backup.add_argument("directory", type=Path)
+    backup.add_argument("--live", action="store_true",
+                        help="back up running VMs with libvirt backup jobs while they run")
+    backup.add_argument("--since", type=Path, metavar="DIR",
+                        help="incremental: only what changed since the live backup in DIR "
+                             "(implies --live)")
     backup.set_defaults(handler=cmd_backup)
 
     restore = verbs.add_parser("restore", help="recreate a VC from a backup directory "
                                                "(checksums verified first)")
     restore.add_argument("directory", type=Path)
+    restore.add_argument("--as", dest="new_name", metavar="NAME",
+                         help="restore beside the original under another name (fresh VXLAN "
+                              "id, VMs and volumes renamed)")
+    restore.add_argument("--cidr", metavar="CIDR",
+                         help="with --as: the new VC's network (the original's overlaps it "
+                              "while both exist)")
     restore.set_defaults(handler=cmd_restore)
 
 
@@ -115,15 +170,81 @@ def cmd_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def storage_disks(db: Database) -> lifecycle.Disks:
+    """The two storage operations the VC life cycle needs, bound to this database."""
+    def make(vc: VirtualCluster, vm_names: list[str]) -> list[str]:
+        made = volumes.snapshot_volumes(db, vc.image, owners=",".join(vm_names))
+        return [volume.name for volume in made]
+
+    return lifecycle.Disks(make=make, remove=lambda names: volumes.remove(db, names))
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    db = database(args)
+    cluster = lifecycle.create(db, args.name, storage_disks(db))
+    placed = ", ".join(f"{vm.name}@{vm.node}" for vm in cluster.vms_of(args.name))
+    print(f"created {args.name}: {placed}")
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    started = lifecycle.start(database(args), args.name)
+    print(f"started {len(started)} VMs of {args.name}" +
+          (f": {', '.join(started)}" if started else " (all were running)"))
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    stopped = lifecycle.stop(database(args), args.name, args.force, args.timeout)
+    print(f"stopped {len(stopped)} VMs of {args.name}" +
+          (f": {', '.join(stopped)}" if stopped else " (none was running)"))
+    return 0
+
+
+def cmd_destroy(args: argparse.Namespace) -> int:
+    db = database(args)
+    lifecycle.destroy(db, args.name, storage_disks(db), args.keep_volumes)
+    kept = " (volumes kept)" if args.keep_volumes else ""
+    print(f"destroyed {args.name}: domains, network{'' if kept else ' and volumes'} removed"
+          f"{kept}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cluster = database(args).load()
+    names = [args.name] if args.name else [vc.name for vc in cluster.vcs]
+    rows = lifecycle.status(cluster, names)
+    if args.json:
+        print_json([vars(row) for row in rows])
+        return 0
+    print_table(["VM", "VC", "NODE", "STATE", "ADDRESS", "CPU"],
+                [[r.vm, r.vc, r.node, r.state, r.ip,
+                  "-" if r.cpu_seconds is None else f"{r.cpu_seconds:.1f}s"] for r in rows])
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    result = migrate.migrate(database(args), args.name, args.vm, args.to)
+    downtime = f", downtime {result.downtime_ms} ms" if result.downtime_ms is not None else ""
+    print(f"migrated {result.vm} from {result.source} to {result.target} in "
+          f"{result.seconds:.1f} s{downtime}")
+    return 0
+
+
 def cmd_backup(args: argparse.Namespace) -> int:
-    manifest = vc_backup.backup_vc(database(args), args.name, args.directory,
-                                   progress=ProgressLine(), warn=warn)
+    manifest = vc_backup.backup_vc(database(args), args.name, args.directory, args.live,
+                                   args.since, progress=ProgressLine(), warn=warn)
+    live = sum(1 for entry in manifest["volumes"] if entry["image"] == "qcow2")
+    how = f" ({live} live{', incremental' if args.since else ''})" if live else ""
     print(f"backed up {args.name}: {plural(len(manifest['vms']), 'VM')}, "
-          f"{plural(len(manifest['volumes']), 'volume')} to {args.directory}")
+          f"{plural(len(manifest['volumes']), 'volume')}{how} to {args.directory}")
     return 0
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    vc = vc_backup.restore_vc(database(args), args.directory)
+    if args.cidr and not args.new_name:
+        raise VlxError("--cidr goes with --as NAME (a restore under its own name keeps its "
+                       "network)")
+    vc = vc_backup.restore_vc(database(args), args.directory, args.new_name, args.cidr)
     print(f"restored {vc.name} from {args.directory}")
     return 0

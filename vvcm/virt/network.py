@@ -1,0 +1,218 @@
+"""The private network of a VC, built with pyroute2 on every node that hosts one of its VMs.
+
+On each such node: a bridge `vlxbrID` (the VMs' taps join it) and, enslaved to it, the link to
+the other nodes: a VXLAN device `vlxvxID` (VNI = the VC's vxlan id, UDP 4789, unicast to every
+other hosting node through all-zero FDB entries: head-end replication, no multicast needed on
+the cluster network), or for a VC with a vlan id an 802.1Q device `vlxvlID` on the node's
+`vlan_uplink` (real switches; the lab's kernel has no 8021q, so VLANs are only rendered there).
+VMs of one VC share one layer-2 segment; another VC has another bridge and another VNI, so
+nothing of it is reachable.
+
+`node_plans()` is pure (what each node should have); `ensure()` and `remove()` make a node
+match it, idempotently, and say what they changed so a failed create can undo just that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from ..errors import VlxError
+from ..model import Cluster, VirtualCluster
+from .domain import GUEST_MTU, bridge_name
+
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute
+
+# pyroute2 is imported where netlink is used, not at module load: it takes ~0.5 s to import,
+# which every `vlx` command would pay otherwise (the command line imports this module).
+
+VXLAN_PORT = 4789
+ZERO_MAC = "00:00:00:00:00:00"
+
+
+@dataclasses.dataclass(frozen=True)
+class NodePlan:
+    """What one node holds for one VC."""
+
+    node: str
+    netns: str | None
+    bridge: str
+    tunnel: str
+    local: str
+    vxlan: int | None = None
+    vlan: int | None = None
+    uplink: str | None = None
+    peers: tuple[str, ...] = ()
+
+    def link_requests(self) -> list[dict]:
+        """pyroute2 `link('add', ...)` arguments, bridge first."""
+        bridge = {"ifname": self.bridge, "kind": "bridge", "br_forward_delay": 0,
+                  "br_stp_state": 0}
+        if self.vlan is not None:
+            tunnel = {"ifname": self.tunnel, "kind": "vlan", "vlan_id": self.vlan,
+                      "link_name": self.uplink}
+        else:
+            tunnel = {"ifname": self.tunnel, "kind": "vxlan", "vxlan_id": self.vxlan,
+                      "vxlan_local": self.local, "vxlan_port": VXLAN_PORT,
+                      "vxlan_learning": 1}
+        return [bridge, tunnel]
+
+
+def tunnel_name(vc: VirtualCluster) -> str:
+    return f"vlxvl{vc.vlan}" if vc.vlan is not None else f"vlxvx{vc.vxlan}"
+
+
+def hosting_nodes(cluster: Cluster, vc: str, extra: Iterable[str] = ()) -> list[str]:
+    names = {vm.node for vm in cluster.vms_of(vc)} | set(extra)
+    return [node.name for node in cluster.nodes if node.name in names]
+
+
+def node_plans(cluster: Cluster, vc_name: str, nodes: Iterable[str]) -> list[NodePlan]:
+    """One plan per node in `nodes`, each VXLAN peered with all the others."""
+    vc = cluster.vc(vc_name)
+    chosen = [cluster.node(name) for name in nodes]
+    addresses = [str(node.ip) for node in chosen]
+    uplink = cluster.settings.vlan_uplink if cluster.settings else "eth0"
+    return [NodePlan(node=node.name, netns=node.netns, bridge=bridge_name(vc),
+                     tunnel=tunnel_name(vc), local=str(node.ip), vxlan=vc.vxlan, vlan=vc.vlan,
+                     uplink=uplink if vc.vlan is not None else None,
+                     peers=tuple(a for a in addresses if a != str(node.ip))
+                     if vc.vlan is None else ())
+            for node in chosen]
+
+
+def open_node(plan: NodePlan) -> IPRoute:
+    """Netlink to the plan's node: its lab namespace, or this host when the node's address
+    is one of this host's."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    if plan.netns:
+        try:
+            return IPRoute(netns=plan.netns)
+        except (OSError, NetlinkError) as err:
+            raise VlxError(f"node {plan.node}: network namespace {plan.netns!r} cannot be "
+                           f"opened ({err})") from None
+    ipr = IPRoute()
+    mine = {addr.get("IFA_ADDRESS") for addr in ipr.get_addr(family=2)}
+    if plan.local not in mine:
+        ipr.close()
+        raise VlxError(f"node {plan.node} ({plan.local}) is not this host: its VC networks "
+                       "are made on it, by vlx running there (lab nodes name a netns)")
+    return ipr
+
+
+def check_reachable(plans: Iterable[NodePlan]) -> None:
+    """Open every node's netlink once, so an unreachable one fails before anything is made."""
+    for plan in plans:
+        open_node(plan).close()
+
+
+def ensure(plan: NodePlan) -> list[str]:
+    """Make the node match `plan`; returns the devices it created (empty if all was there)."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    created: list[str] = []
+    with open_node(plan) as ipr:
+        try:
+            for request in plan.link_requests():
+                index = _lookup(ipr, request["ifname"])
+                if index is None:
+                    request = dict(request)
+                    if "link_name" in request:
+                        uplink = _lookup(ipr, request.pop("link_name"))
+                        if uplink is None:
+                            raise VlxError(f"node {plan.node}: no uplink {plan.uplink} for "
+                                           f"VLAN {plan.vlan}")
+                        request["link"] = uplink
+                    ipr.link("add", **request)
+                    created.append(request["ifname"])
+                else:
+                    _check_kind(ipr, index, request, plan)
+            bridge = _lookup(ipr, plan.bridge)
+            tunnel = _lookup(ipr, plan.tunnel)
+            ipr.link("set", index=tunnel, master=bridge, mtu=GUEST_MTU, state="up")
+            ipr.link("set", index=bridge, state="up")
+            if plan.vxlan is not None:
+                _sync_peers(ipr, tunnel, plan.peers)
+        except NetlinkError as err:
+            for name in reversed(created):
+                _delete(ipr, name)
+            raise VlxError(f"node {plan.node}: cannot build the network of VC bridge "
+                           f"{plan.bridge}: {err}") from None
+    return created
+
+
+def remove(plan: NodePlan) -> list[str]:
+    """Delete the VC's devices on the node; returns those that were there."""
+    gone = []
+    with open_node(plan) as ipr:
+        for name in (plan.tunnel, plan.bridge):
+            if _delete(ipr, name):
+                gone.append(name)
+    return gone
+
+
+def devices_present(plan: NodePlan) -> list[str]:
+    with open_node(plan) as ipr:
+        return [name for name in (plan.bridge, plan.tunnel) if _lookup(ipr, name) is not None]
+
+
+def peers_of(plan: NodePlan) -> list[str]:
+    """The VXLAN peers the node's FDB names now."""
+    with open_node(plan) as ipr:
+        tunnel = _lookup(ipr, plan.tunnel)
+        return [] if tunnel is None else sorted(_zero_entries(ipr, tunnel))
+
+
+def _sync_peers(ipr: IPRoute, tunnel: int, peers: tuple[str, ...]) -> None:
+    have = _zero_entries(ipr, tunnel)
+    for dst in sorted(set(peers) - have):
+        ipr.fdb("append", ifindex=tunnel, lladdr=ZERO_MAC, dst=dst)
+    for dst in sorted(have - set(peers)):
+        ipr.fdb("del", ifindex=tunnel, lladdr=ZERO_MAC, dst=dst)
+
+
+def _zero_entries(ipr: IPRoute, tunnel: int) -> set[str]:
+    return {entry.get("dst") for entry in ipr.fdb("dump", ifindex=tunnel)
+            if entry.get("lladdr") == ZERO_MAC and entry.get("dst")}
+
+
+def _check_kind(ipr: IPRoute, index: int, request: dict, plan: NodePlan) -> None:
+    """A device of our name that is something else is not ours to reuse."""
+    link = ipr.get_links(index)[0]
+    info = link.get_attr("IFLA_LINKINFO")
+    kind = info.get_attr("IFLA_INFO_KIND") if info else None
+    if kind != request["kind"]:
+        raise VlxError(f"node {plan.node}: {request['ifname']} exists and is a {kind}, not a "
+                       f"{request['kind']}; remove it first")
+    if kind == "vxlan":
+        data = info.get_attr("IFLA_INFO_DATA")
+        vni = data.get_attr("IFLA_VXLAN_ID")
+        local = data.get_attr("IFLA_VXLAN_LOCAL")
+        if vni != plan.vxlan or (local and ipaddress.ip_address(local) !=
+                                 ipaddress.ip_address(plan.local)):
+            raise VlxError(f"node {plan.node}: {plan.tunnel} exists with VNI {vni} local "
+                           f"{local}, not {plan.vxlan} local {plan.local}; remove it first")
+
+
+def _lookup(ipr: IPRoute, name: str) -> int | None:
+    found = ipr.link_lookup(ifname=name)
+    return found[0] if found else None
+
+
+def _delete(ipr: IPRoute, name: str) -> bool:
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    index = _lookup(ipr, name)
+    if index is None:
+        return False
+    try:
+        ipr.link("del", index=index)
+    except NetlinkError as err:
+        if err.code != 19:  # ENODEV: gone meanwhile
+            raise
+    return True
