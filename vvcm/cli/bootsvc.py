@@ -177,8 +177,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if rows:
         print()
         print_table(("SERVICE", "COUNTER", "VALUE"), rows)
-    ours = database(args).path
-    if status.database and Path(status.database).resolve() != ours.resolve():
+    ours = database(args).path      # None for an etcd store: no file to compare with
+    if status.database and ours is not None and Path(status.database).resolve() != ours.resolve():
         print(f"\nnote: this replica serves {status.database}, not {ours} (--db, VLX_DB)")
     return code
 
