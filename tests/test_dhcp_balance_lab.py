@@ -75,18 +75,18 @@ def six(balanced_db, netns, db_path, tmp_path):
     try:
         for name in REPLICAS:
             seg.replica(str(balanced_db.node(name).ip), "--node", name, "--poll", "0.2")
-        assert [r.status().node for r in seg.replicas] == list(REPLICAS)
+        assert [r.status()["node"] for r in seg.replicas] == list(REPLICAS)
         yield seg
     finally:
         seg.close()
 
 
 def by_name(seg: Segment) -> dict:
-    return {r.status().node: r for r in seg.replicas}
+    return {r.status()["node"]: r for r in seg.replicas}
 
 
 def counters(replica) -> dict:
-    return replica.status().counters("dhcp")
+    return replica.status()["services"]["dhcp"]
 
 
 def probe(seg: Segment, tmp_path, xid: int, secs: int, seen: int) -> list[dict]:
