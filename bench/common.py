@@ -5,7 +5,7 @@ A bench makes a `Report` first (it notes the load before), adds one row per meas
 `Stat`s (median, min, max of the repeats), and ends with `report.finish(args.json)`: the load
 after, the Markdown table on stdout, and the same rows as JSON when `--json FILE` is given.
 Peers run interleaved with ours (`interleaved`), so a slow minute of a shared machine falls on
-every server alike. Imports only the boot services' command line (`start_ours`).
+every server alike. Imports only the boot services' command line (`start_ours`) and the model.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from virtualinux.vvcm import Cluster, Settings
 
 # Left alone, the scheduler sometimes puts a lock-step server on the client's CPU and sometimes
 # not, and that alone changes a row 3x here. So servers get CPU 1 and clients CPU 0, like a
@@ -99,6 +101,13 @@ def start_ours(namespace, cmd_args: dict[str, Any], log: Path | None = None,
         detail = log.read_text()[-2000:] if log else ""
         raise RuntimeError(f"our services did not start: {line!r}\n{detail}")
     return process
+
+
+def settings_of(cluster: Cluster) -> Settings:
+    """The settings of a bench's own database, which always has them."""
+    if cluster.settings is None:
+        raise RuntimeError("the bench database has no [cluster] settings")
+    return cluster.settings
 
 
 def stop(process: subprocess.Popen, timeout: float = 10) -> str:

@@ -39,7 +39,7 @@ from pathlib import Path
 from virtualinux.vm_test.netns import Namespace, Netns
 from virtualinux.vvcm import changes
 
-from .common import ours_command
+from .common import ours_command, settings_of
 from .dhcp import cluster_database, cpu_seconds, node_ip, peak_rss_kib
 
 CLIENT = "198.18.0.200"
@@ -91,11 +91,12 @@ def dnsperf(client: Namespace, server: str, queries: Path, rate: int, seconds: f
         ["dnsperf", "-s", server, "-d", str(queries), "-t", "1", "-q", "500", "-c", "4",
          "-Q", str(rate), *(["-n", str(runs)] if runs else ["-l", str(seconds)])])]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30).stdout
-    found = {key: pattern.search(out) for key, pattern in _FIELDS.items()}
-    if not all(found.values()):
+    found = {key: match.group(1) for key, pattern in _FIELDS.items()
+             if (match := pattern.search(out)) is not None}
+    if len(found) != len(_FIELDS):
         raise RuntimeError(f"dnsperf printed no statistics:\n{out}")
-    return Run(rate, int(found["sent"].group(1)), int(found["lost"].group(1)),
-               float(found["qps"].group(1)), float(found["latency"].group(1)) * 1000)
+    return Run(rate, int(found["sent"]), int(found["lost"]), float(found["qps"]),
+               float(found["latency"]) * 1000)
 
 
 def query_files(work: Path, count: int) -> dict[str, Path]:
@@ -274,17 +275,18 @@ def in_process_cost(db_path: Path, rounds: int = 20000) -> tuple[float, float]:
 def run_size(count: int, seconds: float, max_rate: int, profile: float, log=print) -> list:
     with tempfile.TemporaryDirectory(prefix="bench-dns-") as tmp, Netns(prefix="vd") as netns:
         work = Path(tmp)
-        db = cluster_database(work / "cluster.db", count)
+        db_path = work / "cluster.db"
+        db = cluster_database(db_path, count)
         db.update("bench", "upstream", lambda c: changes.set_settings(c, dataclasses.replace(
-            c.settings, upstream_dns=(ipaddress.IPv4Address(UPSTREAM),))))
+            settings_of(c), upstream_dns=(ipaddress.IPv4Address(UPSTREAM),))))
         hub = netns.namespace("hub")
         bridge = netns.bridge(hub)
         hub.add_address(bridge, f"{CLIENT}/{PREFIX}")
         files = query_files(work, count)
-        ours, theirs = in_process_cost(db.path)
+        ours, theirs = in_process_cost(db_path)
         log(f"  in-process CPU per local answer: ours {ours:.1f} us, dnspython's path "
             f"{theirs:.1f} us ({theirs / ours:.0f}x)")
-        servers = start_servers(netns, hub, bridge, work, count, db.path)
+        servers = start_servers(netns, hub, bridge, work, count, db_path)
         measured = [s for s in servers if s.name != "upstream"]
         try:
             measure(hub, measured, files, seconds, max_rate, log)
@@ -315,11 +317,11 @@ def profile_ours(client: Namespace, ours: Server, queries: Path, seconds: float,
     totals: dict[str, int] = {}
     samples = 0
     for line in out.read_text().splitlines() if out.exists() else []:
-        stack, _, count = line.rpartition(" ")
-        samples += int(count)
+        stack, _, on_stack = line.rpartition(" ")
+        samples += int(on_stack)
         for frame in set(stack.split(";")):
             function = frame.split(" (")[0]
-            totals[function] = totals.get(function, 0) + int(count)
+            totals[function] = totals.get(function, 0) + int(on_stack)
     log(f"  where our time goes ({samples} samples, share of samples a function is on the "
         "stack):")
     shown = [(f, c) for f, c in totals.items() if c < samples]   # not the loop's own frames

@@ -67,10 +67,10 @@ def run(macs: list[bytes], rate: float, timeout: float, retry: float) -> dict[st
             sock.sendto(packet, BROADCAST)
             sent += 1
             next_client += 1
-        for state in pending.values():
-            if not state[3] and now - state[2] >= retry:
-                sock.sendto(state[1], BROADCAST)
-                state[2] = now
+        for waiting in pending.values():
+            if not waiting[3] and now - waiting[2] >= retry:
+                sock.sendto(waiting[1], BROADCAST)
+                waiting[2] = now
                 sent += 1
                 retries += 1
         ready, _, _ = select.select([sock], [], [], 0.005)
@@ -94,8 +94,10 @@ def run(macs: list[bytes], rate: float, timeout: float, retry: float) -> dict[st
                         reply = wire.decode(data)
                     except wire.MalformedPacket:
                         continue
-                    state[1] = request(state[0], reply.xid, reply.option(wire.OPT_SERVER_ID),
-                                       reply.yiaddr.packed)
+                    server = reply.option(wire.OPT_SERVER_ID)
+                    if server is None:      # no OFFER may lack it (RFC 2131 4.3.1): ignored
+                        continue
+                    state[1] = request(state[0], reply.xid, server, reply.yiaddr.packed)
                     state[2] = time.monotonic()
                     sock.sendto(state[1], BROADCAST)
                     sent += 1

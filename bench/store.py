@@ -26,6 +26,7 @@ It prints the load average before and after: the machine is shared.
 from __future__ import annotations
 
 import argparse
+import functools
 import ipaddress
 import json
 import os
@@ -50,6 +51,7 @@ def worker(url: str, writes: int, replicas: list[int], import_nodes: int, tmp: P
     from virtualinux.vvcm import Node, changes, inventory, snapshot
     from virtualinux.vvcm.db import Database
     from virtualinux.vvcm.replica_copy import ReplicaCopy
+    from virtualinux.vvcm.store_etcd import EtcdStore
 
     results: dict = {}
     db = Database.create(store=url, force=True)
@@ -58,6 +60,8 @@ def worker(url: str, writes: int, replicas: list[int], import_nodes: int, tmp: P
                                                        'cidr = "198.18.0.0/16"'), "bench")
     cluster = db.update("db import", "bench", lambda c: inventory.apply(c, wide, "bench"))
     blob = snapshot.encode(cluster)
+    if not isinstance(db.backend, EtcdStore):
+        raise RuntimeError(f"{url} is no etcd store")
     client = db.backend.clients[0]
     put = []
     for i in range(writes):
@@ -72,7 +76,7 @@ def worker(url: str, writes: int, replicas: list[int], import_nodes: int, tmp: P
         node = Node(name=f"w{i}", mac=f"52:54:00:aa:{i // 256:02x}:{i % 256:02x}",
                     ip=ipaddress.IPv4Address("198.18.0.0") + 1024 + i, cpus=1, memory=1024)
         start = time.perf_counter()
-        db.update("node add", node.name, lambda c, node=node: changes.add_node(c, node))
+        db.update("node add", node.name, functools.partial(changes.add_node, node=node))
         write.append(time.perf_counter() - start)
     results["vlx_write_ms"] = statistics.median(write) * 1000
     results["writes_per_s"] = writes / sum(write)

@@ -36,6 +36,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from virtualinux.bench import common
 from virtualinux.bench import dhcp as bench
 from virtualinux.bootsvc import dhcp_wire as wire
 from virtualinux.bootsvc.dhcp import Responder
@@ -44,6 +45,7 @@ from virtualinux.bootsvc.status import STATUS_FILE, read_status
 from virtualinux.vm_test.netns import Netns
 from virtualinux.vvcm import Database, Node, Settings
 from virtualinux.vvcm.changes import validated
+from virtualinux.vvcm.model import Role
 
 VLX = [sys.executable, "-c", "import sys; from virtualinux.vvcm.cli import main; sys.exit(main())"]
 FIRST_REPLICA = ipaddress.IPv4Address("198.18.48.1")   # clients use 198.18.1.1 up
@@ -62,7 +64,7 @@ def storm_database(path: Path, replicas: int, clients: int, k: int) -> Database:
     settings = Settings(name="storm", domain="cluster.lab", cidr=bench.CIDR,
                         gateway_vip=bench.GATEWAY_VIP, dhcp_answering=k)
     nodes = tuple(Node(name=replica_name(i), mac=f"52:55:00:00:{i >> 8:02x}:{i & 255:02x}",
-                       ip=FIRST_REPLICA + i, cpus=4, memory=4096, roles=("dhcp",))
+                       ip=FIRST_REPLICA + i, cpus=4, memory=4096, roles=(Role.DHCP,))
                   for i in range(replicas))
     nodes += tuple(Node(name=f"n{i + 1}", mac=bench.node_mac(i), ip=bench.node_ip(i), cpus=4,
                         memory=4096) for i in range(clients))
@@ -73,7 +75,7 @@ def storm_database(path: Path, replicas: int, clients: int, k: int) -> Database:
 
 def set_answering(db: Database, k: int) -> int:
     return db.update("bench", f"k={k}", lambda c: validated(dataclasses.replace(
-        c, settings=dataclasses.replace(c.settings, dhcp_answering=k)))).generation
+        c, settings=dataclasses.replace(common.settings_of(c), dhcp_answering=k)))).generation
 
 
 # ---- 1. per-packet costs, in process ----------------------------------------------------
@@ -111,15 +113,18 @@ def measure_costs(work: Path, replicas: int = 1000, clients: int = 1000) -> Cost
                       state_dir=work, services=("dhcp",))
 
     def responder(k: int) -> Responder:
-        settings = dataclasses.replace(cluster.settings, dhcp_answering=k)
+        settings = dataclasses.replace(common.settings_of(cluster), dhcp_answering=k)
         return Responder(dataclasses.replace(cluster, settings=settings), replica, Counter(),
                          log_events=False)
     started = time.process_time()
     balanced = responder(2)
     # Every node of the database is a known client: replicas and clients alike.
     per_client = (time.process_time() - started) / len(cluster.nodes) * 1e6
-    balanced.balancer.transactions.clock = lambda: 0.0   # rounds are not retransmissions
-    left = [packets[mac] for mac in macs if not balanced.balancer.chosen(mac)]
+    balancer = balanced.balancer
+    if balancer is None:
+        raise RuntimeError(f"{replica_name(0)} does not balance at dhcp_answering=2")
+    balancer.transactions.clock = lambda: 0.0   # rounds are not retransmissions
+    left = [packets[mac] for mac in macs if not balancer.chosen(mac)]
     # Like for like: the same replica and packets, balancing off (k = 0) and on with every
     # client chosen (k = R), then the clients this replica leaves to others at k = 2.
     unbalanced, chosen = _per_packet([responder(0), responder(replicas)], list(packets.values()))
@@ -208,7 +213,7 @@ def storm(work: Path, replicas: int, clients: int, rate: int, k: int, dead: floa
                                  log))
         finally:
             for process in processes:
-                bench._stop(process)
+                common.stop(process)
     return runs
 
 

@@ -22,6 +22,7 @@ client run is bounded in time. `BenchLab` is shared with bench/http.py.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import subprocess
@@ -96,20 +97,21 @@ class BenchLab:
     def timed(self, commands: Sequence[Sequence[str]]) -> float:
         """Run the client commands at once in the client namespace; seconds until all are done."""
         start = time.perf_counter()
-        running = [self.client.popen(pinned(CLIENT_CPU, cmd), stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True) for cmd in commands]
+        cmds = [pinned(CLIENT_CPU, cmd) for cmd in commands]
+        running = [self.client.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True) for cmd in cmds]
         deadline = start + CLIENT_TIMEOUT
         failures = []
-        for process in running:
+        for cmd, process in zip(cmds, running, strict=True):
             try:
                 out, err = process.communicate(timeout=max(1.0, deadline - time.perf_counter()))
             except subprocess.TimeoutExpired:
                 process.kill()
                 out, err = process.communicate()
-                failures.append(f"timed out: {process.args}")
+                failures.append(f"timed out: {cmd}")
                 continue
             if process.returncode != 0:
-                failures.append(f"exit {process.returncode}: {process.args[-3:]} {err[-200:]}")
+                failures.append(f"exit {process.returncode}: {cmd[-3:]} {err[-200:]}")
         elapsed = time.perf_counter() - start
         if failures:
             raise RuntimeError("; ".join(failures[:3]))
@@ -118,9 +120,11 @@ class BenchLab:
     def rates(self, repeat: int, commands: dict[str, Sequence[Sequence[str]]],
               nbytes: int) -> dict[str, Stat]:
         """Aggregate MB/s per server over `repeat` interleaved runs."""
+        def rate(cmds: Sequence[Sequence[str]]) -> float:
+            return len(cmds) * nbytes / self.timed(cmds) / 1e6
+
         runs: dict[str, Callable[[], float]] = {
-            server: (lambda cmds=cmds: len(cmds) * nbytes / self.timed(cmds) / 1e6)
-            for server, cmds in commands.items()}
+            server: functools.partial(rate, cmds) for server, cmds in commands.items()}
         return {server: Stat.of(values)
                 for server, values in common.interleaved(repeat, runs).items()}
 
@@ -172,12 +176,14 @@ def main(argv: list[str] | None = None) -> int:
                  ("curl, blksize 1468", 1, lambda s: curl_tftp(s, name, 1468))]
     lock_step += [(f"{n} x curl, blksize 1468", n, lambda s: curl_tftp(s, name, 1468))
                   for n in many]
-    windowed = [(f"atftp, blksize 1468, windowsize {w}", 1,
-                 lambda s, w=w: atftp(s, name, 1468, w)) for w in (8, 16)]
+    windowed: list[tuple[str, int, Callable[[str], list[str]]]] = [
+        (f"atftp, blksize 1468, windowsize {w}", 1,
+         functools.partial(atftp, name=name, blksize=1468, windowsize=w)) for w in (8, 16)]
     windowed += [(f"{n} x atftp, blksize 1468, windowsize 16", n,
                   lambda s: atftp(s, name, 1468, 16)) for n in many]
     report = common.Report("tftp", argv if argv is not None else sys.argv[1:])
-    speed, feature = [], []
+    speed: list[list[object]] = []
+    feature: list[list[object]] = []
     with BenchLab({name: size}) as lab:
         lab.start_ours("tftp")
         lab.start_anchor(["dnsmasq", "-d", "--port=0", "--enable-tftp",

@@ -134,11 +134,11 @@ class Balancer:
         self.transactions = transactions if transactions is not None else Transactions()
         self._hashes = tuple(map(replica_hash, names))
         self._mine_index = names.index(me) if me in names else None
-        same = (previous is not None and previous.names == names and previous.me == me
-                and previous.k == k)
         # Decisions depend on (names, me, k) only: a generation that changed something else
         # (a setting, a VM, a new node's MAC) reuses the previous one's and computes the rest.
-        carried = previous._decided if same else {}
+        carried: dict[bytes, bool] = {}
+        if previous is not None and (previous.names, previous.me, previous.k) == (names, me, k):
+            carried = previous._decided
         self._decided: dict[bytes, bool] = {key: carried[key] if key in carried
                                             else self._compute(key) for key in known}
         self._extra: dict[bytes, bool] = {}

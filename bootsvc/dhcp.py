@@ -141,7 +141,7 @@ class Responder:
         self.server_id = replica.address.packed
         self.networks = served_networks(cluster)
         self.local = next((net for net in self.networks if replica.address in net.cidr), None)
-        self.balancer = balance.for_replica(
+        self.balancer: balance.Balancer | None = balance.for_replica(
             cluster, replica.node.name if replica.node else None,
             (mac for net in self.networks for mac in net.hosts),
             previous.balancer if previous else None, transactions)

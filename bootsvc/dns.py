@@ -110,6 +110,7 @@ class DnsService(Service):
 
     def __init__(self, replica: Replica, cluster: Cluster, options: Options | None = None):
         super().__init__(replica, cluster, options)
+        self.options: DnsService.Options
         self.port = self.options.port
         self.zones = ClusterZones(cluster)
         self.cache = Cache(self.options.cache_entries, self.options.cache_bytes, self.counters)
@@ -159,7 +160,7 @@ class DnsService(Service):
         self._loop = asyncio.get_running_loop()
         self._tcp = await asyncio.start_server(self._tcp_client, address, self.port,
                                                reuse_address=True)
-        self._loop.add_reader(sock.fileno(), self._drain)
+        self._loop.add_reader(sock.fileno(), self._drain, sock)
         log.info("dns on %s:%d (udp, tcp): %d names in %d zones, upstreams %s (gen %d)",
                  address, self.port, len(self.zones.names), len(self.zones.zones),
                  ", ".join(map(str, self.forwarder.upstreams)) or "none", self.zones.generation)
@@ -261,7 +262,7 @@ class DnsService(Service):
         if message.edns > 0:
             return self._rcode_reply(message, dns.rcode.BADVERS, "badvers")
         question = message.question[0]
-        qname = question.name.to_wire()
+        qname = wire.wire_bytes(question.name)
         query = wire.Query(message.id, message.flags, qname.lower(), question.rdtype,
                            question.rdclass, qname + struct.pack(">HH", question.rdtype,
                                                                      question.rdclass),
@@ -291,8 +292,8 @@ class DnsService(Service):
 
     # -- UDP -------------------------------------------------------------------------------------
 
-    def _drain(self) -> None:
-        sock, limiter, memo, counters = self._udp, self.limiter, self._memo, self.counters
+    def _drain(self, sock: socket.socket) -> None:
+        limiter, memo, counters = self.limiter, self._memo, self.counters
         now = time.monotonic()
         hit_memo = self._hit_memo
         for _ in range(DRAIN_BATCH):

@@ -203,37 +203,45 @@ class Forwarder:
 
     async def _ask(self, upstream: Upstream, qname: dns.name.Name,
                    qtype: int) -> dns.message.Message:
-        query = dns.message.make_query(qname, qtype, use_edns=0, payload=wire.EDNS_PAYLOAD,
+        # make_query does this conversion itself; its annotation takes only the enum.
+        rdtype = dns.rdatatype.RdataType.make(qtype)
+        query = dns.message.make_query(qname, rdtype, use_edns=0, payload=wire.EDNS_PAYLOAD,
                                        id=secrets.randbelow(65536))
         server = (str(upstream.address), upstream.port)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         with _random_port_socket() as sock:
             await loop.sock_sendto(sock, query.to_wire(), server)
-            while True:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise TimeoutError
-                async with asyncio.timeout(remaining):
-                    data, source = await loop.sock_recvfrom(sock, 65535)
-                if source[:2] != server:
-                    self.counters["upstream_wrong_source"] += 1
-                    continue
-                try:
-                    response = dns.message.from_wire(data)
-                except dns.exception.DNSException:
-                    self.counters["upstream_malformed"] += 1
-                    continue
-                if not query.is_response(response):   # ID, QR, opcode and question
-                    self.counters["upstream_mismatch"] += 1
-                    continue
-                break
+            response = await self._receive(sock, query, server, deadline)
         if response.flags & dns.flags.TC:
             self.counters["upstream_truncated"] += 1
             response = await dns.asyncquery.tcp(query, server[0], timeout=max(
                 deadline - loop.time(), 0.1), port=upstream.port)
             self.counters["upstream_tcp"] += 1
         return response
+
+    async def _receive(self, sock: socket.socket, query: dns.message.Message,
+                       server: tuple[str, int], deadline: float) -> dns.message.Message:
+        """The first datagram on `sock` from `server` that answers `query`, by `deadline`."""
+        loop = asyncio.get_running_loop()
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError
+            async with asyncio.timeout(remaining):
+                data, source = await loop.sock_recvfrom(sock, 65535)
+            if source[:2] != server:
+                self.counters["upstream_wrong_source"] += 1
+                continue
+            try:
+                response = dns.message.from_wire(data)
+            except dns.exception.DNSException:
+                self.counters["upstream_malformed"] += 1
+                continue
+            if not query.is_response(response):   # ID, QR, opcode and question
+                self.counters["upstream_mismatch"] += 1
+                continue
+            return response
 
     def entry(self, qname: dns.name.Name, qtype: int, response: dns.message.Message,
               now: float) -> tuple[CacheEntry, int]:
@@ -257,11 +265,11 @@ class Forwarder:
         # No record is handed out for longer than we keep the entry: the SOA of a negative
         # answer shows the negative TTL (RFC 2308 section 3).
         records = self._records(answers, ttl), self._records(authority, ttl)
-        encoder = RecordEncoder(qname.to_wire(), qtype)
+        encoder = RecordEncoder(wire.wire_bytes(qname), qtype)
         an = encoder.section(records[0])
         ns = encoder.section(records[1])
         ttls = tuple(record.ttl for record in (*records[0], *records[1]))
-        return CacheEntry(int(rcode), an.count, ns.count, encoder.body(),
+        return CacheEntry(int(rcode), an.record_count, ns.record_count, encoder.body(),
                           an.ttl_offsets + ns.ttl_offsets, ttls, ttl, now), ttl
 
     @staticmethod
@@ -289,7 +297,7 @@ class Forwarder:
     @staticmethod
     def _records(rrsets: list[dns.rrset.RRset], ttl: int) -> list[Record]:
         return [Record(owner, min(rrset.ttl, ttl), rdata)
-                for rrset in rrsets for owner in (rrset.name.to_wire(),) for rdata in rrset]
+                for rrset in rrsets for owner in (wire.wire_bytes(rrset.name),) for rdata in rrset]
 
 
 class _random_port_socket:

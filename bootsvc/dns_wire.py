@@ -195,6 +195,15 @@ def error_reply(data: bytes, rcode: int) -> bytes | None:
     return ID_FLAGS.pack(qid, QR | (flags & (OPCODE_MASK | RD | CD)) | rcode) + bytes(8)
 
 
+def wire_bytes(value: dns.name.Name | dns.rdata.Rdata) -> bytes:
+    """`value.to_wire()`: without a file dnspython returns the bytes, but annotates the method
+    for both forms (`bytes | None`); None here would be a dnspython bug, so it is one."""
+    data = value.to_wire()
+    if data is None:
+        raise TypeError(f"{type(value).__name__}.to_wire() returned None")
+    return data
+
+
 class Record(NamedTuple):
     owner: bytes          # wire form (any case)
     ttl: int
@@ -203,7 +212,7 @@ class Record(NamedTuple):
 
 class Encoded(NamedTuple):
     data: bytes
-    count: int
+    record_count: int    # not `count`, which would hide tuple.count
     ttl_offsets: tuple[int, ...]    # where each record's TTL sits in the body
 
 
@@ -248,7 +257,7 @@ class RecordEncoder:
         out, begin, offsets = self._out, len(self._out), []
         for record in records:
             self._name(record.owner)
-            rdata = record.rdata.to_wire()
+            rdata = wire_bytes(record.rdata)
             offsets.append(len(out) + 4 - self._start)
             out += RR_FIXED.pack(record.rdata.rdtype, record.rdata.rdclass, record.ttl,
                                  len(rdata))

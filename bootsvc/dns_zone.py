@@ -24,6 +24,7 @@ from collections import defaultdict
 
 import dns.message
 import dns.name
+import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 import dns.rdtypes.ANY.NS
@@ -84,10 +85,10 @@ class ClusterZones:
         if settings is None:
             return
         domain = dns.name.from_text(settings.domain + ".")
-        domain_wire = domain.to_wire()
+        domain_wire = wire.wire_bytes(domain)
         records: dict[bytes, dict[int, list[Record]]] = defaultdict(lambda: defaultdict(list))
 
-        def add(owner: bytes, rdata, ttl: int = RECORD_TTL) -> None:
+        def add(owner: bytes, rdata: dns.rdata.Rdata, ttl: int = RECORD_TTL) -> None:
             records[owner.lower()][int(rdata.rdtype)].append(Record(owner, ttl, rdata))
 
         def host(labels: tuple[str, ...], address: ipaddress.IPv4Address) -> dns.name.Name:
@@ -116,7 +117,7 @@ class ClusterZones:
             origins.extend(reverse_zones(vc.cidr))
         for origin in dict.fromkeys(origins):      # in order, each once
             self.origins.append(origin)
-            apex = origin.to_wire()
+            apex = wire.wire_bytes(origin)
             add(apex, soa, NEGATIVE_TTL)
             for server in servers:
                 add(apex, dns.rdtypes.ANY.NS.NS(IN, dns.rdatatype.NS, server))
@@ -135,8 +136,8 @@ class ClusterZones:
             encoder = RecordEncoder(key, qtype)
             answers = encoder.section(found)
             glue = encoder.section(self._glue(found, records)) if qtype == NS else None
-            self.answers[key, qtype] = Body(wire.AA, answers.count, 0,
-                                            glue.count if glue else 0, encoder.body())
+            self.answers[key, qtype] = Body(wire.AA, answers.record_count, 0,
+                                            glue.record_count if glue else 0, encoder.body())
         only = next(iter(by_type)) if len(by_type) == 1 else None
         if only is not None and not self.answers[key, only].additional:
             # The question's type does not change where its name sits: the same bytes.
@@ -148,12 +149,14 @@ class ClusterZones:
     def _any(key: bytes, by_type: dict[int, list[Record]]) -> Body:
         encoder = RecordEncoder(key, ANY)
         answers = encoder.section(r for found in by_type.values() for r in found)
-        return Body(wire.AA, answers.count, 0, 0, encoder.body())
+        return Body(wire.AA, answers.record_count, 0, 0, encoder.body())
 
     @staticmethod
-    def _glue(found: list[Record], records) -> list[Record]:
-        return [glue for record in found
-                for glue in records.get(record.rdata.target.to_wire().lower(), {}).get(A, ())]
+    def _glue(found: list[Record], records: dict[bytes, dict[int, list[Record]]]
+              ) -> list[Record]:
+        return [glue for record in found if isinstance(record.rdata, dns.rdtypes.ANY.NS.NS)
+                for glue in records.get(wire.wire_bytes(record.rdata.target).lower(), {})
+                .get(A, ())]
 
     @staticmethod
     def _negative(soa: Record) -> tuple[Body, Body]:
@@ -161,8 +164,8 @@ class ClusterZones:
         # name, so these bodies are encoded without compression and fit any question.
         encoder = RecordEncoder(None, 0)
         authority = encoder.section([soa])
-        return (Body(wire.AA | wire.NOERROR, 0, authority.count, 0, encoder.body()),
-                Body(wire.AA | wire.NXDOMAIN, 0, authority.count, 0, encoder.body()))
+        return (Body(wire.AA | wire.NOERROR, 0, authority.record_count, 0, encoder.body()),
+                Body(wire.AA | wire.NXDOMAIN, 0, authority.record_count, 0, encoder.body()))
 
     def lookup(self, qname: bytes, qtype: int) -> Body | None:
         """The answer for a lower-cased wire name, or None when the name is in none of our

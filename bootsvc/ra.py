@@ -129,8 +129,8 @@ class RaService(Service):
         max_answers_per_second: int = 100
 
     def __init__(self, replica: Replica, cluster: Cluster, options: Options | None = None):
-        super().__init__(replica, cluster)
-        self.options = options or self.Options()
+        super().__init__(replica, cluster, options)
+        self.options: RaService.Options
         if not 3.0 <= self.options.min_interval <= self.options.max_interval:
             raise VlxError("ra: intervals must satisfy 3 <= min_interval <= max_interval")
         self._sock: socket.socket | None = None
@@ -177,8 +177,8 @@ class RaService(Service):
                            f"{self.replica.interface}: {err}") from None
         self._sock = sock
         loop = asyncio.get_running_loop()
-        loop.add_reader(sock.fileno(), self._on_readable)
-        self._task = asyncio.create_task(self._advertise())
+        loop.add_reader(sock.fileno(), self._on_readable, sock)
+        self._task = asyncio.create_task(self._advertise(sock))
         log.info("ra on %s: router lifetime 0, no prefix, every %g-%g s",
                  self.replica.interface, self.options.min_interval, self.options.max_interval)
 
@@ -198,24 +198,24 @@ class RaService(Service):
     def details(self) -> dict[str, object]:
         return {"source": str(self._source) if self._source else None}
 
-    async def _advertise(self) -> None:
+    async def _advertise(self, sock: socket.socket) -> None:
         # Right after start the link-local address may still be in duplicate address
         # detection (about 1 s): try every half second until the first RA is out.
         while True:
             if self._source is None:
                 self._source = await asyncio.to_thread(link_local, self._index)
-            sent = self._send(ALL_NODES)
+            sent = self._send(ALL_NODES, sock)
             await asyncio.sleep(random.uniform(self.options.min_interval,
                                                self.options.max_interval) if sent else 0.5)
 
-    def _send(self, destination: str) -> bool:
+    def _send(self, destination: str, sock: socket.socket) -> bool:
         if self._source is None:
             self.counters["ra_waiting_link_local"] += 1
             return False
         # The source is set explicitly: a client drops an RA that is not from a link-local.
         info = self._source.packed + struct.pack("@I", self._index)
         try:
-            self._sock.sendmsg([self._packet], [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO,
+            sock.sendmsg([self._packet], [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO,
                                                  info)],
                                0, (destination, 0, 0, self._index))
         except OSError as err:
@@ -226,10 +226,10 @@ class RaService(Service):
         self.counters["ra_sent"] += 1
         return True
 
-    def _on_readable(self) -> None:
+    def _on_readable(self, sock: socket.socket) -> None:
         while True:
             try:
-                data, ancillary, _flags, sender = self._sock.recvmsg(1500, 64)
+                data, ancillary, _flags, sender = sock.recvmsg(1500, 64)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as err:
@@ -253,7 +253,7 @@ class RaService(Service):
                 self.counters["rs_rate_limited"] += 1
                 continue
             # From "::" (no address yet) the answer can only go to all nodes (RFC 4861 6.2.6).
-            self._send(ALL_NODES if source == "::" else source)
+            self._send(ALL_NODES if source == "::" else source, sock)
 
     def _may_answer(self) -> bool:
         now = int(time.monotonic())

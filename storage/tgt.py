@@ -553,14 +553,14 @@ def portal_status(cluster: Cluster, directory: Path | None = None) -> list[Porta
     for portal in portals:
         wanted = wanted_exports(cluster, portal)
         daemon = daemons.get(portal)
-        alive = daemon is not None and daemon.alive()
-        targets = daemon.admin.targets() if alive else {}
+        running = daemon if daemon is not None and daemon.alive() else None
+        targets = running.admin.targets() if running else {}
         rows.append(PortalStatus(
             portal=portal,
-            state="running" if alive else "dead" if daemon else "no tgtd",
+            state="running" if running else "dead" if daemon else "no tgtd",
             pid=daemon.pid if daemon else None,
             control_port=daemon.control_port if daemon else None,
-            listening=tuple(daemon.listening()) if alive else (),
+            listening=tuple(running.listening()) if running else (),
             exports=len(wanted), targets=len(targets),
             sessions=sum(t.sessions for t in targets.values()),
             missing=tuple(sorted(set(wanted) - set(targets)))))

@@ -176,9 +176,9 @@ def snapshot_volumes(db: Database, golden_name: str, count: int | None = None,
             portal = parse_portal(portal) if portal else default_portal(cluster)
             tgt.running_daemon(portal)  # a dead tgtd fails here, before anything is made
             # The backend says whether tgt can serve its snapshots (qcow2 overlays: no).
-            store.export_path(Volume(name=names[0], kind="snapshot", backend=golden.backend,
-                                     path=store.path_for(names[0]), size=golden.size,
-                                     origin=golden.name))
+            store.export_path(Volume(name=names[0], kind=VolumeKind.SNAPSHOT,
+                                     backend=golden.backend, path=store.path_for(names[0]),
+                                     size=golden.size, origin=golden.name))
         iqn_base = cluster_name(cluster) if portal else ""
         paths = store.snapshot(golden, names)
         made.extend(Volume(name=name, kind=VolumeKind.SNAPSHOT, backend=golden.backend, path=path,

@@ -126,6 +126,21 @@ def test_status_of_a_killed_daemon_says_dead(tmp_path, capsys):
     assert main(["bootsvc", "status", "--state-dir", str(tmp_path)]) == 1
 
 
+def test_status_with_an_etcd_store_has_no_file_to_compare(tmp_path, capsys):
+    """The note "this replica serves FILE, not FILE" compares database files; an etcd store
+    (whose replicas serve a local copy) has none, and status shows the replica all the same."""
+    (tmp_path / STATUS_FILE).write_text(json.dumps({
+        "state": "stopped", "pid": 1, "node": None, "interface": "eth0",
+        "address": "198.18.0.201", "generation": 3, "updated": "x", "reloads": 0,
+        "stale_generations_refused": 0, "services": {},
+        "database": str(tmp_path / "copy.sqlite")}))
+    assert main(["--store", "etcd://198.18.0.250:2379", "bootsvc", "status",
+                 "--state-dir", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("stopped: (not a node) on eth0 (198.18.0.201)")
+    assert "note:" not in out
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["--interface", "nosuch0"], "no network interface 'nosuch0'"),
     (["--interface", "lo", "--services", "dhcp,bogus"], "--services: unknown service 'bogus'"),

@@ -80,7 +80,11 @@ def _issue(name: str, issuer: Pair | None, addresses: Sequence[ipaddress.IPv4Add
     else:
         issuer_cert = x509.load_pem_x509_certificate(issuer.cert.encode())
         issuer_name = issuer_cert.subject
-        signing_key = serialization.load_pem_private_key(issuer.key.encode(), password=None)
+        loaded = serialization.load_pem_private_key(issuer.key.encode(), password=None)
+        if not isinstance(loaded, ec.EllipticCurvePrivateKey):    # with_ca makes an EC key
+            raise VlxError(f"the store CA's key is {type(loaded).__name__}, not an "
+                           "elliptic-curve key: the credential was not made by vlx")
+        signing_key = loaded
     now = datetime.datetime.now(datetime.UTC)
     builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name)
                .public_key(key.public_key()).serial_number(x509.random_serial_number())

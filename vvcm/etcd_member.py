@@ -37,8 +37,8 @@ class Member:
     initial_cluster: tuple[tuple[str, str], ...]    # (name, peer URL) of every member
     join: bool = False                              # joining a running cluster (member add)
     data_dir: Path | None = None
-    heartbeat_ms: int = Settings.__dataclass_fields__["store_heartbeat_ms"].default
-    election_ms: int = Settings.__dataclass_fields__["store_election_ms"].default
+    heartbeat_ms: int = Settings.store_heartbeat_ms     # the settings' defaults
+    election_ms: int = Settings.store_election_ms
     client_port: int = CLIENT_PORT
     peer_port: int = PEER_PORT
     # ca.crt, NAME.crt, NAME.key (`vlx db tls member`): TLS for clients and peers, and only

@@ -76,10 +76,12 @@ def from_mapping(cls: type, data: Mapping[str, Any], where: str,
     return cls(**values)
 
 
-def to_mapping(obj: Any, skip_defaults: bool = False) -> dict[str, Any]:
+def to_mapping(obj: object, skip_defaults: bool = False) -> dict[str, Any]:
     """Dumped values of every setting of `obj`, leaving out those that are None."""
     out = {}
-    for name, spec in _settings(type(obj)):
+    # Through a `type` variable: mypy takes type(obj), a type[object], for unhashable.
+    cls: type = type(obj)
+    for name, spec in _settings(cls):
         value = getattr(obj, name)
         if value is None or (skip_defaults and spec.default is not REQUIRED
                              and value == spec.default):

@@ -12,7 +12,7 @@ import enum
 import ipaddress
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import cached_property
 from typing import TypeVar
 
@@ -373,8 +373,11 @@ class Cluster:
                 yield Network(name=vc.name, cidr=vc.cidr, vxlan=vc.vxlan)
 
 
-def _group(items, key) -> dict:
-    groups: dict = {}
+_Item = TypeVar("_Item")
+
+
+def _group(items: Iterable[_Item], key: Callable[[_Item], str]) -> dict[str, tuple[_Item, ...]]:
+    groups: dict[str, list[_Item]] = {}
     for item in items:
         groups.setdefault(key(item), []).append(item)
     return {name: tuple(members) for name, members in groups.items()}

@@ -35,7 +35,7 @@ def place(vc: VirtualCluster, vm_names: Sequence[str], nodes: Sequence[Node],
     placed = list(placed)
     vcpus, memory = node_load(placed, vcs)
     own = Counter(vm.node for vm in placed if vm.vc == vc.name)
-    result = []
+    result: list[str] = []
     for name in vm_names:
         fitting = [node for node in nodes
                    if vcpus[node.name] + vc.vcpus <= node.cpus * settings.cpu_overcommit

@@ -18,6 +18,7 @@ import datetime
 import logging
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ class ReplicaCopy:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self._stop_watch = None
+        self._stop_watch: Callable[[], None] | None = None
 
     def prepare(self) -> int:
         """Make sure there is a local copy to serve; return its generation."""

@@ -33,6 +33,7 @@ import secrets
 import signal
 import sys
 from collections.abc import Callable
+from operator import methodcaller
 from pathlib import Path
 from typing import Any
 
@@ -230,7 +231,8 @@ class EtcdStore:
             pause_point("before-chunks")
             for number, chunk in enumerate(chunks):
                 key = f"{prefix}{number:04d}"
-                self.call(lambda c, key=key, chunk=chunk: c.put(key, chunk))
+                # methodcaller binds this chunk now (a lambda in a loop would need defaults).
+                self.call(methodcaller("put", key, chunk))
             pause_point("chunks-written")
         else:
             ops.append(_put(f"{prefix}0000", chunks[0]))
@@ -265,7 +267,7 @@ class EtcdStore:
                 if c.generation < cluster.generation]
         for start in range(0, len(puts), TXN_OPS):
             batch = puts[start:start + TXN_OPS]
-            self.call(lambda c, batch=batch: c.transaction({"success": batch}), writing=True)
+            self.call(methodcaller("transaction", {"success": batch}), writing=True)
         last = next((c for c in changes if c.generation == cluster.generation),
                     Change(cluster.generation, now(), user(), "db migrate", ""))
         if self._commit(cluster, 0, None, last) is not None:

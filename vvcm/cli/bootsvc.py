@@ -184,8 +184,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         shown = {k: v for k, v in service.details.items() if not isinstance(v, dict | list)}
         if shown:
             print(f"\n{name}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
-    ours = database(args).path
-    if status.database and Path(status.database).resolve() != ours.resolve():
+    ours = database(args).path      # None for an etcd store: no file to compare with
+    if status.database and ours is not None and \
+            Path(status.database).resolve() != ours.resolve():
         print(f"\nnote: this replica serves {status.database}, not {ours} (--db, VLX_DB)")
     return code
 

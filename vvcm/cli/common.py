@@ -39,7 +39,7 @@ class VlxParser(argparse.ArgumentParser):
         self.shared.append((flags, options))
         return self.add_argument(*flags, **options)
 
-    def add_subparsers(self, **kwargs: Any):  # type: ignore[override]
+    def add_subparsers(self, **kwargs: Any):
         kwargs.setdefault("parser_class", functools.partial(
             VlxParser, inherited=tuple(self.shared)))
         return super().add_subparsers(**kwargs)
