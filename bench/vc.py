@@ -226,7 +226,7 @@ def _booted(logs: Path, names: list[str], timeout: float = BOOT_TIMEOUT) -> None
 def _migrations(db: Database, db_path: Path, ours: str, peer: str, uris: dict[str, str],
                 daemons: list[LabLibvirtd]) -> None:
     cluster = db.load()
-    _booted(Path(cluster.settings.vm_log_dir),
+    _booted(Path(cluster.required_settings().vm_log_dir),
             [cluster.vms_of(ours)[0].name, cluster.vms_of(peer)[0].name])
     vm = cluster.vms_of(ours)[0]
     target = "node2" if vm.node == "node1" else "node1"

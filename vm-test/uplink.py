@@ -85,7 +85,7 @@ def use_uplink(database: Database) -> Cluster:
     """The gateway's NAT goes out of the lab's uplink interface."""
     return database.update("lab up", f"gateway_uplink {UPLINK_INTERFACE}",
                            lambda c: changes.set_settings(c, dataclasses.replace(
-                               c.settings, gateway_uplink=UPLINK_INTERFACE)))
+                               c.required_settings(), gateway_uplink=UPLINK_INTERFACE)))
 
 
 def start(lab: Lab, cluster: Cluster) -> None:

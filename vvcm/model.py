@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from functools import cached_property
 from typing import TypeVar
 
-from .errors import NotFound
+from .errors import NotFound, VlxError
 from .fields import (
     choice_list,
     dump_address_range,
@@ -354,6 +354,13 @@ class Cluster:
     def volumes_owned_by(self, owner: str) -> tuple[Volume, ...]:
         """The volumes of a node or VM, in database order."""
         return self._volumes_by_owner.get(owner, ())
+
+    def required_settings(self) -> Settings:
+        """The settings, for work that cannot go on without them (an empty database has
+        none until an inventory is imported)."""
+        if self.settings is None:
+            raise VlxError("the cluster has no settings yet: import an inventory first")
+        return self.settings
 
     def fqdn(self, name: str) -> str:
         return f"{name}.{self.settings.domain}" if self.settings else name

@@ -132,6 +132,6 @@ def drain(db: Database, node: str) -> list[Migration]:
         others = [n for n in cluster.nodes if n.name != node]
         placed = [v for v in cluster.vms if v.name != vm.name]
         vc = cluster.vc(vm.vc)
-        target = place(vc, [vm.name], others, cluster.settings, placed, cluster.vcs)[0]
+        target = place(vc, [vm.name], others, cluster.required_settings(), placed, cluster.vcs)[0]
         moved.append(migrate(db, vm.vc, vm.name, target))
     return moved
