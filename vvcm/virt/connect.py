@@ -14,7 +14,7 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Literal, TypeVar, overload
 
 import libvirt
 
@@ -89,9 +89,21 @@ def hypervisor_of(cluster: Cluster, conn: libvirt.virConnect) -> str:
     return "kvm" if re.search(r"<domain type=['\"]kvm['\"]", capabilities) else "qemu"
 
 
+@overload
 def per_node(cluster: Cluster, nodes: Iterable[str],
              work: Callable[[Node, libvirt.virConnect], T],
-             keep_going: bool = False) -> dict[str, T]:
+             keep_going: Literal[False] = False) -> dict[str, T]: ...
+
+
+@overload
+def per_node(cluster: Cluster, nodes: Iterable[str],
+             work: Callable[[Node, libvirt.virConnect], T],
+             keep_going: Literal[True]) -> dict[str, T | Exception]: ...
+
+
+def per_node(cluster: Cluster, nodes: Iterable[str],
+             work: Callable[[Node, libvirt.virConnect], T],
+             keep_going: bool = False) -> dict[str, T] | dict[str, T | Exception]:
     """`work(node, connection)` on every node at once; every node is tried, then the first
     error (in node order) is raised, or with `keep_going` returned as that node's result."""
     chosen = [cluster.node(name) for name in dict.fromkeys(nodes)]
@@ -100,8 +112,8 @@ def per_node(cluster: Cluster, nodes: Iterable[str],
         with connection(cluster, node) as conn:
             return work(node, conn)
 
-    results: dict[str, T] = {}
-    errors: list[BaseException] = []
+    results: dict[str, T | Exception] = {}
+    errors: list[Exception] = []
     with ThreadPoolExecutor(max_workers=max(1, min(32, len(chosen)))) as pool:
         futures = [(node, pool.submit(one, node)) for node in chosen]
         for node, future in futures:
@@ -128,6 +140,6 @@ def each(items: Sequence[T], work: Callable[[T], object], width: int = 16) -> No
         return
     with ThreadPoolExecutor(max_workers=min(width, len(items))) as pool:
         futures = [pool.submit(work, item) for item in items]
-    errors = [f.exception() for f in futures if f.exception() is not None]
+    errors = [error for f in futures if (error := f.exception()) is not None]
     if errors:
         raise errors[0]

@@ -128,7 +128,7 @@ def _disk(devices: ET.Element, volume: Volume, xen: bool) -> None:
     fmt = "qcow2" if volume.backend == "qcow2" and volume.kind == "snapshot" else "raw"
     # cache=none: what libvirt requires of a disk for a safe live migration.
     ET.SubElement(disk, "driver", name="qemu", type=fmt, cache="none")
-    ET.SubElement(disk, "source", **({"dev": volume.path} if block else {"file": volume.path}))
+    ET.SubElement(disk, "source", {"dev": volume.path} if block else {"file": volume.path})
     ET.SubElement(disk, "target", dev="xvda" if xen else "vda", bus="xen" if xen else "virtio")
 
 
@@ -156,6 +156,6 @@ def _console(devices: ET.Element, cluster: Cluster, vm: VM, hypervisor: str) -> 
 
 
 def _text(parent: ET.Element, tag: str, text: str, **attributes: str) -> ET.Element:
-    element = ET.SubElement(parent, tag, **attributes)
+    element = ET.SubElement(parent, tag, attributes)
     element.text = text
     return element

@@ -231,7 +231,7 @@ def status(cluster: Cluster, names: Sequence[str]) -> list[VMStatus]:
     nodes = list(dict.fromkeys(vm.node for vm in vms))
 
     def look(node: Node, conn: libvirt.virConnect) -> dict[str, tuple[str, float | None]]:
-        seen = {}
+        seen: dict[str, tuple[str, float | None]] = {}
         for vm in vms:
             if vm.node != node.name:
                 continue
@@ -246,8 +246,8 @@ def status(cluster: Cluster, names: Sequence[str]) -> list[VMStatus]:
     found = per_node(cluster, nodes, look, keep_going=True)
     rows = []
     for vm in vms:
-        result = found.get(vm.node)
-        if isinstance(result, BaseException):
+        result = found[vm.node]
+        if isinstance(result, Exception):
             state, cpu = "unreachable", None
         else:
             state, cpu = result[vm.name]
