@@ -63,7 +63,11 @@ def disk_target_name(domain: libvirt.virDomain, source: str) -> str:
     for disk in root.iter("disk"):
         element = disk.find("source")
         if element is not None and source in (element.get("file"), element.get("dev")):
-            return disk.find("target").get("dev")
+            target = disk.find("target")
+            dev = target.get("dev") if target is not None else None
+            if dev is None:
+                raise VlxError(f"domain {domain.name()}: disk {source} has no target device")
+            return dev
     raise VlxError(f"domain {domain.name()} has no disk {source}")
 
 

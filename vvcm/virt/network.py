@@ -134,6 +134,10 @@ def ensure(plan: NodePlan) -> list[str]:
                     _check_kind(ipr, index, request, plan)
             bridge = _lookup(ipr, plan.bridge)
             tunnel = _lookup(ipr, plan.tunnel)
+            if bridge is None or tunnel is None:
+                # Made or found just above: gone now means someone removed it meanwhile.
+                raise VlxError(f"node {plan.node}: {plan.bridge} or {plan.tunnel} vanished "
+                               f"while building the VC network")
             ipr.link("set", index=tunnel, master=bridge, mtu=GUEST_MTU, state="up")
             ipr.link("set", index=bridge, state="up")
             if plan.vxlan is not None:
