@@ -30,8 +30,8 @@ from virtualinux.vm_test.vrrp_pair import (
     Speaker,
     probe_result,
     start_probe,
-    wait_for,
 )
+from virtualinux.vm_test.wait import wait_for
 
 KINDS = ("ours", "keepalived")
 TIMEOUT = 60.0        # bound on every wait of a round

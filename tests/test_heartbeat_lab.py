@@ -24,8 +24,8 @@ from virtualinux.vm_test.vrrp_pair import (
     Speaker,
     probe_result,
     start_probe,
-    wait_for,
 )
+from virtualinux.vm_test.wait import wait_for
 from virtualinux.vvcm import Database, changes
 
 from .conftest import require

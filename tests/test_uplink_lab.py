@@ -9,7 +9,8 @@ import subprocess
 
 import pytest
 from virtualinux.vm_test import uplink
-from virtualinux.vm_test.vrrp_pair import VIP, pair_database, wait_for
+from virtualinux.vm_test.vrrp_pair import VIP, pair_database
+from virtualinux.vm_test.wait import wait_for
 from virtualinux.vvcm import VlxError
 
 from .conftest import require

@@ -26,11 +26,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 from virtualinux.bootsvc.status import STATUS_FILE, read_status
 from virtualinux.vvcm import Database, VlxError, changes, inventory
 
 from .netns import Namespace, Netns
+from .wait import wait_for
 
 VIP = "198.18.0.254"
 PRIMARY, BACKUP, CLIENT = "198.18.0.11", "198.18.0.12", "198.18.0.200"
@@ -40,14 +42,22 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cluster.toml"
 VLX = [sys.executable, "-c", "import sys; from virtualinux.vvcm.cli import main; sys.exit(main())"]
 
 
-def pair_database(path: Path, interval: float, **settings: object) -> Database:
+class PairSettings(TypedDict, total=False):
+    """The settings a pair lab may set on top of the example's (typed for `replace`)."""
+
+    gateway_uplink: str | None
+    vrrp_track_uplink: bool
+    vrrp_vmac: bool
+
+
+def pair_database(path: Path, interval: float, **settings: Unpack[PairSettings]) -> Database:
     """The example cluster (node1 gateway-primary at .11, node2 gateway-backup at .12), with
     `settings` (gateway_uplink="up0", ...) on top."""
     db = Database.create(path)
     db.update("db import", "vrrp pair",
               lambda c: inventory.apply(c, inventory.load(EXAMPLE), str(EXAMPLE)))
     db.update("settings", f"vrrp every {interval} s", lambda c: changes.set_settings(
-        c, dataclasses.replace(c.settings, vrrp_interval=interval, **settings)))
+        c, dataclasses.replace(c.required_settings(), vrrp_interval=interval, **settings)))
     return db
 
 
@@ -165,7 +175,8 @@ class Speaker:
 
 
 class PairLab:
-    def __init__(self, netns: Netns, work: Path, interval: float, **settings: object):
+    def __init__(self, netns: Netns, work: Path, interval: float,
+                 **settings: Unpack[PairSettings]):
         self.netns = netns
         self.work = work
         self.interval = interval
@@ -199,16 +210,6 @@ class PairLab:
     def close(self) -> None:
         for speaker in self.speakers:
             speaker.kill()
-
-
-def wait_for(condition, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def start_probe(client: Namespace, mac: str, timeout: float) -> subprocess.Popen:
