@@ -28,6 +28,7 @@ import struct
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from virtualinux.vvcm import Cluster, VlxError
+from virtualinux.vvcm.model import Role
 
 from . import vrrp_wire as wire
 from .gateway_net import Gateway, run_hook
@@ -55,22 +56,8 @@ class _DropAll:
 _DROP_ALL = _DropAll()
 
 
-@dataclasses.dataclass(frozen=True)
-class HeartbeatOptions:
-    # "primary"/"backup": the role of a replica that is not a node of the pair (the lab).
-    role: str = ""
-    # 1-255: overrides the role's priority from the database.
-    priority: int = 0
-    # An executable run as `NOTIFY STATE` (master, backup, initialize) after each change.
-    notify: str = ""
-    # While this interface has no carrier, our priority is lower by track_weight (default:
-    # gateway_uplink when the cluster sets vrrp_track_uplink).
-    track_interface: str = ""
-    track_weight: int = 150
-    preempt: bool = True
-
-
-def router_config(cluster: Cluster, replica: Replica, options: HeartbeatOptions) -> Config:
+def router_config(cluster: Cluster, replica: Replica,
+                  options: HeartbeatService.Options) -> Config:
     """Who we are in the pair and what the pair holds, from the database and the options."""
     settings = cluster.settings
     if settings is None:
@@ -88,7 +75,8 @@ def router_config(cluster: Cluster, replica: Replica, options: HeartbeatOptions)
         priority = (settings.vrrp_priority_primary if role == "primary"
                     else settings.vrrp_priority_backup)
     else:
-        holders = {r: [n.name for n in cluster.nodes_with_role(f"gateway-{r}")] for r in ROLES}
+        holders = {r: [n.name for n in cluster.nodes_with_role(Role(f"gateway-{r}"))]
+                   for r in ROLES}
         pair = ", ".join(f"gateway-{r} {', '.join(names) or '(none)'}"
                          for r, names in holders.items())
         who = replica.node.name if replica.node else f"{replica.address} (not a node)"
@@ -102,12 +90,25 @@ def router_config(cluster: Cluster, replica: Replica, options: HeartbeatOptions)
 
 class HeartbeatService(Service):
     name = "heartbeat"
-    Options = HeartbeatOptions
 
-    def __init__(self, replica: Replica, cluster: Cluster,
-                 options: HeartbeatOptions | None = None):
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        # "primary"/"backup": the role of a replica that is not a node of the pair (the lab).
+        role: str = ""
+        # 1-255: overrides the role's priority from the database.
+        priority: int = 0
+        # An executable run as `NOTIFY STATE` (master, backup, initialize) after each change.
+        notify: str = ""
+        # While this interface has no carrier, our priority is lower by track_weight
+        # (default: gateway_uplink when the cluster sets vrrp_track_uplink).
+        track_interface: str = ""
+        track_weight: int = 150
+        preempt: bool = True
+
+    options: Options
+
+    def __init__(self, replica: Replica, cluster: Cluster, options: Options | None = None):
         super().__init__(replica, cluster, options)
-        self.options: HeartbeatOptions = options or HeartbeatOptions()
         if not 0 <= self.options.track_weight <= 254:
             raise VlxError(f"heartbeat: track_weight {self.options.track_weight} is not "
                            "between 0 and 254")
