@@ -99,14 +99,15 @@ def backup_vc(db: Database, name: str, directory: Path, live: bool = False,
             if volume.owner in active:
                 target = directory / f"{volume.name}.qcow2"
                 before = previous.get(volume.name)
-                backing = None
+                backing = since_checkpoint = None
                 if before and before.get("checkpoint"):
+                    since_checkpoint = before["checkpoint"]
                     backing = os.path.relpath(since / before["file"], directory)
                     run_qemu_img(["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing,
                                   "-F", "qcow2", str(target), str(volume.size)])
                 jobs.append(virt_backup.DiskJob(
                     vm=volume.owner, source=volume.path, target=str(target.resolve()),
-                    since=before["checkpoint"] if backing else None,
+                    since=since_checkpoint,
                     checkpoint=volume.backend == "qcow2"))
                 entries.append({**to_mapping(volume), "file": target.name,
                                 "image": "qcow2", "backing": backing})
@@ -302,8 +303,14 @@ def _renamed(vc: VirtualCluster, rows: list[Volume], placement: dict[str, str],
     except ValueError as err:
         raise VlxError(f"--cidr {cidr}: {err}") from None
     fresh_vc = dataclasses.replace(vc, name=name, vxlan=None, vlan=None, cidr=network)
-    fresh_rows = [dataclasses.replace(v, name=rename(v.name, v.owner), owner=vms[v.owner],
-                                      iqn=None, portal=None) for v in rows]
+    fresh_rows = []
+    for v in rows:
+        if v.owner is None or v.owner not in vms:
+            # Only a damaged manifest has one: the backup holds the disks of its VMs only.
+            raise VlxError(f"the backup's volume {v.name} belongs to no VM of it (owner "
+                           f"{v.owner!r}): the backup is damaged; nothing restored")
+        fresh_rows.append(dataclasses.replace(v, name=rename(v.name, v.owner),
+                                              owner=vms[v.owner], iqn=None, portal=None))
     fresh_disks = {vms[vm]: rename(volume, vm) for vm, volume in disks.items()}
     # Placed afresh: the original still holds its nodes' room.
     return fresh_vc, fresh_rows, None, fresh_disks

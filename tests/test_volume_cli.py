@@ -203,6 +203,29 @@ def test_qcow2_vc_backup_and_restore(cluster, pool, tmp_path, capsys):
     assert db.generation() == generation
 
 
+@pytest.mark.parametrize("owner", [None, "pink-1"])
+def test_renamed_restore_of_a_volume_of_no_vm_of_the_backup_is_refused(cluster, pool, tmp_path,
+                                                                       capsys, owner):
+    """A damaged manifest (a volume without owner, or owned by a VM the backup does not
+    hold) is one clear error, not a traceback, and nothing is restored."""
+    from virtualinux.storage import backup
+
+    db = Database(cluster)
+    assert vlx(capsys, "volume", "snapshot", "guest", "--for", "vc:tan")[0] == 0
+    backup.backup_vc(db, "tan", tmp_path / "b")
+    path = tmp_path / "b" / backup.MANIFEST
+    manifest = json.loads(path.read_text())
+    if owner is None:
+        del manifest["volumes"][0]["owner"]
+    else:
+        manifest["volumes"][0]["owner"] = owner
+    path.write_text(json.dumps(manifest))
+    generation, files = db.generation(), pool_files(pool)
+    with pytest.raises(backup.VlxError, match="belongs to no VM of it.*damaged"):
+        backup.restore_vc(db, tmp_path / "b", new_name="copy")
+    assert db.generation() == generation and pool_files(pool) == files
+
+
 def test_backup_refuses_a_non_empty_directory_and_a_missing_vc(cluster, tmp_path):
     from virtualinux.storage import backup
 
