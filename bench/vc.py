@@ -31,7 +31,7 @@ from virtualinux.vm_test.libvirtd import LabLibvirtd, lab_nodes
 from virtualinux.vm_test.netns import Netns
 from virtualinux.vvcm import changes
 from virtualinux.vvcm.db import Database
-from virtualinux.vvcm.model import Volume
+from virtualinux.vvcm.model import StorageBackend, Volume, VolumeKind
 from virtualinux.vvcm.virt import network
 from virtualinux.vvcm.virt.connect import silence_libvirt
 from virtualinux.vvcm.virt.domain import domain_xml
@@ -89,8 +89,9 @@ def loop_script(db: Database, vc: str, golden: str, pool: Path, daemons: dict[st
     lines = ["set -e"]
     for vm in cluster.vms_of(vc):
         disk = pool / f"{vm.name}.qcow2"
-        volume = Volume(name=f"{vm.name}-disk", kind="snapshot", backend="qcow2",
-                        path=str(disk), size=0, origin="guest", owner=vm.name)
+        volume = Volume(name=f"{vm.name}-disk", kind=VolumeKind.SNAPSHOT,
+                        backend=StorageBackend.QCOW2, path=str(disk), size=0, origin="guest",
+                        owner=vm.name)
         shaped = dataclasses.replace(
             cluster, volumes=cluster.volumes + (volume,),
             vms=tuple(dataclasses.replace(v, volume=volume.name) if v == vm else v
