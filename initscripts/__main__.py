@@ -5,12 +5,30 @@ failed (the others still ran), 2 when start-up could not begin."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from virtualinux.vvcm import Database, VlxError
+from virtualinux.vvcm import Cluster, Database, VlxError
+from virtualinux.vvcm.db import default_path
+from virtualinux.vvcm.replica_copy import ReplicaCopy
+from virtualinux.vvcm.store import parse_url
 
 from .startup import Boot, discover, node_from_cmdline, read_cmdline, run_steps
+
+
+def load_cluster(cmdline: tuple[str, ...]) -> Cluster:
+    """The database this node starts from. `vlx.store=` on the kernel command line (or
+    VLX_STORE) names a replicated store: a local copy of it is made (or, with the store
+    unreachable, the copy kept from the last boot is used) and read; else VLX_DB's file."""
+    store = next((arg.split("=", 1)[1] for arg in cmdline if arg.startswith("vlx.store=")),
+                 None) or os.environ.get("VLX_STORE")
+    if not store or not store.startswith("etcd://"):
+        return Database().load()
+    os.environ["VLX_STORE"] = store          # for the steps and what they start
+    local = default_path()
+    ReplicaCopy(Database(store=parse_url(store)), local).prepare()
+    return Database(local).load()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise VlxError(f"no start-up step {unknown[0]!r} "
                            f"(there are {', '.join(s.name for s in steps)})")
-        cluster = Database().load()
         cmdline = read_cmdline()
+        cluster = load_cluster(cmdline)
         node = cluster.node(args.node) if args.node else node_from_cmdline(cluster, cmdline)
     except VlxError as err:
         print(f"virtualinux: start-up cannot begin: {err}", file=sys.stderr)

@@ -126,6 +126,9 @@ def kernel_cmdline(cluster: Cluster, node: Node, kernel_args: Sequence[str]) -> 
     args.append(f"ip={node.ip}::{settings.gateway_vip}:{settings.cidr.netmask}:"
                 f"{check_token(node.name, 'node name')}:{BOOT_INTERFACE}:off")
     args.append(f"vlx.node={node.name}")
+    store = cluster.store_url()
+    if store is not None:
+        args.append(f"vlx.store={check_token(store, 'store URL')}")
     if volume is not None:
         address, port = _portal(volume)
         iqn = check_token(volume.iqn or "", f"iqn of volume {volume.name}")

@@ -12,8 +12,8 @@ import pytest
 from virtualinux.initscripts import startup
 from virtualinux.initscripts.__main__ import main as startup_main
 from virtualinux.initscripts.files import plain
-from virtualinux.initscripts.steps import bootsvc, chrony, identity, libvirtd
-from virtualinux.netboot import layout, render
+from virtualinux.initscripts.steps import bootsvc, chrony, database, identity, libvirtd
+from virtualinux.netboot import layout, render, scripts
 from virtualinux.vvcm import VlxError
 
 from .conftest import EXAMPLE, vlx
@@ -48,7 +48,8 @@ def boot_of(cluster, root: Path, node: str = "node2") -> startup.Boot:
 
 def test_steps_are_found_by_where_they_live_and_run_in_order():
     names = [(step.order, step.name) for step in startup.discover()]
-    assert names == [(10, "identity"), (20, "time"), (50, "bootsvc"), (60, "libvirtd")]
+    assert names == [(10, "identity"), (20, "time"), (30, "database"), (50, "bootsvc"),
+                     (60, "libvirtd")]
 
 
 def test_a_failing_step_skips_only_the_steps_that_need_it(cluster, tmp_path):
@@ -100,12 +101,12 @@ def test_running_every_step_twice_changes_nothing_the_second_time(cluster, tmp_p
     root = node_root(tmp_path)
     boot = boot_of(cluster, root)
     first = startup.run_steps(boot, startup.discover(), io.StringIO())
-    assert [o.state for o in first] == ["ok"] * 4, [o.message for o in first]
+    assert [o.state for o in first] == ["ok"] * 5, [o.message for o in first]
     written = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
     second = startup.run_steps(boot, startup.discover(), io.StringIO())
     assert all(o.state == "ok" for o in second)
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == written
-    assert "(unchanged)" in second[1].message and "(unchanged)" in second[2].message
+    assert "(unchanged)" in second[1].message and "(unchanged)" in second[3].message
 
 
 def test_chrony_serves_the_cluster_peers_a_few_nodes_and_has_an_orphan_stratum(cluster):
@@ -160,8 +161,8 @@ def test_start_up_command_runs_every_step_under_a_root(cluster, tmp_path, capsys
     assert startup_main(["--node", "node2", "--root", str(root)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("]")[0] for line in lines] == [
-        "virtualinux: [10 identity", "virtualinux: [20 time", "virtualinux: [50 bootsvc",
-        "virtualinux: [60 libvirtd"]
+        "virtualinux: [10 identity", "virtualinux: [20 time", "virtualinux: [30 database",
+        "virtualinux: [50 bootsvc", "virtualinux: [60 libvirtd"]
     assert startup_main(["--node", "node2", "--root", str(root), "--only", "nosuch"]) == 2
     assert "no start-up step 'nosuch'" in capsys.readouterr().err
 
@@ -182,3 +183,39 @@ def test_nodes_render_with_the_kernel_arguments_of_the_database(db, tmp_path, ca
         "lease_time = 3600", 'lease_time = 3600\nkernel_args = ["console=${x}"]'))
     code, _, err = vlx(capsys, "db", "import", "--replace", str(inventory))
     assert code == 2 and "kernel_args" in err and "cannot go on a kernel command line" in err
+
+
+def test_db_nodes_run_members_and_every_node_boots_with_the_store(db, tmp_path, capsys,
+                                                                  monkeypatch):
+    inventory = tmp_path / "cluster.toml"
+    inventory.write_text(EXAMPLE.read_text().replace(
+        'roles = ["gateway-primary", "storage"]', 'roles = ["gateway-primary", "storage", "db"]')
+        .replace('roles = ["gateway-backup", "storage"]',
+                 'roles = ["gateway-backup", "storage", "db"]'))
+    assert vlx(capsys, "db", "import", str(inventory))[0] == 0
+    cluster = db.load()
+    store = "etcd://198.18.0.11:2379,198.18.0.12:2379"
+    assert cluster.store_url() == store
+    assert scripts.kernel_cmdline(cluster, cluster.node("node3"), ()).endswith(
+        f" vlx.node=node3 vlx.store={store}")
+    monkeypatch.delenv("VLX_DB")
+    member, client = node_root(tmp_path, "n2"), node_root(tmp_path, "n3")
+    said = database.run(boot_of(cluster, member, "node2"))
+    assert said == f"etcd member node2 of 2 on 198.18.0.12, clients use {store}"
+    env = (member / "etc/default/virtualinux-etcd").read_text().splitlines()
+    assert env[1:] == ["VLX_ETCD_NAME=node2", "VLX_ETCD_LISTEN=198.18.0.12",
+                       "VLX_ETCD_INITIAL_CLUSTER=node1=http://198.18.0.11:2380,"
+                       "node2=http://198.18.0.12:2380",
+                       "VLX_ETCD_DATA_DIR=/var/lib/virtualinux/etcd/node2"]
+    assert database.run(boot_of(cluster, client, "node3")) == \
+        f"client of {store}, serving a local copy"
+    assert not (client / "etc/default/virtualinux-etcd").exists()
+    assert (client / "etc/default/virtualinux").read_text().splitlines()[1:] == [
+        f"VLX_STORE={store}", "VLX_DB=/var/lib/virtualinux/cluster.db"]
+
+
+def test_a_cluster_without_db_nodes_keeps_its_database_file(cluster, tmp_path):
+    assert cluster.store_url() is None
+    assert " vlx.store=" not in scripts.kernel_cmdline(cluster, cluster.node("node3"), ())
+    root = node_root(tmp_path)
+    assert database.run(boot_of(cluster, root)) == "database file"

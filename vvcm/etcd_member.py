@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import VlxError
-from .model import Settings
+from .model import STORE_CLIENT_PORT, Settings
 
 if TYPE_CHECKING:   # the etcd client is imported only when a store is opened
     from .store_etcd import EtcdStore
 
 DATA_ROOT = Path("/var/lib/virtualinux/etcd")
-CLIENT_PORT = 2379
+CLIENT_PORT = STORE_CLIENT_PORT
 PEER_PORT = 2380
 AUTO_COMPACTION = ("revision", "1000")    # keep the last 1,000 revisions of history
 QUOTA_BYTES = 8 * 1024**3

@@ -50,6 +50,9 @@ class Role(enum.StrEnum):
     METAMASTER = "metamaster"
     # When any node has it, only those nodes are DHCP replicas (bootsvc/balance.py).
     DHCP = "dhcp"
+    # An etcd member of the replicated store; with any, every node boots with the store's
+    # endpoints (vlx.store=) and serves from a local copy of it.
+    DB = "db"
 
 
 class VolumeKind(enum.StrEnum):
@@ -69,6 +72,7 @@ ROLES = tuple(Role)
 # The credential holding the replicated store's cluster CA (cluster_ca); not a DNS label, so
 # no node or VM can own it.
 STORE_CA_OWNER = "@store-ca"
+STORE_CLIENT_PORT = 2379    # etcd's client port on every member
 
 
 class Hypervisor(enum.StrEnum):
@@ -367,6 +371,14 @@ class Cluster:
 
     def nodes_with_role(self, role: Role) -> tuple[Node, ...]:
         return tuple(node for node in self.nodes if role in node.roles)
+
+    def store_url(self) -> str | None:
+        """`etcd://IP:2379,...` of the nodes with role db, or None when none has it (the
+        database is then a file, as in the lab)."""
+        members = self.nodes_with_role(Role.DB)
+        if not members:
+            return None
+        return "etcd://" + ",".join(f"{node.ip}:{STORE_CLIENT_PORT}" for node in members)
 
     def networks(self) -> Iterator[Network]:
         """The cluster network first, then one private network per VC."""
