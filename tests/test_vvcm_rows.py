@@ -19,7 +19,10 @@ def _node(i: int, **extra) -> dict:
 def test_rows_decode_as_from_mapping_does():
     rows = [(f"n{i}", _node(i)) for i in range(5)] + [("g", _node(9, roles=["gateway-primary"]))]
     decoded = fields.from_rows(Node, rows, "database node")
-    assert decoded == tuple(fields.from_mapping(Node, data, "x") for _, data in rows)
+    one_by_one = tuple(fields.from_mapping(Node, data, "x") for _, data in rows)
+    assert decoded == one_by_one
+    assert [hash(n) for n in decoded] == [hash(n) for n in one_by_one]
+    assert decoded[0].libvirt_uri is None and decoded[0].netns is None   # the defaults
     assert decoded[0].memory == 16384 and decoded[0].ip == ipaddress.IPv4Address("198.18.0.10")
     assert [str(role) for role in decoded[-1].roles] == ["gateway-primary"]
 

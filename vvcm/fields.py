@@ -93,13 +93,38 @@ def from_rows(cls: type, rows: Iterable[tuple[str, Any]], where: str) -> tuple[A
     required = frozenset(name for name, spec in settings if spec.default is REQUIRED)
     parsers = {name: spec.parse for name, spec in settings}
     memos: dict[str, dict[Any, Any]] = {name: {} for name in parsers}
+    make = _maker(cls)
     out = []
     for row_name, data in rows:
         values = _parse_row(data, known, required, parsers, memos)
         # A row with anything wrong goes through from_mapping, which says what.
-        out.append(cls(**values) if values is not None
+        out.append(make(values) if values is not None
                    else from_mapping(cls, data, f"{where} {row_name}"))
     return tuple(out)
+
+
+@functools.cache
+def _maker(cls: type) -> Callable[[dict[str, Any]], Any]:
+    """What builds a `cls` from parsed values for from_rows.
+
+    A frozen dataclass's __init__ sets each field through object.__setattr__: 1.7 us for a
+    Node against 0.85 us for filling the instance's __dict__ directly, 20,000 times per load.
+    That is the same object (fields, defaults, ==, hash), so it is done where nothing else
+    runs at construction (no __post_init__, no default_factory, no slots); otherwise __init__."""
+    fields = dataclasses.fields(cls)
+    if hasattr(cls, "__post_init__") or hasattr(cls, "__slots__") or any(
+            not f.init or f.default_factory is not dataclasses.MISSING for f in fields):
+        return lambda values: cls(**values)
+    defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+    new = object.__new__
+
+    def make(values: dict[str, Any]) -> Any:
+        obj: Any = new(cls)
+        state = obj.__dict__
+        state.update(defaults)
+        state.update(values)
+        return obj
+    return make
 
 
 def _parse_row(data: Any, known: frozenset[str], required: frozenset[str],
