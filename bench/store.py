@@ -129,6 +129,10 @@ def report(results: dict, writes: int, import_nodes: int) -> None:
           f"{results['writes_per_s']:.0f} writes/s  ({writes} single-node changes)")
     print(f"                   ratio to etcd put: {ratio:.2f}x "
           f"(goal <= {GOAL_RATIO:g}x: {'met' if ratio <= GOAL_RATIO else 'MISSED'})")
+    print("replicas simulated as R ReplicaCopy objects in this one process, each with its own "
+          "etcd client, watch, thread and local SQLite file: each fetches, decodes and "
+          "fsync-writes the generation itself, all under one GIL (real ones have a machine "
+          "each)")
     for count, (median, slowest) in results["visible"].items():
         shown = f"median {median * 1000:.0f} ms, all {slowest * 1000:.0f} ms" if slowest \
             else "NOT all within 60 s"

@@ -12,7 +12,8 @@ import dataclasses
 import functools
 import ipaddress
 import re
-from collections.abc import Callable, Iterator, Mapping
+import socket
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from .errors import VlxError
@@ -74,6 +75,89 @@ def from_mapping(cls: type, data: Mapping[str, Any], where: str,
         except (ValueError, TypeError) as err:
             raise VlxError(f"{name} = {data[name]!r}: {err}", where) from None
     return cls(**values)
+
+
+def from_rows(cls: type, rows: Iterable[tuple[str, Any]], where: str) -> tuple[Any, ...]:
+    """Many `cls` from (name, data) pairs, as from_mapping would make them one by one (same
+    checks; on any fault from_mapping itself raises, so the error is the same), placed at
+    `where NAME`: the rows of a database.
+
+    Why: every change to a 10,000-node database decodes its 20,000 rows, and most values
+    repeat (cpus = 8, memory = "16GiB", kind = "snapshot", the portal): each distinct value of
+    a key is parsed once per call. The parsers are pure and return immutable values, so the
+    result can be shared. Only str and int (not bool) values and lists of str (as tuples:
+    JSON gives no tuples) are remembered: those never compare equal to one another, while 1,
+    1.0 and True do and do not parse alike."""
+    settings = _settings(cls)
+    known = _known(cls)
+    required = frozenset(name for name, spec in settings if spec.default is REQUIRED)
+    parsers = {name: spec.parse for name, spec in settings}
+    memos: dict[str, dict[Any, Any]] = {name: {} for name in parsers}
+    make = _maker(cls)
+    out = []
+    for row_name, data in rows:
+        values = _parse_row(data, known, required, parsers, memos)
+        # A row with anything wrong goes through from_mapping, which says what.
+        out.append(make(values) if values is not None
+                   else from_mapping(cls, data, f"{where} {row_name}"))
+    return tuple(out)
+
+
+@functools.cache
+def _maker(cls: type) -> Callable[[dict[str, Any]], Any]:
+    """What builds a `cls` from parsed values for from_rows.
+
+    A frozen dataclass's __init__ sets each field through object.__setattr__: 1.7 us for a
+    Node against 0.85 us for filling the instance's __dict__ directly, 20,000 times per load.
+    That is the same object (fields, defaults, ==, hash), so it is done where nothing else
+    runs at construction (no __post_init__, no default_factory, no slots); otherwise __init__."""
+    fields = dataclasses.fields(cls)
+    if hasattr(cls, "__post_init__") or hasattr(cls, "__slots__") or any(
+            not f.init or f.default_factory is not dataclasses.MISSING for f in fields):
+        return lambda values: cls(**values)
+    defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+    new = object.__new__
+
+    def make(values: dict[str, Any]) -> Any:
+        obj: Any = new(cls)
+        state = obj.__dict__
+        state.update(defaults)
+        state.update(values)
+        return obj
+    return make
+
+
+def _parse_row(data: Any, known: frozenset[str], required: frozenset[str],
+               parsers: dict[str, Callable[[Any], Any]],
+               memos: dict[str, dict[Any, Any]]) -> dict[str, Any] | None:
+    """The parsed values of one row of from_rows, or None if anything is wrong with it."""
+    # type() first: the isinstance of an ABC costs more than a whole memo hit.
+    if not (type(data) is dict or isinstance(data, Mapping)) or not data.keys() <= known or \
+            not required <= data.keys():
+        return None
+    values = {}
+    for name, value in data.items():
+        if value is None:
+            if name in required:
+                return None
+            continue
+        kind = type(value)
+        key = value if kind is str or kind is int else (
+            tuple(value) if kind is list and all(type(v) is str for v in value) else None)
+        if key is not None:
+            memo = memos[name]
+            if key not in memo:
+                try:
+                    memo[key] = parsers[name](value)
+                except (ValueError, TypeError):
+                    return None
+            values[name] = memo[key]
+        else:
+            try:
+                values[name] = parsers[name](value)
+            except (ValueError, TypeError):
+                return None
+    return values
 
 
 def to_mapping(obj: object, skip_defaults: bool = False) -> dict[str, Any]:
@@ -152,6 +236,14 @@ def parse_mac(value: Any) -> str:
 
 
 def parse_ipv4(value: Any) -> ipaddress.IPv4Address:
+    if type(value) is str:
+        # inet_pton takes exactly what ipaddress takes (four decimal octets, none above 255,
+        # no leading zeros) at a tenth of its cost, which counts for 10,000 nodes per load;
+        # anything else goes the slow way below, for ipaddress's own error message.
+        try:
+            return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, value))
+        except OSError:
+            pass
     if not isinstance(value, str | ipaddress.IPv4Address):
         raise ValueError("not an IPv4 address")
     try:

@@ -77,10 +77,11 @@ class ReplicaCopy:
 
     def sync_once(self, force: bool = False) -> bool:
         """Copy the store's generation if it is newer than ours; True if a copy was written."""
-        found = self.store.head_revision()
+        found = self.store.read_head()
         if found is None:
             raise VlxError(f"{self.store.name} holds no virtualinux database")
-        generation, revision = found
+        head, revision = found
+        generation = int(head["generation"])
         self.revision = revision
         self._reachable()
         if generation < self.generation:
@@ -90,7 +91,7 @@ class ReplicaCopy:
             return False
         if generation == self.generation and not force:
             return False
-        cluster = self.store.load()
+        cluster = self.store.load_head(head, revision)
         if cluster.generation < self.generation:
             return False
         write_copy(self.path, cluster, self.store.changes(KEEP_CHANGES))

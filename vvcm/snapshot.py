@@ -15,7 +15,7 @@ import zlib
 from typing import Any
 
 from .errors import VlxError
-from .fields import from_mapping, to_mapping
+from .fields import from_mapping, from_rows, to_mapping
 from .model import VM, Change, Cluster, Credential, Node, Settings, VirtualCluster, Volume
 from .store import SCHEMA_VERSION
 
@@ -49,16 +49,20 @@ def decode(blob: bytes, where: str) -> Cluster:
         return Cluster(
             generation=int(data["generation"]),
             settings=settings,
-            nodes=tuple(from_mapping(Node, item, f"{where} node") for item in data["nodes"]),
-            vcs=tuple(from_mapping(VirtualCluster, item, f"{where} vc")
-                      for item in data["vcs"]),
+            nodes=from_rows(Node, _named(data["nodes"]), f"{where} node"),
+            vcs=from_rows(VirtualCluster, _named(data["vcs"]), f"{where} vc"),
             vms=tuple(VM(name, vc, int(index), node, mac, ipaddress.IPv4Address(ip), volume)
                       for name, vc, index, node, mac, ip, volume in data["vms"]),
-            volumes=tuple(from_mapping(Volume, item, f"{where} volume")
-                          for item in data["volumes"]),
+            volumes=from_rows(Volume, _named(data["volumes"]), f"{where} volume"),
             credentials=tuple(Credential(*row) for row in data["credentials"]))
     except (KeyError, TypeError, ValueError) as err:
         raise VlxError(f"a snapshot with a broken field ({err!r})", where) from None
+
+
+def _named(items: list) -> list[tuple[str, Any]]:
+    """(name, item) pairs for from_rows, which names the entry in an error."""
+    return [(str(item.get("name", "?")) if isinstance(item, dict) else "?", item)
+            for item in items]
 
 
 def encode_change(change: Change) -> bytes:

@@ -162,11 +162,14 @@ class EtcdStore:
 
     # Reading
 
-    def head_revision(self) -> tuple[int, int] | None:
-        """(generation, mod revision of head), or None without a database: one small read,
-        what a replica polls."""
-        found = self._head_or_none()
-        return None if found is None else (int(found[0]["generation"]), found[1])
+    def read_head(self) -> tuple[dict[str, Any], int] | None:
+        """(head, its mod revision), or None without a database: one small read, what a
+        replica polls; when it is newer, `load_head` fetches that very generation without
+        reading head again (one round trip fewer per replica and generation)."""
+        return self._head_or_none()
+
+    def load_head(self, head: dict[str, Any], revision: int) -> Cluster:
+        return self._cluster(head, revision)
 
     def watch_head(self, callback: Callable[[], None],
                    after_revision: int) -> Callable[[], None] | None:
