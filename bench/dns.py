@@ -39,7 +39,7 @@ from pathlib import Path
 from virtualinux.vm_test.netns import Namespace, Netns
 from virtualinux.vvcm import changes
 
-from .common import ours_command, settings_of
+from .common import CLIENT_CPU, SERVER_CPU, ours_command, pinned, settings_of
 from .dhcp import cluster_database, cpu_seconds, node_ip, peak_rss_kib
 
 CLIENT = "198.18.0.200"
@@ -48,7 +48,6 @@ UPSTREAM = "198.18.0.210"
 PREFIX = 18                      # bench.dhcp's CIDR: room for the node addresses
 EXTERNAL_NAMES = 1000
 RATE_STEPS = (2000, 5000, 10000, 15000, 20000, 30000, 40000, 60000, 80000, 120000, 160000)
-SERVER_CPU, CLIENT_CPU = "1", "0"
 # A step counts only if the server kept up: no query lost and dnsperf completed at least this
 # share of the asked rate (a server with a big receive buffer otherwise "loses" nothing while
 # its latency grows to tens of milliseconds).
@@ -87,9 +86,9 @@ _FIELDS = {"sent": re.compile(r"Queries sent:\s+(\d+)"),
 
 def dnsperf(client: Namespace, server: str, queries: Path, rate: int, seconds: float,
             runs: int | None = None) -> Run:
-    cmd = ["taskset", "-c", CLIENT_CPU, *client.prefix(
+    cmd = pinned(CLIENT_CPU, client.prefix(
         ["dnsperf", "-s", server, "-d", str(queries), "-t", "1", "-q", "500", "-c", "4",
-         "-Q", str(rate), *(["-n", str(runs)] if runs else ["-l", str(seconds)])])]
+         "-Q", str(rate), *(["-n", str(runs)] if runs else ["-l", str(seconds)])]))
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30).stdout
     found = {key: match.group(1) for key, pattern in _FIELDS.items()
              if (match := pattern.search(out)) is not None}
@@ -119,13 +118,13 @@ def start_servers(netns: Netns, hub: Namespace, bridge: str, work: Path, count: 
         netns.plug(hub, bridge, ns, address=f"{address}/{PREFIX}")
         return ns
 
-    def pinned(ns: Namespace, cmd: list[str], log: str) -> subprocess.Popen:
+    def start_pinned(ns: Namespace, cmd: list[str], log: str) -> subprocess.Popen:
         # taskset and nsenter exec what follows, so the pid is the server's own.
-        return subprocess.Popen(["taskset", "-c", SERVER_CPU, *ns.prefix(cmd)],
+        return subprocess.Popen(pinned(SERVER_CPU, ns.prefix(cmd)),
                                 stdout=(work / log).open("w"), stderr=subprocess.STDOUT)
 
     upstream = namespace("up", UPSTREAM)
-    upstream_process = pinned(upstream, [
+    upstream_process = start_pinned(upstream, [
         "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
         "--user=root", "--pid-file", f"--listen-address={UPSTREAM}", "--bind-interfaces",
         "--address=/example.test/198.51.100.10", "--local-ttl=3600"], "upstream.log")
@@ -148,7 +147,7 @@ def start_servers(netns: Netns, hub: Namespace, bridge: str, work: Path, count: 
     try:
         for name, cmd in commands.items():
             ns = namespace(name, SERVERS[name])
-            servers.append(Server(name, SERVERS[name], pinned(ns, cmd, f"{name}.log")))
+            servers.append(Server(name, SERVERS[name], start_pinned(ns, cmd, f"{name}.log")))
         servers.append(Server("upstream", UPSTREAM, upstream_process))
         client = hub
         deadline = time.monotonic() + 60

@@ -43,6 +43,7 @@ from virtualinux.bootsvc.dhcp import Responder
 from virtualinux.bootsvc.service import Replica
 from virtualinux.bootsvc.status import STATUS_FILE, read_status
 from virtualinux.vm_test.netns import Netns
+from virtualinux.vm_test.wait import wait_for
 from virtualinux.vvcm import Database, Node, Settings
 from virtualinux.vvcm.changes import validated
 from virtualinux.vvcm.model import Role
@@ -165,14 +166,6 @@ def _counters(state: Path) -> dict[str, int]:
     return read_status(state).counters("dhcp")
 
 
-def _wait(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 def storm(work: Path, replicas: int, clients: int, rate: int, k: int, dead: float,
           retry: float, log=print) -> list[Run]:
     db = storm_database(work / "storm.db", replicas, clients, k=0)
@@ -197,12 +190,12 @@ def storm(work: Path, replicas: int, clients: int, rate: int, k: int, dead: floa
                      "--poll", "0.2"], stdout=(work / f"r{i + 1}.log").open("w"),
                     stderr=subprocess.STDOUT))
                 states.append(state)
-            _wait(lambda: all((s / STATUS_FILE).exists() for s in states), 60,
+            wait_for(lambda: all((s / STATUS_FILE).exists() for s in states), 60,
                   "the replicas to start")
             for answering in (0, k):
                 generation = set_answering(db, answering) if answering else db.generation()
-                _wait(lambda g=generation: all(read_status(s).generation >= g for s in states),
-                      30, "the replicas to reload")
+                wait_for(lambda g=generation: all(read_status(s).generation >= g
+                                                  for s in states), 30, "the replicas to reload")
                 runs.append(_one_run(client, processes, states, work, answering, clients,
                                      rate, retry, log))
             # Replicas down (powered off, crashed): the rest still serve every client.
@@ -240,7 +233,7 @@ def _one_run(client, processes, states, work: Path, k: int, clients: int, rate: 
                                                 "DHCPDISCOVER")) + clients
                    for (_, s), b in zip(live, before, strict=True))
     try:
-        _wait(settled, 10, "every replica to count the storm")
+        wait_for(settled, 10, "every replica to count the storm")
     except RuntimeError:
         log("    (a replica missed some requests: its receive queue overflowed)")
     time.sleep(0.5)   # one more status write, so the counters are the final ones

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from virtualinux.vm_test.netns import Namespace, Netns
 from virtualinux.vm_test.wait import wait_for
+from virtualinux.vvcm.model import STORE_CLIENT_PORT
 
 VLX = [sys.executable, "-c", "import sys; from virtualinux.vvcm.cli import main; sys.exit(main())"]
 HEARTBEAT_MS = 250
@@ -33,7 +34,7 @@ class Member:
 
     @property
     def endpoint(self) -> str:
-        return f"{self.address}:2379"
+        return f"{self.address}:{STORE_CLIENT_PORT}"
 
 
 class Lab:
