@@ -46,9 +46,10 @@ from virtualinux.vm_test.netns import Netns
 from virtualinux.vm_test.wait import wait_for
 from virtualinux.vvcm import Database, Node, Settings
 from virtualinux.vvcm.changes import validated
+from virtualinux.vvcm.command import vlx_command
 from virtualinux.vvcm.model import Role
 
-VLX = [sys.executable, "-c", "import sys; from virtualinux.vvcm.cli import main; sys.exit(main())"]
+VLX = vlx_command()
 FIRST_REPLICA = ipaddress.IPv4Address("198.18.48.1")   # clients use 198.18.1.1 up
 MAX_REPLICAS = 100
 MAX_CLIENTS = 10000

@@ -30,6 +30,7 @@ from virtualinux.image.tiny import build_tiny
 from virtualinux.vm_test.libvirtd import LabLibvirtd, lab_nodes
 from virtualinux.vm_test.netns import Netns
 from virtualinux.vvcm import changes
+from virtualinux.vvcm.command import vlx_command
 from virtualinux.vvcm.db import Database
 from virtualinux.vvcm.model import StorageBackend, Volume, VolumeKind
 from virtualinux.vvcm.virt import network
@@ -42,10 +43,7 @@ MEMORY = "96MiB"
 
 
 def vlx(db: Path, *argv: str, out: list[str] | None = None) -> float:
-    script = Path(sys.executable).with_name("vlx")
-    cmd = ([str(script)] if script.exists() else [
-        sys.executable, "-c", "from virtualinux.vvcm.cli import main; import sys; "
-        "sys.exit(main())"]) + ["--db", str(db)]
+    cmd = vlx_command("--db", str(db))
     start = time.perf_counter()
     result = subprocess.run(cmd + list(argv), capture_output=True, text=True)
     elapsed = time.perf_counter() - start

@@ -11,14 +11,14 @@ from __future__ import annotations
 import dataclasses
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 from virtualinux.vm_test.netns import Namespace, Netns
 from virtualinux.vm_test.wait import wait_for
+from virtualinux.vvcm.command import vlx_command
 from virtualinux.vvcm.model import STORE_CLIENT_PORT
 
-VLX = [sys.executable, "-c", "import sys; from virtualinux.vvcm.cli import main; sys.exit(main())"]
+VLX = vlx_command()
 HEARTBEAT_MS = 250
 ELECTION_MS = 2500
 

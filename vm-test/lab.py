@@ -27,7 +27,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 
 from virtualinux.bootsvc.status import read_status, wait_running
 from virtualinux.vvcm import Cluster, Database, VlxError
+from virtualinux.vvcm.command import vlx_command
 
 from . import qemu, uplink
 from .netns import NETNS_DIR, Namespace, Netns, remove_namespace
@@ -44,8 +44,7 @@ from .state import LabRecord, StateError, process_start_time, same_process
 
 REPLICA_SERVICES = ("dhcp", "tftp", "http", "ra")   # ra: ends iPXE's IPv6 wait (LAB.md)
 # `vlx` of this very interpreter (a venv's or the system's), whatever is first on PATH.
-VLX = (sys.executable, "-c", "import sys; from virtualinux.vvcm.cli import main; "
-       "sys.exit(main())")
+VLX = vlx_command()
 REPLICA_START_TIMEOUT = 30.0
 STOP_GRACE = 5.0
 # A unix socket path longer than this does not fit in sockaddr_un.

@@ -30,6 +30,7 @@ from typing import TypedDict, Unpack
 
 from virtualinux.bootsvc.status import STATUS_FILE, read_status
 from virtualinux.vvcm import Database, VlxError, changes, inventory
+from virtualinux.vvcm.command import vlx_command
 
 from .netns import Namespace, Netns
 from .wait import wait_for
@@ -39,7 +40,7 @@ PRIMARY, BACKUP, CLIENT = "198.18.0.11", "198.18.0.12", "198.18.0.200"
 MACS = {PRIMARY: "52:54:00:00:00:11", BACKUP: "52:54:00:00:00:12"}
 VRID = 51
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cluster.toml"
-VLX = [sys.executable, "-c", "import sys; from virtualinux.vvcm.cli import main; sys.exit(main())"]
+VLX = vlx_command()
 
 
 class PairSettings(TypedDict, total=False):
