@@ -1,8 +1,15 @@
 """The DHCP service: answers computed from (database generation, request) alone.
 
-`served_networks(cluster)` says which networks a replica answers for and who is on them (today
-the cluster network and its nodes; VC networks, served on their own bridges, would add entries
-here). A `Responder` holds one generation's answers for one replica: each host's OFFER/ACK
+`served_networks(cluster)` says which networks a replica answers for and who is on them: the
+cluster network with its nodes, on the replica's interface and from relays; and every VC's
+network with its VMs, each on the VC's bridge (`vlxbrID`) only, where the server is the VC's
+service address (vvcm.virt.network.service_address, the same on every node hosting the VC;
+the bridge is local to each, so it acts like an anycast gateway and every hosting node answers
+a VM the same). A VM gets its address, the service address as DNS server, and the VC's domain
+(`VC.DOMAIN`, also as search list, option 119) so VMs find each other by short name; no router
+(a VC is private) and no boot file. A datagram is answered from the network of the interface it
+arrived on: a MAC known on another network (a VM of VC green on tan's bridge or on the cluster
+network, a node on a VC bridge) is counted as `ignored_wrong_network` and logged once. A `Responder` holds one generation's answers for one replica: each host's OFFER/ACK
 (per boot file) is built by `dhcp_wire.encode` the first time it is asked for and kept for the
 generation, which also keeps a reload of a 10,000-node cluster quick; the hot path parses a few
 fields, patches xid, flags, ciaddr, giaddr and chaddr into a copy, and appends option 82 if a
@@ -11,8 +18,13 @@ relay sent one. Which replicas answer a client's broadcast at all is `balance`'s
 answer unless the cluster has a `discovery_pool`: then each gets the pool address its MAC
 hashes to (the same on every replica, no lease state) and is remembered in `discovered` for
 the metamaster to adopt.
-`DhcpService` binds UDP 67 on the replica's interface and feeds datagrams to the responder.
-Imports the model, `netboot.layout`, `balance` and `dhcp_wire`.
+`DhcpService` binds UDP 67 on the replica's interface, and one more socket per VC bridge here
+(`vc_links` follows them through netlink), each with SO_BINDTODEVICE: the arriving interface
+is the socket's, a broadcast reply leaves by it without per-packet control messages, and each
+network has its own receive buffer, so a VM flooding its bridge cannot crowd out the nodes'
+boots on the cluster network (one socket with IP_PKTINFO would share one buffer and receive on
+interfaces we do not serve).
+Imports the model, `netboot.layout`, `balance`, `dhcp_wire` and `vc_links`.
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ from . import balance
 from . import dhcp_wire as wire
 from .service import Replica, Service, check_port
 from .status import Status
+from .vc_links import LinkFollower, Present, served_here, vc_interfaces
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +68,9 @@ MAX_DATAGRAM = 65535
 # The key of details() under which the discovery pool's answers are reported.
 DISCOVERED = "discovered"
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)   # Linux; Python names it from 3.12
+OPT_DOMAIN_SEARCH = 119         # RFC 3397
+# The key of details() listing the VC bridges served here.
+VC_INTERFACES = "vc_interfaces"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,12 +87,16 @@ class Network:
 
     name: str
     cidr: ipaddress.IPv4Network
-    router: ipaddress.IPv4Address
+    router: ipaddress.IPv4Address | None
     ntp: tuple[ipaddress.IPv4Address, ...]
     domain: str
     lease_time: int
     hosts: dict[bytes, Host]   # by MAC
     pool: tuple[ipaddress.IPv4Address, int] | None = None   # first address, size
+    # A VC network: the bridge it is served on only, and the server's address there (the
+    # cluster network: None, the replica's interface and address).
+    interface: str | None = None
+    server: ipaddress.IPv4Address | None = None
 
     def pool_host(self, mac: bytes) -> Host | None:
         """The host an unknown MAC is while the metamaster learns it: the pool address its
@@ -95,7 +115,7 @@ class Network:
 
 
 def served_networks(cluster: Cluster) -> tuple[Network, ...]:
-    """The cluster network with its nodes. VMs live on VC networks and are not served here."""
+    """The cluster network with its nodes, then each VC's network with its VMs."""
     settings = cluster.settings
     if settings is None:
         return ()
@@ -108,9 +128,30 @@ def served_networks(cluster: Cluster) -> tuple[Network, ...]:
     if settings.discovery_pool is not None:
         first, last = settings.discovery_pool
         pool = (first, int(last) - int(first) + 1)
-    return (Network(name="cluster", cidr=settings.cidr, router=settings.gateway_vip,
-                    ntp=settings.ntp_servers, domain=settings.domain,
-                    lease_time=settings.lease_time, hosts=hosts, pool=pool),)
+    networks = [Network(name="cluster", cidr=settings.cidr, router=settings.gateway_vip,
+                        ntp=settings.ntp_servers, domain=settings.domain,
+                        lease_time=settings.lease_time, hosts=hosts, pool=pool)]
+    for bridge, served in vc_interfaces(cluster).items():
+        server = served.address.ip
+        vms = cluster.vms_of(served.vc)
+        if any(vm.ip == server for vm in vms):
+            continue    # a VC that fills its network leaves no address to serve it from
+        vm_hosts = {}
+        for vm in vms:
+            mac = wire.parse_mac(vm.mac)
+            vm_hosts[mac] = Host(mac, vm.ip, vm.name, (server,))
+        networks.append(Network(name=f"vc {served.vc}", cidr=served.address.network,
+                                router=None, ntp=(), domain=cluster.fqdn(served.vc),
+                                lease_time=settings.lease_time, hosts=vm_hosts,
+                                interface=bridge, server=server))
+    return tuple(networks)
+
+
+def domain_search(*domains: str) -> bytes:
+    """Option 119's value (RFC 3397): the names in DNS wire form, uncompressed."""
+    return b"".join(b"".join(bytes((len(label),)) + label.encode()
+                             for label in domain.split(".") if label) + b"\0"
+                    for domain in domains)
 
 
 def dns_servers(nodes: tuple[Node, ...], index: int) -> tuple[ipaddress.IPv4Address, ...]:
@@ -140,10 +181,16 @@ class Responder:
         self.log_events = log_events
         self.server_id = replica.address.packed
         self.networks = served_networks(cluster)
-        self.local = next((net for net in self.networks if replica.address in net.cidr), None)
+        self.local = next((net for net in self.networks
+                           if net.interface is None and replica.address in net.cidr), None)
+        self.by_interface = {net.interface: net for net in self.networks if net.interface}
+        # Where each known MAC belongs, to say why one asking on another network is ignored.
+        self._home = {mac: net.name for net in self.networks for mac in net.hosts}
+        # Only the cluster network is balanced: a VC's broadcasts reach just its hosting
+        # nodes, and they answer the same.
         self.balancer: balance.Balancer | None = balance.for_replica(
             cluster, replica.node.name if replica.node else None,
-            (mac for net in self.networks for mac in net.hosts),
+            (mac for net in self.networks if net.interface is None for mac in net.hosts),
             previous.balancer if previous else None, transactions)
         scheme = "http" if "http" in replica.services else "tftp"
         self.ipxe_url = f"{scheme}://{replica.address}/{layout.IPXE_SCRIPT}"
@@ -151,24 +198,36 @@ class Responder:
         self._templates: dict[tuple[bytes, int, str | None], tuple[bytes, bytes]] = {}
         self._relay_networks: dict[bytes, Network | None] = {}
         self._unknown_logged: set[bytes] = set()
+        self._wrong_logged: set[tuple[bytes, str]] = set()
 
     @property
     def cached_answers(self) -> int:
         """How many encoded answers are kept for reuse (only known hosts get one)."""
         return len(self._templates)
 
-    def respond(self, data: bytes) -> Reply | None:
-        """The answer to one datagram, or None; raises `wire.MalformedPacket` for garbage."""
+    def respond(self, data: bytes, interface: str | None = None) -> Reply | None:
+        """The answer to one datagram that arrived on `interface` (None: the replica's own),
+        or None; raises `wire.MalformedPacket` for garbage."""
         request = wire.parse_request(data)
         kind = request.message_type
         self.counters[wire.MESSAGE_TYPE_NAMES[kind]] += 1
-        network = self._network(request.giaddr)
+        if interface is None:
+            network = self._network(request.giaddr)
+        elif request.giaddr != ZERO:
+            self.counters["ignored_relayed_on_vc_network"] += 1   # VC networks have no relays
+            return None
+        else:
+            network = self.by_interface.get(interface)
         if network is None:
             self.counters["ignored_no_network"] += 1
             return None
         host = network.hosts.get(request.mac)
         cache = True
         if host is None:
+            home = self._home.get(request.mac)
+            if home is not None:
+                self._wrong_network(request, network, home)
+                return None
             host = network.pool_host(request.mac)
             if host is None:
                 self._unknown(request)
@@ -179,7 +238,8 @@ class Responder:
         # is answered by the replicas its hash picks. A relayed request, a REQUEST naming a
         # server (decided below) and a client that has an address (renewing, rebinding,
         # INFORM) are answered as without balancing.
-        if (self.balancer is not None and request.giaddr == ZERO and request.ciaddr == ZERO
+        if (self.balancer is not None and network.interface is None
+                and request.giaddr == ZERO and request.ciaddr == ZERO
                 and request.server_id is None
                 and (kind == wire.DISCOVER or kind == wire.REQUEST)
                 and not self.balancer.decide(balance.client_key(request.mac, request.client_id),
@@ -206,7 +266,7 @@ class Responder:
                  cache: bool = True) -> Reply | None:
         mine = host.ip.packed
         if request.server_id is not None:                       # SELECTING
-            if request.server_id != self.server_id:
+            if request.server_id != self._server_id(network):
                 self.counters["ignored_other_server"] += 1
                 return None
             wanted = request.requested_ip
@@ -220,12 +280,12 @@ class Responder:
             self.counters["ignored_request_without_address"] += 1
             return None
         if wanted != mine:
-            return self._nak(request, host, wanted)
+            return self._nak(request, network, host, wanted)
         return self._answer(request, network, host, wire.ACK, cache)
 
     def _answer(self, request: wire.Request, network: Network, host: Host,
                 kind: int, cache: bool = True) -> Reply:
-        bootfile = self._bootfile(request)
+        bootfile = self._bootfile(request) if network.interface is None else None
         key = (request.mac, kind, bootfile)
         template = self._templates.get(key)
         if template is None:
@@ -253,9 +313,10 @@ class Responder:
             self._event(name, request, host, logging.INFO)
         return Reply(bytes(packet), *self._destination(request, nak=False))
 
-    def _nak(self, request: wire.Request, host: Host, wanted: bytes) -> Reply:
+    def _nak(self, request: wire.Request, network: Network, host: Host,
+             wanted: bytes) -> Reply:
         options = [(wire.OPT_MESSAGE_TYPE, bytes([wire.NAK])),
-                   (wire.OPT_SERVER_ID, self.server_id)]
+                   (wire.OPT_SERVER_ID, self._server_id(network))]
         flags = int.from_bytes(request.flags, "big")
         if request.giaddr != ZERO:
             flags |= wire.BROADCAST_FLAG   # RFC 2131 4.3.2: the relay broadcasts a NAK
@@ -297,19 +358,22 @@ class Responder:
         """One host's answer, without xid and the other per-request fields (patched later)."""
         options: list[tuple[int, bytes]] = [
             (wire.OPT_MESSAGE_TYPE, bytes([wire.ACK if kind == wire.INFORM else kind])),
-            (wire.OPT_SERVER_ID, self.server_id)]
+            (wire.OPT_SERVER_ID, self._server_id(network))]
         if kind != wire.INFORM:   # RFC 2131 4.3.5: no lease times in an answer to INFORM
             lease = network.lease_time
             options += [(wire.OPT_LEASE_TIME, wire.u32(lease)),
                         (wire.OPT_RENEWAL_TIME, wire.u32(lease // 2)),
                         (wire.OPT_REBINDING_TIME, wire.u32(lease * 7 // 8))]
         options += [(wire.OPT_SUBNET_MASK, network.cidr.netmask.packed),
-                    (wire.OPT_BROADCAST, network.cidr.broadcast_address.packed),
-                    (wire.OPT_ROUTER, network.router.packed)]
+                    (wire.OPT_BROADCAST, network.cidr.broadcast_address.packed)]
+        if network.router is not None:
+            options.append((wire.OPT_ROUTER, network.router.packed))
         if host.dns:
             options.append((wire.OPT_DNS, wire.addresses(host.dns)))
         options += [(wire.OPT_DOMAIN_NAME, network.domain.encode()),
                     (wire.OPT_HOST_NAME, host.name.encode())]
+        if network.interface is not None:   # VMs look up each other by short name
+            options.append((OPT_DOMAIN_SEARCH, domain_search(network.domain)))
         if network.ntp:
             options.append((wire.OPT_NTP, wire.addresses(network.ntp)))
         siaddr = ipaddress.IPv4Address(0)
@@ -325,6 +389,9 @@ class Responder:
         prefix = packet[:-1]   # without OPT_END: option 82 goes before it
         return prefix, packet[-1:].ljust(wire.MIN_REPLY_LEN - len(prefix), b"\0")
 
+    def _server_id(self, network: Network) -> bytes:
+        return network.server.packed if network.server is not None else self.server_id
+
     def _network(self, giaddr: bytes) -> Network | None:
         if giaddr == ZERO:
             return self.local
@@ -332,8 +399,18 @@ class Responder:
             if len(self._relay_networks) >= LOG_ONCE_LIMIT:
                 self._relay_networks.clear()
             self._relay_networks[giaddr] = next(
-                (net for net in self.networks if net.contains(giaddr)), None)
+                (net for net in self.networks if net.interface is None and net.contains(giaddr)),
+                None)
         return self._relay_networks[giaddr]
+
+    def _wrong_network(self, request: wire.Request, network: Network, home: str) -> None:
+        self.counters["ignored_wrong_network"] += 1
+        key = (request.mac, network.name)
+        if key not in self._wrong_logged and len(self._wrong_logged) < LOG_ONCE_LIMIT:
+            self._wrong_logged.add(key)
+            log.warning("%s from %s on the %s network, but it belongs to the %s network: no "
+                        "answer (gen %d)", wire.MESSAGE_TYPE_NAMES[request.message_type],
+                        request.mac_text(), network.name, home, self.generation)
 
     def _discovered(self, request: wire.Request, host: Host) -> None:
         self.counters["discovery_pool_answers"] += 1
@@ -359,14 +436,16 @@ class Responder:
 
 
 class DhcpService(Service):
-    """UDP 67 on the replica's interface. The socket is drained in batches from the event
-    loop's reader callback: under load one wake-up serves many datagrams."""
+    """UDP 67 on the replica's interface and on each VC bridge here. Each socket is drained in
+    batches from the event loop's reader callback: under load one wake-up serves many
+    datagrams."""
 
     name = "dhcp"
 
     @dataclasses.dataclass(frozen=True)
     class Options:
         port: int = wire.SERVER_PORT
+        vc_networks: bool = True     # serve the VC bridges here too
 
         def __post_init__(self) -> None:
             check_port(self.port)
@@ -378,15 +457,17 @@ class DhcpService(Service):
         self.transactions = balance.Transactions()
         self.responder = Responder(cluster, replica, self.counters, self._log_events(),
                                    self.discovered, transactions=self.transactions)
-        self._sock: socket.socket | None = None
+        # By interface: None is the replica's own, the others VC bridges.
+        self._socks: dict[str | None, socket.socket] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._malformed_logged: set[str] = set()
+        self.links = LinkFollower(self._links_changed, self.counters)
 
     @staticmethod
     def _log_events() -> bool:
         return log.isEnabledFor(logging.INFO)
 
-    async def start(self) -> None:
+    def _open(self, interface: str, port: int) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -395,29 +476,47 @@ class DhcpService(Service):
                 sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
             except PermissionError:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE,
-                            self.replica.interface.encode())
-            sock.bind(("0.0.0.0", self.options.port))
-            self.port = sock.getsockname()[1]   # port 0 in a test: the one we got
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
+            sock.bind(("0.0.0.0", port))
             sock.setblocking(False)
         except OSError:
             sock.close()
             raise
-        self._sock = sock
+        return sock
+
+    def _listen(self, key: str | None, sock: socket.socket) -> None:
+        self._socks[key] = sock
+        assert self._loop is not None
+        self._loop.add_reader(sock.fileno(), self._drain, sock, key)
+
+    def _close(self, key: str | None) -> None:
+        sock = self._socks.pop(key, None)
+        if sock is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
+
+    async def start(self) -> None:
+        sock = self._open(self.replica.interface, self.options.port)
+        self.port = sock.getsockname()[1]   # port 0 in a test: the one we got
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(sock.fileno(), self._drain)
+        self._listen(None, sock)
         log.info("dhcp listening on %s:%d (%s), gen %d", self.replica.interface, self.port,
                  self.replica.address, self.cluster.generation)
         if self.responder.local is None:
             log.warning("%s is on no network this replica serves: only relayed requests will "
                         "be answered", self.replica.address)
+        if self.options.vc_networks:
+            try:
+                await self.links.start()
+            except BaseException:
+                await self.stop()
+                raise
 
     async def stop(self) -> None:
-        if self._sock is not None:
-            if self._loop is not None:
-                self._loop.remove_reader(self._sock.fileno())
-            self._sock.close()
-            self._sock = None
+        await self.links.stop()
+        for key in list(self._socks):
+            self._close(key)
 
     def reload(self, cluster: Cluster) -> None:
         # Build the whole new responder first, then swap: a packet sees one generation or
@@ -426,14 +525,42 @@ class DhcpService(Service):
                               self.discovered, self.responder, self.transactions)
         self.responder = responder
         super().reload(cluster)
+        self._links_changed(self.links.present)
+
+    def _links_changed(self, present: Present) -> None:
+        """Open a socket on each VC bridge that is here with its service address and is in
+        this generation; close those that are not any more."""
+        if self._loop is None:
+            return
+        networks = self.responder.by_interface
+        wanted = {served.bridge for served in served_here(vc_interfaces(self.cluster), present)
+                  if served.bridge in networks}
+        for bridge in sorted(set(self._socks) - wanted - {None}):
+            self._close(bridge)
+            log.info("dhcp no longer on %s", bridge)
+        for bridge in sorted(wanted - set(self._socks)):
+            try:
+                self._listen(bridge, self._open(bridge, self.port or self.options.port))
+            except OSError as err:     # gone again meanwhile: the next event tells
+                self.counters["vc_listen_errors"] += 1
+                log.warning("dhcp cannot listen on %s: %s", bridge, err)
+                continue
+            log.info("dhcp on %s for the %s network (server %s)", bridge,
+                     networks[bridge].name, networks[bridge].server)
 
     def details(self) -> dict[str, object]:
-        """Unknown MACs answered from the discovery pool, for `vlx bootsvc discovered`."""
-        return {DISCOVERED: dict(sorted(self.discovered.items()))} if self.discovered else {}
+        """Unknown MACs answered from the discovery pool, for `vlx bootsvc discovered`; the
+        VC bridges served here."""
+        details: dict[str, object] = {}
+        if self.discovered:
+            details[DISCOVERED] = dict(sorted(self.discovered.items()))
+        bridges = sorted(key for key in self._socks if key is not None)
+        if bridges:
+            details[VC_INTERFACES] = bridges
+        return details
 
-    def _drain(self) -> None:
-        sock = self._sock
-        if sock is None:        # stopped between the wake-up and now
+    def _drain(self, sock: socket.socket, interface: str | None) -> None:
+        if self._socks.get(interface) is not sock:   # closed between the wake-up and now
             return
         for _ in range(DRAIN_BATCH):
             try:
@@ -447,12 +574,14 @@ class DhcpService(Service):
             if flags & socket.MSG_TRUNC:
                 self.counters["dropped_oversized"] += 1
                 continue
-            self.handle(data, source)
+            self.handle(data, source, interface)
 
-    def handle(self, data: bytes, source: tuple[str, int]) -> Reply | None:
-        """Answer one datagram from `source`: the reply sent (None: none, or not started)."""
+    def handle(self, data: bytes, source: tuple[str, int],
+               interface: str | None = None) -> Reply | None:
+        """Answer one datagram from `source` that arrived on `interface` (None: the
+        replica's own): the reply sent (None: none, or not started)."""
         try:
-            reply = self.responder.respond(data)
+            reply = self.responder.respond(data, interface)
         except wire.MalformedPacket as err:
             self.counters["dropped_" + err.reason] += 1
             host = source[0]
@@ -462,9 +591,10 @@ class DhcpService(Service):
                 log.warning("dropped a malformed packet from %s:%d: %s (further ones from "
                             "there are only counted)", host, source[1], err)
             return None
-        if reply is not None and self._sock is not None:
+        sock = self._socks.get(interface)
+        if reply is not None and sock is not None:
             try:
-                self._sock.sendto(reply.data, (reply.address, reply.port))
+                sock.sendto(reply.data, (reply.address, reply.port))
             except BlockingIOError:
                 self.counters["dropped_send_buffer_full"] += 1
             except OSError as err:

@@ -1,5 +1,6 @@
 """The DNS service: authoritative for the cluster's zones (`dns_zone`), cache-only forwarding
-for everything else (`dns_cache`), on UDP and TCP at the replica's address.
+for everything else (`dns_cache`), on UDP and TCP at the replica's address, and at the service
+address of every VC bridge on this node for its VMs (`dns_vc`).
 
 Per UDP datagram the hot path is: token bucket of the source, `dns_wire.parse_query`, one dict
 lookup in the zones or the cache, `dns_wire.assemble` (header, the client's question, the
@@ -16,7 +17,7 @@ Start one from a test or the daemon with
     service = DnsService(replica, cluster, DnsService.Options(port=5353))
     await service.start(); ...; service.reload(newer_cluster); ...; await service.stop()
 
-Imports the model, `dns_wire`, `dns_zone` and `dns_cache`.
+Imports the model, `dns_wire`, `dns_zone`, `dns_cache` and `dns_vc`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from virtualinux.vvcm import Cluster
 
 from . import dns_wire as wire
 from .dns_cache import Cache, Forwarder, Upstream
+from .dns_vc import VcListeners
 from .dns_zone import ClusterZones
 from .service import Replica, Service
 
@@ -107,6 +109,7 @@ class DnsService(Service):
         tcp_idle_s: int = 10
         memo_entries: int = 65536       # UDP local answers kept by query bytes (see _drain)
         receive_buffer: int = 4 << 20   # UDP socket buffer for bursts; 0: the kernel's default
+        vc_networks: bool = True        # answer VMs on the VC bridges here too
 
     def __init__(self, replica: Replica, cluster: Cluster, options: Options | None = None):
         super().__init__(replica, cluster, options)
@@ -122,6 +125,7 @@ class DnsService(Service):
                         if self.options.rate_limit > 0 else None)
         self._udp: socket.socket | None = None
         self._tcp: asyncio.Server | None = None
+        self.vc_listeners = VcListeners(self)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task] = set()
         self._tcp_clients = 0
@@ -161,11 +165,14 @@ class DnsService(Service):
         self._tcp = await asyncio.start_server(self._tcp_client, address, self.port,
                                                reuse_address=True)
         self._loop.add_reader(sock.fileno(), self._drain, sock)
+        if self.options.vc_networks:
+            await self.vc_listeners.start()
         log.info("dns on %s:%d (udp, tcp): %d names in %d zones, upstreams %s (gen %d)",
                  address, self.port, len(self.zones.names), len(self.zones.zones),
                  ", ".join(map(str, self.forwarder.upstreams)) or "none", self.zones.generation)
 
     async def stop(self) -> None:
+        await self.vc_listeners.stop()
         if self._udp is not None:
             if self._loop is not None:
                 self._loop.remove_reader(self._udp.fileno())
@@ -184,6 +191,7 @@ class DnsService(Service):
         self._memo, self._hit_memo = {}, {}     # a forwarded name may be ours from now on
         self.forwarder.upstreams = self._upstreams(cluster)
         super().reload(cluster)
+        self.vc_listeners.reload(cluster)
 
     def details(self) -> dict[str, object]:
         hits, misses = self.counters["cache_hit"], self.counters["cache_miss"]
@@ -192,7 +200,8 @@ class DnsService(Service):
                 "cache_bytes": self.cache.bytes,
                 "hit_ratio": round(hits / (hits + misses), 4) if hits + misses else None,
                 "upstreams": [str(u) for u in self.forwarder.upstreams],
-                "rate_table_sources": len(self.limiter) if self.limiter else 0}
+                "rate_table_sources": len(self.limiter) if self.limiter else 0,
+                "vc_addresses": self.vc_listeners.addresses}
 
     # -- answering -------------------------------------------------------------------------------
 

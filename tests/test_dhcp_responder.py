@@ -176,7 +176,7 @@ def test_vms_are_not_served_on_the_cluster_network(cluster):
     vm = cluster.vms[0]
     r = responder(cluster)
     assert answer(r, "discover", wire.parse_mac(vm.mac))[0] is None
-    assert r.counters == {"DHCPDISCOVER": 1, "ignored_unknown_mac": 1}
+    assert r.counters == {"DHCPDISCOVER": 1, "ignored_wrong_network": 1}
 
 
 def test_empty_database_answers_nobody(db):

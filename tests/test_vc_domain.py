@@ -31,7 +31,7 @@ QEMU_KERNEL_BOOT = """\
     <type arch="x86_64" machine="pc">hvm</type>
     <kernel>/boot/vmlinuz</kernel>
     <initrd>/boot/initrd.img</initrd>
-    <cmdline>console=ttyS0 ip=198.19.6.1:::255.255.255.0:blue-1:eth0:off quiet</cmdline>
+    <cmdline>console=ttyS0 ip=::::blue-1:eth0:dhcp quiet</cmdline>
   </os>
   <features>
     <acpi />
@@ -78,7 +78,7 @@ XEN_PV_KERNEL_BOOT = """\
     <type arch="x86_64" machine="xenpv">linux</type>
     <kernel>/boot/vmlinuz</kernel>
     <initrd>/boot/initrd.img</initrd>
-    <cmdline>console=hvc0 ip=198.19.6.1:::255.255.255.0:blue-1:eth0:off quiet</cmdline>
+    <cmdline>console=hvc0 ip=::::blue-1:eth0:dhcp quiet</cmdline>
   </os>
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>restart</on_reboot>
@@ -154,7 +154,7 @@ def test_rendering_twice_gives_the_same_domain_and_vms_differ():
     c = cluster(**KERNEL)
     assert domain_xml(c, c.vms[0], "qemu") == domain_xml(cluster(**KERNEL), c.vms[0], "qemu")
     second = domain_xml(c, c.vms[1], "qemu")
-    assert "<name>blue-2</name>" in second and "ip=198.19.6.2:" in second
+    assert "<name>blue-2</name>" in second and "ip=::::blue-2:eth0:dhcp" in second
     assert "<disk" not in second  # blue-2 has no volume yet
 
 

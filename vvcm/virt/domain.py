@@ -10,14 +10,14 @@ hypervisors differ only in a few elements:
 | xen-pv | xen | linux, machine xenpv | xen (xvda) | hvc0 |
 | xen-hvm | xen | hvm, machine xenfv | xen (xvda) | ttyS0 |
 
-A VC with a `kernel` boots it directly (with its `initrd`, and a command line that carries the
-VM's address as `ip=`, so the guest is on its network without DHCP); otherwise the disk boots.
+A VC with a `kernel` boots it directly (with its `initrd`, and a command line that names the
+VM and asks for DHCP with `ip=`: the boot services of its node answer on the VC's bridge);
+otherwise the disk boots.
 The UUID is derived from the cluster and VM names, so rendering twice defines the same domain.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import uuid
 import xml.etree.ElementTree as ET
 from pathlib import PurePosixPath
@@ -55,12 +55,11 @@ def console_log(cluster: Cluster, vm: VM) -> str:
 
 
 def kernel_cmdline(vc: VirtualCluster, vm: VM, hypervisor: str) -> str:
-    """`console=` for the hypervisor's console, `ip=` with the VM's address and name (the
-    kernel's nfsroot syntax, which initramfs-tools and our tiny image both read), then the
-    VC's own arguments."""
+    """`console=` for the hypervisor's console, `ip=` with the VM's name and DHCP on eth0
+    (the kernel's nfsroot syntax, which initramfs-tools and our tiny image both read: the
+    address comes from the boot services, like the nodes'), then the VC's own arguments."""
     console = "hvc0" if hypervisor == "xen-pv" else "ttyS0"
-    mask = ipaddress.IPv4Network(vc.cidr).netmask
-    words = [f"console={console}", f"ip={vm.ip}:::{mask}:{vm.name}:eth0:off"]
+    words = [f"console={console}", f"ip=::::{vm.name}:eth0:dhcp"]
     if vc.cmdline:
         words.append(vc.cmdline)
     return " ".join(words)

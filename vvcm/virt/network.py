@@ -8,6 +8,13 @@ the cluster network), or for a VC with a vlan id an 802.1Q device `vlxvlID` on t
 VMs of one VC share one layer-2 segment; another VC has another bridge and another VNI, so
 nothing of it is reachable.
 
+The bridge carries the VC's service address (`service_address`: the last host address of the
+VC network, the same on every hosting node): the boot services answer DHCP and DNS there for
+the VC's VMs. Each bridge is local to its node, so the shared address acts like an anycast
+gateway: a VM is answered by whichever hosting node it reaches, with the same bytes. The node
+does not route for VMs: IPv4 forwarding is off for packets arriving on a VC bridge (otherwise a
+node that forwards, a gateway, would join the networks of the VCs it hosts).
+
 `node_plans()` is pure (what each node should have); `ensure()` and `remove()` make a node
 match it, idempotently, and say what they changed so a failed create can undo just that.
 """
@@ -16,8 +23,10 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from ..errors import VlxError
 from ..model import Cluster, VirtualCluster
@@ -31,6 +40,18 @@ if TYPE_CHECKING:
 
 VXLAN_PORT = 4789
 ZERO_MAC = "00:00:00:00:00:00"
+EEXIST = 17
+T = TypeVar("T")
+
+
+def service_address(vc: VirtualCluster) -> ipaddress.IPv4Interface | None:
+    """Where the boot services answer the VC's VMs: the last host address of its network,
+    with the network's prefix. VMs take addresses from the first host up, so it stays free
+    unless the VC fills its network (then, and for networks with no room for it, None)."""
+    network = vc.cidr
+    if network.prefixlen > 30:
+        return None
+    return ipaddress.IPv4Interface(f"{network.broadcast_address - 1}/{network.prefixlen}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +67,7 @@ class NodePlan:
     vlan: int | None = None
     uplink: str | None = None
     peers: tuple[str, ...] = ()
+    address: str | None = None      # the VC's service address on the bridge, "IP/PREFIX"
 
     def link_requests(self) -> list[dict]:
         """pyroute2 `link('add', ...)` arguments, bridge first."""
@@ -76,11 +98,14 @@ def node_plans(cluster: Cluster, vc_name: str, nodes: Iterable[str]) -> list[Nod
     chosen = [cluster.node(name) for name in nodes]
     addresses = [str(node.ip) for node in chosen]
     uplink = cluster.settings.vlan_uplink if cluster.settings else "eth0"
+    address = service_address(vc)
+    service = str(address) if address is not None else None
     return [NodePlan(node=node.name, netns=node.netns, bridge=bridge_name(vc),
                      tunnel=tunnel_name(vc), local=str(node.ip), vxlan=vc.vxlan, vlan=vc.vlan,
                      uplink=uplink if vc.vlan is not None else None,
                      peers=tuple(a for a in addresses if a != str(node.ip))
-                     if vc.vlan is None else ())
+                     if vc.vlan is None else (),
+                     address=service)
             for node in chosen]
 
 
@@ -142,6 +167,10 @@ def ensure(plan: NodePlan) -> list[str]:
             ipr.link("set", index=bridge, state="up")
             if plan.vxlan is not None:
                 _sync_peers(ipr, tunnel, plan.peers)
+            if plan.address is not None:
+                # Forwarding off before the address makes the node reachable from the VC.
+                no_forwarding(plan)
+                _ensure_address(ipr, bridge, plan.address)
         except NetlinkError as err:
             for name in reversed(created):
                 _delete(ipr, name)
@@ -178,6 +207,71 @@ def _sync_peers(ipr: IPRoute, tunnel: int, peers: tuple[str, ...]) -> None:
         ipr.fdb("append", ifindex=tunnel, lladdr=ZERO_MAC, dst=dst)
     for dst in sorted(have - set(peers)):
         ipr.fdb("del", ifindex=tunnel, lladdr=ZERO_MAC, dst=dst)
+
+
+def _ensure_address(ipr: IPRoute, index: int, address: str) -> None:
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    interface = ipaddress.IPv4Interface(address)
+    try:
+        ipr.addr("add", index=index, address=str(interface.ip),
+                 prefixlen=interface.network.prefixlen)
+    except NetlinkError as err:
+        if err.code != EEXIST:     # there already: a second run
+            raise
+
+
+def no_forwarding(plan: NodePlan) -> None:
+    """Turn IPv4 forwarding off for packets arriving on the plan's bridge, in its node's
+    namespace. pyroute2 0.9 cannot set IPv4 device settings over netlink: this writes the
+    sysctl file instead."""
+    try:
+        _in_node(plan, lambda: _forwarding_file(plan).write_text("0\n"))
+    except OSError as err:
+        raise VlxError(f"node {plan.node}: cannot turn forwarding off on {plan.bridge}: "
+                       f"{err}") from None
+
+
+def forwarding(plan: NodePlan) -> bool:
+    """Whether the node forwards packets arriving on the plan's bridge."""
+    return _in_node(plan, lambda: _forwarding_file(plan).read_text().strip()) == "1"
+
+
+def _forwarding_file(plan: NodePlan) -> Path:
+    return Path("/proc/sys/net/ipv4/conf") / plan.bridge / "forwarding"
+
+
+def _in_node(plan: NodePlan, work: Callable[[], T]) -> T:
+    """`work()` in the plan's network namespace (/proc/sys/net shows the opener's): in a
+    thread of its own, since setns moves only the calling thread, and that thread ends."""
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            if plan.netns:
+                from pyroute2 import netns
+                netns.setns(plan.netns, flags=0)
+            outcome.append(work())
+        except BaseException as err:       # noqa: BLE001 - raised again in the caller
+            failure.append(err)
+
+    thread = threading.Thread(target=run, name=f"in {plan.netns or 'host'}")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return outcome[0]
+
+
+def bridge_addresses(plan: NodePlan) -> list[str]:
+    """The IPv4 addresses on the plan's bridge, "IP/PREFIX"."""
+    with open_node(plan) as ipr:
+        index = _lookup(ipr, plan.bridge)
+        if index is None:
+            return []
+        return sorted(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}"
+                      for a in ipr.get_addr(family=2, index=index))
 
 
 def _zero_entries(ipr: IPRoute, tunnel: int) -> set[str]:
