@@ -9,8 +9,9 @@ a VM the same). A VM gets its address, the service address as DNS server, and th
 (`VC.DOMAIN`, also as search list, option 119) so VMs find each other by short name; no router
 (a VC is private) and no boot file. A datagram is answered from the network of the interface it
 arrived on: a MAC known on another network (a VM of VC green on tan's bridge or on the cluster
-network, a node on a VC bridge) is counted as `ignored_wrong_network` and logged once. A `Responder` holds one generation's answers for one replica: each host's OFFER/ACK
-(per boot file) is built by `dhcp_wire.encode` the first time it is asked for and kept for the
+network, a node on a VC bridge) is counted as `ignored_wrong_network` and logged once.
+A `Responder` holds one generation's answers for one replica: each host's OFFER/ACK (per boot
+file) is built by `dhcp_wire.encode` the first time it is asked for and kept for the
 generation, which also keeps a reload of a 10,000-node cluster quick; the hot path parses a few
 fields, patches xid, flags, ciaddr, giaddr and chaddr into a copy, and appends option 82 if a
 relay sent one. Which replicas answer a client's broadcast at all is `balance`'s decision
