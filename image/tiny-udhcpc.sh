@@ -27,6 +27,18 @@ case "$1" in
         if [ ! -s /run/vlx-hostname ] && valid "${hostname-}"; then
             echo "$hostname" > /run/vlx-hostname
         fi
+        # Name servers and search list (a VM's VC domain): short names resolve.
+        names=""
+        for name in ${search-}; do
+            valid "$name" && names="$names $name"
+        done
+        [ -n "$names" ] || ! valid "${domain-}" || names=" $domain"
+        {
+            for server in ${dns-}; do
+                valid "$server" && echo "nameserver $server"
+            done
+            [ -z "$names" ] || echo "search$names"
+        } > /etc/resolv.conf
         echo "$ip" > /run/vlx-ip
         ;;
 esac

@@ -48,8 +48,8 @@ def boot_of(cluster, root: Path, node: str = "node2") -> startup.Boot:
 
 def test_steps_are_found_by_where_they_live_and_run_in_order():
     names = [(step.order, step.name) for step in startup.discover()]
-    assert names == [(10, "identity"), (20, "time"), (30, "database"), (50, "bootsvc"),
-                     (60, "libvirtd")]
+    assert names == [(10, "identity"), (20, "time"), (30, "database"), (40, "vcnet"),
+                     (50, "bootsvc"), (60, "libvirtd")]
 
 
 def test_a_failing_step_skips_only_the_steps_that_need_it(cluster, tmp_path):
@@ -101,12 +101,13 @@ def test_running_every_step_twice_changes_nothing_the_second_time(cluster, tmp_p
     root = node_root(tmp_path)
     boot = boot_of(cluster, root)
     first = startup.run_steps(boot, startup.discover(), io.StringIO())
-    assert [o.state for o in first] == ["ok"] * 5, [o.message for o in first]
+    assert [o.state for o in first] == ["ok"] * 6, [o.message for o in first]
     written = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
     second = startup.run_steps(boot, startup.discover(), io.StringIO())
     assert all(o.state == "ok" for o in second)
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == written
-    assert "(unchanged)" in second[1].message and "(unchanged)" in second[3].message
+    by_name = {o.step.name: o.message for o in second}
+    assert "(unchanged)" in by_name["time"] and "(unchanged)" in by_name["bootsvc"]
 
 
 def test_chrony_serves_the_cluster_peers_a_few_nodes_and_has_an_orphan_stratum(cluster):
@@ -162,7 +163,7 @@ def test_start_up_command_runs_every_step_under_a_root(cluster, tmp_path, capsys
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("]")[0] for line in lines] == [
         "virtualinux: [10 identity", "virtualinux: [20 time", "virtualinux: [30 database",
-        "virtualinux: [50 bootsvc", "virtualinux: [60 libvirtd"]
+        "virtualinux: [40 vcnet", "virtualinux: [50 bootsvc", "virtualinux: [60 libvirtd"]
     assert startup_main(["--node", "node2", "--root", str(root), "--only", "nosuch"]) == 2
     assert "no start-up step 'nosuch'" in capsys.readouterr().err
 

@@ -7,6 +7,7 @@ dig. Everything goes with the namespaces, also when a test fails."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 
 import pytest
@@ -15,11 +16,12 @@ from virtualinux.vm_test.wait import wait_for
 from virtualinux.vvcm import inventory
 from virtualinux.vvcm.virt import network
 
-from .conftest import EXAMPLE, require
+from .conftest import EXAMPLE, ROOT, require
 from .test_dhcp_lab import VLX, Replica, events, recording_script
 
 pytestmark = pytest.mark.lab
 NODE1 = "198.18.0.11"
+TINY_UDHCPC = ROOT / "image" / "tiny-udhcpc.sh"
 
 
 @pytest.fixture
@@ -98,6 +100,19 @@ def test_vms_get_address_dns_and_domain_on_their_bridge_only_and_resolve_short_n
     answer = green1.run(["dig", "+short", "+search", f"+domain={bound['search']}",
                          f"@{bound['dns']}", "green-2"], timeout=30).stdout.split()
     assert answer == ["198.19.3.2"]
+
+    # The tiny image's DHCP script and busybox's resolver: the VM's own /etc and /run.
+    tiny_script = tmp_path / "tiny-udhcpc.sh"
+    tiny_script.write_bytes(TINY_UDHCPC.read_bytes())
+    tiny_script.chmod(0o755)
+    guest = (f"mount -t tmpfs etc /etc && mount -t tmpfs run /run && udhcpc -i eth0 -f -q -n "
+             f"-s {tiny_script} -t 5 -T 1 -O search >/dev/null 2>&1 && cat /etc/resolv.conf "
+             f"&& busybox nslookup green-2")
+    looked_up = green1.run(["unshare", "-m", "--propagation", "private", "sh", "-c", guest],
+                           check=False, timeout=60)
+    assert "search green.cluster.lab" in looked_up.stdout, looked_up.stderr
+    assert re.search(r"^Name:\s+green-2\.green\.cluster\.lab\s+Address: 198\.19\.3\.2$",
+                     looked_up.stdout, re.MULTILINE), looked_up.stdout + looked_up.stderr
 
     # tan-1 on green's bridge gets nothing, and the replica says why.
     stray = vm_port(netns, node1, green.bridge, cluster, "tan-1")

@@ -1,8 +1,9 @@
-"""A VC on two lab nodes: two network namespaces, each with its own libvirtd (vm-test/libvirtd.py),
-joined by a bridge in a third. VMs boot the tiny image directly (kernel + initrd, TCG), find
-each other over the VC's VXLAN network and not another VC's, one VM migrates live and keeps
-counting, and destroy leaves nothing behind. Everything goes with the namespaces, also when a
-test fails.
+"""A VC on two lab nodes: two network namespaces, each with its own libvirtd (vm-test/libvirtd.py)
+and its boot services' DHCP and DNS (`vlx bootsvc run`), joined by a bridge in a third. VMs
+boot the tiny image directly (kernel + initrd, TCG), get their address from DHCP on the VC's
+bridge, find each other by short name through DNS and over the VC's VXLAN network and not
+another VC's, one VM migrates live and keeps counting, and destroy leaves nothing behind.
+Everything goes with the namespaces, also when a test fails.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from pathlib import Path
 
 import libvirt
 import pytest
+from virtualinux.bootsvc.status import read_status
 from virtualinux.image.tiny import build_tiny
 from virtualinux.vm_test.libvirtd import LabLibvirtd, lab_nodes
 from virtualinux.vvcm.virt.connect import silence_libvirt
 
 from .conftest import require, vlx
+from .test_dhcp_lab import VLX, Replica
 
 pytestmark = pytest.mark.lab
 BOOT_TIMEOUT = 240.0  # TCG on a shared 2-core machine: seconds normally, minutes when loaded
@@ -51,14 +54,31 @@ netns = "{daemon.ns.name}"
     return text
 
 
+def boot_services(daemon: LabLibvirtd, node: str, db_path: Path, tmp_path: Path) -> Replica:
+    """The node's DHCP and DNS replica, in its namespace: it serves the VC bridges made there."""
+    state_dir, log = tmp_path / f"bootsvc-{node}", tmp_path / f"bootsvc-{node}.log"
+    process = daemon.ns.popen([*VLX, "--db", str(db_path), "bootsvc", "run", "--interface",
+                               "eth0", "--node", node, "--services", "dhcp,dns", "--state-dir",
+                               str(state_dir)], stdout=log.open("w"), stderr=subprocess.STDOUT)
+    replica = Replica(daemon.address, process, state_dir, log, daemon.ns)
+    try:
+        replica.wait_running()
+    except BaseException:
+        replica.stop()
+        raise
+    return replica
+
+
 @pytest.fixture
-def lab(netns, tmp_path, db, capsys):
-    """Nodes node1 (198.18.0.11) and node2 (.12), each a namespace with its own libvirtd; a
-    qcow2 golden volume `guest`; VCs blue (2 VMs, one per node) and red (1 VM)."""
+def lab(netns, tmp_path, db, db_path, capsys):
+    """Nodes node1 (198.18.0.11) and node2 (.12), each a namespace with its own libvirtd and
+    boot services; a qcow2 golden volume `guest`; VCs blue (2 VMs, one per node) and red (1
+    VM)."""
     require("libvirtd", "virtlogd", "qemu-system-x86_64", "qemu-img")
     silence_libvirt()
     image = build_tiny()
     daemons = lab_nodes(netns, tmp_path)
+    replicas: list[Replica] = []
     try:
         logs = tmp_path / "logs"
         (tmp_path / "cluster.toml").write_text(inventory(
@@ -76,8 +96,12 @@ def lab(netns, tmp_path, db, capsys):
                                "--kernel", str(image / "vmlinuz"),
                                "--initrd", str(image / "initrd.img"))
             assert code == 0, err
-        yield {"daemons": daemons, "logs": logs, "pool": pool}
+        for index, daemon in enumerate(daemons, start=1):
+            replicas.append(boot_services(daemon, f"node{index}", db_path, tmp_path))
+        yield {"daemons": daemons, "logs": logs, "pool": pool, "replicas": replicas}
     finally:
+        for replica in replicas:
+            replica.stop()
         for daemon in daemons:
             daemon.stop()
 
@@ -147,6 +171,13 @@ def test_vc_boots_pings_is_isolated_migrates_live_and_destroys_clean(lab, db, ca
         up = wait_for(lab, vm, rf"virtualinux: node {vm} up 198\.19\.\d+\.\d+")
         # The shell flushes what was typed before it started: wait for its prompt.
         wait_for(lab, vm, r"^/ # ", start=up.end())
+    # The addresses came from DHCP on the VC bridges (the kernel command line has none).
+    assert {vm: wait_for(lab, vm, rf"virtualinux: node {vm} up (\S+)").group(1)
+            for vm in placed} == {"blue-1": "198.19.6.1", "blue-2": "198.19.6.2",
+                                  "red-1": "198.19.7.1"}
+    acks = sum(read_status(r.state_dir).services["dhcp"].counters.get("DHCPACK", 0)
+               for r in lab["replicas"])
+    assert acks >= 3
     rows = json.loads(vlx(capsys, "vc", "status", "--json")[1])
     assert {(r["vm"], r["node"], r["state"]) for r in rows} == {
         (vm, node, "running") for vm, node in placed.items()}
@@ -155,6 +186,10 @@ def test_vc_boots_pings_is_isolated_migrates_live_and_destroys_clean(lab, db, ca
         assert vlx_links(daemon) == sorted(["vlxbr100", "vlxvx100"] + red_here)
 
     blue1, blue2 = by_node[placed["blue-1"]], by_node[placed["blue-2"]]
+    # One VM finds the other by short name: DNS at the VC's service address, search list
+    # from DHCP (the VMs are on different nodes: blue-1 asks its own node's replica).
+    type_into(lab, blue1, "blue-1", "nslookup blue-2 | grep -q 'Address: 198.19.6.2$' && "
+              "echo found$((40+2))", r"^found42")
     # Markers are computed by the guest's shell, so the echoed command line never matches.
     # 1400 bytes of payload: near-full frames cross the VXLAN (guest MTU 1450, underlay 1500).
     type_into(lab, blue1, "blue-1",

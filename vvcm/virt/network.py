@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from ..errors import VlxError
-from ..model import Cluster, VirtualCluster
-from .domain import GUEST_MTU, bridge_name
+from ..model import Cluster, Node, VirtualCluster
+from .domain import BRIDGE_PREFIX, GUEST_MTU, bridge_name
 
 if TYPE_CHECKING:
     from pyroute2 import IPRoute
@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 VXLAN_PORT = 4789
 ZERO_MAC = "00:00:00:00:00:00"
 EEXIST = 17
+# Every device this module makes starts with one of these: the bridge, the VXLAN, the VLAN.
+DEVICE_PREFIXES = (BRIDGE_PREFIX, "vlxvx", "vlxvl")
 T = TypeVar("T")
 
 
@@ -112,22 +114,46 @@ def node_plans(cluster: Cluster, vc_name: str, nodes: Iterable[str]) -> list[Nod
 def open_node(plan: NodePlan) -> IPRoute:
     """Netlink to the plan's node: its lab namespace, or this host when the node's address
     is one of this host's."""
+    return _open(plan.node, plan.netns, plan.local)
+
+
+def _open(node: str, netns: str | None, local: str) -> IPRoute:
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
-    if plan.netns:
+    if netns:
         try:
-            return IPRoute(netns=plan.netns)
+            return IPRoute(netns=netns)
         except (OSError, NetlinkError) as err:
-            raise VlxError(f"node {plan.node}: network namespace {plan.netns!r} cannot be "
+            raise VlxError(f"node {node}: network namespace {netns!r} cannot be "
                            f"opened ({err})") from None
     ipr = IPRoute()
     mine = {addr.get("IFA_ADDRESS") for addr in ipr.get_addr(family=2)}
-    if plan.local not in mine:
+    if local not in mine:
         ipr.close()
-        raise VlxError(f"node {plan.node} ({plan.local}) is not this host: its VC networks "
+        raise VlxError(f"node {node} ({local}) is not this host: its VC networks "
                        "are made on it, by vlx running there (lab nodes name a netns)")
     return ipr
+
+
+def plans_for_node(cluster: Cluster, node: str) -> list[NodePlan]:
+    """What `node` holds: the network of every VC with a VM placed on it, each peered with
+    all the VC's hosting nodes."""
+    vcs = dict.fromkeys(vm.vc for vm in cluster.vms_on(node))
+    return [plan for vc in vcs for plan in node_plans(cluster, vc, hosting_nodes(cluster, vc))
+            if plan.node == node]
+
+
+def remove_stale(node: Node, keep: Iterable[NodePlan]) -> list[str]:
+    """Delete the VC devices (`vlxbr*`, `vlxvx*`, `vlxvl*`) on `node` that no plan in
+    `keep` names, tunnels before bridges; returns their names."""
+    wanted = {name for plan in keep for name in (plan.bridge, plan.tunnel)}
+    with _open(node.name, node.netns, str(node.ip)) as ipr:
+        stale = [link.get("IFLA_IFNAME") for link in ipr.get_links()
+                 if link.get("IFLA_IFNAME", "").startswith(DEVICE_PREFIXES)
+                 and link.get("IFLA_IFNAME") not in wanted]
+        stale.sort(key=lambda name: name.startswith(BRIDGE_PREFIX))
+        return [name for name in stale if _delete(ipr, name)]
 
 
 def check_reachable(plans: Iterable[NodePlan]) -> None:
