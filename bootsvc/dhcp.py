@@ -536,7 +536,7 @@ class DhcpService(Service):
         networks = self.responder.by_interface
         wanted = {served.bridge for served in served_here(vc_interfaces(self.cluster), present)
                   if served.bridge in networks}
-        for bridge in sorted(set(self._socks) - wanted - {None}):
+        for bridge in sorted(key for key in self._socks if key is not None and key not in wanted):
             self._close(bridge)
             log.info("dhcp no longer on %s", bridge)
         for bridge in sorted(wanted - set(self._socks)):
