@@ -78,7 +78,7 @@ class LinkFollower:
             await monitor.bind()
             await self._rescan()
         except BaseException:
-            await monitor.close()
+            monitor.close()
             raise
         self._task = asyncio.ensure_future(self._follow(monitor))
 
@@ -104,7 +104,7 @@ class LinkFollower:
             log.error("cannot follow the VC bridges any more (%s): serving those there now",
                       err)
         finally:
-            await monitor.close()
+            monitor.close()
 
     async def _rescan(self) -> None:
         async with AsyncIPRoute() as ipr:

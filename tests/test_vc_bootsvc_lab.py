@@ -130,3 +130,5 @@ def test_vms_get_address_dns_and_domain_on_their_bridge_only_and_resolve_short_n
     wait_for(lambda: served(node1, "dns", "vc_addresses") == ["198.19.4.254"], 30,
              "dns off the removed address")
     network.remove(tan)
+    assert node1.stop() == 0        # a clean stop, with the netlink follower
+    assert "Traceback" not in node1.log.read_text()
