@@ -11,9 +11,10 @@ import subprocess
 
 import libvirt
 import pytest
+from virtualinux.storage.naming import initiator_iqn
 from virtualinux.vvcm import changes
 from virtualinux.vvcm.errors import VlxError
-from virtualinux.vvcm.model import Cluster, Node, Settings, VirtualCluster, Volume
+from virtualinux.vvcm.model import Cluster, Credential, Node, Settings, VirtualCluster, Volume
 from virtualinux.vvcm.virt import network
 from virtualinux.vvcm.virt.connect import hypervisor_of, node_uri, silence_libvirt
 from virtualinux.vvcm.virt.domain import domain_xml
@@ -122,12 +123,19 @@ def cluster(backend: str = "qcow2", settings: dict | None = None, **vc_fields) -
     c = changes.define_vc(c, VirtualCluster(
         name="blue", vms=2, vcpus=2, memory=256, cidr=ipaddress.IPv4Network("198.19.6.0/24"),
         **vc_fields))
+    # "iscsi": a reflink clone exported over iSCSI, with blue-1's CHAP login.
+    iscsi = backend == "iscsi"
+    backend = "reflink" if iscsi else backend
     disk = {"qcow2": "/pool/blue-1-disk.qcow2", "reflink": "/pool/blue-1-disk",
             "lvm-thin": "/dev/vg/blue-1-disk"}[backend]
+    export = {"iqn": "iqn.2026-11.org.virtualinux:lab.blue-1-disk",
+              "portal": "198.18.0.13:3260"} if iscsi else {}
     c = changes.put_volumes(c, [
         Volume(name="guest", kind="golden", backend=backend, path="/pool/guest", size=1 << 30),
         Volume(name="blue-1-disk", kind="snapshot", backend=backend, path=disk, size=1 << 30,
-               origin="guest", owner="blue-1")])
+               origin="guest", owner="blue-1", **export)])
+    if iscsi:
+        c = dataclasses.replace(c, credentials=(Credential("blue-1", "blue-1", "s3cret"),))
     return dataclasses.replace(c, vms=tuple(
         dataclasses.replace(vm, volume="blue-1-disk") if vm.name == "blue-1" else vm
         for vm in c.vms))
@@ -162,16 +170,57 @@ def test_rendering_twice_gives_the_same_domain_and_vms_differ():
 @pytest.mark.parametrize("hypervisor,boot,backend", [
     combination for combination in itertools.product(
         ("kvm", "qemu", "xen-pv", "xen-hvm"), ("kernel", "disk"),
-        ("qcow2", "reflink", "lvm-thin"))
-    if combination[:2] != ("xen-pv", "disk")])
+        ("qcow2", "reflink", "lvm-thin", "iscsi"))
+    if combination[:2] != ("xen-pv", "disk")
+    and not (combination[0].startswith("xen") and combination[2] == "iscsi")])
 def test_every_rendered_domain_passes_libvirts_schema(tmp_path, hypervisor, boot, backend):
     require("virt-xml-validate", "xmllint")
     c = cluster(backend, **(KERNEL if boot == "kernel" else {}))
     path = tmp_path / "domain.xml"
-    path.write_text(domain_xml(c, c.vms[0], hypervisor))
+    path.write_text(domain_xml(c, c.vms[0], hypervisor, initiator_iqn))
     result = subprocess.run(["virt-xml-validate", str(path), "domain"], capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+ISCSI_DISK = """\
+    <disk type="network" device="disk">
+      <driver name="qemu" type="raw" cache="none" />
+      <source protocol="iscsi" name="iqn.2026-11.org.virtualinux:lab.blue-1-disk/1">
+        <host name="198.18.0.13" port="3260" />
+        <auth username="blue-1">
+          <secret type="iscsi" usage="virtualinux:lab:blue-1" />
+        </auth>
+        <initiator>
+          <iqn name="iqn.2026-11.org.virtualinux:lab.blue-1" />
+        </initiator>
+      </source>
+      <target dev="vda" bus="virtio" />
+    </disk>
+"""
+
+
+def test_an_exported_disk_is_an_iscsi_source_with_chap_by_secret_and_the_owners_initiator():
+    c = cluster("iscsi", **KERNEL)
+    text = domain_xml(c, c.vms[0], "qemu", initiator_iqn)
+    assert ISCSI_DISK in text
+    assert "s3cret" not in text     # the secret's value is libvirt's, never in the XML
+    assert text.replace(ISCSI_DISK, "") == QEMU_KERNEL_BOOT.replace(
+        QEMU_KERNEL_BOOT[QEMU_KERNEL_BOOT.index("    <disk"):
+                         QEMU_KERNEL_BOOT.index("    <interface")], "")
+
+
+@pytest.mark.parametrize("hypervisor,change,message", [
+    ("xen-hvm", None, "Xen guests cannot use directly"),
+    ("qemu", "no credential", "blue-1 has no CHAP login"),
+    ("qemu", "no initiator", "no initiator name was given"),
+])
+def test_an_iscsi_disk_that_cannot_log_in_is_one_clear_error(hypervisor, change, message):
+    c = cluster("iscsi", **KERNEL)
+    if change == "no credential":
+        c = dataclasses.replace(c, credentials=())
+    with pytest.raises(VlxError, match=message):
+        domain_xml(c, c.vms[0], hypervisor, None if change == "no initiator" else initiator_iqn)
 
 
 def test_xen_pv_without_a_kernel_is_refused():

@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 
 from virtualinux.storage import backup as vc_backup
-from virtualinux.storage import volumes
+from virtualinux.storage import naming, volumes
 
 from .. import changes
 from ..db import Database
@@ -55,6 +55,11 @@ def register(nouns: argparse._SubParsersAction) -> None:
                                           "domain per VM on its node. Idempotent: a second "
                                           "run completes a first; a failed run undoes itself.")
     create.add_argument("name")
+    create.add_argument("--export", action="store_true",
+                        help="export the new disks over iSCSI (from the first storage node "
+                             "unless --portal): the VMs log in to them with CHAP")
+    create.add_argument("--portal", metavar="IP[:PORT]",
+                        help="the iSCSI portal to export the new disks from (implies --export)")
     create.set_defaults(handler=cmd_create)
 
     start = verbs.add_parser("start", help="start every VM of the VC (all nodes at once)")
@@ -170,18 +175,22 @@ def cmd_remove(args: argparse.Namespace) -> int:
     return 0
 
 
-def storage_disks(db: Database) -> lifecycle.Disks:
-    """The two storage operations the VC life cycle needs, bound to this database."""
+def storage_disks(db: Database, export: bool = False,
+                  portal: str | None = None) -> lifecycle.Disks:
+    """What the VC life cycle needs of storage, bound to this database: making disks (exported
+    over iSCSI if asked), removing them, and the initiator name a VM logs in with."""
     def make(vc: VirtualCluster, vm_names: list[str]) -> list[str]:
-        made = volumes.snapshot_volumes(db, vc.image, owners=",".join(vm_names))
+        made = volumes.snapshot_volumes(db, vc.image, owners=",".join(vm_names),
+                                        export=export, portal=portal)
         return [volume.name for volume in made]
 
-    return lifecycle.Disks(make=make, remove=lambda names: volumes.remove(db, names))
+    return lifecycle.Disks(make=make, remove=lambda names: volumes.remove(db, names),
+                           initiator=naming.initiator_iqn)
 
 
 def cmd_create(args: argparse.Namespace) -> int:
     db = database(args)
-    cluster = lifecycle.create(db, args.name, storage_disks(db))
+    cluster = lifecycle.create(db, args.name, storage_disks(db, args.export, args.portal))
     placed = ", ".join(f"{vm.name}@{vm.node}" for vm in cluster.vms_of(args.name))
     print(f"created {args.name}: {placed}")
     return 0

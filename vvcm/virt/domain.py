@@ -14,12 +14,19 @@ A VC with a `kernel` boots it directly (with its `initrd`, and a command line th
 VM and asks for DHCP with `ip=`: the boot services of its node answer on the VC's bridge);
 otherwise the disk boots.
 The UUID is derived from the cluster and VM names, so rendering twice defines the same domain.
+
+Disks: a file (qcow2 overlay, reflink clone) or a block device (lvm-thin); a volume the
+database records as exported over iSCSI (it has an `iqn` and a `portal`) is a network disk
+instead: QEMU logs in to the storage node itself (libiscsi) as the owner's initiator name
+(`Initiator`, handed in: storage names it), with the owner's CHAP login, whose secret is a
+libvirt secret on the node (`secret_usage`; `secrets` defines it), never in the XML.
 """
 
 from __future__ import annotations
 
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import PurePosixPath
 
 from ..errors import VlxError
@@ -30,6 +37,20 @@ CONCRETE = ("kvm", "qemu", "xen-pv", "xen-hvm")
 GUEST_MTU = 1450
 BRIDGE_PREFIX = "vlxbr"
 XEN_HVMLOADER = "/usr/lib/xen/boot/hvmloader"
+# tgt's LUN 0 is its controller: the exported disk is LUN 1 (see storage/tgt.py).
+ISCSI_LUN = 1
+# The initiator name an owner (a VM) logs in to its volume's target with: (cluster, owner).
+Initiator = Callable[[str, str], str]
+
+
+def secret_usage(cluster: Cluster, owner: str) -> str:
+    """The usage name of the libvirt secret that holds `owner`'s CHAP secret on a node."""
+    name = cluster.settings.name if cluster.settings else ""
+    return f"virtualinux:{name}:{owner}"   # no "/": libvirt refuses it in a usage name
+
+
+def is_iscsi(volume: Volume) -> bool:
+    return bool(volume.iqn and volume.portal)
 
 
 def bridge_name(vc: VirtualCluster) -> str:
@@ -65,8 +86,10 @@ def kernel_cmdline(vc: VirtualCluster, vm: VM, hypervisor: str) -> str:
     return " ".join(words)
 
 
-def domain_xml(cluster: Cluster, vm: VM, hypervisor: str) -> str:
-    """The `<domain>` of `vm` for a concrete hypervisor (see `CONCRETE`)."""
+def domain_xml(cluster: Cluster, vm: VM, hypervisor: str,
+               initiator: Initiator | None = None) -> str:
+    """The `<domain>` of `vm` for a concrete hypervisor (see `CONCRETE`); `initiator` names
+    the iSCSI initiator of a VM whose disk is exported."""
     if hypervisor not in CONCRETE:
         raise VlxError(f"hypervisor {hypervisor!r} is not one of {', '.join(CONCRETE)}")
     vc = cluster.vc(vm.vc)
@@ -94,7 +117,11 @@ def domain_xml(cluster: Cluster, vm: VM, hypervisor: str) -> str:
     _text(root, "on_crash", "destroy")
     devices = ET.SubElement(root, "devices")
     if vm.volume:
-        _disk(devices, cluster.volume(vm.volume), xen)
+        volume = cluster.volume(vm.volume)
+        if is_iscsi(volume):
+            _iscsi_disk(devices, cluster, volume, hypervisor, initiator)
+        else:
+            _disk(devices, volume, xen)
     _interface(devices, vc, vm, hypervisor)
     _console(devices, cluster, vm, hypervisor)
     if not xen:
@@ -129,6 +156,33 @@ def _disk(devices: ET.Element, volume: Volume, xen: bool) -> None:
     ET.SubElement(disk, "driver", name="qemu", type=fmt, cache="none")
     ET.SubElement(disk, "source", {"dev": volume.path} if block else {"file": volume.path})
     ET.SubElement(disk, "target", dev="xvda" if xen else "vda", bus="xen" if xen else "virtio")
+
+
+def _iscsi_disk(devices: ET.Element, cluster: Cluster, volume: Volume, hypervisor: str,
+                initiator: Initiator | None) -> None:
+    if hypervisor.startswith("xen"):
+        # libxl takes no iSCSI source: the host would have to log in and hand a block device.
+        raise VlxError(f"volume {volume.name} is exported over iSCSI, which Xen guests cannot "
+                       "use directly: unexport it (`vlx volume unexport`) to use its file")
+    owner = volume.owner
+    credential = cluster.credential(owner) if owner else None
+    if owner is None or credential is None or initiator is None:
+        raise VlxError(f"volume {volume.name} is exported over iSCSI but "
+                       + ("has no owner" if owner is None else
+                          f"{owner} has no CHAP login" if credential is None else
+                          "no initiator name was given") + " to log in with")
+    assert volume.iqn is not None and volume.portal is not None      # is_iscsi
+    disk = ET.SubElement(devices, "disk", type="network", device="disk")
+    # An iSCSI LUN of tgt holds the raw disk; cache=none as for files (live migration).
+    ET.SubElement(disk, "driver", name="qemu", type="raw", cache="none")
+    source = ET.SubElement(disk, "source", protocol="iscsi", name=f"{volume.iqn}/{ISCSI_LUN}")
+    host, _, port = volume.portal.rpartition(":")
+    ET.SubElement(source, "host", name=host, port=port)
+    auth = ET.SubElement(source, "auth", username=credential.username)
+    ET.SubElement(auth, "secret", type="iscsi", usage=secret_usage(cluster, owner))
+    cluster_name = cluster.settings.name if cluster.settings else ""
+    ET.SubElement(ET.SubElement(source, "initiator"), "iqn", name=initiator(cluster_name, owner))
+    ET.SubElement(disk, "target", dev="vda", bus="virtio")
 
 
 def _interface(devices: ET.Element, vc: VirtualCluster, vm: VM, hypervisor: str) -> None:

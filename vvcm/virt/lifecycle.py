@@ -20,9 +20,9 @@ import libvirt
 from ..db import Database
 from ..errors import VlxError
 from ..model import VM, Cluster, Node, VirtualCluster
-from . import network
+from . import network, secrets
 from .connect import each, error_text, hypervisor_of, per_node
-from .domain import console_log, domain_xml
+from .domain import Initiator, console_log, domain_xml
 
 STOP_TIMEOUT = 60.0
 STATE_NAMES = {libvirt.VIR_DOMAIN_NOSTATE: "no state", libvirt.VIR_DOMAIN_RUNNING: "running",
@@ -41,11 +41,14 @@ class Disks:
     downstream of vvcm, so vvcm cannot import it).
 
     `make(vc, vm_names)` makes one snapshot disk per VM, all or none, records them in the
-    database and returns the volume names; `remove(names)` removes volumes.
+    database and returns the volume names; `remove(names)` removes volumes;
+    `initiator(cluster_name, owner)` is the iSCSI initiator name a VM logs in to its exported
+    disk with.
     """
 
     make: Callable[[VirtualCluster, list[str]], list[str]]
     remove: Callable[[list[str]], object]
+    initiator: Initiator | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +102,7 @@ def create(db: Database, name: str, disks: Disks) -> Cluster:
     made_volumes: list[str] = []
     made_devices: dict[str, list[str]] = {}
     defined: list[tuple[str, str]] = []  # (node, domain) new in this run
+    made_secrets: dict[str, list[str]] = {}  # node -> secret usages new in this run
     lock = threading.Lock()
     try:
         missing = [vm.name for vm in cluster.vms_of(name) if vm.volume is None]
@@ -112,30 +116,39 @@ def create(db: Database, name: str, disks: Disks) -> Cluster:
             os.makedirs(cluster.settings.vm_log_dir, exist_ok=True)
 
         def define(node: Node, conn: libvirt.virConnect) -> None:
+            made = secrets.ensure(conn, cluster, by_node[node.name], node.name)
+            with lock:
+                made_secrets[node.name] = made
             for vm in by_node[node.name]:
                 fresh = find_domain(conn, vm.name) is None
-                conn.defineXML(domain_xml(cluster, vm, hypervisors[node.name]))
+                conn.defineXML(domain_xml(cluster, vm, hypervisors[node.name],
+                                          disks.initiator))
                 if fresh:
                     with lock:
                         defined.append((node.name, vm.name))
 
         per_node(cluster, by_node, define)
     except BaseException:
-        _roll_back(cluster, defined, plans, made_devices, made_volumes, disks)
+        _roll_back(cluster, defined, made_secrets, plans, made_devices, made_volumes, disks)
         raise
     return cluster
 
 
 def _roll_back(cluster: Cluster, defined: list[tuple[str, str]],
-               plans: Sequence[network.NodePlan], made_devices: dict[str, list[str]],
-               made_volumes: list[str], disks: Disks) -> None:
+               made_secrets: dict[str, list[str]], plans: Sequence[network.NodePlan],
+               made_devices: dict[str, list[str]], made_volumes: list[str],
+               disks: Disks) -> None:
     """Undo what one failed create made, and nothing else."""
-    nodes = {node for node, _ in defined}
+    nodes = {node for node, _ in defined} | {node for node, made in made_secrets.items()
+                                             if made}
+    vms = cluster.vms
 
     def forget(node: Node, conn: libvirt.virConnect) -> None:
         for where, vm in defined:
             if where == node.name and (domain := find_domain(conn, vm)) is not None:
                 undefine(domain)
+        if made_secrets.get(node.name):
+            secrets.remove(conn, cluster, vms, only=made_secrets[node.name])
 
     if nodes:
         per_node(cluster, nodes, forget)
@@ -157,6 +170,7 @@ def start(db: Database, name: str) -> list[str]:
     def boot(node: Node, conn: libvirt.virConnect) -> None:
         domains = [(vm, _domain_or_fail(conn, vm, node)) for vm in by_node[node.name]]
         network.ensure(plans[node.name])  # a node rebooted since create has lost its bridge
+        secrets.ensure(conn, cluster, by_node[node.name], node.name)
 
         # Started paused, then all resumed: guests that already run (TCG eats a core each)
         # would otherwise slow down the QEMU start-ups still to come on the same node.
@@ -214,6 +228,7 @@ def destroy(db: Database, name: str, disks: Disks, keep_volumes: bool = False) -
             undefine(domain)
 
         each(by_node[node.name], remove_one)
+        secrets.remove(conn, cluster, by_node[node.name])
 
     per_node(cluster, by_node, remove_domains)
     for plan in network.node_plans(cluster, name, by_node):

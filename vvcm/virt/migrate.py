@@ -19,7 +19,7 @@ from ..db import Database
 from ..errors import VlxError
 from ..model import VM, Cluster
 from ..placement import place
-from . import network
+from . import network, secrets
 from .connect import connection, error_text, peer_uri
 from .lifecycle import find_domain
 
@@ -64,8 +64,12 @@ def migrate(db: Database, vc_name: str, vm_name: str, target: str) -> Migration:
     except BaseException:
         _undo_networks(cluster, vc_name, before, during, made)
         raise
+    target_secrets: list[str] = []
     started = time.monotonic()
     try:
+        with connection(cluster, target_node) as destination:
+            # An iSCSI disk logs in again from the target: its CHAP secret must be there.
+            target_secrets = secrets.ensure(destination, cluster, [vm], target)
         with connection(cluster, cluster.node(vm.node)) as source:
             domain = find_domain(source, vm.name)
             if domain is None:
@@ -80,9 +84,14 @@ def migrate(db: Database, vc_name: str, vm_name: str, target: str) -> Migration:
                 raise VlxError(f"migration of {vm.name} to {target} failed, it stays on "
                                f"{vm.node}: {error_text(err)}") from None
     except BaseException:
+        if target_secrets:
+            with connection(cluster, target_node) as destination:
+                secrets.remove(destination, cluster, [vm], only=target_secrets)
         _undo_networks(cluster, vc_name, before, during, made)
         raise
     seconds = time.monotonic() - started
+    with connection(cluster, cluster.node(vm.node)) as source:
+        secrets.remove(source, cluster, [vm])
     downtime = _downtime(cluster, target, vm.name) if live else None
     cluster = db.update("vc migrate", f"{vm.name} {vm.node} -> {target}",
                         lambda c: changes.move_vm(c, vm.name, target))
