@@ -184,8 +184,16 @@ def storage_disks(db: Database, export: bool = False,
                                         export=export, portal=portal)
         return [volume.name for volume in made]
 
-    return lifecycle.Disks(make=make, remove=lambda names: volumes.remove(db, names),
-                           initiator=naming.initiator_iqn)
+    def remove(names: list[str]) -> object:
+        cluster = db.load()
+        exported = [name for name in names if cluster.volume(name).iqn]
+        if exported:
+            # Called once the VMs' domains are gone (destroy, a failed create): a session
+            # still on the target is a killed QEMU's, stale, so it may go.
+            volumes.unexport(db, exported, force=True)
+        return volumes.remove(db, names)
+
+    return lifecycle.Disks(make=make, remove=remove, initiator=naming.initiator_iqn)
 
 
 def cmd_create(args: argparse.Namespace) -> int:
