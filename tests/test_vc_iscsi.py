@@ -5,7 +5,9 @@ domain and removed with it.
 - libvirt's test driver keeps no secrets: `vc create` says so in one line and leaves nothing;
 - in the lab: a reflink pool, tgtd in a storage namespace exporting the VMs' disks with CHAP
   (`vlx vc create --portal`), two nodes with a libvirtd each; a VM boots the tiny image with
-  its disk over iSCSI and writes to it, and the bytes land in its volume on the storage node.
+  its disk over iSCSI and writes to it, and the bytes land in its volume on the storage node;
+  it migrates live (its secret moves with it) and writes again; destroy leaves no domain, no
+  secret, no export and no volume.
 """
 
 from __future__ import annotations
@@ -142,6 +144,26 @@ def test_vm_boots_with_its_disk_over_iscsi_with_chap_and_its_writes_reach_the_sa
     with open(Path(volume.path), "rb") as handle:     # the file tgtd serves the LUN from
         handle.seek(100 * 512)
         assert handle.read(10) == b"over-iscsi"
+
+    # Live migration: the secret goes with the VM, the disk logs in again from the target.
+    other = "node2" if vm.node == "node1" else "node1"
+    code, out, err = vlx(capsys, "vc", "migrate", "blue", "blue-1", "--to", other)
+    assert code == 0, err
+    target = dict(zip(("node1", "node2"), iscsi_lab["daemons"], strict=True))[other]
+    for where, present in ((daemon, False), (target, True)):
+        conn = libvirt.open(where.uri)
+        try:
+            usages = [s.usageID() for s in conn.listAllSecrets()]
+        finally:
+            conn.close()
+        assert (secret_usage(loaded, "blue-1") in usages) == present, (where.address, usages)
+    type_into(iscsi_lab, target, "blue-1",
+              "echo after-move | dd of=/dev/vda bs=512 seek=200 conv=fsync 2>/dev/null && "
+              "echo mo$((1+1))ved", r"^mo2ved")
+    with open(Path(volume.path), "rb") as handle:
+        handle.seek(200 * 512)
+        assert handle.read(10) == b"after-move"
+    daemon = target
 
     # Destroy: domains and secrets gone, disks unexported (QEMU's session was cut) and removed.
     assert vlx(capsys, "vc", "destroy", "blue")[0] == 0
