@@ -6,8 +6,10 @@ UDP socket and a TCP server on the service's port, answering through the same `r
 the replica's own address: the same zones (a VM `NAME-N` of VC `NAME` is `NAME-N.NAME.DOMAIN`,
 and DHCP gives the VM `NAME.DOMAIN` as search list), the same cache and rate limits. The
 addresses follow the bridges (`vc_links.LinkFollower`) and the generation (`reload`).
-Kept apart from dns.py, whose hot path serves the replica's own address: a VC's few queries
-go through the plain loop below.
+Kept apart from dns.py, whose hot path serves the replica's own address and replies through
+its one socket: a VC's few queries go through the plain loop below, which replies through the
+socket the query came in on (the address the VM asked). Folding it into the hot path means
+handing `_send` the socket.
 Imports `dns_wire` and `vc_links`; the dns service hands itself in.
 """
 

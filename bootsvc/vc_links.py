@@ -15,6 +15,7 @@ Imports the model and `vvcm.virt`'s naming of bridges and service addresses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import ipaddress
 import logging
@@ -24,6 +25,7 @@ from collections.abc import Callable
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_LINK
 from virtualinux.vvcm import Cluster
 from virtualinux.vvcm.virt.domain import BRIDGE_PREFIX, bridge_name
 from virtualinux.vvcm.virt.network import service_address
@@ -75,7 +77,9 @@ class LinkFollower:
         """Bind to the events first, then read what is there: nothing falls in between."""
         monitor = AsyncIPRoute()
         try:
-            await monitor.bind()
+            # Links and IPv4 addresses only: a node's route and neighbour events (many, with
+            # its VMs) would each be parsed for nothing.
+            await monitor.bind(groups=RTMGRP_LINK | RTMGRP_IPV4_IFADDR)
             await self._rescan()
         except BaseException:
             monitor.close()
@@ -83,13 +87,11 @@ class LinkFollower:
         self._task = asyncio.ensure_future(self._follow(monitor))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def _follow(self, monitor: AsyncIPRoute) -> None:
         try:
