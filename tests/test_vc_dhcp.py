@@ -15,7 +15,9 @@ from virtualinux.bootsvc.dhcp import OPT_DOMAIN_SEARCH, Responder, domain_search
 from virtualinux.bootsvc.service import Replica
 from virtualinux.bootsvc.vc_links import served_here, vc_interfaces
 from virtualinux.vvcm import changes, inventory
+from virtualinux.vvcm.errors import VlxError
 from virtualinux.vvcm.model import VirtualCluster
+from virtualinux.vvcm.virt.domain import kernel_cmdline
 from virtualinux.vvcm.virt.network import service_address
 
 from .conftest import EXAMPLE
@@ -120,10 +122,24 @@ def test_two_hosting_nodes_answer_a_vm_byte_for_byte(cluster):
     assert one is not None and one == other
 
 
-def test_a_vc_that_fills_its_network_is_not_served(cluster):
-    full = changes.define_vc(cluster, VirtualCluster(
-        name="full", vms=6, vcpus=1, memory=64, cidr=ipaddress.IPv4Network("198.19.9.0/29")))
-    assert "vc full" not in {net.name for net in served_networks(full)}
+def test_no_vm_takes_the_service_address_and_a_full_network_is_refused(cluster):
+    fits = changes.define_vc(cluster, VirtualCluster(
+        name="lime", vms=5, vcpus=1, memory=64, cidr=ipaddress.IPv4Network("198.19.9.0/29")))
+    assert [str(vm.ip) for vm in fits.vms_of("lime")] == [f"198.19.9.{i}" for i in range(1, 6)]
+    assert "vc lime" in {net.name for net in served_networks(fits)}
+    with pytest.raises(VlxError, match="6 VMs do not fit in 198.19.9.0/29"):
+        changes.define_vc(cluster, VirtualCluster(
+            name="full", vms=6, vcpus=1, memory=64, cidr=ipaddress.IPv4Network("198.19.9.0/29")))
+
+
+def test_a_network_with_no_room_for_a_service_address_gets_static_addresses(cluster):
+    tiny = changes.define_vc(cluster, VirtualCluster(
+        name="pair", vms=2, vcpus=1, memory=64, cidr=ipaddress.IPv4Network("198.19.9.0/31"),
+        kernel="/boot/vmlinuz"))
+    assert "vc pair" not in {net.name for net in served_networks(tiny)}
+    vm = tiny.vms_of("pair")[0]
+    assert kernel_cmdline(tiny.vc("pair"), vm, "qemu") == (
+        f"console=ttyS0 ip={vm.ip}:::255.255.255.254:pair-1:eth0:off")
 
 
 def test_served_here_needs_the_bridge_and_its_service_address(cluster):

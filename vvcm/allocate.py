@@ -49,6 +49,15 @@ def vm_addresses(network: ipaddress.IPv4Network, count: int,
     raise VlxError(f"{count} VMs do not fit in {network} ({len(out)} addresses free)")
 
 
+def service_address(network: ipaddress.IPv4Network) -> ipaddress.IPv4Interface | None:
+    """Where the boot services answer a VC's VMs (DHCP, DNS): the last host address of its
+    network, with the network's prefix, on the VC's bridge of every hosting node. VMs take
+    addresses from the first host up and never this one. None for a /31 or /32 (no room)."""
+    if network.prefixlen > 30:
+        return None
+    return ipaddress.IPv4Interface(f"{network.broadcast_address - 1}/{network.prefixlen}")
+
+
 def free_vxlan_id(taken: Iterable[int]) -> int:
     used = set(taken)
     vni = VXLAN_FIRST

@@ -6,9 +6,10 @@ The database applies one of these inside a write transaction; if it raises, noth
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from collections.abc import Iterable, Mapping
 
-from .allocate import free_vxlan_id, vm_addresses, vm_mac, vm_name
+from .allocate import free_vxlan_id, service_address, vm_addresses, vm_mac, vm_name
 from .errors import NotFound, VlxError
 from .model import VM, Cluster, Node, Role, Settings, VirtualCluster, Volume
 from .placement import node_load, place
@@ -72,12 +73,18 @@ def define_vc(cluster: Cluster, vc: VirtualCluster,
         nodes = place(vc, names, cluster.nodes, cluster.settings, cluster.vms, vcs)
     taken_macs = {node.mac for node in cluster.nodes} | {vm.mac for vm in cluster.vms}
     vms = []
-    for index, (name, node, ip) in enumerate(
-            zip(names, nodes, vm_addresses(vc.cidr, vc.vms), strict=True), start=1):
+    addresses = vm_addresses(vc.cidr, vc.vms, _service_addresses(vc.cidr))
+    for index, (name, node, ip) in enumerate(zip(names, nodes, addresses, strict=True), start=1):
         mac = vm_mac(vc.name, name, taken_macs)
         taken_macs.add(mac)
         vms.append(VM(name=name, vc=vc.name, index=index, node=node, mac=mac, ip=ip))
     return validated(dataclasses.replace(cluster, vcs=vcs, vms=cluster.vms + tuple(vms)))
+
+
+def _service_addresses(network: ipaddress.IPv4Network) -> list[ipaddress.IPv4Address]:
+    """The VC's service address, which no VM may take (allocate.service_address)."""
+    address = service_address(network)
+    return [address.ip] if address is not None else []
 
 
 def remove_vc(cluster: Cluster, name: str) -> Cluster:

@@ -29,6 +29,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import PurePosixPath
 
+from ..allocate import service_address
 from ..errors import VlxError
 from ..model import VM, Cluster, VirtualCluster, Volume
 
@@ -78,9 +79,15 @@ def console_log(cluster: Cluster, vm: VM) -> str:
 def kernel_cmdline(vc: VirtualCluster, vm: VM, hypervisor: str) -> str:
     """`console=` for the hypervisor's console, `ip=` with the VM's name and DHCP on eth0
     (the kernel's nfsroot syntax, which initramfs-tools and our tiny image both read: the
-    address comes from the boot services, like the nodes'), then the VC's own arguments."""
+    address comes from the boot services, like the nodes'), then the VC's own arguments. A
+    VC network too small for a service address (/31, /32) has no DHCP: the address is given
+    here instead."""
     console = "hvc0" if hypervisor == "xen-pv" else "ttyS0"
-    words = [f"console={console}", f"ip=::::{vm.name}:eth0:dhcp"]
+    if service_address(vc.cidr) is None:
+        address = f"ip={vm.ip}:::{vc.cidr.netmask}:{vm.name}:eth0:off"
+    else:
+        address = f"ip=::::{vm.name}:eth0:dhcp"
+    words = [f"console={console}", address]
     if vc.cmdline:
         words.append(vc.cmdline)
     return " ".join(words)

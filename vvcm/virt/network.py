@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from .. import allocate
 from ..errors import VlxError
 from ..model import Cluster, Node, VirtualCluster
 from .domain import BRIDGE_PREFIX, GUEST_MTU, bridge_name
@@ -47,13 +48,8 @@ T = TypeVar("T")
 
 
 def service_address(vc: VirtualCluster) -> ipaddress.IPv4Interface | None:
-    """Where the boot services answer the VC's VMs: the last host address of its network,
-    with the network's prefix. VMs take addresses from the first host up, so it stays free
-    unless the VC fills its network (then, and for networks with no room for it, None)."""
-    network = vc.cidr
-    if network.prefixlen > 30:
-        return None
-    return ipaddress.IPv4Interface(f"{network.broadcast_address - 1}/{network.prefixlen}")
+    """The VC's service address on its bridges (allocate.service_address), or None."""
+    return allocate.service_address(vc.cidr)
 
 
 @dataclasses.dataclass(frozen=True)
