@@ -136,7 +136,7 @@ def served_networks(cluster: Cluster) -> tuple[Network, ...]:
         server = served.address.ip
         vms = cluster.vms_of(served.vc)
         if any(vm.ip == server for vm in vms):
-            continue    # a VC that fills its network leaves no address to serve it from
+            continue    # defined before the address was reserved: nothing to serve it from
         vm_hosts = {}
         for vm in vms:
             mac = wire.parse_mac(vm.mac)
