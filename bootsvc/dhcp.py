@@ -197,6 +197,7 @@ class Responder:
         self.ipxe_url = f"{scheme}://{replica.address}/{layout.IPXE_SCRIPT}"
         self._replica_address = replica.address
         self._templates: dict[tuple[bytes, int, str | None], tuple[bytes, bytes]] = {}
+        self._shared: dict[tuple[str, int, str | None], tuple[bytes, bytes, bytes, bytes]] = {}
         self._relay_networks: dict[bytes, Network | None] = {}
         self._unknown_logged: set[bytes] = set()
         self._wrong_logged: set[tuple[bytes, str]] = set()
@@ -356,39 +357,59 @@ class Responder:
 
     def _build(self, network: Network, host: Host, kind: int,
                bootfile: str | None) -> tuple[bytes, bytes]:
-        """One host's answer, without xid and the other per-request fields (patched later)."""
-        options: list[tuple[int, bytes]] = [
+        """One host's answer, without xid and the other per-request fields (patched later):
+        the network's shared pieces with the host's address, MAC, DNS servers and name put
+        in. Every host's first answer is built here (a cold start of 10,000 nodes builds
+        10,000), so nothing is encoded twice: splicing is ~10x cheaper than encoding."""
+        key = (network.name, kind, bootfile)
+        shared = self._shared.get(key)
+        if shared is None:
+            shared = self._shared[key] = self._shared_parts(network, kind, bootfile)
+        header, head, domain, tail = shared
+        packet = bytearray(header)
+        if kind != wire.INFORM:
+            packet[wire.YIADDR] = host.ip.packed
+        packet[wire.CHADDR] = host.mac.ljust(16, b"\0")
+        dns = wire.encode_options(((wire.OPT_DNS, wire.addresses(host.dns)),)) if host.dns else b""
+        name = wire.encode_options(((wire.OPT_HOST_NAME, host.name.encode()),))
+        prefix = b"".join((packet, head, dns, domain, name, tail))   # without OPT_END: option
+        end = bytes((wire.OPT_END,))                                  # 82 goes before it
+        return prefix, end.ljust(wire.MIN_REPLY_LEN - len(prefix), b"\0")
+
+    def _shared_parts(self, network: Network, kind: int,
+                      bootfile: str | None) -> tuple[bytes, bytes, bytes, bytes]:
+        """What every host's answer of one kind on `network` has in common: the fixed header
+        with the magic cookie, the options before the host's DNS servers, the domain (between
+        DNS and the host name), and the options after the host name."""
+        head: list[tuple[int, bytes]] = [
             (wire.OPT_MESSAGE_TYPE, bytes([wire.ACK if kind == wire.INFORM else kind])),
             (wire.OPT_SERVER_ID, self._server_id(network))]
         if kind != wire.INFORM:   # RFC 2131 4.3.5: no lease times in an answer to INFORM
             lease = network.lease_time
-            options += [(wire.OPT_LEASE_TIME, wire.u32(lease)),
-                        (wire.OPT_RENEWAL_TIME, wire.u32(lease // 2)),
-                        (wire.OPT_REBINDING_TIME, wire.u32(lease * 7 // 8))]
-        options += [(wire.OPT_SUBNET_MASK, network.cidr.netmask.packed),
-                    (wire.OPT_BROADCAST, network.cidr.broadcast_address.packed)]
+            head += [(wire.OPT_LEASE_TIME, wire.u32(lease)),
+                     (wire.OPT_RENEWAL_TIME, wire.u32(lease // 2)),
+                     (wire.OPT_REBINDING_TIME, wire.u32(lease * 7 // 8))]
+        head += [(wire.OPT_SUBNET_MASK, network.cidr.netmask.packed),
+                 (wire.OPT_BROADCAST, network.cidr.broadcast_address.packed)]
         if network.router is not None:
-            options.append((wire.OPT_ROUTER, network.router.packed))
-        if host.dns:
-            options.append((wire.OPT_DNS, wire.addresses(host.dns)))
-        options += [(wire.OPT_DOMAIN_NAME, network.domain.encode()),
-                    (wire.OPT_HOST_NAME, host.name.encode())]
+            head.append((wire.OPT_ROUTER, network.router.packed))
+        tail: list[tuple[int, bytes]] = []
         if network.interface is not None:   # VMs look up each other by short name
-            options.append((OPT_DOMAIN_SEARCH, domain_search(network.domain)))
+            tail.append((OPT_DOMAIN_SEARCH, domain_search(network.domain)))
         if network.ntp:
-            options.append((wire.OPT_NTP, wire.addresses(network.ntp)))
+            tail.append((wire.OPT_NTP, wire.addresses(network.ntp)))
         siaddr = ipaddress.IPv4Address(0)
         if bootfile is not None:
             siaddr = self._replica_address
-            options += [(wire.OPT_TFTP_SERVER, str(self._replica_address).encode()),
-                        (wire.OPT_BOOTFILE, bootfile.encode())]
-        message = wire.Message(
-            op=wire.BOOTREPLY, xid=0, chaddr=host.mac, options=tuple(options),
-            yiaddr=host.ip if kind != wire.INFORM else ipaddress.IPv4Address(0),
-            siaddr=siaddr, file=bootfile.encode() if bootfile else b"")
-        packet = wire.encode(message, pad_to=0)
-        prefix = packet[:-1]   # without OPT_END: option 82 goes before it
-        return prefix, packet[-1:].ljust(wire.MIN_REPLY_LEN - len(prefix), b"\0")
+            tail += [(wire.OPT_TFTP_SERVER, str(self._replica_address).encode()),
+                     (wire.OPT_BOOTFILE, bootfile.encode())]
+        header = wire.encode(wire.Message(op=wire.BOOTREPLY, xid=0, chaddr=b"", options=(),
+                                          siaddr=siaddr,
+                                          file=bootfile.encode() if bootfile else b""),
+                             pad_to=0)[:wire.OPTIONS_START]
+        return (header, wire.encode_options(head),
+                wire.encode_options(((wire.OPT_DOMAIN_NAME, network.domain.encode()),)),
+                wire.encode_options(tail))
 
     def _server_id(self, network: Network) -> bytes:
         return network.server.packed if network.server is not None else self.server_id

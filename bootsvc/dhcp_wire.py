@@ -304,7 +304,9 @@ def decode(data: bytes) -> Message:
 
 def addresses(values: Iterable[ipaddress.IPv4Address | str | int]) -> bytes:
     """An option value that is a list of IPv4 addresses."""
-    return b"".join(ipaddress.IPv4Address(v).packed for v in values)
+    # .packed of an address as is: IPv4Address(address) would parse its text again.
+    return b"".join(v.packed if isinstance(v, ipaddress.IPv4Address)
+                    else ipaddress.IPv4Address(v).packed for v in values)
 
 
 def u32(value: int) -> bytes:

@@ -12,7 +12,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from virtualinux.bootsvc import dhcp_wire as wire
-from virtualinux.bootsvc.dhcp import DhcpService, Responder, served_networks
+from virtualinux.bootsvc.dhcp import (
+    OPT_DOMAIN_SEARCH,
+    DhcpService,
+    Responder,
+    domain_search,
+    served_networks,
+)
 from virtualinux.bootsvc.service import Replica
 from virtualinux.netboot import layout
 from virtualinux.vvcm import Node, changes, inventory
@@ -357,3 +363,47 @@ def test_a_flood_of_made_up_macs_does_not_grow_the_answer_cache(pooled):
 def test_a_known_node_never_gets_a_pool_address(pooled):
     assert answer(responder(pooled), "discover", NODE1)[1].yiaddr == ipaddress.IPv4Address(
         "198.18.0.11")
+
+
+def _encoded_whole(r: Responder, network, host, kind: int, bootfile) -> bytes:
+    """The straightforward encoding of one host's answer, option by option, to hold the
+    responder's spliced templates against."""
+    options = [(wire.OPT_MESSAGE_TYPE, bytes([wire.ACK if kind == wire.INFORM else kind])),
+               (wire.OPT_SERVER_ID, (network.server or r._replica_address).packed)]
+    if kind != wire.INFORM:
+        options += [(wire.OPT_LEASE_TIME, wire.u32(network.lease_time)),
+                    (wire.OPT_RENEWAL_TIME, wire.u32(network.lease_time // 2)),
+                    (wire.OPT_REBINDING_TIME, wire.u32(network.lease_time * 7 // 8))]
+    options += [(wire.OPT_SUBNET_MASK, network.cidr.netmask.packed),
+                (wire.OPT_BROADCAST, network.cidr.broadcast_address.packed)]
+    if network.router is not None:
+        options.append((wire.OPT_ROUTER, network.router.packed))
+    if host.dns:
+        options.append((wire.OPT_DNS, b"".join(ip.packed for ip in host.dns)))
+    options += [(wire.OPT_DOMAIN_NAME, network.domain.encode()),
+                (wire.OPT_HOST_NAME, host.name.encode())]
+    if network.interface is not None:
+        options.append((OPT_DOMAIN_SEARCH, domain_search(network.domain)))
+    if network.ntp:
+        options.append((wire.OPT_NTP, b"".join(ip.packed for ip in network.ntp)))
+    if bootfile is not None:
+        options += [(wire.OPT_TFTP_SERVER, str(r._replica_address).encode()),
+                    (wire.OPT_BOOTFILE, bootfile.encode())]
+    return wire.encode(wire.Message(
+        op=wire.BOOTREPLY, xid=0, chaddr=host.mac, options=tuple(options),
+        yiaddr=host.ip if kind != wire.INFORM else ipaddress.IPv4Address(0),
+        siaddr=r._replica_address if bootfile else ipaddress.IPv4Address(0),
+        file=bootfile.encode() if bootfile else b""))
+
+
+def test_spliced_answers_are_byte_for_byte_the_whole_encoding(cluster):
+    r = responder(cluster, services=("dhcp", "http"))
+    checked = 0
+    for network in r.networks:       # the cluster network and every VC network
+        for host in network.hosts.values():
+            for kind in (wire.OFFER, wire.ACK, wire.INFORM):
+                for bootfile in (None, "undionly.kpxe", r.ipxe_url):
+                    prefix, tail = r._build(network, host, kind, bootfile)
+                    assert prefix + tail == _encoded_whole(r, network, host, kind, bootfile)
+                    checked += 1
+    assert checked >= 9 * len(cluster.nodes)
