@@ -367,9 +367,13 @@ class DhcpService(Service):
     @dataclasses.dataclass(frozen=True)
     class Options:
         port: int = wire.SERVER_PORT
+        # SO_RCVBUF bytes (the kernel doubles it); 0: the kernel's default.
+        receive_buffer: int = RECEIVE_BUFFER
 
         def __post_init__(self) -> None:
             check_port(self.port)
+            if self.receive_buffer < 0:
+                raise ValueError("receive_buffer must be 0 (the kernel's default) or more")
 
     def __init__(self, replica: Replica, cluster: Cluster, options: Options | None = None):
         super().__init__(replica, cluster, options)
@@ -391,10 +395,12 @@ class DhcpService(Service):
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            buffer = self.options.receive_buffer
             try:   # past net.core.rmem_max, which root (CAP_NET_ADMIN) may do
-                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
+                if buffer:
+                    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, buffer)
             except PermissionError:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE,
                             self.replica.interface.encode())
             sock.bind(("0.0.0.0", self.options.port))

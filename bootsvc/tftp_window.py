@@ -9,7 +9,10 @@ and silence is answered by resending the window after the timeout.
 
 Transfers run on a `TransferEngine`: a thread with a plain epoll loop over the transfer
 sockets, no per-packet task, callback object or timer, because per-packet overhead is
-throughput. The service's asyncio loop only takes requests and hands transfers over.
+throughput. The service's asyncio loop only takes requests and hands transfers over. The
+thread blocks in epoll until a datagram comes or the next timeout check is due: it never
+busy-polls (a spin that waits for the next ACK took half the CPU samples under py-spy on a
+shared machine and lost to a sleeping thread's wake-up there).
 """
 
 from __future__ import annotations
@@ -37,14 +40,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 1.0      # seconds before a silent client gets the window again
 MAX_RETRIES = 6
-# After a packet, the engine polls without sleeping this long before it blocks in epoll: a
-# client a few microseconds away answers before a sleeping thread would even be woken, and
-# each wake-up costs more than the answer (an inter-processor interrupt, worse in a VM).
-# It only does so while the CPU has nothing else to run: when a sched_yield() takes longer
-# than PREEMPTED, others wanted the CPU, and the engine sleeps in epoll for SPIN_BACKOFF.
-SPIN_SECONDS = 0.0002
-PREEMPTED = 0.00005
-SPIN_BACKOFF = 0.5
 
 
 class Transfer:
@@ -226,33 +221,15 @@ class TransferEngine:
     def _run(self) -> None:
         next_tick = time.monotonic() + TICK
         transfers = self.transfers
-        spin_until = 0.0        # busy-poll until then
-        last_spin = 0.0
-        quiet_until = 0.0       # no busy-polling until then: the CPU has other work
+        poll = self._epoll.poll
         try:
             while not self._stopping:
-                events = self._epoll.poll(0 if spin_until else TICK)
-                if events:
-                    for fd, _ in events:
-                        transfer = transfers.get(fd)
-                        if transfer is not None:
-                            transfer.readable()
-                        elif fd == self._wake_read:
-                            self._take_incoming()
-                    last_spin = time.perf_counter()
-                    spin_until = (last_spin + SPIN_SECONDS
-                                  if transfers and last_spin >= quiet_until else 0.0)
-                elif spin_until:
-                    now = time.perf_counter()
-                    if now - last_spin > PREEMPTED:
-                        # sched_yield gave the CPU to someone else: spinning on a busy CPU
-                        # only gets us preempted, while a sleeper is woken promptly.
-                        spin_until, quiet_until = 0.0, now + SPIN_BACKOFF
-                    elif now >= spin_until:
-                        spin_until = 0.0
-                    else:
-                        last_spin = now
-                        os.sched_yield()    # a client on this CPU gets to answer meanwhile
+                for fd, _ in poll(max(0.0, next_tick - time.monotonic())):
+                    transfer = transfers.get(fd)
+                    if transfer is not None:
+                        transfer.readable()
+                    elif fd == self._wake_read:
+                        self._take_incoming()
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + TICK
