@@ -32,7 +32,7 @@ from virtualinux.vvcm import Cluster, Node
 
 from . import balance
 from . import dhcp_wire as wire
-from .service import Replica, Service, check_port
+from .service import Replica, Service, check_port, set_receive_buffer
 from .status import Status
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,6 @@ DRAIN_BATCH = 64
 MAX_DATAGRAM = 65535
 # The key of details() under which the discovery pool's answers are reported.
 DISCOVERED = "discovered"
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)   # Linux; Python names it from 3.12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -395,12 +394,7 @@ class DhcpService(Service):
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-            buffer = self.options.receive_buffer
-            try:   # past net.core.rmem_max, which root (CAP_NET_ADMIN) may do
-                if buffer:
-                    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, buffer)
-            except PermissionError:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
+            set_receive_buffer(sock, self.options.receive_buffer)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE,
                             self.replica.interface.encode())
             sock.bind(("0.0.0.0", self.options.port))

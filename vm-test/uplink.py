@@ -12,9 +12,10 @@ which the tiny image needs (its nodes run no host OS).
 
 The world also serves what the inventory says is out there (`world_servers`): DNS on every
 `upstream_dns` address (dnsmasq answering for WORLD_ZONE from its own records, nothing
-forwarded: `ping.world.test` is the address to ping, and each server has a name) and NTP on every `ntp_servers` address (chronyd
-as a local stratum, `-x`: it never sets the host's clock). So a node's DNS forwarding and its
-chrony reach real servers, through the VIP. Imports the model only.
+forwarded: `ping.world.test` is the address to ping, and each server has a name) and NTP on
+every `ntp_servers` address (chronyd as a local stratum, `-x`: it never sets the host's
+clock). So a node's DNS forwarding and its chrony reach real servers, through the VIP.
+Imports the model only.
 """
 
 from __future__ import annotations
