@@ -117,7 +117,30 @@ class Transfer:
             self.close(f"client unreachable: {err.strerror}")
             return
         if len(packet) >= 4 and packet[1] == OP_ACK and packet[0] == 0:
-            self._on_ack(packet[2] << 8 | packet[3])
+            wire_block = packet[2] << 8 | packet[3]
+            sent = self.sent
+            if (self.windowsize == 1 and sent == self.acked + 1 and sent < self.last_block
+                    and wire_block == sent & 0xFFFF and self.oack is None):
+                # Lock-step, the ACK of the one block in flight, more to come: what nearly
+                # every packet of a curl or iPXE transfer is. The next block goes out here,
+                # without _on_ack/_send_window's general window logic (a fifth of our CPU
+                # per block, against dnsmasq's whole cost per block, in bench/tftp.py).
+                self.acked = sent
+                self.retries = 0
+                offset = sent * self.blksize
+                try:
+                    self.sock.send(DATA_HEADERS[(sent + 1) & 0xFFFF]
+                                   + self.view[offset:offset + self.blksize])
+                except BlockingIOError:
+                    pass        # socket buffer full: the timeout resends it
+                except OSError as err:
+                    self.close(f"send failed: {err.strerror}")
+                    return
+                else:
+                    self.sent = sent + 1
+                self.deadline = time.monotonic() + self.timeout
+                return
+            self._on_ack(wire_block)
         else:
             self._other(packet)
 
@@ -219,20 +242,23 @@ class TransferEngine:
             pass        # the pipe is full of wake-ups already
 
     def _run(self) -> None:
-        next_tick = time.monotonic() + TICK
+        monotonic = time.monotonic
+        next_tick = monotonic() + TICK
+        wait = TICK
         transfers = self.transfers
         poll = self._epoll.poll
         try:
             while not self._stopping:
-                for fd, _ in poll(max(0.0, next_tick - time.monotonic())):
+                for fd, _ in poll(wait):
                     transfer = transfers.get(fd)
                     if transfer is not None:
                         transfer.readable()
                     elif fd == self._wake_read:
                         self._take_incoming()
-                now = time.monotonic()
-                if now >= next_tick:
-                    next_tick = now + TICK
+                now = monotonic()
+                wait = next_tick - now
+                if wait <= 0:
+                    next_tick, wait = now + TICK, TICK
                     for transfer in list(transfers.values()):
                         transfer.check_timeout(now)
         finally:
