@@ -143,6 +143,7 @@ class HeartbeatService(Service):
                        settings.cidr, settings.gateway_uplink, settings.vrrp_vmac)
 
     async def start(self) -> None:
+        self.tracked = self._tracked_of(self.cluster)
         if self.tracked:
             try:
                 socket.if_nametoindex(self.tracked)
