@@ -123,8 +123,9 @@ class Transfer:
                     and wire_block == sent & 0xFFFF and self.oack is None):
                 # Lock-step, the ACK of the one block in flight, more to come: what nearly
                 # every packet of a curl or iPXE transfer is. The next block goes out here,
-                # without _on_ack/_send_window's general window logic (a fifth of our CPU
-                # per block, against dnsmasq's whole cost per block, in bench/tftp.py).
+                # without _on_ack/_send_window's general window logic: in lock-step the
+                # interpreter's work per block is what we add to the kernel's, which is all
+                # dnsmasq costs (bench/tftp.py shows the CPU per MB of both).
                 self.acked = sent
                 self.retries = 0
                 offset = sent * self.blksize
