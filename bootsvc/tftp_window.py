@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .tftp_wire import (
+    ACKS,
     DATA_HEADERS,
     OP_ACK,
     OP_ERROR,
@@ -67,6 +68,11 @@ class Transfer:
         self.retransmits = 0
         self.malformed = 0
         self.finished = False
+        # Lock-step with one block in flight and more to come: the exact ACK that moves the
+        # transfer on (see readable), else None. `progressed`: the short path moved it since
+        # the last timeout check, which then re-arms the deadline (no clock read per block).
+        self.expect: bytes | None = None
+        self.progressed = False
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -90,7 +96,13 @@ class Transfer:
 
     def check_timeout(self, now: float) -> None:
         """Called by the engine every TICK: resend the window (or OACK) to a silent client."""
-        if self.finished or now < self.deadline:
+        if self.finished:
+            return
+        if self.progressed:
+            self.progressed = False
+            self.deadline = now + self.timeout
+            return
+        if now < self.deadline:
             return
         self.retries += 1
         if self.retries > MAX_RETRIES:
@@ -116,32 +128,29 @@ class Transfer:
         except OSError as err:          # ICMP port unreachable: the client went away
             self.close(f"client unreachable: {err.strerror}")
             return
-        if len(packet) >= 4 and packet[1] == OP_ACK and packet[0] == 0:
-            wire_block = packet[2] << 8 | packet[3]
-            sent = self.sent
-            if (self.windowsize == 1 and sent == self.acked + 1 and sent < self.last_block
-                    and wire_block == sent & 0xFFFF and self.oack is None):
-                # Lock-step, the ACK of the one block in flight, more to come: what nearly
-                # every packet of a curl or iPXE transfer is. The next block goes out here,
-                # without _on_ack/_send_window's general window logic: in lock-step the
-                # interpreter's work per block is what we add to the kernel's, which is all
-                # dnsmasq costs (bench/tftp.py shows the CPU per MB of both).
-                self.acked = sent
-                self.retries = 0
-                offset = sent * self.blksize
-                try:
-                    self.sock.send(DATA_HEADERS[(sent + 1) & 0xFFFF]
-                                   + self.view[offset:offset + self.blksize])
-                except BlockingIOError:
-                    pass        # socket buffer full: the timeout resends it
-                except OSError as err:
-                    self.close(f"send failed: {err.strerror}")
-                    return
-                else:
-                    self.sent = sent + 1
-                self.deadline = time.monotonic() + self.timeout
+        if packet == self.expect:
+            # Lock-step, the ACK of the one block in flight, more to come: what nearly every
+            # packet of a curl or iPXE transfer is. The next block goes out here, without
+            # _on_ack/_send_window's general window logic: in lock-step the interpreter's work
+            # per block is what we add to the kernel's, which is all dnsmasq costs
+            # (bench/tftp.py shows the CPU per MB of both).
+            self.acked = sent = self.sent
+            self.retries = 0
+            self.progressed = True
+            offset = sent * self.blksize
+            try:
+                self.sock.send(DATA_HEADERS[(sent + 1) & 0xFFFF]
+                               + self.view[offset:offset + self.blksize])
+            except BlockingIOError:
+                self.expect = None      # socket buffer full: the timeout resends it
                 return
-            self._on_ack(wire_block)
+            except OSError as err:
+                self.close(f"send failed: {err.strerror}")
+                return
+            self.sent = sent = sent + 1
+            self.expect = ACKS[sent & 0xFFFF] if sent < self.last_block else None
+        elif len(packet) >= 4 and packet[1] == OP_ACK and packet[0] == 0:
+            self._on_ack(packet[2] << 8 | packet[3])
         else:
             self._other(packet)
 
@@ -191,6 +200,8 @@ class Transfer:
             self.close(f"send failed: {err.strerror}")
             return
         self.sent = max(self.sent, last)
+        self.expect = (ACKS[last & 0xFFFF] if self.windowsize == 1 and last == first
+                       and last == self.sent and last < self.last_block else None)
         self._arm()
 
     def _send(self, packet: bytes) -> None:
