@@ -439,10 +439,10 @@ def main(argv: list[str] | None = None) -> int:
     for line in ratios:
         report.note(line)
     buffer = args.rmem_default or int(RMEM_DEFAULT.read_text())
-    ours = (f"ours asks for {args.ours_receive_buffer}, which the kernel doubles"
-            if args.ours_receive_buffer else "ours too: --set dhcp.receive_buffer=0")
+    ours_buffer = (f"ours asks for {args.ours_receive_buffer}, which the kernel doubles"
+                   if args.ours_receive_buffer else "ours too: --set dhcp.receive_buffer=0")
     report.note(f"every server's receive buffer: {buffer} bytes (net.core.rmem_default"
-                f"{', set for the run' if args.rmem_default else ''}; {ours}); "
+                f"{', set for the run' if args.rmem_default else ''}; {ours_buffer}); "
                 f"servers on CPU {SERVER_CPU}, perfdhcp on CPU "
                 f"{CLIENT_CPU}; 'dnsmasq, lease file on disk' does more work (fsync per lease) "
                 "and is not a headline peer")
