@@ -18,13 +18,13 @@ import os
 import shlex
 import statistics
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from virtualinux.vvcm import Cluster, Settings
+from virtualinux.vvcm.command import vlx_command
 
 # Left alone, the scheduler sometimes puts a lock-step server on the client's CPU and sometimes
 # not, and that alone changes a row 3x here. So servers get CPU 1 and clients CPU 0, like a
@@ -55,22 +55,16 @@ def apply_flags(args: argparse.Namespace) -> None:
         raise SystemExit("--repeat: at least 1")
 
 
-# How ours is started, in one place: every bench calls this (a switch to `vlx bootsvc run
-# --set SERVICE.FIELD=VALUE` changes only this function).
+# How ours is started, in one place: every bench calls this.
 def ours_command(db: Path, root: Path, address: str, services: Sequence[str],
                  interface: str = "eth0", state_dir: Path | None = None,
-                 settings: Mapping[str, int] | None = None,
-                 dhcp_receive_buffer: int | None = None,
-                 boot_over_tftp: bool = False, quiet: bool = True) -> list[str]:
+                 settings: Mapping[str, object] | None = None,
+                 quiet: bool = True) -> list[str]:
     """Our services as production runs them, `vlx bootsvc run`, in the foreground: it prints
     `ready ...` once they listen and keeps its counters in STATE_DIR's status file (a fresh
-    temporary directory when `state_dir` is None). `settings`: SERVICE.FIELD -> value.
-    `dhcp_receive_buffer`: bytes for the DHCP socket's SO_RCVBUF (the kernel doubles it), so
-    ours can be given the same buffer as peers that keep the kernel's default.
-    `boot_over_tftp`: the node scripts name kernel and initrd by tftp:// instead of http://,
-    so a PXE row can hold the protocol equal with a TFTP-only peer (the product has no such
-    setting; the bench sets it for its run only). `quiet`: problems only, no line per answer
-    (`--quiet`, like the peers with their per-packet logs off)."""
+    temporary directory when `state_dir` is None). `settings`: SERVICE.FIELD -> value, the
+    typed `--set` options (e.g. `dhcp.receive_buffer`). `quiet`: problems only, no line per
+    answer (`--quiet`, like the peers with their per-packet logs off)."""
     state = state_dir or Path(tempfile.mkdtemp(prefix="bench-ours-"))
     args = ["--db", str(db), "bootsvc", "run", "--netboot-root", str(root),
             "--address", address, "--interface", interface, "--state-dir", str(state),
@@ -79,15 +73,7 @@ def ours_command(db: Path, root: Path, address: str, services: Sequence[str],
         args += ["--set", f"{key}={value}"]
     if quiet:
         args.append("--quiet")
-    prelude = ""
-    if dhcp_receive_buffer is not None:
-        prelude += (f"from virtualinux.bootsvc import dhcp; "
-                    f"dhcp.RECEIVE_BUFFER = {int(dhcp_receive_buffer)}; ")
-    if boot_over_tftp:
-        prelude += ("from virtualinux.netboot import scripts; "
-                    "scripts.HTTP_BASE = 'tftp://${next-server}'; ")
-    return [sys.executable, "-c", prelude + "import sys; from virtualinux.vvcm.cli "
-            "import main; sys.exit(main(sys.argv[1:]))", *args]
+    return vlx_command(*args)
 
 
 def start_ours(namespace, cmd_args: dict[str, Any], log: Path | None = None,

@@ -11,8 +11,9 @@ drops, stepping `-r` up. Like for like:
   every change) is shown apart, as what a default dnsmasq costs; it is not a headline peer.
 - the same state: every server is restarted before every step, so each starts from no leases;
 - the same receive buffer: the peers keep the kernel's default (net.core.rmem_default, which
-  cannot be set inside a namespace), so ours is given that same buffer for the run
-  (`--ours-receive-buffer` changes it);
+  cannot be set inside a namespace), and so does ours: `--set dhcp.receive_buffer=0` (its
+  product default asks for 4 MiB); `--ours-receive-buffer` gives ours another, and
+  `--rmem-default` sets the default of every server for the run;
 - the same CPUs: servers on CPU 1, perfdhcp on CPU 0; servers interleaved step by step.
 
 Each server's best clean rate is then run `--repeat` times in all (median, min, max). The
@@ -199,7 +200,7 @@ def servers(work: Path, namespace: Namespace, count: int, receive_buffer: int) -
         return common.start_ours(namespace, {
             "db": db.path, "root": work / "tree", "address": str(SERVER_ADDRESS),
             "services": ["dhcp"], "state_dir": work / "state",
-            "dhcp_receive_buffer": receive_buffer}, log=work / "ours.log")
+            "settings": {"dhcp.receive_buffer": receive_buffer}}, log=work / "ours.log")
 
     def logged(cmd: list[str], log: Path, ready: str, env=None) -> subprocess.Popen:
         process = namespace.popen(pinned(SERVER_CPU, cmd), stdout=log.open("w"),
@@ -356,10 +357,13 @@ def run_size(count: int, seconds: float, repeat: int, steps: tuple[int, ...],
     with tempfile.TemporaryDirectory(prefix="bench-dhcp-") as tmp, segment() as (server, client):
         work = Path(tmp)
         (work / "macs").write_text("".join(node_mac(i) + "\n" for i in range(count)))
-        # SO_RCVBUF asks for half of what the kernel then grants.
-        buffer = receive_buffer or kernel_receive_buffer(server) // 2
-        log(f"{count} known MACs; ours asks for a {buffer}-byte receive buffer "
-            f"({2 * buffer} granted), the peers keep the kernel's default")
+        # 0: ours sets no SO_RCVBUF and gets the kernel's default, like the peers.
+        buffer = receive_buffer or 0
+        log(f"{count} known MACs; " + (
+            f"ours asks for a {buffer}-byte receive buffer ({2 * buffer} granted), "
+            f"the peers keep the kernel's default ({kernel_receive_buffer(server)})" if buffer
+            else f"every server has the kernel's default receive buffer "
+                 f"({kernel_receive_buffer(server)} bytes)"))
         sweeps = [Sweep(s) for s in servers(work, server, count, buffer)]
         sweep_all(sweeps, work, client, server, count, seconds, steps, log)
         for sweep in sweeps:
@@ -386,8 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-rate", type=int, default=RATE_STEPS[-1],
                         help=f"highest -r step (default: {RATE_STEPS[-1]})")
     parser.add_argument("--ours-receive-buffer", type=int, metavar="BYTES",
-                        help="SO_RCVBUF for ours (default: half net.core.rmem_default, "
-                             "so the kernel grants ours what the peers get)")
+                        help="SO_RCVBUF for ours, `--set dhcp.receive_buffer` (default: "
+                             "none, the kernel's default, what the peers get)")
     parser.add_argument("--rmem-default", type=int, metavar="BYTES",
                         help="set the host's net.core.rmem_default for the run (every "
                              "server's buffer; it cannot be set per namespace), restored after; "
@@ -435,9 +439,11 @@ def main(argv: list[str] | None = None) -> int:
     for line in ratios:
         report.note(line)
     buffer = args.rmem_default or int(RMEM_DEFAULT.read_text())
+    ours_buffer = (f"ours asks for {args.ours_receive_buffer}, which the kernel doubles"
+                   if args.ours_receive_buffer else "ours too: --set dhcp.receive_buffer=0")
     report.note(f"every server's receive buffer: {buffer} bytes (net.core.rmem_default"
-                f"{', set for the run' if args.rmem_default else ''}; ours asks for half, which "
-                f"the kernel doubles); servers on CPU {SERVER_CPU}, perfdhcp on CPU "
+                f"{', set for the run' if args.rmem_default else ''}; {ours_buffer}); "
+                f"servers on CPU {SERVER_CPU}, perfdhcp on CPU "
                 f"{CLIENT_CPU}; 'dnsmasq, lease file on disk' does more work (fsync per lease) "
                 "and is not a headline peer")
     report.finish(args.json)

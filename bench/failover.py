@@ -15,6 +15,7 @@ after (the machine may be shared). Needs root; everything stays in namespaces it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -22,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from virtualinux.vm_test.netns import Netns
+from pyroute2.netlink.exceptions import NetlinkError
+from virtualinux.vm_test.netns import Namespace, Netns
 from virtualinux.vm_test.vrrp_pair import (
     BACKUP,
     PRIMARY,
@@ -74,7 +76,17 @@ def one_takeover(lab: PairLab, kind: str) -> float:
         for speaker in (primary, backup):
             speaker.drop_vip()      # the killed master's namespace still holds it
         lab.speakers.clear()
-        lab.client.run(["ip", "neigh", "flush", "dev", "eth0"], check=False)
+        forget_neighbours(lab.client, "eth0")
+
+
+def forget_neighbours(ns: Namespace, ifname: str) -> None:
+    """The client's ARP cache emptied (`ip neigh flush`, over netlink): the next round learns
+    the VIP's MAC afresh."""
+    with ns.netlink() as ipr:
+        index = ipr.link_lookup(ifname=ifname)[0]
+        for neighbour in ipr.get_neighbours(ifindex=index):
+            with contextlib.suppress(NetlinkError):
+                ipr.neigh("del", ifindex=index, dst=neighbour.get_attr("NDA_DST"))
 
 
 def run(kills: int, intervals: list[float], log=print) -> list[tuple]:

@@ -20,8 +20,9 @@ QEMU TCG nodes with Debian's iPXE ROM), times each node from QEMU's start to the
 
 Every row but the last has the same "no default router here" RA on the segment: ours from its
 `ra` service, the peers from radvd (router lifetime 0, no prefix, 3-4 s). Ours is started
-through bench/common.py like every bench; the TFTP-only row points the node scripts at
-tftp:// for the run. Everyone hands out the same addresses, kernel, initrd and command line.
+through bench/common.py like every bench; the all-TFTP rows render the tree with the cluster
+setting `boot_files_over = "tftp"` (ours and dnsmasq serve that one tree). Everyone hands out
+the same addresses, kernel, initrd and command line.
 Cells: median (min-max) seconds over all nodes and runs, rows interleaved run by run; the
 ratio is ours against the peer row of the same protocol (below 1: we are faster). Where the
 time goes, per node: power-on to its DHCPACK (in the server's log), DHCPACK to its first file
@@ -35,7 +36,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -48,6 +48,7 @@ from virtualinux.vm_test import plan as vplan
 from virtualinux.vm_test.netns import Namespace
 from virtualinux.vm_test.state import LabRecord
 from virtualinux.vvcm import Cluster, Database, inventory
+from virtualinux.vvcm.model import BootFilesOver
 
 from . import common
 from .common import Stat
@@ -86,16 +87,6 @@ ROWS = (Row("tftp-ours", "tftp", True), Row("tftp-dnsmasq", "tftp", False),
 
 def load_cluster(path: Path) -> Cluster:
     return inventory.apply(Cluster(0, None), inventory.load(path), str(path))
-
-
-def tftp_tree(ours: Path, out: Path, cluster: Cluster) -> Path:
-    """Our rendered tree with the node scripts fetching over TFTP, for dnsmasq to serve."""
-    shutil.copytree(ours, out, symlinks=False)
-    for node in cluster.nodes:
-        script = out / netboot_layout.node_script_name(node.mac)
-        script.write_text(script.read_text().replace("http://${next-server}",
-                                                     "tftp://${next-server}"))
-    return out
 
 
 def dnsmasq_command(cluster: Cluster, server: vplan.ReplicaPlan, tree: Path,
@@ -154,12 +145,10 @@ def start_servers(running: vlab.Lab, row: Row, fresh: Cluster) -> None:
                 paths.database, paths.netboot_root, str(replica.address), services,
                 interface=vplan.REPLICA_INTERFACE, state_dir=directory,
                 # The lab's watcher reads DHCPACK lines; dnsmasq logs them too (--log-dhcp).
-                boot_over_tftp=row.protocol == "tftp", quiet=False), log)
+                quiet=False), log)
             wait_for_text(log, "ready ", f"our replica {replica.name}")
             continue
         served = paths.netboot_root.resolve()
-        if row.protocol == "tftp":
-            served = tftp_tree(served, running.plan.state_dir / "tftp-tree", fresh)
         running.spawn(f"replica-{replica.name}", replica.namespace,
                       dnsmasq_command(fresh, replica, served, directory), log)
         wait_for_text(log, "started, version", "dnsmasq")
@@ -193,8 +182,13 @@ def start(layout: vplan.LabPlan, row: Row, cluster: Cluster, image_dir: Path) ->
     record.save()
     running = vlab.Lab(layout, record)
     try:
+        # All-TFTP rows: the cluster setting boot_files_over = "tftp", so the node scripts
+        # ours and dnsmasq serve (one rendered tree) name kernel and initrd by tftp://.
+        settings = dataclasses.replace(common.settings_of(cluster), boot_files_over=(
+            BootFilesOver.TFTP if row.protocol == "tftp" else BootFilesOver.HTTP))
         fresh = Database.create(running.paths.database).update(
-            "bench", "pxe", lambda old: dataclasses.replace(cluster, generation=old.generation))
+            "bench", "pxe", lambda old: dataclasses.replace(cluster, settings=settings,
+                                                             generation=old.generation))
         render.render(fresh, image_dir, running.paths.netboot, KERNEL_ARGS)
         running.make_network()
         start_servers(running, row, fresh)
@@ -292,14 +286,18 @@ def main(argv: list[str] | None = None) -> int:
                             None)
                 ratio = (f"{medians[row.key].median / medians[peer.key].median:.2f}"
                          if row.ours and peer else None)
+                # The goal "N nodes at once <= 1.3x one": the last node up against one alone.
+                alone = results.get((firmware, 1, row.key))
+                scaling = (f"{last_up.median / Stat.of([b.to_init[0] for b in alone]).median:.2f}"
+                           if alone and count > 1 else None)
                 table.append([firmware, count, row.label, medians[row.key], last_up,
                               Stat.of(to_dhcp) if to_dhcp else None,
                               Stat.of(waits) if waits else None,
-                              Stat.of(to_kernel) if to_kernel else None, ratio])
+                              Stat.of(to_kernel) if to_kernel else None, ratio, scaling])
     report.table("PXE: seconds from power-on to /init (QEMU TCG)",
                  ["firmware", "nodes", "row", "power-on to /init", "last node up",
                   "power-on to DHCPACK", "DHCPACK to first file", "DHCPACK to kernel",
-                  "ours/peer, same protocol"], table)
+                  "ours/peer, same protocol", "last up / 1 node"], table)
     report.note("every row but 'no RA' has the 'no default router' RA on the segment: ours "
                 "from the ra service, the peers from radvd")
     report.finish(args.json)

@@ -14,7 +14,8 @@ Two tables:
   8 and 16. dnsmasq has no windowsize and answers lock-step; atftpd is the windowed peer and
   the ratio is against it.
 
-Cells are aggregate MB/s, median (min-max) of `--repeat` runs, servers interleaved. Every
+Cells are aggregate MB/s, median (min-max) of `--repeat` runs, servers interleaved, and a third
+table gives each server's CPU time per MB sent (what a busy shared machine moves least). Every
 client run is bounded in time. `BenchLab` is shared with bench/http.py.
 """
 
@@ -32,12 +33,14 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from virtualinux.bootsvc.tftp import WORKERS
 from virtualinux.vm_test.netns import Netns
 from virtualinux.vvcm import inventory
 from virtualinux.vvcm.db import Database
 
 from . import common
 from .common import CLIENT_CPU, SERVER_CPU, Stat, pinned
+from .dhcp import cpu_seconds
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cluster.toml"
 OURS, ANCHOR, THIRD, CLIENT = "198.18.0.1", "198.18.0.2", "198.18.0.3", "198.18.0.200"
@@ -54,6 +57,8 @@ class BenchLab:
         self.workdir = Path(tempfile.mkdtemp(prefix="vlx-bench-"))
         self.tree = self.workdir / "tree"
         self.processes: list[subprocess.Popen] = []
+        self.pids: dict[str, int] = {}      # server address -> its process, for CPU time
+        self.cpu_ms_per_mb: dict[str, Stat] = {}   # of the last `rates` call
 
     def __enter__(self) -> BenchLab:
         try:
@@ -82,16 +87,18 @@ class BenchLab:
         for address in (ANCHOR, THIRD):
             self.server.add_address("eth0", f"{address}/24")
 
-    def start_ours(self, *services: str) -> None:
+    def start_ours(self, *services: str, settings: dict[str, object] | None = None) -> None:
         self.processes.append(common.start_ours(self.server, {
             "db": self.workdir / "cluster.db", "root": self.tree, "address": OURS,
-            "services": services}))
+            "services": services, "settings": settings}))
+        self.pids[OURS] = self.processes[-1].pid
 
     def start_anchor(self, cmd: Sequence[str], port: int, udp: bool = False,
                      address: str = ANCHOR) -> None:
         self.processes.append(self.server.popen(pinned(SERVER_CPU, cmd),
                                                 stdout=subprocess.DEVNULL,
                                                 stderr=subprocess.DEVNULL))
+        self.pids[address] = self.processes[-1].pid
         wait_listening(self.server, address, port, udp)
 
     def timed(self, commands: Sequence[Sequence[str]]) -> float:
@@ -119,14 +126,25 @@ class BenchLab:
 
     def rates(self, repeat: int, commands: dict[str, Sequence[Sequence[str]]],
               nbytes: int) -> dict[str, Stat]:
-        """Aggregate MB/s per server over `repeat` interleaved runs."""
-        def rate(cmds: Sequence[Sequence[str]]) -> float:
-            return len(cmds) * nbytes / self.timed(cmds) / 1e6
+        """Aggregate MB/s per server over `repeat` interleaved runs; the server's CPU time
+        per MB sent goes to `cpu_ms_per_mb` (the figure a busy shared machine moves least)."""
+        cpu: dict[str, list[float]] = {server: [] for server in commands}
+
+        def rate(server: str, cmds: Sequence[Sequence[str]]) -> float:
+            pid = self.pids.get(server)
+            before = cpu_seconds(pid) if pid else 0.0
+            seconds = self.timed(cmds)
+            if pid:
+                cpu[server].append((cpu_seconds(pid) - before) * 1e3 / (len(cmds) * nbytes / 1e6))
+            return len(cmds) * nbytes / seconds / 1e6
 
         runs: dict[str, Callable[[], float]] = {
-            server: functools.partial(rate, cmds) for server, cmds in commands.items()}
-        return {server: Stat.of(values)
-                for server, values in common.interleaved(repeat, runs).items()}
+            server: functools.partial(rate, server, cmds) for server, cmds in commands.items()}
+        rates = {server: Stat.of(values)
+                 for server, values in common.interleaved(repeat, runs).items()}
+        self.cpu_ms_per_mb = {server: Stat.of(values, digits=2)
+                              for server, values in cpu.items() if values}
+        return rates
 
     def close(self) -> None:
         for process in self.processes:
@@ -166,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-mb", type=int, default=10, help="file size per client")
     parser.add_argument("--clients", default="20,50",
                         help="client counts of the many-clients rows (default: 20,50)")
+    parser.add_argument("--workers", type=int, default=WORKERS,
+                        help=f"our transfer threads, `--set tftp.workers` (default: {WORKERS})")
     common.add_flags(parser)
     args = parser.parse_args(argv)
     common.apply_flags(args)
@@ -183,9 +203,10 @@ def main(argv: list[str] | None = None) -> int:
                   lambda s: atftp(s, name, 1468, 16)) for n in many]
     report = common.Report("tftp", argv if argv is not None else sys.argv[1:])
     speed: list[list[object]] = []
+    cpu: list[list[object]] = []
     feature: list[list[object]] = []
     with BenchLab({name: size}) as lab:
-        lab.start_ours("tftp")
+        lab.start_ours("tftp", settings={"tftp.workers": args.workers})
         lab.start_anchor(["dnsmasq", "-d", "--port=0", "--enable-tftp",
                           f"--tftp-root={lab.tree}", f"--listen-address={ANCHOR}",
                           "--bind-interfaces", "--user=root", "--pid-file=",
@@ -201,11 +222,14 @@ def main(argv: list[str] | None = None) -> int:
                 best = got[THIRD] if table is feature else max(
                     (got[ANCHOR], got[THIRD]), key=lambda stat: stat.median)
                 table.append([label, got[OURS], got[ANCHOR], got[THIRD], ratio(got[OURS], best)])
+                cpu.append([label, *(lab.cpu_ms_per_mb.get(s) for s in (OURS, ANCHOR, THIRD))])
     report.table(f"TFTP speed, lock-step, {args.size_mb} MB per client, aggregate MB/s",
                  ["row", "ours", "dnsmasq", "atftpd", "ours/best peer"], speed)
     report.table("TFTP feature, windowsize (RFC 7440): dnsmasq ignores it and answers "
                  "lock-step; atftpd is the windowed peer", ["row", "ours", "dnsmasq (lock-step)",
                                                             "atftpd", "ours/atftpd"], feature)
+    report.table("Server CPU time per MB sent, ms (user + system, all threads)",
+                 ["row", "ours", "dnsmasq", "atftpd"], cpu)
     report.finish(args.json)
     return 0
 

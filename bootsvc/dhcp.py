@@ -45,7 +45,7 @@ from virtualinux.vvcm import Cluster, Node
 
 from . import balance
 from . import dhcp_wire as wire
-from .service import Replica, Service, check_port
+from .service import Replica, Service, check_port, set_receive_buffer
 from .status import Status
 from .vc_links import LinkFollower, Present, served_here, vc_interfaces
 
@@ -68,7 +68,6 @@ DRAIN_BATCH = 64
 MAX_DATAGRAM = 65535
 # The key of details() under which the discovery pool's answers are reported.
 DISCOVERED = "discovered"
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)   # Linux; Python names it from 3.12
 OPT_DOMAIN_SEARCH = 119         # RFC 3397
 # The key of details() listing the VC bridges served here.
 VC_INTERFACES = "vc_interfaces"
@@ -468,9 +467,13 @@ class DhcpService(Service):
     class Options:
         port: int = wire.SERVER_PORT
         vc_networks: bool = True     # serve the VC bridges here too
+        # SO_RCVBUF bytes (the kernel doubles it); 0: the kernel's default.
+        receive_buffer: int = RECEIVE_BUFFER
 
         def __post_init__(self) -> None:
             check_port(self.port)
+            if self.receive_buffer < 0:
+                raise ValueError("receive_buffer must be 0 (the kernel's default) or more")
 
     def __init__(self, replica: Replica, cluster: Cluster, options: Options | None = None):
         super().__init__(replica, cluster, options)
@@ -494,10 +497,7 @@ class DhcpService(Service):
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-            try:   # past net.core.rmem_max, which root (CAP_NET_ADMIN) may do
-                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
-            except PermissionError:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+            set_receive_buffer(sock, self.options.receive_buffer)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
             sock.bind(("0.0.0.0", port))
             sock.setblocking(False)

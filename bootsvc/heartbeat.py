@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import dataclasses
+import errno
 import logging
 import socket
 import struct
@@ -116,11 +117,10 @@ class HeartbeatService(Service):
         self.gateway = self._gateway(cluster)
         self.last_change = ""
         self.track_down = False
-        settings = cluster.settings
-        assert settings is not None
-        # The uplink from the database, or any interface the options name (read at start).
-        self.tracked = self.options.track_interface or (
-            settings.gateway_uplink or "" if settings.vrrp_track_uplink else "")
+        # The uplink from the database, or any interface the options name; a newer generation
+        # that turns vrrp_track_uplink on or off, or names another uplink, is followed live.
+        self.tracked = self._tracked_of(cluster)
+        self._track_task: asyncio.Task | None = None
         self._sock: socket.socket | None = None
         self._vmac_sock: socket.socket | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -130,6 +130,12 @@ class HeartbeatService(Service):
         self._logged: set[tuple[str, str]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
+    def _tracked_of(self, cluster: Cluster) -> str:
+        settings = cluster.settings
+        assert settings is not None    # router_config refused a cluster without settings
+        return self.options.track_interface or (
+            settings.gateway_uplink or "" if settings.vrrp_track_uplink else "")
+
     def _gateway(self, cluster: Cluster) -> Gateway:
         settings = cluster.settings
         assert settings is not None    # router_config refused a cluster without settings
@@ -137,6 +143,7 @@ class HeartbeatService(Service):
                        settings.cidr, settings.gateway_uplink, settings.vrrp_vmac)
 
     async def start(self) -> None:
+        self.tracked = self._tracked_of(self.cluster)
         if self.tracked:
             try:
                 socket.if_nametoindex(self.tracked)
@@ -149,8 +156,7 @@ class HeartbeatService(Service):
         self._sock = self._open_socket()
         self._loop.add_reader(self._sock.fileno(), self._drain)
         self._tasks.append(asyncio.create_task(self._apply_changes()))
-        if self.tracked:
-            self._tasks.append(asyncio.create_task(self._track()))
+        self._follow(self.tracked)
         self._perform(self.router.start(self._loop.time()))
         log.info("VRRP VRID %d on %s as %s, priority %d, interval %.2f s, VIP %s",
                  self.router.config.vrid, self.replica.interface, self.replica.address,
@@ -168,10 +174,12 @@ class HeartbeatService(Service):
             self._sock = None
         await self._changes.join()          # the release and the hook of the shutdown
         self._send_from(None)
-        for task in self._tasks:
+        tasks = self._tasks + ([self._track_task] if self._track_task else [])
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
+        self._track_task = None
 
     def reload(self, cluster: Cluster) -> None:
         try:
@@ -190,6 +198,10 @@ class HeartbeatService(Service):
             self.gateway = gateway
         if config != self.router.config:
             self._perform(self.router.reconfigure(config, self._loop.time()))
+        tracked = self._tracked_of(cluster)
+        if tracked != self.tracked:
+            log.info("VRRP now tracks %s", tracked or "no uplink")
+            self._follow(tracked)
 
     def details(self) -> dict[str, object]:
         router = self.router
@@ -365,20 +377,40 @@ class HeartbeatService(Service):
             log.error("VRRP: cannot move the gateway %s -> %s: %s", old.vip, self.gateway.vip,
                       err)
 
-    async def _track(self) -> None:
+    def _follow(self, name: str) -> None:
+        """Track `name` from now on ("": nothing): the previous link's watch ends and its
+        penalty goes (the new link's watch lowers the priority again if it is down)."""
+        if self._track_task is not None:
+            self._track_task.cancel()
+            self._track_task = None
+        self._track_update(True)
+        self.tracked = name
+        if name:
+            self._track_task = asyncio.create_task(self._track(name))
+
+    async def _track(self, name: str) -> None:
         try:
-            await self._follow_link(self.tracked)
+            await self._follow_link(name)
+        except asyncio.CancelledError:
+            raise
         except Exception as err:   # the heartbeat goes on at the priority it has
             self.counters["track_errors"] += 1
-            log.error("VRRP: cannot follow %s any more: %s", self.tracked, err)
+            log.error("VRRP: cannot follow %s any more: %s", name, err)
 
     async def _follow_link(self, name: str) -> None:
-        """Follow the tracked link's carrier through netlink events, not polling."""
+        """Follow the tracked link's carrier through netlink events, not polling. A link that
+        does not exist (yet) counts as down until it appears."""
         async with AsyncIPRoute() as monitor:
             await monitor.bind()
             async with AsyncIPRoute() as ipr:
-                links = await ipr.link("get", ifname=name)
-                self._track_update(bool(links[0]["flags"] & IFF_RUNNING))
+                try:
+                    links = await ipr.link("get", ifname=name)
+                except NetlinkError as err:
+                    if err.code != errno.ENODEV:
+                        raise
+                    log.warning("VRRP: tracked interface %s does not exist: down", name)
+                    links = []
+                self._track_update(bool(links and links[0]["flags"] & IFF_RUNNING))
             while True:
                 async for msg in monitor.get():
                     if msg.get("event") == "RTM_NEWLINK" and msg.get("IFLA_IFNAME") == name:

@@ -20,6 +20,7 @@ import abc
 import dataclasses
 import importlib
 import ipaddress
+import socket
 from collections import Counter
 from pathlib import Path
 from typing import Any, ClassVar
@@ -77,6 +78,20 @@ def check_port(port: int) -> None:
     """For a service's `Options`: 0 (any free port, for tests) to 65535."""
     if not 0 <= port <= 65535:
         raise ValueError("port must be from 0 to 65535")
+
+
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)   # Linux; Python names it from 3.12
+
+
+def set_receive_buffer(sock: socket.socket, size: int) -> None:
+    """A UDP service's `receive_buffer` option: SO_RCVBUF bytes for bursts (the kernel doubles
+    it), past net.core.rmem_max where root may; 0 leaves the kernel's default."""
+    if not size:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
 def service_class(name: str) -> type[Service]:

@@ -9,7 +9,10 @@ and silence is answered by resending the window after the timeout.
 
 Transfers run on a `TransferEngine`: a thread with a plain epoll loop over the transfer
 sockets, no per-packet task, callback object or timer, because per-packet overhead is
-throughput. The service's asyncio loop only takes requests and hands transfers over.
+throughput. The service's asyncio loop only takes requests and hands transfers over. The
+thread blocks in epoll until a datagram comes or the next timeout check is due: it never
+busy-polls (a spin that waits for the next ACK took half the CPU samples under py-spy on a
+shared machine and lost to a sleeping thread's wake-up there).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .tftp_wire import (
+    ACKS,
     DATA_HEADERS,
     OP_ACK,
     OP_ERROR,
@@ -37,14 +41,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 1.0      # seconds before a silent client gets the window again
 MAX_RETRIES = 6
-# After a packet, the engine polls without sleeping this long before it blocks in epoll: a
-# client a few microseconds away answers before a sleeping thread would even be woken, and
-# each wake-up costs more than the answer (an inter-processor interrupt, worse in a VM).
-# It only does so while the CPU has nothing else to run: when a sched_yield() takes longer
-# than PREEMPTED, others wanted the CPU, and the engine sleeps in epoll for SPIN_BACKOFF.
-SPIN_SECONDS = 0.0002
-PREEMPTED = 0.00005
-SPIN_BACKOFF = 0.5
 
 
 class Transfer:
@@ -72,6 +68,11 @@ class Transfer:
         self.retransmits = 0
         self.malformed = 0
         self.finished = False
+        # Lock-step with one block in flight and more to come: the exact ACK that moves the
+        # transfer on (see readable), else None. `progressed`: the short path moved it since
+        # the last timeout check, which then re-arms the deadline (no clock read per block).
+        self.expect: bytes | None = None
+        self.progressed = False
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -95,7 +96,13 @@ class Transfer:
 
     def check_timeout(self, now: float) -> None:
         """Called by the engine every TICK: resend the window (or OACK) to a silent client."""
-        if self.finished or now < self.deadline:
+        if self.finished:
+            return
+        if self.progressed:
+            self.progressed = False
+            self.deadline = now + self.timeout
+            return
+        if now < self.deadline:
             return
         self.retries += 1
         if self.retries > MAX_RETRIES:
@@ -121,7 +128,28 @@ class Transfer:
         except OSError as err:          # ICMP port unreachable: the client went away
             self.close(f"client unreachable: {err.strerror}")
             return
-        if len(packet) >= 4 and packet[1] == OP_ACK and packet[0] == 0:
+        if packet == self.expect:
+            # Lock-step, the ACK of the one block in flight, more to come: what nearly every
+            # packet of a curl or iPXE transfer is. The next block goes out here, without
+            # _on_ack/_send_window's general window logic: in lock-step the interpreter's work
+            # per block is what we add to the kernel's, which is all dnsmasq costs
+            # (bench/tftp.py shows the CPU per MB of both).
+            self.acked = sent = self.sent
+            self.retries = 0
+            self.progressed = True
+            offset = sent * self.blksize
+            try:
+                self.sock.send(DATA_HEADERS[(sent + 1) & 0xFFFF]
+                               + self.view[offset:offset + self.blksize])
+            except BlockingIOError:
+                self.expect = None      # socket buffer full: the timeout resends it
+                return
+            except OSError as err:
+                self.close(f"send failed: {err.strerror}")
+                return
+            self.sent = sent = sent + 1
+            self.expect = ACKS[sent & 0xFFFF] if sent < self.last_block else None
+        elif len(packet) >= 4 and packet[1] == OP_ACK and packet[0] == 0:
             self._on_ack(packet[2] << 8 | packet[3])
         else:
             self._other(packet)
@@ -172,6 +200,8 @@ class Transfer:
             self.close(f"send failed: {err.strerror}")
             return
         self.sent = max(self.sent, last)
+        self.expect = (ACKS[last & 0xFFFF] if self.windowsize == 1 and last == first
+                       and last == self.sent and last < self.last_block else None)
         self._arm()
 
     def _send(self, packet: bytes) -> None:
@@ -224,38 +254,23 @@ class TransferEngine:
             pass        # the pipe is full of wake-ups already
 
     def _run(self) -> None:
-        next_tick = time.monotonic() + TICK
+        monotonic = time.monotonic
+        next_tick = monotonic() + TICK
+        wait = TICK
         transfers = self.transfers
-        spin_until = 0.0        # busy-poll until then
-        last_spin = 0.0
-        quiet_until = 0.0       # no busy-polling until then: the CPU has other work
+        poll = self._epoll.poll
         try:
             while not self._stopping:
-                events = self._epoll.poll(0 if spin_until else TICK)
-                if events:
-                    for fd, _ in events:
-                        transfer = transfers.get(fd)
-                        if transfer is not None:
-                            transfer.readable()
-                        elif fd == self._wake_read:
-                            self._take_incoming()
-                    last_spin = time.perf_counter()
-                    spin_until = (last_spin + SPIN_SECONDS
-                                  if transfers and last_spin >= quiet_until else 0.0)
-                elif spin_until:
-                    now = time.perf_counter()
-                    if now - last_spin > PREEMPTED:
-                        # sched_yield gave the CPU to someone else: spinning on a busy CPU
-                        # only gets us preempted, while a sleeper is woken promptly.
-                        spin_until, quiet_until = 0.0, now + SPIN_BACKOFF
-                    elif now >= spin_until:
-                        spin_until = 0.0
-                    else:
-                        last_spin = now
-                        os.sched_yield()    # a client on this CPU gets to answer meanwhile
-                now = time.monotonic()
-                if now >= next_tick:
-                    next_tick = now + TICK
+                for fd, _ in poll(wait):
+                    transfer = transfers.get(fd)
+                    if transfer is not None:
+                        transfer.readable()
+                    elif fd == self._wake_read:
+                        self._take_incoming()
+                now = monotonic()
+                wait = next_tick - now
+                if wait <= 0:
+                    next_tick, wait = now + TICK, TICK
                     for transfer in list(transfers.values()):
                         transfer.check_timeout(now)
         finally:

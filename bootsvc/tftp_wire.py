@@ -121,8 +121,14 @@ def encode_data_header(block: int) -> bytes:
     return _HEADER.pack(OP_DATA, block & 0xFFFF)
 
 
-# The hot path sends a header per block: all 65536 of them, made once by the encoder above.
+def encode_ack(block: int) -> bytes:
+    return _HEADER.pack(OP_ACK, block & 0xFFFF)
+
+
+# The hot path sends a header per block, and in lock-step compares each datagram with the ACK
+# it expects: all 65536 of each, made once by the encoders above.
 DATA_HEADERS = tuple(encode_data_header(block) for block in range(65536))
+ACKS = tuple(encode_ack(block) for block in range(65536))
 
 
 def parse_header(data: bytes) -> tuple[int, int]:

@@ -91,7 +91,8 @@ def boot_image(image_dir: Path) -> tuple[Path, Path]:
 def text_files(cluster: Cluster, kernel_args: Sequence[str]) -> dict[str, bytes]:
     """Every file of the tree that is made from the database (scripts, per-node cpios)."""
     files = {layout.IPXE_SCRIPT: scripts.boot_script().encode(),
-             layout.DISCOVER_SCRIPT: scripts.discover_script(kernel_args).encode()}
+             layout.DISCOVER_SCRIPT: scripts.discover_script(
+                 kernel_args, scripts.files_base(cluster)).encode()}
     for node in cluster.nodes:
         files[layout.node_script_name(node.mac)] = \
             scripts.node_script(cluster, node, kernel_args).encode()

@@ -17,11 +17,12 @@ from pathlib import PurePosixPath
 
 from virtualinux.storage.naming import initiator_iqn
 from virtualinux.vvcm import Cluster, Node, VlxError
-from virtualinux.vvcm.model import Volume
+from virtualinux.vvcm.model import BootFilesOver, Volume
 
 from . import cpio, layout
 
 HTTP_BASE = "http://${next-server}"
+TFTP_BASE = "tftp://${next-server}"
 ROOT_LABEL = "vroot"          # the golden root file system's label (mkfs.ext4 -L vroot)
 BOOT_INTERFACE = "eth0"       # Debian names the first NIC eth0 in the initramfs
 DISCOVER_MENU_TIMEOUT_MS = 30_000
@@ -76,14 +77,21 @@ chain --autofree ${{filename}} || goto unknown
 """
 
 
-def discover_script(kernel_args: Sequence[str]) -> str:
-    """discover.ipxe: an unknown machine boots the shared image with DHCP, in discovery mode."""
+def files_base(cluster: Cluster) -> str:
+    """Where iPXE fetches kernel and initrds from: the cluster setting `boot_files_over`."""
+    over = cluster.settings.boot_files_over if cluster.settings else BootFilesOver.HTTP
+    return TFTP_BASE if over == BootFilesOver.TFTP else HTTP_BASE
+
+
+def discover_script(kernel_args: Sequence[str], base: str = HTTP_BASE) -> str:
+    """discover.ipxe: an unknown machine boots the shared image with DHCP, in discovery mode.
+    `base`: files_base() of the cluster."""
     args = " ".join(["initrd=" + _basename(layout.INITRD), "ip=dhcp", "vlx.mode=discover",
                      *check_kernel_args(kernel_args)])
     return f"""#!ipxe
 # virtualinux: metamaster discovery for a machine the cluster database does not know yet.
-kernel {HTTP_BASE}/{layout.KERNEL} {args} || goto failed
-initrd {HTTP_BASE}/{layout.INITRD} || goto failed
+kernel {base}/{layout.KERNEL} {args} || goto failed
+initrd {base}/{layout.INITRD} || goto failed
 boot || goto failed
 
 :failed
@@ -140,15 +148,16 @@ def kernel_cmdline(cluster: Cluster, node: Node, kernel_args: Sequence[str]) -> 
 def node_script(cluster: Cluster, node: Node, kernel_args: Sequence[str]) -> str:
     """nodes/MAC.ipxe: kernel, shared initrd, the node's own cpio, and its command line."""
     cmdline = kernel_cmdline(cluster, node, kernel_args)
+    base = files_base(cluster)
     lines = [
         "#!ipxe",
         f"# virtualinux: {node.name} ({node.mac}, {node.ip}), "
         f"cluster database generation {cluster.generation}",
-        f"kernel {HTTP_BASE}/{layout.KERNEL} {cmdline} || goto failed",
-        f"initrd {HTTP_BASE}/{layout.INITRD} || goto failed",
+        f"kernel {base}/{layout.KERNEL} {cmdline} || goto failed",
+        f"initrd {base}/{layout.INITRD} || goto failed",
     ]
     if root_volume(cluster, node) is not None:
-        lines.append(f"initrd {HTTP_BASE}/{layout.node_cpio_name(node.mac)} || goto failed")
+        lines.append(f"initrd {base}/{layout.node_cpio_name(node.mac)} || goto failed")
     lines += [
         "boot || goto failed",
         "",

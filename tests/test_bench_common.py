@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from virtualinux.bench import common
 from virtualinux.bench.common import Report, Stat, interleaved, markdown, ours_command
+from virtualinux.bootsvc.options import parse as parse_options
+from virtualinux.vvcm.command import vlx_command
 
 
 def test_stat_is_median_min_max_of_the_runs():
@@ -48,15 +50,17 @@ def test_report_writes_the_same_rows_as_json_with_load_and_command(tmp_path, cap
                                                    "runs": 2}]]
 
 
-def test_ours_command_names_services_settings_and_the_receive_buffer():
-    cmd = ours_command(Path("/db"), Path("/tree"), "198.18.0.1", ["tftp", "http"],
-                       settings={"tftp.workers": 2}, dhcp_receive_buffer=4096)
+def test_ours_command_names_services_and_typed_settings():
+    cmd = ours_command(Path("/db"), Path("/tree"), "198.18.0.1", ["dhcp", "tftp"],
+                       settings={"tftp.workers": 2, "dhcp.receive_buffer": 4096})
+    assert cmd[:3] == vlx_command()
     assert cmd[3:5] == ["--db", "/db"] and cmd[5:7] == ["bootsvc", "run"]
-    assert ["--services", "tftp,http"] == cmd[cmd.index("--services"):cmd.index("--services") + 2]
-    assert ["--set", "tftp.workers=2"] == cmd[cmd.index("--set"):cmd.index("--set") + 2]
-    assert "dhcp.RECEIVE_BUFFER = 4096" in cmd[2]
-    assert "RECEIVE_BUFFER" not in ours_command(Path("/db"), Path("/t"), "198.18.0.1",
-                                                ["dhcp"])[2]
+    assert ["--services", "dhcp,tftp"] == cmd[cmd.index("--services"):cmd.index("--services") + 2]
+    sets = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--set"]
+    assert sets == ["tftp.workers=2", "dhcp.receive_buffer=4096"]
+    # What the benches pass is what the daemon accepts: typed, checked options.
+    options = parse_options(["dhcp", "tftp"], sets)
+    assert options["dhcp"].receive_buffer == 4096 and options["tftp"].workers == 2
 
 
 def test_pinning_can_be_turned_off(monkeypatch):

@@ -243,8 +243,18 @@ def test_malformed_advertisements_are_dropped_counted_and_change_nothing(pair):
 def uplinked(netns, tmp_path):
     """The pair with an uplink each (up0) into a world namespace at 198.19.0.1 that knows no
     route back to the cluster network: a client reaches it only through the master's NAT."""
+    yield from uplinked_pair(netns, tmp_path, track=True)
+
+
+@pytest.fixture
+def uplinked_untracked(netns, tmp_path):
+    """As `uplinked`, with vrrp_track_uplink off in the database."""
+    yield from uplinked_pair(netns, tmp_path, track=False)
+
+
+def uplinked_pair(netns, tmp_path, track: bool):
     require("nft", "ping")
-    lab = PairLab(netns, tmp_path, INTERVAL, gateway_uplink="up0", vrrp_track_uplink=True)
+    lab = PairLab(netns, tmp_path, INTERVAL, gateway_uplink="up0", vrrp_track_uplink=track)
     try:
         world = netns.namespace("world")
         outside = netns.bridge(world, "br1")
@@ -299,6 +309,35 @@ def test_a_master_whose_uplink_goes_down_hands_over_and_takes_back(uplinked):
     assert primary.status()["priority"] == 200
     assert primary.status()["counters"]["track_down"] == 1
     assert primary.status()["counters"]["track_up"] == 1
+
+
+def set_tracking(lab: PairLab, track: bool) -> None:
+    Database(lab.db_path).update("settings", "track the uplink", lambda c: changes.set_settings(
+        c, dataclasses.replace(c.settings, vrrp_track_uplink=track)))
+
+
+def test_turning_uplink_tracking_on_and_off_takes_effect_without_a_restart(uplinked_untracked):
+    lab = uplinked_untracked
+    primary, backup = two_of_ours(lab)
+    world, link = lab.uplinks[PRIMARY]
+    world.set_link(link, False)        # not tracked yet: the primary stays master
+    assert "tracked" not in primary.status() and primary.status()["priority"] == 200
+
+    set_tracking(lab, True)            # the running pair reloads: the down uplink now counts
+    wait_settled(backup, primary)
+    status = primary.status()
+    assert (status["tracked"], status["track_down"], status["priority"]) == ("up0", True, 50)
+    assert primary.running() and backup.running()   # nobody was restarted
+
+    set_tracking(lab, False)           # and no longer: the penalty goes, the primary preempts
+    wait_settled(primary, backup)
+    assert "tracked" not in primary.status() and primary.status()["priority"] == 200
+    assert primary.status()["counters"]["track_down"] == 1
+
+    world.set_link(link, True)
+    set_tracking(lab, True)            # tracked again, uplink up: nothing changes hands
+    wait_for(lambda: primary.status().get("tracked") == "up0", SETTLE, "tracking up0 again")
+    assert primary.status()["priority"] == 200 and primary.state() == "master"
 
 
 def test_a_node_outside_the_pair_refuses_to_start(pair):

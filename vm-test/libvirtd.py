@@ -6,13 +6,22 @@ run side by side on one machine as two nodes would.
 Clients reach one by its unix socket from anywhere (`uri`), and the other libvirtds reach it
 over TCP on the node's lab address (`tcp_uri`, no authentication: lab only), which is what a
 peer-to-peer migration uses. `stop()` (or the namespace registry's close) ends both daemons.
+
+How it starts, with no `ip` and no shell: `nsenter --net=NS unshare --mount --propagation
+private python -m virtualinux.vm_test.libvirtd STATE`, whose `launch` (in the new
+mount namespace) mounts a sysfs of the node's network namespace over /sys (so libvirt's
+/sys/class/net shows the node's links, what `ip netns exec` did), bind-mounts the private
+dirs with mount(2), starts virtlogd and execs libvirtd; both daemonise and keep that mount
+namespace.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -61,13 +70,9 @@ class LabLibvirtd:
         self._write_config()
         for target in PRIVATE_DIRS.values():
             os.makedirs(target, exist_ok=True)  # bind-mount points (libvirt's own dirs)
-        binds = " && ".join(f"mount --bind {self.state / name} {target}"
-                            for name, target in PRIVATE_DIRS.items())
-        script = (f"{binds} && virtlogd -d -p {self.state}/virtlogd.pid && "
-                  f"libvirtd -d --listen -p {self.state}/libvirtd.pid")
-        result = subprocess.run(["ip", "netns", "exec", self.ns.name, "unshare", "-m",
-                                 "--propagation", "private", "sh", "-c", script],
-                                capture_output=True, text=True, timeout=60)
+        launcher = ["unshare", "--mount", "--propagation", "private", sys.executable, "-m",
+                    __name__, str(self.state)]
+        result = self.ns.run(launcher, check=False, timeout=60)
         if result.returncode != 0:
             raise RuntimeError(f"libvirtd in {self.ns.name} did not start: {result.stderr}")
         deadline = time.monotonic() + START_TIMEOUT
@@ -119,3 +124,33 @@ def lab_nodes(registry: Netns, state: Path, count: int = 2) -> list[LabLibvirtd]
             daemon.stop()
         raise
     return daemons
+
+
+# mount(2) flags (linux/mount.h) and umount2's MNT_DETACH.
+MS_BIND, MNT_DETACH = 0x1000, 2
+
+
+def _mount(source: str, target: str, fstype: str | None, flags: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None,
+                  flags, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {source} on {target}: {os.strerror(err)}")
+
+
+def launch(state: Path) -> None:
+    """In a fresh mount namespace inside the node's network namespace: this namespace's sysfs
+    on /sys, the private dirs over libvirt's, then virtlogd and (exec) libvirtd."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(b"/sys", MNT_DETACH) != 0:     # the host's sysfs shows the host's links
+        err = ctypes.get_errno()
+        raise OSError(err, f"umount /sys: {os.strerror(err)}")
+    _mount("sysfs", "/sys", "sysfs", 0)
+    for name, target in PRIVATE_DIRS.items():
+        _mount(str(state / name), target, None, MS_BIND)
+    subprocess.run(["virtlogd", "-d", "-p", str(state / "virtlogd.pid")], check=True)
+    os.execvp("libvirtd", ["libvirtd", "-d", "--listen", "-p", str(state / "libvirtd.pid")])
+
+
+if __name__ == "__main__":
+    launch(Path(sys.argv[1]))

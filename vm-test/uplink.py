@@ -8,7 +8,14 @@ The world has no route to the cluster network: a node reaches it only through th
 VIP, whose master masquerades the cluster network out of `up0` (bootsvc.heartbeat with
 `gateway_uplink = "up0"`). `plan` is pure; `make_world` builds it in a `Netns`; `start` does
 both for a running lab and runs the heartbeat on its first two replicas (primary, backup),
-which the tiny image needs (its nodes run no host OS). Imports the model only.
+which the tiny image needs (its nodes run no host OS).
+
+The world also serves what the inventory says is out there (`world_servers`): DNS on every
+`upstream_dns` address (dnsmasq answering for WORLD_ZONE from its own records, nothing
+forwarded: `ping.world.test` is the address to ping, and each server has a name) and NTP on
+every `ntp_servers` address (chronyd as a local stratum, `-x`: it never sets the host's
+clock). So a node's DNS forwarding and its chrony reach real servers, through the VIP.
+Imports the model only.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ if TYPE_CHECKING:
     from .lab import Lab
 
 UPLINK_INTERFACE = "up0"
+WORLD_ZONE = "world.test"      # RFC 6761: never a real name
+NTP_STRATUM = 8
 WORLD_BRIDGE = "br1"
 # Where the world is when the inventory names nothing outside the cluster.
 DEFAULT_NETWORK = ipaddress.IPv4Network("198.18.255.0/24")
@@ -73,6 +82,40 @@ def make_world(netns: Netns, uplink: UplinkPlan, gateways: Sequence[Namespace]) 
     return world
 
 
+def world_names(uplink: UplinkPlan, settings: Settings) -> dict[str, ipaddress.IPv4Address]:
+    """The names the world's DNS answers: ping.world.test (the address to ping), dnsN and
+    ntpN for the servers the inventory names."""
+    names = {f"ping.{WORLD_ZONE}": uplink.outside[0]}
+    names.update({f"dns{i}.{WORLD_ZONE}": a for i, a in enumerate(settings.upstream_dns, 1)})
+    names.update({f"ntp{i}.{WORLD_ZONE}": a for i, a in enumerate(settings.ntp_servers, 1)})
+    return names
+
+
+def world_servers(uplink: UplinkPlan, settings: Settings,
+                  directory: Path) -> dict[str, list[str]]:
+    """The world's DNS and NTP servers: name -> command, run in the world namespace (each in
+    the foreground, its files in `directory`)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    servers: dict[str, list[str]] = {}
+    if settings.upstream_dns:
+        servers["world-dns"] = [
+            "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv",
+            "--no-hosts", "--bind-interfaces", "--user=root", "--group=root",
+            f"--pid-file={directory / 'dnsmasq.pid'}", "--log-facility=-",
+            f"--local=/{WORLD_ZONE}/", f"--domain={WORLD_ZONE}",
+            *(f"--listen-address={a}" for a in settings.upstream_dns),
+            *(f"--host-record={name},{address}"
+              for name, address in world_names(uplink, settings).items())]
+    if settings.ntp_servers:
+        conf = directory / "chrony.conf"
+        # No bindaddress: the world holds only world addresses, and chronyd binds one
+        # address at most, so it answers on every ntp_servers address this way.
+        conf.write_text(f"local stratum {NTP_STRATUM}\nallow all\ncmdport 0\n"
+                        f"pidfile {directory / 'chronyd.pid'}\n")
+        servers["world-ntp"] = ["chronyd", "-d", "-x", "-u", "root", "-f", str(conf)]
+    return servers
+
+
 def heartbeat_command(database: Path, state_dir: Path, address: ipaddress.IPv4Address,
                       role: str) -> list[str]:
     """The heartbeat of a replica that is not a node: its role comes from the options."""
@@ -89,13 +132,17 @@ def use_uplink(database: Database) -> Cluster:
 
 
 def start(lab: Lab, cluster: Cluster) -> None:
-    """The world for a running lab, and the gateway pair on its first two replicas."""
+    """The world for a running lab with its DNS and NTP servers, and the gateway pair on its
+    first two replicas."""
     if cluster.settings is None:
         return
     replicas = lab.plan.replicas[:len(ROLES)]
     uplink = plan(cluster.settings, len(replicas))
     lab.record.add_namespace(f"{lab.plan.prefix}-world")
-    make_world(lab.netns, uplink, [Namespace(r.namespace) for r in replicas])
+    world = make_world(lab.netns, uplink, [Namespace(r.namespace) for r in replicas])
+    directory = lab.plan.state_dir / "world"
+    for name, cmd in world_servers(uplink, cluster.settings, directory).items():
+        lab.spawn(name, world.name, cmd, directory / f"{name}.log")
     use_uplink(Database(lab.paths.database))
     for replica, role in zip(replicas, ROLES, strict=False):
         lab.spawn(f"heartbeat-{replica.name}", replica.namespace,

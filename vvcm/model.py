@@ -89,6 +89,14 @@ class Hypervisor(enum.StrEnum):
 HYPERVISORS = tuple(Hypervisor)
 
 
+class BootFilesOver(enum.StrEnum):
+    """How iPXE fetches a node's kernel and initrds: HTTP (fast, the default) or TFTP, for
+    networks where HTTP is unwanted (every replica's tftp service serves the same files)."""
+
+    HTTP = "http"
+    TFTP = "tftp"
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings:
     """Cluster-wide settings: the cluster network and how VMs may share nodes."""
@@ -111,6 +119,10 @@ class Settings:
         "kernel arguments every node boots with, after its own (e.g. console=ttyS0); every "
         "node renders its netboot tree with them", parse_kernel_args, list, default=(),
         metavar="ARG,...")
+    boot_files_over: BootFilesOver = setting(
+        "how iPXE fetches kernel and initrds: http (the replicas' http service) or tftp "
+        "(networks where HTTP is unwanted)", lambda v: _one_of(v, BootFilesOver), str,
+        default=BootFilesOver.HTTP, metavar="http|tftp")
     lease_time: int = setting("DHCP lease time in seconds", parse_seconds, default=3600)
     discovery_pool: tuple[ipaddress.IPv4Address, ipaddress.IPv4Address] | None = setting(
         "FIRST-LAST addresses DHCP hands to unknown MACs, so a metamaster learns new nodes "
