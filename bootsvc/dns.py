@@ -192,6 +192,9 @@ class DnsService(Service):
                 "cache_bytes": self.cache.bytes,
                 "hit_ratio": round(hits / (hits + misses), 4) if hits + misses else None,
                 "upstreams": [str(u) for u in self.forwarder.upstreams],
+                # queries no upstream answered, and single upstream queries that timed out
+                "upstream_failures": self.counters["upstream_failed"],
+                "upstream_timeouts": self.counters["upstream_timeout"],
                 "rate_table_sources": len(self.limiter) if self.limiter else 0}
 
     # -- answering -------------------------------------------------------------------------------
