@@ -16,6 +16,7 @@ import pytest
 from virtualinux.bench.scale import inventory as big_inventory
 from virtualinux.vm_test.etcd import VLX, Lab
 from virtualinux.vm_test.wait import wait_for
+from virtualinux.vvcm.db import Database
 
 from .conftest import EXAMPLE, require
 from .test_dhcp_lab import events, recording_script, udhcpc
@@ -236,6 +237,35 @@ def test_a_bad_local_copy_is_refused_and_rebuilt_and_a_good_one_served_without_s
     assert status["message"].startswith("store unreachable since ")
     path.write_bytes(b"garbage")       # a bad copy and no store: nothing to serve
     assert "nothing to serve" in prepare()["error"]
+
+
+def test_a_copy_that_missed_generations_takes_only_them_even_after_a_compaction(
+        lab, tmp_path):
+    lab.etcd(1)
+    assert lab.vlx("db", "import", str(EXAMPLE)).returncode == 0
+    path = tmp_path / "copy.db"
+
+    def prepare() -> dict:
+        result = lab.admin.run([sys.executable, "-c", COPY, lab.url, str(path)], timeout=60)
+        return json.loads(result.stdout)
+
+    assert prepare()["copies_whole"] == 1                  # the first copy is whole: gen 1
+    for index in range(3):
+        assert node_add(lab, index).returncode == 0        # gens 2-4, missed by the copy
+    # etcd forgets the history up to a revision past head's: head's own revision is gone.
+    lab.etcdctl("put", "unrelated", "x")
+    revision = json.loads(lab.etcdctl("get", "unrelated", "-w", "json"))["header"]["revision"]
+    lab.etcdctl("compact", str(revision))
+    gone = lab.admin.run([*lab.etcdctl_args(lab.members), "get", "virtualinux/head",
+                          f"--rev={revision - 1}"], check=False)
+    assert "compacted" in gone.stderr
+
+    status = prepare()
+    assert status["generation"] == 4 and status["rebuilt_because"] is None
+    assert status["copies_written"] == 1 and status["copies_whole"] == 0   # in place
+    copy = Database(path)
+    assert [c.generation for c in copy.changes(None)] == [0, 1, 2, 3, 4]
+    assert [n.name for n in copy.load().nodes][-3:] == ["extra0", "extra1", "extra2"]
 
 
 def test_a_store_without_our_data_or_unreachable_is_one_line_and_exit_2(lab):
