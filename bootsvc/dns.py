@@ -1,15 +1,21 @@
 """The DNS service: authoritative for the cluster's zones (`dns_zone`), cache-only forwarding
 for everything else (`dns_cache`), on UDP and TCP at the replica's address.
 
-Per UDP datagram the hot path is: token bucket of the source, `dns_wire.parse_query`, one dict
-lookup in the zones or the cache, `dns_wire.assemble` (header, the client's question, the
-precomputed body) and `sendto`; no dnspython object is built. Queries the strict parser does
-not take go to dnspython's parser (`_slow_path`) and then the same tables. A cache miss becomes
-a task that asks the upstreams and answers when it is done. Malformed queries get FORMERR when
-the header is readable and is not a response, otherwise they are dropped; both are counted by
-reason and logged once per source. Per-source rate limiting (token buckets in a bounded table)
-runs before any parsing, so a flood from one address costs a dict lookup per datagram and
-cannot starve the others.
+UDP queries are read by a thread of their own (`_serve_udp`), in a blocking loop: per datagram
+one `recvfrom`, the token bucket of the source, one dict lookup of the query's bytes after the
+ID (a local answer or a cache hit kept whole), the ID glued on, one `sendto`; a local answer
+not yet kept costs `dns_wire.parse_query`, a zone lookup and `dns_wire.assemble` (header, the
+client's question, the precomputed body) in the same thread. No dnspython object is built, and
+no event-loop round is paid per datagram (bench/dns.py: the asyncio wake-up was the largest
+cost above the kernel's). Everything else (cache lookups, misses, malformed or unusual
+queries) is handed to the event loop, which owns the cache and the forwarder: queries the
+strict parser does not take go to dnspython's parser (`_slow_path`) and then the same tables;
+a cache miss becomes a task that asks the upstreams and answers when it is done. Malformed
+queries get FORMERR when the header is readable and is not a response, otherwise they are
+dropped; both are counted by reason and logged once per source. Per-source rate limiting (token
+buckets in a bounded table; one table for UDP, owned by its thread, one for TCP) runs before
+any parsing, so a flood from one address costs a dict lookup per datagram and cannot starve
+the others.
 
 Start one from a test or the daemon with
 
@@ -27,7 +33,9 @@ import logging
 import re
 import socket
 import struct
+import threading
 import time
+from collections import Counter
 from collections.abc import Awaitable
 
 import dns.exception
@@ -43,7 +51,7 @@ from .service import Replica, Service
 
 log = logging.getLogger(__name__)
 
-DRAIN_BATCH = 64                 # datagrams per wake-up of the event loop before others run
+COUNTS_FOLD_S = 0.25             # how often the UDP thread's counts join `counters`
 MAX_QUERY = 4096                 # a DNS query is a few dozen octets; longer ones are garbage
 TCP_MAX = 65535
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
@@ -117,10 +125,14 @@ class DnsService(Service):
         self.forwarder = Forwarder(self.cache, self.counters,
                                    self.options.upstream_timeout_ms / 1000, self.options.max_ttl)
         self.forwarder.upstreams = self._upstreams(cluster)
-        self.limiter = (RateLimiter(self.options.rate_limit, self.options.rate_burst,
-                                    self.options.rate_sources)
-                        if self.options.rate_limit > 0 else None)
+        self.limiter = self._limiter()          # TCP, on the event loop
+        self._udp_limiter = self._limiter()      # UDP, in its thread: no table shared
         self._udp: socket.socket | None = None
+        self._udp_thread: threading.Thread | None = None
+        # The UDP thread counts here, under the lock; the loop folds it into `counters`
+        # (which only the loop writes) every COUNTS_FOLD_S and on stop.
+        self._udp_counts: Counter[str] = Counter()
+        self._udp_lock = threading.Lock()
         self._tcp: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -132,6 +144,15 @@ class DnsService(Service):
         self._memo: dict[bytes, bytes] = {}
         # The same for cache hits, each until its TTLs would change (at most a second).
         self._hit_memo: dict[bytes, tuple[bytes, float]] = {}
+        # What the UDP thread answers from: zones and memo of ONE generation, swapped as one,
+        # so an answer it computes from old zones never lands in the new generation's memo.
+        self._local = (self.zones, self._memo)
+
+    def _limiter(self) -> RateLimiter | None:
+        if self.options.rate_limit <= 0:
+            return None
+        return RateLimiter(self.options.rate_limit, self.options.rate_burst,
+                           self.options.rate_sources)
 
     def _upstreams(self, cluster: Cluster) -> tuple[Upstream, ...]:
         servers = cluster.settings.upstream_dns if cluster.settings else ()
@@ -152,7 +173,6 @@ class DnsService(Service):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
             sock.bind((address, self.port))
             self.port = sock.getsockname()[1]
-            sock.setblocking(False)
         except OSError:
             sock.close()
             raise
@@ -160,17 +180,25 @@ class DnsService(Service):
         self._loop = asyncio.get_running_loop()
         self._tcp = await asyncio.start_server(self._tcp_client, address, self.port,
                                                reuse_address=True)
-        self._loop.add_reader(sock.fileno(), self._drain, sock)
+        self._udp_thread = threading.Thread(target=self._serve_udp, args=(sock, self._loop),
+                                            name="dns-udp", daemon=True)
+        self._udp_thread.start()
+        self._spawn(self._fold_periodically())
         log.info("dns on %s:%d (udp, tcp): %d names in %d zones, upstreams %s (gen %d)",
                  address, self.port, len(self.zones.names), len(self.zones.zones),
                  ", ".join(map(str, self.forwarder.upstreams)) or "none", self.zones.generation)
 
     async def stop(self) -> None:
-        if self._udp is not None:
-            if self._loop is not None:
-                self._loop.remove_reader(self._udp.fileno())
-            self._udp.close()
-            self._udp = None
+        sock, self._udp = self._udp, None
+        if sock is not None:
+            try:   # wakes the thread's blocking recvfrom (Linux, also for UDP)
+                sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+            if self._udp_thread is not None:
+                await asyncio.to_thread(self._udp_thread.join, 5)
+            sock.close()
+        self._fold()
         if self._tcp is not None:
             self._tcp.close()
             self._tcp = None
@@ -182,6 +210,7 @@ class DnsService(Service):
         zones = ClusterZones(cluster)       # built whole, then swapped: no query sees a mix
         self.zones = zones
         self._memo, self._hit_memo = {}, {}     # a forwarded name may be ours from now on
+        self._local = (zones, self._memo)
         self.forwarder.upstreams = self._upstreams(cluster)
         super().reload(cluster)
 
@@ -217,12 +246,9 @@ class DnsService(Service):
         if query.qclass != wire.CLASS_IN:
             self.counters["refused_class"] += 1
             return wire.assemble(query, REFUSED, size)
-        body = self.zones.lookup(query.qname, query.qtype)
-        if body is not None:
+        reply = self._local_reply(self.zones, self._memo, query, size, memo_key)
+        if reply is not None:
             self.counters["answered_local"] += 1
-            reply = wire.assemble(query, body, size)
-            if memo_key is not None:
-                self._keep(self._memo, memo_key, reply[2:])
             return reply
         now = time.monotonic()
         key = (query.qname, query.qtype)
@@ -240,6 +266,17 @@ class DnsService(Service):
                           else "servfail_busy"] += 1
             return wire.assemble(query, SERVFAIL, size)
         return self._forward(query, size)
+
+    def _local_reply(self, zones: ClusterZones, memo: dict, query: wire.Query, size: int,
+                     memo_key: bytes | None) -> bytes | None:
+        """The answer from our zones (kept in `memo` under `memo_key`), None if not ours."""
+        body = zones.lookup(query.qname, query.qtype)
+        if body is None:
+            return None
+        reply = wire.assemble(query, body, size)
+        if memo_key is not None:
+            self._keep(memo, memo_key, reply[2:])
+        return reply
 
     def _keep(self, memo: dict, key: bytes, value: object) -> None:
         if len(memo) >= self.options.memo_entries:    # random names cannot grow it
@@ -295,44 +332,101 @@ class DnsService(Service):
 
     # -- UDP -------------------------------------------------------------------------------------
 
-    def _drain(self, sock: socket.socket) -> None:
-        limiter, memo, counters = self.limiter, self._memo, self.counters
-        now = time.monotonic()
-        hit_memo = self._hit_memo
-        for _ in range(DRAIN_BATCH):
+    def _serve_udp(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+        """The UDP thread: answers what it can alone, hands the rest to the event loop, and
+        ends when stop() shuts the socket down. It never raises: a datagram that breaks
+        something is counted, logged once, and dropped."""
+        limiter, lock = self._udp_limiter, self._udp_lock
+        while True:
             try:
                 data, source = sock.recvfrom(MAX_QUERY)
-            except BlockingIOError:
-                return
             except OSError as err:
-                self.counters["receive_errors"] += 1
+                if self._udp is None:
+                    return
+                with lock:
+                    self._udp_counts["receive_errors"] += 1
                 log.debug("dns receive error: %s", err)
+                continue
+            if source is None or self._udp is None:       # shut down
                 return
+            now = time.monotonic()
             if limiter is not None and not limiter.allow(source[0], now):
-                self.counters["rate_limited"] += 1
+                with lock:
+                    self._udp_counts["rate_limited"] += 1
                 continue
-            key = data[2:]
-            tail = memo.get(key)
-            if tail is not None:
-                counters["queries"] += 1
-                counters["answered_local"] += 1
-                self._send(data[:2] + tail, source)
+            try:
+                answered = self._answer_udp(sock, data, source, now)
+            except Exception:       # a bug, not the client's: keep serving the others
+                with lock:
+                    self._udp_counts["internal_error"] += 1
+                self._log_once(source[0], "internal error answering %s", source[0])
                 continue
-            hit = hit_memo.get(key)
+            if answered is None:
+                try:
+                    loop.call_soon_threadsafe(self._answer_on_loop, data, source)
+                except RuntimeError:                      # the loop is closing
+                    return
+
+    def _answer_udp(self, sock: socket.socket, data: bytes, source: tuple[str, int],
+                    now: float) -> str | None:
+        """A kept answer, or a new local one; the counter it counted, None if not ours."""
+        key = data[2:]
+        zones, memo = self._local
+        tail = memo.get(key)
+        counter = "answered_local"
+        if tail is None:
+            hit = self._hit_memo.get(key)
             if hit is not None and now < hit[1]:
-                counters["queries"] += 1
-                counters["cache_hit"] += 1
-                self._send(data[:2] + hit[0], source)
-                continue
-            reply = self.respond(data, source[0], True)
-            if reply is None:
-                continue
-            if isinstance(reply, bytes):
-                self._send(reply, source)
+                tail, counter = hit[0], "cache_hit"
             else:
-                task = asyncio.ensure_future(self._send_later(reply, source))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                try:
+                    query = wire.parse_query(data)
+                except (wire.Unusual, wire.MalformedQuery):
+                    return None
+                if query.qclass != wire.CLASS_IN:
+                    return None
+                reply = self._local_reply(zones, memo, query, wire.udp_limit(query), key)
+                if reply is None:
+                    return None
+                tail = reply[2:]
+        sent = self._sendto(sock, data[:2] + tail, source)
+        with self._udp_lock:
+            counts = self._udp_counts
+            counts["queries"] += 1
+            counts[counter] += 1
+            if sent is not None:
+                counts[sent] += 1
+        return counter
+
+    def _answer_on_loop(self, data: bytes, source: tuple[str, int]) -> None:
+        """What the UDP thread handed over: the whole path, on the event loop."""
+        reply = self.respond(data, source[0], True)
+        if reply is None:
+            return
+        if isinstance(reply, bytes):
+            self._send(reply, source)
+        else:
+            self._spawn(self._send_later(reply, source))
+
+    def _spawn(self, awaitable: Awaitable) -> None:
+        task = asyncio.ensure_future(awaitable)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _fold_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(COUNTS_FOLD_S)
+            self._fold()
+
+    def _fold(self) -> None:
+        with self._udp_lock:
+            counts, self._udp_counts = self._udp_counts, Counter()
+        self.counters.update(counts)
+
+    def _log_once(self, source: str, message: str, *args: object) -> None:
+        if source not in self._logged and len(self._logged) < LOG_ONCE_LIMIT:
+            self._logged.add(source)
+            log.exception(message, *args)
 
     async def _send_later(self, reply: Awaitable[bytes], source: tuple[str, int]) -> None:
         self._send(await reply, source)
@@ -340,13 +434,22 @@ class DnsService(Service):
     def _send(self, reply: bytes, destination: tuple[str, int]) -> None:
         if self._udp is None:
             return
+        failed = self._sendto(self._udp, reply, destination)
+        if failed is not None:
+            self.counters[failed] += 1
+
+    @staticmethod
+    def _sendto(sock: socket.socket, reply: bytes, destination: tuple[str, int]) -> str | None:
+        """One datagram, never blocking (the socket itself blocks, for the UDP thread's
+        reads); the counter of a failure, None when sent."""
         try:
-            self._udp.sendto(reply, destination)
+            sock.sendto(reply, socket.MSG_DONTWAIT, destination)
         except BlockingIOError:
-            self.counters["dropped_send_buffer_full"] += 1
+            return "dropped_send_buffer_full"
         except OSError as err:
-            self.counters["send_errors"] += 1
             log.debug("dns send to %s failed: %s", destination[0], err)
+            return "send_errors"
+        return None
 
     # -- TCP -------------------------------------------------------------------------------------
 
