@@ -3,14 +3,15 @@ for everything else (`dns_cache`), on UDP and TCP at the replica's address.
 
 UDP queries are read by a thread of their own (`_serve_udp`), in a blocking loop: per datagram
 one `recvfrom`, the token bucket of the source, one dict lookup of the query's bytes after the
-ID (a local answer or a cache hit kept whole), the ID glued on, one `sendto`; a local answer
-not yet kept costs `dns_wire.parse_query`, a zone lookup and `dns_wire.assemble` (header, the
-client's question, the precomputed body) in the same thread. No dnspython object is built, and
-no event-loop round is paid per datagram (bench/dns.py: the asyncio wake-up was the largest
-cost above the kernel's). Everything else (cache lookups, misses, malformed or unusual
-queries) is handed to the event loop, which owns the cache and the forwarder: queries the
-strict parser does not take go to dnspython's parser (`_slow_path`) and then the same tables;
-a cache miss becomes a task that asks the upstreams and answers when it is done. Malformed
+ID (a local answer or a cache hit kept whole), the ID glued on, one `sendto`; an answer not
+yet kept costs `dns_wire.parse_query`, a zone or cache lookup and `dns_wire.assemble` (header,
+the client's question, the precomputed body) in the same thread. No dnspython object is built,
+and no event-loop round is paid per datagram (bench/dns.py: the asyncio wake-up was the
+largest cost above the kernel's). Everything else (cache misses, malformed or unusual queries)
+is handed to the event loop, which owns the forwarder (the cache has a lock of its own):
+queries the strict parser does not take go to dnspython's parser (`_slow_path`) and then the
+same tables; a cache miss becomes a task that asks the upstreams and answers when it is done.
+Malformed
 queries get FORMERR when the header is readable and is not a response, otherwise they are
 dropped; both are counted by reason and logged once per source. Per-source rate limiting (token
 buckets in a bounded table; one table for UDP, owned by its thread, one for TCP) runs before
@@ -144,9 +145,9 @@ class DnsService(Service):
         self._memo: dict[bytes, bytes] = {}
         # The same for cache hits, each until its TTLs would change (at most a second).
         self._hit_memo: dict[bytes, tuple[bytes, float]] = {}
-        # What the UDP thread answers from: zones and memo of ONE generation, swapped as one,
-        # so an answer it computes from old zones never lands in the new generation's memo.
-        self._local = (self.zones, self._memo)
+        # What the UDP thread answers from: zones and memos of ONE generation, swapped as one,
+        # so an answer it computes from old zones never lands in the new generation's memos.
+        self._local = (self.zones, self._memo, self._hit_memo)
 
     def _limiter(self) -> RateLimiter | None:
         if self.options.rate_limit <= 0:
@@ -210,7 +211,7 @@ class DnsService(Service):
         zones = ClusterZones(cluster)       # built whole, then swapped: no query sees a mix
         self.zones = zones
         self._memo, self._hit_memo = {}, {}     # a forwarded name may be ours from now on
-        self._local = (zones, self._memo)
+        self._local = (zones, self._memo, self._hit_memo)
         self.forwarder.upstreams = self._upstreams(cluster)
         super().reload(cluster)
 
@@ -250,15 +251,9 @@ class DnsService(Service):
         if reply is not None:
             self.counters["answered_local"] += 1
             return reply
-        now = time.monotonic()
-        key = (query.qname, query.qtype)
-        body = self.cache.get(key, now)
-        if body is not None:
+        reply = self._cached_reply(self._hit_memo, query, size, memo_key, time.monotonic())
+        if reply is not None:
             self.counters["cache_hit"] += 1
-            reply = wire.assemble(query, body, size)
-            # Kept until its TTLs would count down by one (or the entry expires).
-            if memo_key is not None:
-                self._keep(self._hit_memo, memo_key, (reply[2:], self.cache.same_until(key, now)))
             return reply
         self.counters["cache_miss"] += 1
         if not self.forwarder.upstreams or len(self._tasks) >= self.options.max_forwarding:
@@ -276,6 +271,18 @@ class DnsService(Service):
         reply = wire.assemble(query, body, size)
         if memo_key is not None:
             self._keep(memo, memo_key, reply[2:])
+        return reply
+
+    def _cached_reply(self, hit_memo: dict, query: wire.Query, size: int,
+                      memo_key: bytes | None, now: float) -> bytes | None:
+        """The answer from the cache (kept in `hit_memo` until its TTLs would count down by
+        one, or the entry expires), None on a miss."""
+        found = self.cache.hit((query.qname, query.qtype), now)
+        if found is None:
+            return None
+        reply = wire.assemble(query, found[0], size)
+        if memo_key is not None:
+            self._keep(hit_memo, memo_key, (reply[2:], found[1]))
         return reply
 
     def _keep(self, memo: dict, key: bytes, value: object) -> None:
@@ -371,11 +378,11 @@ class DnsService(Service):
                     now: float) -> str | None:
         """A kept answer, or a new local one; the counter it counted, None if not ours."""
         key = data[2:]
-        zones, memo = self._local
+        zones, memo, hit_memo = self._local
         tail = memo.get(key)
         counter = "answered_local"
         if tail is None:
-            hit = self._hit_memo.get(key)
+            hit = hit_memo.get(key)
             if hit is not None and now < hit[1]:
                 tail, counter = hit[0], "cache_hit"
             else:
@@ -385,9 +392,13 @@ class DnsService(Service):
                     return None
                 if query.qclass != wire.CLASS_IN:
                     return None
-                reply = self._local_reply(zones, memo, query, wire.udp_limit(query), key)
+                size = wire.udp_limit(query)
+                reply = self._local_reply(zones, memo, query, size, key)
                 if reply is None:
-                    return None
+                    reply = self._cached_reply(hit_memo, query, size, key, now)
+                    if reply is None:
+                        return None         # a miss: the loop asks the upstreams
+                    counter = "cache_hit"
                 tail = reply[2:]
         sent = self._sendto(sock, data[:2] + tail, source)
         with self._udp_lock:
