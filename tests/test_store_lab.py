@@ -211,32 +211,34 @@ print(json.dumps(copy.status()))
 """
 
 
+def prepare_copy(lab: Lab, path: Path) -> dict:
+    """A replica's start-up (ReplicaCopy.prepare) in its own process: its status, or error."""
+    result = lab.admin.run([sys.executable, "-c", COPY, lab.url, str(path)], timeout=60)
+    return json.loads(result.stdout)
+
+
 def test_a_bad_local_copy_is_refused_and_rebuilt_and_a_good_one_served_without_store(
         lab, tmp_path):
     lab.etcd(1)
     assert lab.vlx("db", "import", str(EXAMPLE)).returncode == 0
     path = tmp_path / "copy.db"
 
-    def prepare() -> dict:
-        result = lab.admin.run([sys.executable, "-c", COPY, lab.url, str(path)], timeout=60)
-        return json.loads(result.stdout)
-
     path.write_bytes(b"not a database at all" * 100)
-    status = prepare()
+    status = prepare_copy(lab, path)
     assert "not a virtualinux database" in status["rebuilt_because"]
     assert status["generation"] == 1 and status["reachable"]
 
     subprocess.run(["sqlite3", str(path), "PRAGMA user_version = 99"], check=True)
-    status = prepare()
+    status = prepare_copy(lab, path)
     assert "schema version 99" in status["rebuilt_because"]
     assert status["generation"] == 1
 
     lab.kill(lab.members[0])
-    status = prepare()                 # a good copy and no store: served as it is
+    status = prepare_copy(lab, path)   # a good copy and no store: served as it is
     assert status["rebuilt_because"] is None and status["generation"] == 1
     assert status["message"].startswith("store unreachable since ")
     path.write_bytes(b"garbage")       # a bad copy and no store: nothing to serve
-    assert "nothing to serve" in prepare()["error"]
+    assert "nothing to serve" in prepare_copy(lab, path)["error"]
 
 
 def test_a_copy_that_missed_generations_takes_only_them_even_after_a_compaction(
@@ -245,11 +247,7 @@ def test_a_copy_that_missed_generations_takes_only_them_even_after_a_compaction(
     assert lab.vlx("db", "import", str(EXAMPLE)).returncode == 0
     path = tmp_path / "copy.db"
 
-    def prepare() -> dict:
-        result = lab.admin.run([sys.executable, "-c", COPY, lab.url, str(path)], timeout=60)
-        return json.loads(result.stdout)
-
-    assert prepare()["copies_whole"] == 1                  # the first copy is whole: gen 1
+    assert prepare_copy(lab, path)["copies_whole"] == 1     # the first copy is whole: gen 1
     for index in range(3):
         assert node_add(lab, index).returncode == 0        # gens 2-4, missed by the copy
     # etcd forgets the history up to a revision past head's: head's own revision is gone.
@@ -260,7 +258,7 @@ def test_a_copy_that_missed_generations_takes_only_them_even_after_a_compaction(
                           f"--rev={revision - 1}"], check=False)
     assert "compacted" in gone.stderr
 
-    status = prepare()
+    status = prepare_copy(lab, path)
     assert status["generation"] == 4 and status["rebuilt_because"] is None
     assert status["copies_written"] == 1 and status["copies_whole"] == 0   # in place
     copy = Database(path)
