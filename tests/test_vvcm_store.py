@@ -4,16 +4,19 @@ test_store_lab.py run the etcd store against real members)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sqlite3
 import subprocess
 import sys
+import zlib
 
 import pytest
 from virtualinux.bench.scale import inventory as big_inventory
 from virtualinux.vvcm import inventory, snapshot
 from virtualinux.vvcm.db import Database
 from virtualinux.vvcm.errors import VlxError
+from virtualinux.vvcm.fields import to_mapping
 from virtualinux.vvcm.store import parse_url
 from virtualinux.vvcm.store_sqlite import CopyMismatch, advance_copy, write_copy
 
@@ -67,6 +70,26 @@ def test_a_snapshot_decodes_to_the_same_cluster(db):
     cluster = db.update("db import", "t",
                         lambda c: inventory.apply(c, inventory.load(EXAMPLE), "t"))
     assert snapshot.decode(snapshot.encode(cluster), "test") == cluster
+
+
+def test_a_snapshot_reuses_the_text_of_unchanged_items_and_never_of_changed_ones(db):
+    cluster = db.update("db import", "t",
+                        lambda c: inventory.apply(c, inventory.load(EXAMPLE), "t"))
+    whole = {"schema": 1, "generation": cluster.generation,
+             "settings": to_mapping(cluster.settings),
+             "nodes": [to_mapping(n) for n in cluster.nodes],
+             "vcs": [to_mapping(vc) for vc in cluster.vcs],
+             "vms": [[vm.name, vm.vc, vm.index, vm.node, vm.mac, str(vm.ip), vm.volume]
+                     for vm in cluster.vms],
+             "volumes": [to_mapping(v) for v in cluster.volumes],
+             "credentials": [[c.owner, c.username, c.secret] for c in cluster.credentials]}
+    first = snapshot.encode(cluster)
+    assert zlib.decompress(first) == json.dumps(whole, separators=(",", ":")).encode()
+    assert snapshot.encode(cluster) == first                       # from the kept texts
+    changed = dataclasses.replace(cluster, nodes=(dataclasses.replace(cluster.nodes[0],
+                                                                      cpus=64),
+                                                  *cluster.nodes[1:]))
+    assert snapshot.decode(snapshot.encode(changed), "test").nodes[0].cpus == 64
 
 
 @pytest.mark.parametrize("blob, expected", [
