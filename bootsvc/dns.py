@@ -5,12 +5,12 @@ UDP queries are read by a thread of their own (`_serve_udp`), in a blocking loop
 one `recvfrom`, the token bucket of the source, one dict lookup of the query's bytes after the
 ID (a local answer or a cache hit kept whole), the ID glued on, one `sendto`; an answer not
 yet kept costs `dns_wire.parse_query`, a zone or cache lookup and `dns_wire.assemble` (header,
-the client's question, the precomputed body) in the same thread. No dnspython object is built,
-and no event-loop round is paid per datagram (bench/dns.py: the asyncio wake-up was the
-largest cost above the kernel's). Everything else (cache misses, malformed or unusual queries)
-is handed to the event loop, which owns the forwarder (the cache has a lock of its own):
-queries the strict parser does not take go to dnspython's parser (`_slow_path`) and then the
-same tables; a cache miss becomes a task that asks the upstreams and answers when it is done.
+the client's question, the precomputed body) in the same thread (`respond`). No dnspython
+object is built, and no event-loop round is paid per datagram (bench/dns.py: the asyncio
+wake-up was the largest cost above the kernel's). Queries the strict parser does not take go
+to dnspython's parser (`_slow_path`) and then the same tables. Only a cache miss reaches the
+event loop, which owns the forwarder: a task that asks the upstreams and answers when it is
+done (the cache has a lock of its own; each thread counts into its own Counter, `counters`).
 Malformed
 queries get FORMERR when the header is readable and is not a response, otherwise they are
 dropped; both are counted by reason and logged once per source. Per-source rate limiting (token
@@ -99,6 +99,7 @@ class RateLimiter:
 
 class DnsService(Service):
     name = "dns"
+    _udp_ident: int | None = None       # the UDP thread's, once it runs
 
     @dataclasses.dataclass(frozen=True)
     class Options:
@@ -130,10 +131,11 @@ class DnsService(Service):
         self._udp_limiter = self._limiter()      # UDP, in its thread: no table shared
         self._udp: socket.socket | None = None
         self._udp_thread: threading.Thread | None = None
-        # The UDP thread counts here, under the lock; the loop folds it into `counters`
-        # (which only the loop writes) every COUNTS_FOLD_S and on stop.
+        # `counters` is the UDP thread's own Counter when that thread asks, else the loop's;
+        # each is written by one thread only. The loop adds what the UDP thread counted since
+        # the last time (COUNTS_FOLD_S, and on stop), so no count is lost and no lock is taken.
         self._udp_counts: Counter[str] = Counter()
-        self._udp_lock = threading.Lock()
+        self._udp_folded: dict[str, int] = {}
         self._tcp: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -148,6 +150,16 @@ class DnsService(Service):
         # What the UDP thread answers from: zones and memos of ONE generation, swapped as one,
         # so an answer it computes from old zones never lands in the new generation's memos.
         self._local = (self.zones, self._memo, self._hit_memo)
+
+    @property
+    def counters(self) -> Counter[str]:
+        if threading.get_ident() == self._udp_ident:
+            return self._udp_counts
+        return self._counters
+
+    @counters.setter
+    def counters(self, value: Counter[str]) -> None:
+        self._counters = value
 
     def _limiter(self) -> RateLimiter | None:
         if self.options.rate_limit <= 0:
@@ -247,11 +259,12 @@ class DnsService(Service):
         if query.qclass != wire.CLASS_IN:
             self.counters["refused_class"] += 1
             return wire.assemble(query, REFUSED, size)
-        reply = self._local_reply(self.zones, self._memo, query, size, memo_key)
+        zones, memo, hit_memo = self._local     # one generation's, whichever thread asks
+        reply = self._local_reply(zones, memo, query, size, memo_key)
         if reply is not None:
             self.counters["answered_local"] += 1
             return reply
-        reply = self._cached_reply(self._hit_memo, query, size, memo_key, time.monotonic())
+        reply = self._cached_reply(hit_memo, query, size, memo_key, time.monotonic())
         if reply is not None:
             self.counters["cache_hit"] += 1
             return reply
@@ -340,84 +353,63 @@ class DnsService(Service):
     # -- UDP -------------------------------------------------------------------------------------
 
     def _serve_udp(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
-        """The UDP thread: answers what it can alone, hands the rest to the event loop, and
-        ends when stop() shuts the socket down. It never raises: a datagram that breaks
-        something is counted, logged once, and dropped."""
-        limiter, lock = self._udp_limiter, self._udp_lock
+        """The UDP thread: answers every datagram itself but those that must wait for an
+        upstream (their coroutine is handed to the event loop), and ends when stop() shuts the
+        socket down. It never raises: a datagram that breaks something is counted, logged
+        once, and dropped."""
+        self._udp_ident = threading.get_ident()
+        limiter, counts = self._udp_limiter, self._udp_counts
         while True:
             try:
                 data, source = sock.recvfrom(MAX_QUERY)
             except OSError as err:
                 if self._udp is None:
                     return
-                with lock:
-                    self._udp_counts["receive_errors"] += 1
+                counts["receive_errors"] += 1
                 log.debug("dns receive error: %s", err)
                 continue
             if source is None or self._udp is None:       # shut down
                 return
             now = time.monotonic()
             if limiter is not None and not limiter.allow(source[0], now):
-                with lock:
-                    self._udp_counts["rate_limited"] += 1
+                counts["rate_limited"] += 1
+                continue
+            # The hot path: a reply kept whole by the query's bytes after the ID.
+            key = data[2:]
+            _, memo, hit_memo = self._local
+            tail = memo.get(key)
+            if tail is not None:
+                counts["queries"] += 1
+                counts["answered_local"] += 1
+                self._udp_send(sock, data[:2] + tail, source, counts)
+                continue
+            hit = hit_memo.get(key)
+            if hit is not None and now < hit[1]:
+                counts["queries"] += 1
+                counts["cache_hit"] += 1
+                self._udp_send(sock, data[:2] + hit[0], source, counts)
                 continue
             try:
-                answered = self._answer_udp(sock, data, source, now)
+                reply = self.respond(data, source[0], True)
             except Exception:       # a bug, not the client's: keep serving the others
-                with lock:
-                    self._udp_counts["internal_error"] += 1
-                self._log_once(source[0], "internal error answering %s", source[0])
+                counts["internal_error"] += 1
+                if source[0] not in self._logged and len(self._logged) < LOG_ONCE_LIMIT:
+                    self._logged.add(source[0])
+                    log.exception("internal error answering %s", source[0])
                 continue
-            if answered is None:
+            if isinstance(reply, bytes):
+                self._udp_send(sock, reply, source, counts)
+            elif reply is not None:
                 try:
-                    loop.call_soon_threadsafe(self._answer_on_loop, data, source)
+                    loop.call_soon_threadsafe(self._spawn, self._send_later(reply, source))
                 except RuntimeError:                      # the loop is closing
                     return
 
-    def _answer_udp(self, sock: socket.socket, data: bytes, source: tuple[str, int],
-                    now: float) -> str | None:
-        """A kept answer, or a new local one; the counter it counted, None if not ours."""
-        key = data[2:]
-        zones, memo, hit_memo = self._local
-        tail = memo.get(key)
-        counter = "answered_local"
-        if tail is None:
-            hit = hit_memo.get(key)
-            if hit is not None and now < hit[1]:
-                tail, counter = hit[0], "cache_hit"
-            else:
-                try:
-                    query = wire.parse_query(data)
-                except (wire.Unusual, wire.MalformedQuery):
-                    return None
-                if query.qclass != wire.CLASS_IN:
-                    return None
-                size = wire.udp_limit(query)
-                reply = self._local_reply(zones, memo, query, size, key)
-                if reply is None:
-                    reply = self._cached_reply(hit_memo, query, size, key, now)
-                    if reply is None:
-                        return None         # a miss: the loop asks the upstreams
-                    counter = "cache_hit"
-                tail = reply[2:]
-        sent = self._sendto(sock, data[:2] + tail, source)
-        with self._udp_lock:
-            counts = self._udp_counts
-            counts["queries"] += 1
-            counts[counter] += 1
-            if sent is not None:
-                counts[sent] += 1
-        return counter
-
-    def _answer_on_loop(self, data: bytes, source: tuple[str, int]) -> None:
-        """What the UDP thread handed over: the whole path, on the event loop."""
-        reply = self.respond(data, source[0], True)
-        if reply is None:
-            return
-        if isinstance(reply, bytes):
-            self._send(reply, source)
-        else:
-            self._spawn(self._send_later(reply, source))
+    def _udp_send(self, sock: socket.socket, reply: bytes, destination: tuple[str, int],
+                  counts: Counter[str]) -> None:
+        failed = self._sendto(sock, reply, destination)
+        if failed is not None:
+            counts[failed] += 1
 
     def _spawn(self, awaitable: Awaitable) -> None:
         task = asyncio.ensure_future(awaitable)
@@ -430,24 +422,18 @@ class DnsService(Service):
             self._fold()
 
     def _fold(self) -> None:
-        with self._udp_lock:
-            counts, self._udp_counts = self._udp_counts, Counter()
-        self.counters.update(counts)
-
-    def _log_once(self, source: str, message: str, *args: object) -> None:
-        if source not in self._logged and len(self._logged) < LOG_ONCE_LIMIT:
-            self._logged.add(source)
-            log.exception(message, *args)
+        """Add to the loop's counters what the UDP thread counted since the last fold."""
+        now = dict(self._udp_counts)     # one C-level copy: never a half-updated view
+        self._counters.update({key: value - self._udp_folded.get(key, 0)
+                               for key, value in now.items()})
+        self._udp_folded = now
 
     async def _send_later(self, reply: Awaitable[bytes], source: tuple[str, int]) -> None:
         self._send(await reply, source)
 
     def _send(self, reply: bytes, destination: tuple[str, int]) -> None:
-        if self._udp is None:
-            return
-        failed = self._sendto(self._udp, reply, destination)
-        if failed is not None:
-            self.counters[failed] += 1
+        if self._udp is not None:
+            self._udp_send(self._udp, reply, destination, self._counters)
 
     @staticmethod
     def _sendto(sock: socket.socket, reply: bytes, destination: tuple[str, int]) -> str | None:
