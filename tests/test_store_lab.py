@@ -266,6 +266,35 @@ def test_a_copy_that_missed_generations_takes_only_them_even_after_a_compaction(
     assert [n.name for n in copy.load().nodes][-3:] == ["extra0", "extra1", "extra2"]
 
 
+SPOILED_THEN_ADVANCED = """
+import json, sqlite3, subprocess, sys
+from pathlib import Path
+from virtualinux.vvcm.db import Database
+from virtualinux.vvcm.replica_copy import ReplicaCopy
+copy = ReplicaCopy(Database(store=sys.argv[1]), Path(sys.argv[2]))
+copy.prepare()
+with sqlite3.connect(sys.argv[2]) as conn:       # changed behind the replica's back
+    conn.execute("PRAGMA user_version = 99")
+subprocess.run(json.loads(sys.argv[3]), check=True, capture_output=True)
+copy.sync_once()
+print(json.dumps(copy.status()))
+"""
+
+
+def test_a_copy_spoiled_while_followed_is_rebuilt_whole_at_the_next_generation(lab, tmp_path):
+    lab.etcd(1)
+    assert lab.vlx("db", "import", str(EXAMPLE)).returncode == 0
+    path = tmp_path / "copy.db"
+    add = [*VLX, "--store", lab.url, "node", "add", "extra9", "--mac", "52:54:00:ff:01:09",
+           "--ip", "198.18.0.109", "--cpus", "1", "--memory", "1GiB"]
+    result = lab.admin.run([sys.executable, "-c", SPOILED_THEN_ADVANCED, lab.url, str(path),
+                            json.dumps(add)], timeout=120)
+    status = json.loads(result.stdout)
+    assert "schema version 99" in status["rebuilt_because"]
+    assert status["generation"] == 2 and status["copies_whole"] == 2   # first, and rebuilt
+    assert Database(path).load().nodes[-1].name == "extra9"
+
+
 def test_a_store_without_our_data_or_unreachable_is_one_line_and_exit_2(lab):
     lab.etcd(1)
     empty = lab.vlx("db", "show")
