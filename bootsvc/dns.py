@@ -2,15 +2,22 @@
 for everything else (`dns_cache`), on UDP and TCP at the replica's address, and at the service
 address of every VC bridge on this node for its VMs (`dns_vc`).
 
-Per UDP datagram the hot path is: token bucket of the source, `dns_wire.parse_query`, one dict
-lookup in the zones or the cache, `dns_wire.assemble` (header, the client's question, the
-precomputed body) and `sendto`; no dnspython object is built. Queries the strict parser does
-not take go to dnspython's parser (`_slow_path`) and then the same tables. A cache miss becomes
-a task that asks the upstreams and answers when it is done. Malformed queries get FORMERR when
-the header is readable and is not a response, otherwise they are dropped; both are counted by
-reason and logged once per source. Per-source rate limiting (token buckets in a bounded table)
-runs before any parsing, so a flood from one address costs a dict lookup per datagram and
-cannot starve the others.
+UDP queries are read by a thread of their own (`_serve_udp`), in a blocking loop: per datagram
+one `recvfrom`, the token bucket of the source, one dict lookup of the query's bytes after the
+ID (a local answer or a cache hit kept whole), the ID glued on, one `sendto`; an answer not
+yet kept costs `dns_wire.parse_query`, a zone or cache lookup and `dns_wire.assemble` (header,
+the client's question, the precomputed body) in the same thread (`respond`). No dnspython
+object is built, and no event-loop round is paid per datagram (bench/dns.py: the asyncio
+wake-up was the largest cost above the kernel's). Queries the strict parser does not take go
+to dnspython's parser (`_slow_path`) and then the same tables. Only a cache miss reaches the
+event loop, which owns the forwarder: a task that asks the upstreams and answers when it is
+done (the cache has a lock of its own; each thread counts into its own Counter, `counters`).
+Malformed
+queries get FORMERR when the header is readable and is not a response, otherwise they are
+dropped; both are counted by reason and logged once per source. Per-source rate limiting (token
+buckets in a bounded table; one table for UDP, owned by its thread, one for TCP) runs before
+any parsing, so a flood from one address costs a dict lookup per datagram and cannot starve
+the others.
 
 Start one from a test or the daemon with
 
@@ -28,7 +35,9 @@ import logging
 import re
 import socket
 import struct
+import threading
 import time
+from collections import Counter
 from collections.abc import Awaitable
 
 import dns.exception
@@ -45,7 +54,7 @@ from .service import Replica, Service
 
 log = logging.getLogger(__name__)
 
-DRAIN_BATCH = 64                 # datagrams per wake-up of the event loop before others run
+COUNTS_FOLD_S = 0.25             # how often the UDP thread's counts join `counters`
 MAX_QUERY = 4096                 # a DNS query is a few dozen octets; longer ones are garbage
 TCP_MAX = 65535
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
@@ -92,6 +101,7 @@ class RateLimiter:
 
 class DnsService(Service):
     name = "dns"
+    _udp_ident: int | None = None       # the UDP thread's, once it runs
 
     @dataclasses.dataclass(frozen=True)
     class Options:
@@ -107,7 +117,7 @@ class DnsService(Service):
         max_forwarding: int = 1024      # cache misses in flight; more are answered SERVFAIL
         tcp_clients: int = 256
         tcp_idle_s: int = 10
-        memo_entries: int = 65536       # UDP local answers kept by query bytes (see _drain)
+        memo_entries: int = 65536       # UDP local answers kept by query bytes (see _serve_udp)
         receive_buffer: int = 4 << 20   # UDP socket buffer for bursts; 0: the kernel's default
         vc_networks: bool = True        # answer VMs on the VC bridges here too
 
@@ -120,10 +130,15 @@ class DnsService(Service):
         self.forwarder = Forwarder(self.cache, self.counters,
                                    self.options.upstream_timeout_ms / 1000, self.options.max_ttl)
         self.forwarder.upstreams = self._upstreams(cluster)
-        self.limiter = (RateLimiter(self.options.rate_limit, self.options.rate_burst,
-                                    self.options.rate_sources)
-                        if self.options.rate_limit > 0 else None)
+        self.limiter = self._limiter()          # TCP, on the event loop
+        self._udp_limiter = self._limiter()      # UDP, in its thread: no table shared
         self._udp: socket.socket | None = None
+        self._udp_thread: threading.Thread | None = None
+        # `counters` is the UDP thread's own Counter when that thread asks, else the loop's;
+        # each is written by one thread only. The loop adds what the UDP thread counted since
+        # the last time (COUNTS_FOLD_S, and on stop), so no count is lost and no lock is taken.
+        self._udp_counts: Counter[str] = Counter()
+        self._udp_folded: dict[str, int] = {}
         self._tcp: asyncio.Server | None = None
         self.vc_listeners = VcListeners(self)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -136,6 +151,25 @@ class DnsService(Service):
         self._memo: dict[bytes, bytes] = {}
         # The same for cache hits, each until its TTLs would change (at most a second).
         self._hit_memo: dict[bytes, tuple[bytes, float]] = {}
+        # What the UDP thread answers from: zones and memos of ONE generation, swapped as one,
+        # so an answer it computes from old zones never lands in the new generation's memos.
+        self._local = (self.zones, self._memo, self._hit_memo)
+
+    @property
+    def counters(self) -> Counter[str]:
+        if threading.get_ident() == self._udp_ident:
+            return self._udp_counts
+        return self._counters
+
+    @counters.setter
+    def counters(self, value: Counter[str]) -> None:
+        self._counters = value
+
+    def _limiter(self) -> RateLimiter | None:
+        if self.options.rate_limit <= 0:
+            return None
+        return RateLimiter(self.options.rate_limit, self.options.rate_burst,
+                           self.options.rate_sources)
 
     def _upstreams(self, cluster: Cluster) -> tuple[Upstream, ...]:
         servers = cluster.settings.upstream_dns if cluster.settings else ()
@@ -156,7 +190,6 @@ class DnsService(Service):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
             sock.bind((address, self.port))
             self.port = sock.getsockname()[1]
-            sock.setblocking(False)
         except OSError:
             sock.close()
             raise
@@ -164,7 +197,10 @@ class DnsService(Service):
         self._loop = asyncio.get_running_loop()
         self._tcp = await asyncio.start_server(self._tcp_client, address, self.port,
                                                reuse_address=True)
-        self._loop.add_reader(sock.fileno(), self._drain, sock)
+        self._udp_thread = threading.Thread(target=self._serve_udp, args=(sock, self._loop),
+                                            name="dns-udp", daemon=True)
+        self._udp_thread.start()
+        self._spawn(self._fold_periodically())
         if self.options.vc_networks:
             await self.vc_listeners.start()
         log.info("dns on %s:%d (udp, tcp): %d names in %d zones, upstreams %s (gen %d)",
@@ -173,11 +209,16 @@ class DnsService(Service):
 
     async def stop(self) -> None:
         await self.vc_listeners.stop()
-        if self._udp is not None:
-            if self._loop is not None:
-                self._loop.remove_reader(self._udp.fileno())
-            self._udp.close()
-            self._udp = None
+        sock, self._udp = self._udp, None
+        if sock is not None:
+            try:   # wakes the thread's blocking recvfrom (Linux, also for UDP)
+                sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+            if self._udp_thread is not None:
+                await asyncio.to_thread(self._udp_thread.join, 5)
+            sock.close()
+        self._fold()
         if self._tcp is not None:
             self._tcp.close()
             self._tcp = None
@@ -189,6 +230,7 @@ class DnsService(Service):
         zones = ClusterZones(cluster)       # built whole, then swapped: no query sees a mix
         self.zones = zones
         self._memo, self._hit_memo = {}, {}     # a forwarded name may be ours from now on
+        self._local = (zones, self._memo, self._hit_memo)
         self.forwarder.upstreams = self._upstreams(cluster)
         super().reload(cluster)
         self.vc_listeners.reload(cluster)
@@ -200,6 +242,9 @@ class DnsService(Service):
                 "cache_bytes": self.cache.bytes,
                 "hit_ratio": round(hits / (hits + misses), 4) if hits + misses else None,
                 "upstreams": [str(u) for u in self.forwarder.upstreams],
+                # queries no upstream answered, and single upstream queries that timed out
+                "upstream_failures": self.counters["upstream_failed"],
+                "upstream_timeouts": self.counters["upstream_timeout"],
                 "rate_table_sources": len(self.limiter) if self.limiter else 0,
                 "vc_addresses": self.vc_listeners.addresses}
 
@@ -223,22 +268,14 @@ class DnsService(Service):
         if query.qclass != wire.CLASS_IN:
             self.counters["refused_class"] += 1
             return wire.assemble(query, REFUSED, size)
-        body = self.zones.lookup(query.qname, query.qtype)
-        if body is not None:
+        zones, memo, hit_memo = self._local     # one generation's, whichever thread asks
+        reply = self._local_reply(zones, memo, query, size, memo_key)
+        if reply is not None:
             self.counters["answered_local"] += 1
-            reply = wire.assemble(query, body, size)
-            if memo_key is not None:
-                self._keep(self._memo, memo_key, reply[2:])
             return reply
-        now = time.monotonic()
-        key = (query.qname, query.qtype)
-        body = self.cache.get(key, now)
-        if body is not None:
+        reply = self._cached_reply(hit_memo, query, size, memo_key, time.monotonic())
+        if reply is not None:
             self.counters["cache_hit"] += 1
-            reply = wire.assemble(query, body, size)
-            # Kept until its TTLs would count down by one (or the entry expires).
-            if memo_key is not None:
-                self._keep(self._hit_memo, memo_key, (reply[2:], self.cache.same_until(key, now)))
             return reply
         self.counters["cache_miss"] += 1
         if not self.forwarder.upstreams or len(self._tasks) >= self.options.max_forwarding:
@@ -246,6 +283,29 @@ class DnsService(Service):
                           else "servfail_busy"] += 1
             return wire.assemble(query, SERVFAIL, size)
         return self._forward(query, size)
+
+    def _local_reply(self, zones: ClusterZones, memo: dict, query: wire.Query, size: int,
+                     memo_key: bytes | None) -> bytes | None:
+        """The answer from our zones (kept in `memo` under `memo_key`), None if not ours."""
+        body = zones.lookup(query.qname, query.qtype)
+        if body is None:
+            return None
+        reply = wire.assemble(query, body, size)
+        if memo_key is not None:
+            self._keep(memo, memo_key, reply[2:])
+        return reply
+
+    def _cached_reply(self, hit_memo: dict, query: wire.Query, size: int,
+                      memo_key: bytes | None, now: float) -> bytes | None:
+        """The answer from the cache (kept in `hit_memo` until its TTLs would count down by
+        one, or the entry expires), None on a miss."""
+        found = self.cache.hit((query.qname, query.qtype), now)
+        if found is None:
+            return None
+        reply = wire.assemble(query, found[0], size)
+        if memo_key is not None:
+            self._keep(hit_memo, memo_key, (reply[2:], found[1]))
+        return reply
 
     def _keep(self, memo: dict, key: bytes, value: object) -> None:
         if len(memo) >= self.options.memo_entries:    # random names cannot grow it
@@ -301,58 +361,101 @@ class DnsService(Service):
 
     # -- UDP -------------------------------------------------------------------------------------
 
-    def _drain(self, sock: socket.socket) -> None:
-        limiter, memo, counters = self.limiter, self._memo, self.counters
-        now = time.monotonic()
-        hit_memo = self._hit_memo
-        for _ in range(DRAIN_BATCH):
+    def _serve_udp(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+        """The UDP thread: answers every datagram itself but those that must wait for an
+        upstream (their coroutine is handed to the event loop), and ends when stop() shuts the
+        socket down. It never raises: a datagram that breaks something is counted, logged
+        once, and dropped."""
+        self._udp_ident = threading.get_ident()
+        limiter, counts = self._udp_limiter, self._udp_counts
+        while True:
             try:
                 data, source = sock.recvfrom(MAX_QUERY)
-            except BlockingIOError:
-                return
             except OSError as err:
-                self.counters["receive_errors"] += 1
+                if self._udp is None:
+                    return
+                counts["receive_errors"] += 1
                 log.debug("dns receive error: %s", err)
-                return
-            if limiter is not None and not limiter.allow(source[0], now):
-                self.counters["rate_limited"] += 1
                 continue
+            if source is None or self._udp is None:       # shut down
+                return
+            now = time.monotonic()
+            if limiter is not None and not limiter.allow(source[0], now):
+                counts["rate_limited"] += 1
+                continue
+            # The hot path: a reply kept whole by the query's bytes after the ID.
             key = data[2:]
+            _, memo, hit_memo = self._local
             tail = memo.get(key)
             if tail is not None:
-                counters["queries"] += 1
-                counters["answered_local"] += 1
-                self._send(data[:2] + tail, source)
+                counts["queries"] += 1
+                counts["answered_local"] += 1
+                self._udp_send(sock, data[:2] + tail, source, counts)
                 continue
             hit = hit_memo.get(key)
             if hit is not None and now < hit[1]:
-                counters["queries"] += 1
-                counters["cache_hit"] += 1
-                self._send(data[:2] + hit[0], source)
+                counts["queries"] += 1
+                counts["cache_hit"] += 1
+                self._udp_send(sock, data[:2] + hit[0], source, counts)
                 continue
-            reply = self.respond(data, source[0], True)
-            if reply is None:
+            try:
+                reply = self.respond(data, source[0], True)
+            except Exception:       # a bug, not the client's: keep serving the others
+                counts["internal_error"] += 1
+                if source[0] not in self._logged and len(self._logged) < LOG_ONCE_LIMIT:
+                    self._logged.add(source[0])
+                    log.exception("internal error answering %s", source[0])
                 continue
             if isinstance(reply, bytes):
-                self._send(reply, source)
-            else:
-                task = asyncio.ensure_future(self._send_later(reply, source))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._udp_send(sock, reply, source, counts)
+            elif reply is not None:
+                try:
+                    loop.call_soon_threadsafe(self._spawn, self._send_later(reply, source))
+                except RuntimeError:                      # the loop is closing
+                    return
+
+    def _udp_send(self, sock: socket.socket, reply: bytes, destination: tuple[str, int],
+                  counts: Counter[str]) -> None:
+        failed = self._sendto(sock, reply, destination)
+        if failed is not None:
+            counts[failed] += 1
+
+    def _spawn(self, awaitable: Awaitable) -> None:
+        task = asyncio.ensure_future(awaitable)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _fold_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(COUNTS_FOLD_S)
+            self._fold()
+
+    def _fold(self) -> None:
+        """Add to the loop's counters what the UDP thread counted since the last fold."""
+        now = dict(self._udp_counts)     # one C-level copy: never a half-updated view
+        self._counters.update({key: value - self._udp_folded.get(key, 0)
+                               for key, value in now.items()})
+        self._udp_folded = now
 
     async def _send_later(self, reply: Awaitable[bytes], source: tuple[str, int]) -> None:
         self._send(await reply, source)
 
     def _send(self, reply: bytes, destination: tuple[str, int]) -> None:
-        if self._udp is None:
-            return
+        if self._udp is not None:
+            self._udp_send(self._udp, reply, destination, self._counters)
+
+    @staticmethod
+    def _sendto(sock: socket.socket, reply: bytes, destination: tuple[str, int]) -> str | None:
+        """One datagram, never blocking (the socket itself blocks, for the UDP thread's
+        reads); the counter of a failure, None when sent."""
         try:
-            self._udp.sendto(reply, destination)
+            sock.sendto(reply, socket.MSG_DONTWAIT, destination)
         except BlockingIOError:
-            self.counters["dropped_send_buffer_full"] += 1
+            return "dropped_send_buffer_full"
         except OSError as err:
-            self.counters["send_errors"] += 1
             log.debug("dns send to %s failed: %s", destination[0], err)
+            return "send_errors"
+        return None
 
     # -- TCP -------------------------------------------------------------------------------------
 

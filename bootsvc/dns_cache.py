@@ -26,6 +26,7 @@ import ipaddress
 import logging
 import secrets
 import socket
+import threading
 import time
 from collections import Counter, OrderedDict
 
@@ -77,7 +78,11 @@ class CacheEntry:
 
 
 class Cache:
-    """An LRU of CacheEntry by (lower-cased wire name, type), bounded in entries and bytes."""
+    """An LRU of CacheEntry by (lower-cased wire name, type), bounded in entries and bytes.
+
+    Read by the DNS service's UDP thread (`hit`) and written by its event loop (`put`): every
+    method holds the cache's lock, so the LRU order, the byte count and an entry's rendering
+    are never seen half-changed."""
 
     def __init__(self, max_entries: int, max_bytes: int, counters: Counter[str]):
         self.max_entries = max_entries
@@ -85,43 +90,54 @@ class Cache:
         self.counters = counters
         self.bytes = 0
         self._entries: OrderedDict[tuple[bytes, int], CacheEntry] = OrderedDict()
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def get(self, key: tuple[bytes, int], now: float) -> Body | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        if now >= entry.expires:
-            self._remove(key)
-            return None
-        self._entries.move_to_end(key)
-        return entry.body(now)
+        found = self.hit(key, now)
+        return found[0] if found else None
+
+    def hit(self, key: tuple[bytes, int], now: float) -> tuple[Body, float] | None:
+        """The entry's body as of `now`, and until when that rendering stays right (its next
+        whole second, when TTLs count down, or its expiry); None if not cached."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            if now >= entry.expires:
+                self._remove(key)
+                return None
+            self._entries.move_to_end(key)
+            return entry.body(now), min(entry.expires,
+                                        entry.stored + int(now - entry.stored) + 1)
 
     def same_until(self, key: tuple[bytes, int], now: float) -> float:
-        """Until when the entry's rendering at `now` stays right: its next whole second (TTLs
-        count down then) or its expiry."""
-        entry = self._entries.get(key)
-        if entry is None:
-            return 0.0
-        return min(entry.expires, entry.stored + int(now - entry.stored) + 1)
+        """Until when the entry's rendering at `now` stays right (see `hit`); 0 if none."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return 0.0
+            return min(entry.expires, entry.stored + int(now - entry.stored) + 1)
 
     def put(self, key: tuple[bytes, int], entry: CacheEntry) -> None:
-        if key in self._entries:
-            self._remove(key)
-        if entry.size > self.max_bytes:
-            return
-        self._entries[key] = entry
-        self.bytes += entry.size
-        while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
-            old, _ = next(iter(self._entries.items()))
-            self._remove(old)
-            self.counters["cache_evicted"] += 1
+        with self._lock:
+            if key in self._entries:
+                self._remove(key)
+            if entry.size > self.max_bytes:
+                return
+            self._entries[key] = entry
+            self.bytes += entry.size
+            while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
+                old, _ = next(iter(self._entries.items()))
+                self._remove(old)
+                self.counters["cache_evicted"] += 1
 
     def clear(self) -> None:
-        self._entries.clear()
-        self.bytes = 0
+        with self._lock:
+            self._entries.clear()
+            self.bytes = 0
 
     def _remove(self, key: tuple[bytes, int]) -> None:
         self.bytes -= self._entries.pop(key).size

@@ -227,3 +227,23 @@ def test_option_text_of_the_wrong_type_is_a_value_error(declared, text):
 def test_a_field_type_with_no_command_line_form_is_named():
     with pytest.raises(TypeError, match="no command-line form"):
         options.converter(dict[str, int])
+
+
+def test_status_text_shows_every_services_details(tmp_path, capsys):
+    (tmp_path / STATUS_FILE).write_text(json.dumps({
+        "state": "stopped", "pid": 1, "node": None, "interface": "eth0",
+        "address": "198.18.0.201", "generation": 3, "updated": "x", "reloads": 0,
+        "stale_generations_refused": 0, "services": {
+            "dns": {"port": 53, "counters": {"cache_hit": 3, "cache_miss": 1},
+                    "details": {"cache_entries": 12, "cache_bytes": 3400, "hit_ratio": 0.75,
+                                "upstream_failures": 2, "upstreams": ["198.18.1.53"],
+                                "zones": []}},
+            "dhcp": {"port": 67, "details": {"discovered": {"52:54:00:00:00:99": "x"}}},
+            "heartbeat": {"details": {"state": "master", "master": None}}}}))
+    assert main(["bootsvc", "status", "--state-dir", str(tmp_path)]) == 1
+    lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
+    for expected in ("dns cache entries 12", "dns cache bytes 3400", "dns hit ratio 75.0%",
+                     "dns upstream failures 2", "dns upstreams 198.18.1.53", "dns zones none",
+                     "dhcp discovered 1 entry (--json lists them)", "heartbeat state master",
+                     "heartbeat master -"):
+        assert expected in lines

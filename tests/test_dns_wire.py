@@ -5,8 +5,10 @@ counted by reason; a hypothesis fuzzer; and the corpus in tests/corpus/dns repla
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import ipaddress
+import socket
 import struct
 from pathlib import Path
 
@@ -235,3 +237,52 @@ def test_external_names_without_upstreams_get_servfail_at_once(service, db):
     reply = dns.message.from_wire(ask(service, dns.message.make_query("example.com", "A")))
     assert reply.rcode() == dns.rcode.SERVFAIL
     assert service.counters["servfail_no_upstream"] == 1
+
+
+def test_the_udp_thread_answers_counts_survives_a_bug_and_stops(db, tmp_path):
+    cluster = db.update("db import", "test",
+                        lambda c: inventory.apply(c, inventory.load(EXAMPLE), "test"))
+    replica = Replica(None, "lo", ipaddress.IPv4Address("127.0.0.1"), tmp_path, tmp_path)
+    service = DnsService(replica, cluster, DnsService.Options(port=0))
+    zones = service._local[0]
+    lookup = zones.lookup
+
+    def broken_for_node3(qname: bytes, qtype: int):
+        if qname.startswith(b"\x05node3"):
+            raise RuntimeError("a bug")
+        return lookup(qname, qtype)
+
+    zones.lookup = broken_for_node3     # type: ignore[method-assign]
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.settimeout(30)               # a safety net: every reply below is awaited
+
+    def exchange(data: bytes, reply: bool = True) -> bytes | None:
+        client.sendto(data, ("127.0.0.1", service.port))
+        return client.recv(4096) if reply else None
+
+    async def scenario() -> list:
+        await service.start()
+        try:
+            node2 = dns.message.make_query("node2.cluster.lab", "A").to_wire()
+            replies = [await asyncio.to_thread(exchange, node2) for _ in range(2)]
+            await asyncio.to_thread(exchange, dns.message.make_query(
+                "node3.cluster.lab", "A").to_wire(), False)   # breaks: no reply, no crash
+            replies.append(await asyncio.to_thread(exchange, dns.message.make_query(
+                "node1.cluster.lab", "A").to_wire()))
+            replies.append(await asyncio.to_thread(     # malformed: FORMERR
+                exchange, b"\x12\x34\x01\x00\xff\xff" + bytes(8)))
+            return replies
+        finally:
+            await service.stop()
+
+    try:
+        first, kept, node1, formerr = asyncio.run(scenario())
+    finally:
+        client.close()
+    assert first == kept and "198.18.0.12" in dns.message.from_wire(first).answer[0].to_text()
+    assert "198.18.0.11" in dns.message.from_wire(node1).answer[0].to_text()
+    assert formerr[:2] == b"\x12\x34" and formerr[3] & 0xF == wire.FORMERR
+    assert service._udp_thread is not None and not service._udp_thread.is_alive()
+    counters = service.counters        # the thread's counts are folded in on stop
+    assert counters["queries"] == 5 and counters["answered_local"] == 3
+    assert counters["formerr_counts_too_large"] == 1 and counters["internal_error"] == 1

@@ -16,6 +16,7 @@ import pytest
 from virtualinux.bench.scale import inventory as big_inventory
 from virtualinux.vm_test.etcd import VLX, Lab
 from virtualinux.vm_test.wait import wait_for
+from virtualinux.vvcm.db import Database
 
 from .conftest import EXAMPLE, require
 from .test_dhcp_lab import events, recording_script, udhcpc
@@ -210,32 +211,88 @@ print(json.dumps(copy.status()))
 """
 
 
+def prepare_copy(lab: Lab, path: Path) -> dict:
+    """A replica's start-up (ReplicaCopy.prepare) in its own process: its status, or error."""
+    result = lab.admin.run([sys.executable, "-c", COPY, lab.url, str(path)], timeout=60)
+    return json.loads(result.stdout)
+
+
 def test_a_bad_local_copy_is_refused_and_rebuilt_and_a_good_one_served_without_store(
         lab, tmp_path):
     lab.etcd(1)
     assert lab.vlx("db", "import", str(EXAMPLE)).returncode == 0
     path = tmp_path / "copy.db"
 
-    def prepare() -> dict:
-        result = lab.admin.run([sys.executable, "-c", COPY, lab.url, str(path)], timeout=60)
-        return json.loads(result.stdout)
-
     path.write_bytes(b"not a database at all" * 100)
-    status = prepare()
+    status = prepare_copy(lab, path)
     assert "not a virtualinux database" in status["rebuilt_because"]
     assert status["generation"] == 1 and status["reachable"]
 
     subprocess.run(["sqlite3", str(path), "PRAGMA user_version = 99"], check=True)
-    status = prepare()
+    status = prepare_copy(lab, path)
     assert "schema version 99" in status["rebuilt_because"]
     assert status["generation"] == 1
 
     lab.kill(lab.members[0])
-    status = prepare()                 # a good copy and no store: served as it is
+    status = prepare_copy(lab, path)   # a good copy and no store: served as it is
     assert status["rebuilt_because"] is None and status["generation"] == 1
     assert status["message"].startswith("store unreachable since ")
     path.write_bytes(b"garbage")       # a bad copy and no store: nothing to serve
-    assert "nothing to serve" in prepare()["error"]
+    assert "nothing to serve" in prepare_copy(lab, path)["error"]
+
+
+def test_a_copy_that_missed_generations_takes_only_them_even_after_a_compaction(
+        lab, tmp_path):
+    lab.etcd(1)
+    assert lab.vlx("db", "import", str(EXAMPLE)).returncode == 0
+    path = tmp_path / "copy.db"
+
+    assert prepare_copy(lab, path)["copies_whole"] == 1     # the first copy is whole: gen 1
+    for index in range(3):
+        assert node_add(lab, index).returncode == 0        # gens 2-4, missed by the copy
+    # etcd forgets the history up to a revision past head's: head's own revision is gone.
+    lab.etcdctl("put", "unrelated", "x")
+    revision = json.loads(lab.etcdctl("get", "unrelated", "-w", "json"))["header"]["revision"]
+    lab.etcdctl("compact", str(revision))
+    gone = lab.admin.run([*lab.etcdctl_args(lab.members), "get", "virtualinux/head",
+                          f"--rev={revision - 1}"], check=False)
+    assert "compacted" in gone.stderr
+
+    status = prepare_copy(lab, path)
+    assert status["generation"] == 4 and status["rebuilt_because"] is None
+    assert status["copies_written"] == 1 and status["copies_whole"] == 0   # in place
+    copy = Database(path)
+    assert [c.generation for c in copy.changes(None)] == [0, 1, 2, 3, 4]
+    assert [n.name for n in copy.load().nodes][-3:] == ["extra0", "extra1", "extra2"]
+
+
+SPOILED_THEN_ADVANCED = """
+import json, sqlite3, subprocess, sys
+from pathlib import Path
+from virtualinux.vvcm.db import Database
+from virtualinux.vvcm.replica_copy import ReplicaCopy
+copy = ReplicaCopy(Database(store=sys.argv[1]), Path(sys.argv[2]))
+copy.prepare()
+with sqlite3.connect(sys.argv[2]) as conn:       # changed behind the replica's back
+    conn.execute("PRAGMA user_version = 99")
+subprocess.run(json.loads(sys.argv[3]), check=True, capture_output=True)
+copy.sync_once()
+print(json.dumps(copy.status()))
+"""
+
+
+def test_a_copy_spoiled_while_followed_is_rebuilt_whole_at_the_next_generation(lab, tmp_path):
+    lab.etcd(1)
+    assert lab.vlx("db", "import", str(EXAMPLE)).returncode == 0
+    path = tmp_path / "copy.db"
+    add = [*VLX, "--store", lab.url, "node", "add", "extra9", "--mac", "52:54:00:ff:01:09",
+           "--ip", "198.18.0.109", "--cpus", "1", "--memory", "1GiB"]
+    result = lab.admin.run([sys.executable, "-c", SPOILED_THEN_ADVANCED, lab.url, str(path),
+                            json.dumps(add)], timeout=120)
+    status = json.loads(result.stdout)
+    assert "schema version 99" in status["rebuilt_because"]
+    assert status["generation"] == 2 and status["copies_whole"] == 2   # first, and rebuilt
+    assert Database(path).load().nodes[-1].name == "extra9"
 
 
 def test_a_store_without_our_data_or_unreachable_is_one_line_and_exit_2(lab):

@@ -4,15 +4,21 @@ test_store_lab.py run the etcd store against real members)."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import sqlite3
+import subprocess
+import sys
+import zlib
 
 import pytest
 from virtualinux.bench.scale import inventory as big_inventory
 from virtualinux.vvcm import inventory, snapshot
 from virtualinux.vvcm.db import Database
 from virtualinux.vvcm.errors import VlxError
+from virtualinux.vvcm.fields import to_mapping
 from virtualinux.vvcm.store import parse_url
-from virtualinux.vvcm.store_sqlite import write_copy
+from virtualinux.vvcm.store_sqlite import CopyMismatch, advance_copy, write_copy
 
 from .conftest import EXAMPLE, vlx
 
@@ -64,6 +70,26 @@ def test_a_snapshot_decodes_to_the_same_cluster(db):
     cluster = db.update("db import", "t",
                         lambda c: inventory.apply(c, inventory.load(EXAMPLE), "t"))
     assert snapshot.decode(snapshot.encode(cluster), "test") == cluster
+
+
+def test_a_snapshot_reuses_the_text_of_unchanged_items_and_never_of_changed_ones(db):
+    cluster = db.update("db import", "t",
+                        lambda c: inventory.apply(c, inventory.load(EXAMPLE), "t"))
+    whole = {"schema": 1, "generation": cluster.generation,
+             "settings": to_mapping(cluster.settings),
+             "nodes": [to_mapping(n) for n in cluster.nodes],
+             "vcs": [to_mapping(vc) for vc in cluster.vcs],
+             "vms": [[vm.name, vm.vc, vm.index, vm.node, vm.mac, str(vm.ip), vm.volume]
+                     for vm in cluster.vms],
+             "volumes": [to_mapping(v) for v in cluster.volumes],
+             "credentials": [[c.owner, c.username, c.secret] for c in cluster.credentials]}
+    first = snapshot.encode(cluster)
+    assert zlib.decompress(first) == json.dumps(whole, separators=(",", ":")).encode()
+    assert snapshot.encode(cluster) == first                       # from the kept texts
+    changed = dataclasses.replace(cluster, nodes=(dataclasses.replace(cluster.nodes[0],
+                                                                      cpus=64),
+                                                  *cluster.nodes[1:]))
+    assert snapshot.decode(snapshot.encode(changed), "test").nodes[0].cpus == 64
 
 
 @pytest.mark.parametrize("blob, expected", [
@@ -130,3 +156,76 @@ def test_cluster_lookups_use_the_indexes(db):
         cluster.vc("x")
     with pytest.raises(VlxError, match="no volume named 'x'"):
         cluster.volume("x")
+
+
+ADVANCE = """
+import sys
+from pathlib import Path
+from virtualinux.vvcm.db import Database
+from virtualinux.vvcm.store_sqlite import advance_copy
+old, new = Database(sys.argv[2]).load(), Database(sys.argv[3]).load()
+advance_copy(Path(sys.argv[1]), old, new, Database(sys.argv[3]).changes(None), 200, 5)
+"""
+
+
+def imported_then_changed(tmp_path, changes: int) -> tuple[Database, Database]:
+    """A database at gen 1 (the example imported), and one taken `changes` generations on."""
+    old = Database.create(tmp_path / "old.db")
+    old.update("db import", "t", lambda c: inventory.apply(c, inventory.load(EXAMPLE), "t"))
+    new = Database.create(tmp_path / "new.db")
+    new.update("db import", "t", lambda c: inventory.apply(c, inventory.load(EXAMPLE), "t"))
+    for i in range(changes):
+        new.update("node add", f"n{i}", lambda c, i=i: dataclasses.replace(
+            c, nodes=(*c.nodes, dataclasses.replace(c.nodes[0], name=f"n{i}",
+                                                    mac=f"52:54:00:ee:00:{i:02x}",
+                                                    ip=c.nodes[0].ip + 100 + i))))
+    return old, new
+
+
+def test_a_local_copy_advances_in_place_to_the_same_content_as_a_whole_copy(tmp_path):
+    old, new = imported_then_changed(tmp_path, 3)
+    path = tmp_path / "copy.db"
+    write_copy(path, old.load(), old.changes(None))
+    inode = path.stat().st_ino
+    entries = [c for c in new.changes(None) if c.generation > 1]     # only what is new
+    advance_copy(path, old.load(), new.load(), entries, keep=3, busy_timeout=5)
+    assert path.stat().st_ino == inode                               # in place, not rewritten
+    assert Database(path).load() == new.load()
+    assert [c.generation for c in Database(path).changes(None)] == [2, 3, 4]   # newest 3 kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.db", "new.db", "old.db"]
+
+
+def test_a_local_copy_not_at_the_expected_generation_is_not_advanced(tmp_path):
+    old, new = imported_then_changed(tmp_path, 1)
+    path = tmp_path / "copy.db"
+    write_copy(path, new.load(), new.changes(None))                  # gen 2, not 1
+    with pytest.raises(CopyMismatch, match="at gen 2, not at gen 1"):
+        advance_copy(path, old.load(), new.load(), [], keep=200, busy_timeout=5)
+    write_copy(path, old.load(), old.changes(None))
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    with pytest.raises(VlxError, match="schema version 99"):
+        advance_copy(path, old.load(), new.load(), [], keep=200, busy_timeout=5)
+
+
+def test_a_copy_killed_mid_advance_still_holds_the_old_generation_whole(tmp_path):
+    old, new = imported_then_changed(tmp_path, 2)
+    path = tmp_path / "copy.db"
+    write_copy(path, old.load(), old.changes(None))
+    writer = subprocess.Popen([sys.executable, "-c", ADVANCE, str(path), str(old.path),
+                               str(new.path)], stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, VLX_STORE_PAUSE_AT="copy-before-commit"))
+    try:
+        assert writer.stderr is not None
+        assert "paused at copy-before-commit" in writer.stderr.readline()
+        # Every row of the new generation is written, uncommitted, its journal beside it.
+        assert (tmp_path / "copy.db-journal").exists()
+    finally:
+        writer.kill()
+        writer.wait(10)
+    assert Database(path).load() == old.load()                       # the journal rolled back
+    assert [c.generation for c in Database(path).changes(None)] == [0, 1]
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    advance_copy(path, old.load(), new.load(), new.changes(None), keep=200, busy_timeout=5)
+    assert Database(path).load() == new.load()

@@ -4,8 +4,16 @@ Every boot-service replica serves from a local SQLite file (`Database(path)`, po
 daemon), never from etcd directly, so a lost quorum never stops a boot: `ReplicaCopy` follows
 the store in a thread (a watch on etcd's head key wakes it at once; a cheap read of the head
 every `poll_interval` catches what a broken watch missed and tells whether the store answers)
-and writes each newer generation into the file atomically (store_sqlite.write_copy: new file,
-fsync, rename). It never writes an older generation than it holds.
+and brings the file to each newer generation. It never writes an older generation than it
+holds.
+
+A new generation costs a replica one etcd round trip and a small SQLite transaction: the watch
+event carries head itself; one transaction reads the snapshot head names and only the
+change-log entries newer than the copy's generation (all of them if it missed several); and
+store_sqlite.advance_copy writes only the rows that differ and those entries, in place, in one
+transaction (a crash leaves the old generation whole). The first copy, and any copy that is
+damaged, of another schema or changed behind our back, is written whole instead
+(store_sqlite.write_copy: new file, fsync, rename).
 
 At start (`prepare`) a local copy that does not open, or has another schema, is refused, said
 so, and rebuilt from the store; with the store unreachable, a good local copy is served as is.
@@ -24,8 +32,9 @@ from typing import Any
 
 from .db import Database
 from .errors import VlxError
+from .model import Change, Cluster
 from .store_etcd import EtcdStore, StoreUnreachable
-from .store_sqlite import write_copy
+from .store_sqlite import advance_copy, write_copy
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +51,11 @@ class ReplicaCopy:
         self.path = path
         self.poll_interval = poll_interval
         self.generation = -1
-        self.revision = 0
+        self.revision = 0            # the store's revision at our last read of head
+        self._cluster: Cluster | None = None    # what the local copy holds
+        self._pushed: tuple[dict[str, Any], int] | None = None   # head from the watch
         self.copies_written = 0
+        self.copies_whole = 0        # of which written whole (first copy, or a rebuild)
         self.rebuilt_reason: str | None = None
         self.unreachable_since: str | None = None
         self.last_error: str | None = None
@@ -56,7 +68,8 @@ class ReplicaCopy:
         """Make sure there is a local copy to serve; return its generation."""
         try:
             if self.path.exists():
-                self.generation = Database(self.path).load().generation
+                self._cluster = Database(self.path).load()
+                self.generation = self._cluster.generation
             else:
                 self.rebuilt_reason = "none yet"
         except (VlxError, sqlite3.DatabaseError, ValueError, KeyError) as err:
@@ -75,30 +88,66 @@ class ReplicaCopy:
                         self.generation)
         return self.generation
 
-    def sync_once(self, force: bool = False) -> bool:
-        """Copy the store's generation if it is newer than ours; True if a copy was written."""
-        found = self.store.read_head()
-        if found is None:
-            raise VlxError(f"{self.store.name} holds no virtualinux database")
-        head, revision = found
-        generation = int(head["generation"])
-        self.revision = revision
-        self._reachable()
-        if generation < self.generation:
-            log.warning("the store is at gen %d, older than the local copy's gen %d: keeping "
-                        "gen %d (a store restored from an old backup?)", generation,
-                        self.generation, self.generation)
-            return False
-        if generation == self.generation and not force:
-            return False
-        cluster = self.store.load_head(head, revision)
+    def sync_once(self, force: bool = False,
+                  pushed: tuple[dict[str, Any], int] | None = None) -> bool:
+        """Copy the store's generation if it is newer than ours; True if a copy was written.
+        `pushed`: head as a watch event carried it (else head is read)."""
+        for _ in range(3):
+            if pushed is None:
+                found = self.store.read_head()
+                if found is None:
+                    raise VlxError(f"{self.store.name} holds no virtualinux database")
+                head, head_revision, self.revision = found
+            else:
+                head, head_revision = pushed
+                pushed = None
+            self._reachable()
+            generation = int(head["generation"])
+            if generation < self.generation:
+                log.warning("the store is at gen %d, older than the local copy's gen %d: "
+                            "keeping gen %d (a store restored from an old backup?)",
+                            generation, self.generation, self.generation)
+                return False
+            if generation == self.generation and not force:
+                return False
+            whole = force or self._cluster is None
+            fetched = self.store.fetch_generation(head, head_revision,
+                                                  -1 if whole else self.generation,
+                                                  KEEP_CHANGES)
+            if fetched is not None:
+                break
+            # etcd compacted head's revision and a newer generation replaced the snapshot
+        else:
+            raise VlxError(f"{self.store.name}: the store kept changing under three reads")
+        cluster, entries = fetched
         if cluster.generation < self.generation:
             return False
-        write_copy(self.path, cluster, self.store.changes(KEEP_CHANGES))
+        self._write(cluster, entries, whole)
         self.generation = cluster.generation
         self.copies_written += 1
         log.info("local copy %s now at gen %d", self.path, self.generation)
         return True
+
+    def _write(self, cluster: Cluster, entries: list[Change], whole: bool) -> None:
+        if not whole and self._cluster is not None:
+            try:
+                advance_copy(self.path, self._cluster, cluster, entries, KEEP_CHANGES,
+                             busy_timeout=self.store.timeout * 2)
+                self._cluster = cluster
+                return
+            except (VlxError, sqlite3.DatabaseError) as err:
+                if isinstance(err, sqlite3.OperationalError) and "locked" in str(err):
+                    raise   # a reader held it too long: try again at the next wake-up
+                reason = str(err) if isinstance(err, VlxError) else \
+                    f"{type(err).__name__}: {err}"
+                self.rebuilt_reason = reason
+                log.warning("refusing the local copy %s (%s): rebuilding it from %s",
+                            self.path, reason, self.store.name)
+            entries = self.store.changes(KEEP_CHANGES)
+            entries = [entry for entry in entries if entry.generation <= cluster.generation]
+        write_copy(self.path, cluster, entries)
+        self._cluster = cluster
+        self.copies_whole += 1
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._follow, name="replica-copy", daemon=True)
@@ -120,24 +169,33 @@ class ReplicaCopy:
         return {"url": self.store.name, "local_copy": str(self.path),
                 "generation": self.generation, "reachable": self.unreachable_since is None,
                 "unreachable_since": self.unreachable_since, "last_error": self.last_error,
-                "copies_written": self.copies_written, "rebuilt_because": self.rebuilt_reason,
+                "copies_written": self.copies_written, "copies_whole": self.copies_whole,
+                "rebuilt_because": self.rebuilt_reason,
                 "message": message}
 
     def _follow(self) -> None:
         while not self._stop.is_set():
             woken = self._wake.is_set()
             self._wake.clear()
+            pushed, self._pushed = self._pushed, None
             try:
-                if self.sync_once() and not woken:
+                if self.sync_once(pushed=pushed) and not woken:
                     self._unwatch()   # a change the watch did not report: it is gone
                 if self._stop_watch is None:
-                    self._stop_watch = self.store.watch_head(self._wake.set, self.revision)
+                    if pushed is not None:
+                        self.sync_once()   # a fresh store revision to watch from
+                    self._stop_watch = self.store.watch_head(self._pushed_head,
+                                                             self.revision)
             except VlxError as err:
                 self._unreachable(err)
                 self._unwatch()
             except (OSError, sqlite3.Error) as err:
                 log.warning("cannot write the local copy %s: %s", self.path, err)
             self._wake.wait(self.poll_interval)
+
+    def _pushed_head(self, head: tuple[dict[str, Any], int] | None) -> None:
+        self._pushed = head
+        self._wake.set()
 
     def _unwatch(self) -> None:
         if self._stop_watch is not None:

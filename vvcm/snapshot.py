@@ -21,18 +21,52 @@ from .store import SCHEMA_VERSION
 
 
 def encode(cluster: Cluster) -> bytes:
-    data = {
+    head = {
         "schema": SCHEMA_VERSION,
         "generation": cluster.generation,
         "settings": to_mapping(cluster.settings) if cluster.settings else None,
-        "nodes": [to_mapping(node) for node in cluster.nodes],
-        "vcs": [to_mapping(vc) for vc in cluster.vcs],
-        "vms": [[vm.name, vm.vc, vm.index, vm.node, vm.mac, str(vm.ip), vm.volume]
-                for vm in cluster.vms],
-        "volumes": [to_mapping(volume) for volume in cluster.volumes],
-        "credentials": [[c.owner, c.username, c.secret] for c in cluster.credentials],
     }
-    return zlib.compress(json.dumps(data, separators=(",", ":")).encode(), 6)
+    vms = [[vm.name, vm.vc, vm.index, vm.node, vm.mac, str(vm.ip), vm.volume]
+           for vm in cluster.vms]
+    # The same text as one json.dumps of the whole, with each item's text reused while the
+    # item is the same object: a change keeps the items it does not touch, so a single-node
+    # change encodes one node, not every one (two thirds of a write's encoding otherwise).
+    parts = [_json(head)[:-1],
+             ',"nodes":[', ",".join(map(_item_json, cluster.nodes)),
+             '],"vcs":[', ",".join(map(_item_json, cluster.vcs)),
+             '],"vms":', _json(vms),
+             ',"volumes":[', ",".join(map(_item_json, cluster.volumes)),
+             '],"credentials":', _json([[c.owner, c.username, c.secret]
+                                        for c in cluster.credentials]), "}"]
+    _forget_all_but(cluster)
+    return zlib.compress("".join(parts).encode(), 6)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+# id(item) -> (item, its JSON text); the item is held, so its id is not reused meanwhile.
+_encoded: dict[int, tuple[Any, str]] = {}
+
+
+def _item_json(item: Any) -> str:
+    found = _encoded.get(id(item))
+    if found is not None and found[0] is item:
+        return found[1]
+    text = _json(to_mapping(item))
+    _encoded[id(item)] = (item, text)
+    return text
+
+
+def _forget_all_but(cluster: Cluster) -> None:
+    """Keep the cache to about one cluster's items (those of the last one encoded)."""
+    count = len(cluster.nodes) + len(cluster.vcs) + len(cluster.volumes)
+    if len(_encoded) > 2 * count + 64:
+        keep = {id(item) for items in (cluster.nodes, cluster.vcs, cluster.volumes)
+                for item in items}
+        for key in [key for key in _encoded if key not in keep]:
+            del _encoded[key]
 
 
 def decode(blob: bytes, where: str) -> Cluster:

@@ -14,6 +14,8 @@ import dataclasses
 import datetime
 import getpass
 import os
+import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -96,3 +98,11 @@ def now() -> str:
 
 def user() -> str:
     return os.environ.get("SUDO_USER") or getpass.getuser()
+
+
+def pause_point(point: str) -> None:
+    """Fault injection for the tests: stop this process at `point` of a write
+    (VLX_STORE_PAUSE_AT=point), so a test can SIGKILL it exactly there."""
+    if os.environ.get("VLX_STORE_PAUSE_AT") == point:
+        print(f"vlx: paused at {point}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)

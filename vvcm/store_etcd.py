@@ -30,8 +30,6 @@ import hashlib
 import json
 import os
 import secrets
-import signal
-import sys
 from collections.abc import Callable
 from operator import methodcaller
 from pathlib import Path
@@ -44,12 +42,13 @@ from etcd3gw.exceptions import (
     ConnectionTimeoutError,
     Etcd3Exception,
 )
+from etcd3gw.types import Event
 from etcd3gw.watch import Watcher
 
 from . import snapshot
 from .errors import VlxError
 from .model import Change, Cluster
-from .store import SCHEMA_VERSION, StoreUrl, next_generation, now, user
+from .store import SCHEMA_VERSION, StoreUrl, next_generation, now, pause_point, user
 
 PREFIX = "virtualinux/"
 HEAD = PREFIX + "head"
@@ -59,6 +58,7 @@ CHUNK_BYTES = int(os.environ.get("VLX_ETCD_CHUNK_BYTES", str(768 * 1024)))
 TXN_OPS = 100                # below etcd's --max-txn-ops default of 128
 TIMEOUT = float(os.environ.get("VLX_STORE_TIMEOUT", "5"))
 MAX_ATTEMPTS = 1000          # CAS retries before a writer gives up (others kept winning)
+SORT_ASCEND, SORT_DESCEND = 1, 2   # etcd's RangeRequest.SortOrder
 
 
 class StoreUnreachable(VlxError):
@@ -162,24 +162,87 @@ class EtcdStore:
 
     # Reading
 
-    def read_head(self) -> tuple[dict[str, Any], int] | None:
-        """(head, its mod revision), or None without a database: one small read, what a
-        replica polls; when it is newer, `load_head` fetches that very generation without
-        reading head again (one round trip fewer per replica and generation)."""
-        return self._head_or_none()
+    def read_head(self) -> tuple[dict[str, Any], int, int] | None:
+        """(head, its mod revision, the store's revision at this read), or None without a
+        database: one small read, what a replica polls. A watch started just after that store
+        revision misses nothing (`watch_head`), and is never older than etcd's compaction,
+        where head's own mod revision may be."""
+        result = self.call(lambda c: c.post(c.get_url("/kv/range"), json={"key": _b64(HEAD)}))
+        kvs = result.get("kvs") or []
+        if not kvs:
+            return None
+        head, mod_revision = _parse_head(base64.b64decode(kvs[0]["value"]),
+                                         kvs[0]["mod_revision"], self.name)
+        return head, mod_revision, int(result["header"]["revision"])
 
-    def load_head(self, head: dict[str, Any], revision: int) -> Cluster:
-        return self._cluster(head, revision)
+    def fetch_generation(self, head: dict[str, Any], revision: int, after: int,
+                         limit: int) -> tuple[Cluster, list[Change]] | None:
+        """The generation `head` (of mod revision `revision`) names, and its change-log
+        entries newer than generation `after` (the newest `limit` of them, oldest first): what
+        a replica takes for a new generation, in ONE round trip (a transaction of two reads).
 
-    def watch_head(self, callback: Callable[[], None],
-                   after_revision: int) -> Callable[[], None] | None:
-        """Call `callback` (from etcd3gw's watch thread) when head changes after
-        `after_revision`; returns the function that ends the watch, or None if the endpoint
-        did not take it (the caller polls anyway)."""
-        client = self.clients[self._current]
+        Both are read at `revision`, so they match head exactly. If etcd compacted that
+        revision away, they are read as they are now: the log entries are filtered to head's
+        generation, and the snapshot is checked against head's hash; None if it is gone (two
+        newer generations deleted it: read head again)."""
+        snap_id = head["snapshot"]
+        generation = int(head["generation"])
+        cached = self._cached[1] if self._cached and self._cached[0] == snap_id else None
+        prefix = f"{SNAPSHOTS}{snap_id}/"
+
+        def reads(at: int | None) -> dict[str, Any]:
+            pinned = {"revision": at} if at else {}
+            ops = [{"request_range": {"key": _b64(f"{LOG}{after + 1:012d}" if after >= 0
+                                                  else LOG),
+                                      "range_end": _b64(_range_end(LOG)), "limit": limit,
+                                      "sort_order": SORT_DESCEND, **pinned}}]
+            if cached is None:
+                ops.append({"request_range": {"key": _b64(prefix),
+                                              "range_end": _b64(_range_end(prefix)),
+                                              "sort_order": SORT_ASCEND, **pinned}})
+            return {"success": ops}
+
         try:
-            watcher = Watcher(client, HEAD, lambda event: callback(),
-                              start_revision=after_revision + 1)
+            result = self.call(methodcaller("transaction", reads(revision)))
+            compacted = False
+        except VlxError as err:
+            if "compacted" not in str(err):
+                raise
+            result = self.call(methodcaller("transaction", reads(None)))
+            compacted = True
+        ranges = [response["response_range"].get("kvs", []) for response in
+                  result.get("responses", [])]
+        where = f"{self.name} change log"
+        entries = [snapshot.decode_change(base64.b64decode(kv["value"]), where)
+                   for kv in reversed(ranges[0])]
+        entries = [entry for entry in entries if after < entry.generation <= generation]
+        if cached is not None:
+            return cached, entries
+        chunks = [base64.b64decode(kv["value"]) for kv in ranges[1]]
+        if compacted and len(chunks) != head["chunks"]:
+            return None
+        return self._decode_chunks(head, chunks), entries
+
+    def watch_head(self, callback: Callable[[tuple[dict[str, Any], int] | None], None],
+                   after_revision: int) -> Callable[[], None] | None:
+        """Call `callback` (from etcd3gw's watch thread) with each new (head, mod revision)
+        after store revision `after_revision` (None when head was deleted or does not parse);
+        returns the function that ends the watch, or None if the endpoint did not take it
+        (the caller polls anyway). The event carries head itself: no read of it follows."""
+        client = self.clients[self._current]
+
+        def event(event: Event) -> None:
+            kv: dict[str, Any] = dict(event.get("kv", {}))
+            found = None
+            if event.get("type") != "DELETE" and kv.get("value"):
+                try:
+                    found = _parse_head(kv["value"], kv.get("mod_revision"), self.name)
+                except VlxError:
+                    pass
+            callback(found)
+
+        try:
+            watcher = Watcher(client, HEAD, event, start_revision=after_revision + 1)
         except (OSError, requests.RequestException):
             return None
         return watcher.stop
@@ -207,13 +270,16 @@ class EtcdStore:
         chunks = self.call(lambda c: c.get(prefix, range_end=_range_end(prefix),
                                             sort_order="ascend", sort_target="key",
                                             revision=revision))
+        return self._decode_chunks(head, chunks)
+
+    def _decode_chunks(self, head: dict[str, Any], chunks: list[bytes]) -> Cluster:
         blob = b"".join(chunks)
         where = f"{self.name} generation {head['generation']}"
         if len(chunks) != head["chunks"] or hashlib.sha256(blob).hexdigest() != head["sha256"]:
-            raise VlxError(f"snapshot {snap_id} is incomplete or damaged "
+            raise VlxError(f"snapshot {head['snapshot']} is incomplete or damaged "
                            f"({len(chunks)} of {head['chunks']} chunks)", where)
         cluster = snapshot.decode(blob, where)
-        self._cached = (snap_id, cluster)
+        self._cached = (head["snapshot"], cluster)
         return cluster
 
     # Writing
@@ -341,14 +407,6 @@ def _head_from(result: dict[str, Any], name: str) -> tuple[dict[str, Any], int] 
     if not kvs:
         return None
     return _parse_head(base64.b64decode(kvs[0]["value"]), kvs[0]["mod_revision"], name)
-
-
-def pause_point(point: str) -> None:
-    """Fault injection for the tests: stop this process at `point` of a write
-    (VLX_STORE_PAUSE_AT=point), so a test can SIGKILL it exactly there."""
-    if os.environ.get("VLX_STORE_PAUSE_AT") == point:
-        print(f"vlx: paused at {point}", file=sys.stderr, flush=True)
-        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def _put(key: str, value: bytes) -> dict[str, Any]:

@@ -6,8 +6,9 @@ the difference, bumps the generation by one and appends to the change log, all i
 waits for the first (up to `busy_timeout`) instead of interleaving with it.
 
 `write_copy` writes a whole generation into a new file and renames it into place: how a
-replica keeps its local copy of an etcd store (replica_copy) and how `vlx db migrate` fills a
-SQLite file.
+replica makes its local copy of an etcd store (replica_copy) and how `vlx db migrate` fills a
+SQLite file. `advance_copy` then brings that copy from one generation to the next in place,
+writing only what differs, in one transaction.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 from .errors import DatabaseBusy, VlxError
 from .fields import from_mapping, from_rows, to_mapping
 from .model import VM, Change, Cluster, Credential, Node, Settings, VirtualCluster, Volume
-from .store import SCHEMA_VERSION, next_generation, now, user
+from .store import SCHEMA_VERSION, next_generation, now, pause_point, user
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -214,6 +215,40 @@ def write_copy(path: Path, cluster: Cluster, changes: Sequence[Change]) -> None:
         os.fsync(directory)   # the rename itself survives a power cut
     finally:
         os.close(directory)
+
+
+class CopyMismatch(VlxError):
+    """The local copy is not the generation its owner thinks (changed behind its back)."""
+
+
+def advance_copy(path: Path, old: Cluster, new: Cluster, changes: Sequence[Change],
+                 keep: int, busy_timeout: float) -> None:
+    """The copy at `path`, which holds `old`, brought to `new` in place: the rows that differ,
+    the change-log entries `changes` (those newer than `old`), and the log cut to its newest
+    `keep` entries, in ONE transaction of SQLite's rollback journal. A crash at any point
+    leaves `old` whole (the next opener rolls the journal back), and readers see `old` or
+    `new`, never a mix. Raises CopyMismatch if the file is not at `old`'s generation, VlxError
+    if it is not a copy of our schema, sqlite3.Error if it is damaged: rebuild it then."""
+    with SqliteStore(path, busy_timeout)._connect() as conn:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if _generation(conn) != old.generation:
+                raise CopyMismatch(f"{path} is at gen {_generation(conn)}, not at gen "
+                                   f"{old.generation} as last written")
+            _store(conn, old, new)
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'generation'",
+                         (str(new.generation),))
+            conn.executemany("INSERT OR REPLACE INTO changes VALUES (?, ?, ?, ?, ?)",
+                             [(c.generation, c.time, c.user, c.action, c.detail)
+                              for c in changes])
+            conn.execute("DELETE FROM changes WHERE generation NOT IN (SELECT generation FROM "
+                         "changes ORDER BY generation DESC LIMIT ?)", (keep,))
+            pause_point("copy-before-commit")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
 
 def _store(conn: sqlite3.Connection, old: Cluster, new: Cluster) -> None:

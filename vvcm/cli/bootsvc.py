@@ -21,7 +21,7 @@ from virtualinux.netboot import layout, render
 from ..db import Database, default_path, default_url
 from ..errors import VlxError
 from ..store import parse_url
-from .common import add_json_flag, add_verb, database, print_json, print_table
+from .common import add_json_flag, add_verb, database, plural, print_json, print_table
 
 log = logging.getLogger("virtualinux.bootsvc")
 
@@ -179,16 +179,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     if rows:
         print()
         print_table(("SERVICE", "COUNTER", "VALUE"), rows)
-    # One line per service of what it holds beyond counters (the heartbeat's state and VIP).
-    for name, service in status.services.items():
-        shown = {k: v for k, v in service.details.items() if not isinstance(v, dict | list)}
-        if shown:
-            print(f"\n{name}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
+    # What each service holds beyond its counters (DNS: its cache and hit ratio; the
+    # heartbeat: state and VIP), one table of every service's details.
+    details = [(name, key.replace("_", " "), detail_text(key, value))
+               for name, service in status.services.items()
+               for key, value in service.details.items()]
+    if details:
+        print()
+        print_table(("SERVICE", "DETAIL", "VALUE"), details)
     ours = database(args).path      # None for an etcd store: no file to compare with
     if status.database and ours is not None and \
             Path(status.database).resolve() != ours.resolve():
         print(f"\nnote: this replica serves {status.database}, not {ours} (--db, VLX_DB)")
     return code
+
+
+def detail_text(key: str, value: object) -> str:
+    """One service detail as a person reads it: lists joined, a table by its size (the full
+    one is in --json), a ratio in percent, nothing yet as '-'."""
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        return plural(len(value), "entry", "entries") + " (--json lists them)"
+    if isinstance(value, list | tuple):
+        return ", ".join(map(str, value)) or "none"
+    if isinstance(value, float) and key.endswith("ratio"):
+        return f"{value:.1%}"
+    return str(value)
 
 
 def cmd_discovered(args: argparse.Namespace) -> int:
