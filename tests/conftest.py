@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import hypothesis
 import pytest
 from virtualinux.vm_test.netns import Netns
 from virtualinux.vvcm.cli import main
@@ -15,6 +16,11 @@ from virtualinux.vvcm.db import Database
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "cluster.toml"
+
+# Fuzz tests assert outcomes, never speed: hypothesis's per-example deadline (200 ms) failed
+# them at random on a loaded 2-core machine.
+hypothesis.settings.register_profile("virtualinux", deadline=None)
+hypothesis.settings.load_profile("virtualinux")
 
 
 def pytest_collection_modifyitems(config, items):
