@@ -80,8 +80,13 @@ def qemu_cmd(image: Path, log: Path, append: str, *extra: str) -> list[str]:
 def test_node_initrd_carries_the_iscsi_hook_and_an_empty_iscsi_config(node_image):
     require("zstd")
     names = cpio_names(node_image / "initrd.img")
-    assert {"usr/sbin/iscsistart", "etc/iscsi.initramfs", "scripts/local-top/iscsi"} <= names \
-        or {"sbin/iscsistart", "etc/iscsi.initramfs", "scripts/local-top/iscsi"} <= names
+    # Our login script (iscsid + a node record: no secret on argv) replaces open-iscsi's.
+    wanted = {"iscsid", "iscsiadm", "iscsistart"}
+    assert {name.rsplit("/", 1)[-1] for name in names if "sbin/" in name} >= wanted
+    assert {"etc/iscsi.initramfs", "etc/passwd", "scripts/local-top/virtualinux-iscsi",
+            "scripts/init-bottom/virtualinux-node-files",
+            "conf/conf.d/virtualinux-node"} <= names
+    assert "scripts/local-top/iscsi" not in names
     assert any(name.endswith("/iscsi_tcp.ko") for name in names)
     assert "etc/initiatorname.iscsi" not in names
 
