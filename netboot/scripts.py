@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import PurePosixPath
 
 from virtualinux.storage.naming import initiator_iqn
-from virtualinux.vvcm import Cluster, Node, VlxError
+from virtualinux.vvcm import Cluster, Node, VlxError, host_keys
 from virtualinux.vvcm.model import Volume
 
 from . import cpio, layout
@@ -188,13 +188,34 @@ def iscsi_initramfs(cluster: Cluster, node: Node, show_secret: bool = True) -> s
     return "".join(f"{key}={shlex.quote(value)}\n" for key, value in values.items())
 
 
+NODE_FILES_DIR = "etc/virtualinux/node"    # the initramfs moves it to /run/virtualinux/node
+
+
+def node_files(cluster: Cluster, node: Node) -> dict[str, bytes]:
+    """The node's private files beside its iSCSI login (name in NODE_FILES_DIR -> bytes): its
+    SSH host key. The image's initramfs hands them to start-up through /run."""
+    files = {}
+    seed = host_keys.seed_of(cluster, node.name)
+    if seed is not None:
+        files[host_keys.NODE_FILE] = host_keys.node_file(seed)
+    return files
+
+
 def node_cpio(cluster: Cluster, node: Node) -> bytes | None:
-    """nodes/MAC.cpio: a newc archive holding etc/iscsi.initramfs (mode 0600)."""
+    """nodes/MAC.cpio: a newc archive holding etc/iscsi.initramfs and the node's files in
+    etc/virtualinux/node/ (all mode 0600, directories 0700), or None without a root volume."""
     text = iscsi_initramfs(cluster, node)
     if text is None:
         return None
-    return cpio.archive([cpio.directory("etc"),
-                         cpio.regular("etc/iscsi.initramfs", text.encode(), 0o600)], align=512)
+    entries = [cpio.directory("etc"),
+               cpio.regular("etc/iscsi.initramfs", text.encode(), 0o600)]
+    extra = node_files(cluster, node)
+    if extra:
+        entries += [cpio.directory("etc/virtualinux", 0o700),
+                    cpio.directory(NODE_FILES_DIR, 0o700)]
+        entries += [cpio.regular(f"{NODE_FILES_DIR}/{name}", data, 0o600)
+                    for name, data in sorted(extra.items())]
+    return cpio.archive(entries, align=512)
 
 
 def _basename(path: str) -> str:
