@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .cluster_ca import without_ca_key
 from .db import Database
 from .errors import VlxError
 from .store_etcd import EtcdStore, StoreUnreachable
@@ -94,7 +95,9 @@ class ReplicaCopy:
         cluster = self.store.load_head(head, revision)
         if cluster.generation < self.generation:
             return False
-        write_copy(self.path, cluster, self.store.changes(KEEP_CHANGES))
+        # Every node's boot secrets stay (any replica boots any node); the root CA's key,
+        # which only `vlx db tls` needs, stays in the store (cluster_ca.without_ca_key).
+        write_copy(self.path, without_ca_key(cluster), self.store.changes(KEEP_CHANGES))
         self.generation = cluster.generation
         self.copies_written += 1
         log.info("local copy %s now at gen %d", self.path, self.generation)
