@@ -7,6 +7,7 @@ left."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -179,10 +180,12 @@ def test_a_failing_element_is_named_with_its_phase_and_leaves_nothing(tmp_path, 
     assert not [path for path in root.iterdir() if "building" in path.name]
 
 
-@pytest.fixture
-def tgt_target(netns, node_image, tmp_path):
-    """A private tgtd (own control port) in a lab namespace exporting a copy of the node's
-    root.img as LUN 1; everything is removed afterwards, pass or fail."""
+@contextlib.contextmanager
+def private_san(netns, node_image: Path, tmp_path: Path, iqn: str,
+                chap: tuple[str, str] | None = None, control_offset: int = 0):
+    """A private tgtd (own control port) in a lab namespace at 198.18.0.254 exporting a copy of
+    the node's root.img as LUN 1 of `iqn`, behind CHAP user and secret `chap` if given; yields
+    (hub, tap). Everything is removed afterwards, pass or fail."""
     require("tgtd", "tgtadm")
     hub = netns.namespace("hub")
     bridge = netns.bridge(hub)
@@ -191,7 +194,8 @@ def tgt_target(netns, node_image, tmp_path):
     clone = tmp_path / "node1.img"
     subprocess.run(["cp", "--reflink=auto", "--sparse=always", str(node_image / "root.img"),
                     str(clone)], check=True)
-    control = str(5000 + os.getpid() % 10000)    # tgtd takes at most 32767; storage uses 20000+
+    # tgtd takes at most 32767; storage uses 20000+
+    control = str(5000 + (os.getpid() + control_offset) % 10000)
     tgtd = hub.popen(["tgtd", "-f", "-C", control, "--iscsi", "portal=198.18.0.254:3260"],
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -199,7 +203,6 @@ def tgt_target(netns, node_image, tmp_path):
         return subprocess.run(["tgtadm", "-C", control, "--lld", "iscsi", *args],
                               capture_output=True, text=True, check=check)
 
-    iqn = "iqn.2026-11.lab.virtualinux:node1"
     try:
         deadline = time.monotonic() + 10
         while tgtadm("--op", "show", "--mode", "target", check=False).returncode != 0:
@@ -209,7 +212,10 @@ def tgt_target(netns, node_image, tmp_path):
         tgtadm("--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1",
                "-b", str(clone))
         tgtadm("--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL")
-        yield hub, tap, iqn
+        if chap is not None:
+            tgtadm("--op", "new", "--mode", "account", "--user", chap[0], "--password", chap[1])
+            tgtadm("--op", "bind", "--mode", "account", "--tid", "1", "--user", chap[0])
+        yield hub, tap
     finally:
         # A guest killed mid-session leaves its session: --force (LAB.md).
         tgtadm("--op", "delete", "--mode", "target", "--tid", "1", "--force", check=False)
@@ -221,6 +227,13 @@ def tgt_target(netns, node_image, tmp_path):
             tgtd.wait()
         for leftover in (f"socket.{control}", f"socket.{control}.lock"):   # tgtd leaves them
             Path("/var/run/tgtd", leftover).unlink(missing_ok=True)
+
+
+@pytest.fixture
+def tgt_target(netns, node_image, tmp_path):
+    iqn = "iqn.2026-11.lab.virtualinux:node1"
+    with private_san(netns, node_image, tmp_path, iqn) as (hub, tap):
+        yield hub, tap, iqn
 
 
 def test_node_mounts_its_root_over_iscsi_and_reaches_login(tgt_target, node_image, tmp_path):

@@ -9,7 +9,6 @@ a root volume and a CHAP credential, appended after the shared initrd as iPXE do
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import subprocess
 import time
@@ -21,7 +20,7 @@ from virtualinux.netboot import scripts
 from virtualinux.vvcm import Cluster, Credential, Volume, inventory
 
 from .conftest import EXAMPLE, require
-from .test_image_build import qemu_cmd, run_until
+from .test_image_build import private_san, qemu_cmd, run_until
 
 pytestmark = pytest.mark.lab
 IQN = "iqn.2026-11.lab.virtualinux:node1-root"
@@ -36,47 +35,11 @@ def node_image() -> Path:
 
 @pytest.fixture
 def san(netns, node_image, tmp_path):
-    """A private tgtd (own control port) in a lab namespace at 198.18.0.254 exporting a copy
-    of the node's root.img as LUN 1 of IQN, reachable only with CHAP user node1 / SECRET.
-    Removed afterwards, pass or fail."""
-    require("tgtd", "tgtadm", "qemu-system-x86_64")
-    hub = netns.namespace("hub")
-    bridge = netns.bridge(hub)
-    hub.add_address(bridge, "198.18.0.254/24")
-    tap = netns.tap(hub, bridge, "tap0")
-    clone = tmp_path / "node1.img"
-    subprocess.run(["cp", "--reflink=auto", "--sparse=always", str(node_image / "root.img"),
-                    str(clone)], check=True)
-    control = str(5000 + (os.getpid() + 7) % 10000)
-    tgtd = hub.popen(["tgtd", "-f", "-C", control, "--iscsi", "portal=198.18.0.254:3260"],
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def tgtadm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(["tgtadm", "-C", control, "--lld", "iscsi", *args],
-                              capture_output=True, text=True, check=check)
-
-    try:
-        deadline = time.monotonic() + 10
-        while tgtadm("--op", "show", "--mode", "target", check=False).returncode != 0:
-            assert time.monotonic() < deadline, "tgtd did not start"
-            time.sleep(0.2)
-        tgtadm("--op", "new", "--mode", "target", "--tid", "1", "-T", IQN)
-        tgtadm("--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1",
-               "-b", str(clone))
-        tgtadm("--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL")
-        tgtadm("--op", "new", "--mode", "account", "--user", "node1", "--password", SECRET)
-        tgtadm("--op", "bind", "--mode", "account", "--tid", "1", "--user", "node1")
+    """node1's root behind CHAP user node1 / SECRET on a private tgtd at 198.18.0.254."""
+    require("qemu-system-x86_64")
+    with private_san(netns, node_image, tmp_path, IQN, ("node1", SECRET),
+                     control_offset=7) as (hub, tap):
         yield hub, tap
-    finally:
-        tgtadm("--op", "delete", "--mode", "target", "--tid", "1", "--force", check=False)
-        tgtd.terminate()
-        try:
-            tgtd.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            tgtd.kill()
-            tgtd.wait()
-        for leftover in (f"socket.{control}", f"socket.{control}.lock"):
-            Path("/var/run/tgtd", leftover).unlink(missing_ok=True)
 
 
 def node1_initrd(node_image: Path, tmp_path: Path, *, secret: str = SECRET, iqn: str = IQN,

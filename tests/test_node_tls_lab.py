@@ -12,23 +12,15 @@ from pathlib import Path
 
 import pytest
 from virtualinux.netboot import scripts
-from virtualinux.vm_test.etcd import VLX, Lab
+from virtualinux.vm_test.etcd import VLX
 from virtualinux.vm_test.wait import wait_for
 from virtualinux.vvcm.db import Database
 
-from .conftest import EXAMPLE, require
+from . import test_initscripts_lab
+from .conftest import EXAMPLE
 
 pytestmark = pytest.mark.lab
-
-
-@pytest.fixture
-def lab(netns, tmp_path):
-    require("etcd", "etcdctl")
-    lab = Lab(netns, tmp_path)
-    try:
-        yield lab
-    finally:
-        lab.close()
+lab = test_initscripts_lab.lab       # the same fixture: etcd members in lab namespaces
 
 
 def vlx_local(db: Path, *argv: str) -> None:
