@@ -8,8 +8,11 @@ a root volume and a CHAP credential, appended after the shared initrd as iPXE do
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import re
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -17,6 +20,7 @@ from pathlib import Path
 import pytest
 from virtualinux.image.build import build_image, image_spec
 from virtualinux.netboot import scripts
+from virtualinux.vm_test.wait import wait_for
 from virtualinux.vvcm import Cluster, Credential, Volume, inventory
 
 from .conftest import EXAMPLE, require
@@ -42,14 +46,22 @@ def san(netns, node_image, tmp_path):
         yield hub, tap
 
 
-def node1_initrd(node_image: Path, tmp_path: Path, *, secret: str = SECRET, iqn: str = IQN,
-                 portal: str = "198.18.0.254:3260") -> tuple[Path, str]:
-    """The shared initrd plus node1's cpio as netboot renders it; and node1's command line."""
-    cluster = inventory.apply(Cluster(generation=0, settings=None), inventory.load(EXAMPLE), "test")
+def node1_cluster(*, secret: str = SECRET, iqn: str = IQN,
+                  portal: str = "198.18.0.254:3260") -> Cluster:
+    """The example cluster whose node1 owns an exported root with a CHAP login (and the SSH
+    host key the import made)."""
+    cluster = inventory.apply(Cluster(generation=0, settings=None), inventory.load(EXAMPLE),
+                              "test")
     root = Volume(name="node1-root", kind="snapshot", backend="reflink", path="/pool/node1",
                   size=1 << 30, origin="golden", owner="node1", iqn=iqn, portal=portal)
-    cluster = dataclasses.replace(cluster, volumes=(root,),
-                                  credentials=(Credential("node1", "node1", secret),))
+    return dataclasses.replace(cluster, volumes=(root,), credentials=cluster.credentials + (
+        Credential("node1", "node1", secret),))
+
+
+def node1_initrd(node_image: Path, tmp_path: Path, cluster: Cluster | None = None
+                 ) -> tuple[Path, str]:
+    """The shared initrd plus node1's cpio as netboot renders it; and node1's command line."""
+    cluster = cluster or node1_cluster()
     node = cluster.node("node1")
     base = (node_image / "initrd.img").read_bytes()
     initrd = tmp_path / "initrd-node1.img"
@@ -92,12 +104,12 @@ def test_a_failed_root_login_names_target_and_reason_then_reboots(san, node_imag
     hub, tap = san
     portal = "198.18.0.254:3260"
     if case == "wrong secret":
-        initrd, cmdline = node1_initrd(node_image, tmp_path, secret="not-the-secret")
+        initrd, cmdline = node1_initrd(node_image, tmp_path, node1_cluster(secret="not-the-secret"))
     elif case == "missing target":
-        initrd, cmdline = node1_initrd(node_image, tmp_path, iqn=IQN + "-gone")
+        initrd, cmdline = node1_initrd(node_image, tmp_path, node1_cluster(iqn=IQN + "-gone"))
     else:
         portal = "198.18.0.77:3260"                 # nobody there: ARP goes unanswered
-        initrd, cmdline = node1_initrd(node_image, tmp_path, portal=portal)
+        initrd, cmdline = node1_initrd(node_image, tmp_path, node1_cluster(portal=portal))
     log = tmp_path / "serial.log"
     console = wait_for_reboot(boot(node_image, initrd, cmdline, hub, tap, log, "panic=5"), log)
     line = next((line for line in console.splitlines()
@@ -116,7 +128,7 @@ def test_the_default_delay_reboots_without_panic_on_the_command_line(san, node_i
                                                                      tmp_path):
     """No panic= at all (netboot puts none there): the image's own default still reboots."""
     hub, tap = san
-    initrd, cmdline = node1_initrd(node_image, tmp_path, secret="not-the-secret")
+    initrd, cmdline = node1_initrd(node_image, tmp_path, node1_cluster(secret="not-the-secret"))
     log = tmp_path / "serial.log"
     console = wait_for_reboot(boot(node_image, initrd, cmdline, hub, tap, log), log)
     assert "authorization failure" in console
@@ -125,7 +137,7 @@ def test_the_default_delay_reboots_without_panic_on_the_command_line(san, node_i
 
 def test_a_shell_only_when_the_command_line_asks(san, node_image, tmp_path):
     hub, tap = san
-    initrd, cmdline = node1_initrd(node_image, tmp_path, secret="not-the-secret")
+    initrd, cmdline = node1_initrd(node_image, tmp_path, node1_cluster(secret="not-the-secret"))
     log = tmp_path / "serial.log"
     qemu = boot(node_image, initrd, cmdline, hub, tap, log, "vlx.debug=shell")
     try:
@@ -154,3 +166,52 @@ def test_the_right_secret_mounts_the_root_and_stays_off_argv_and_console(san, no
     assert "virtualinux: iSCSI" not in console
     assert SECRET not in console
     assert "/proc/cmdline" not in console
+
+
+def test_the_node_files_of_its_cpio_reach_its_root_in_run(san, node_image, tmp_path):
+    """break=init stops after the root is mounted and /run moved into it: the host key the
+    cpio carried is in the root's /run/virtualinux/node, 0600 in a 0700 directory, byte for
+    byte; a shell here only because the command line asked for one."""
+    hub, tap = san
+    cluster = node1_cluster()
+    expected = scripts.node_files(cluster, cluster.node("node1"))
+    assert expected                                  # the import made node1's host key
+    initrd, cmdline = node1_initrd(node_image, tmp_path, cluster)
+    log, console_socket = tmp_path / "serial.log", tmp_path / "console.sock"
+    cmd = qemu_cmd(node_image, log, f"{cmdline} break=init",
+                   "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
+                   "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:00:00:11,romfile=")
+    serial = cmd.index("-serial")
+    cmd[serial:serial + 2] = ["-chardev", f"socket,id=s0,path={console_socket},server=on,"
+                              f"wait=off,logfile={log}", "-serial", "chardev:s0"]
+    cmd[cmd.index("-initrd") + 1] = str(initrd)
+    qemu = subprocess.Popen(hub.prefix(cmd), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: console_socket.exists() or qemu.poll() is not None, 60,
+                 "QEMU's console socket")
+        with socket.socket(socket.AF_UNIX) as console:
+            console.connect(str(console_socket))
+            console.setblocking(False)
+
+            def shows(text: str) -> bool:
+                # Read what QEMU sends (its logfile keeps it): an unread socket stalls the UART.
+                with contextlib.suppress(BlockingIOError):
+                    while console.recv(65536):
+                        pass
+                return text in log.read_text(errors="replace") or qemu.poll() is not None
+
+            wait_for(lambda: shows("(initramfs)"), FAILURE_TIMEOUT, "the shell at break=init")
+            assert qemu.poll() is None, log.read_text(errors="replace")[-3000:]
+            console.sendall(b"cd /root/run/virtualinux/node && stat -c 'MODE %a %n' . * "
+                            b"&& sha256sum * && echo DONE-$((6*7))\n")
+            wait_for(lambda: shows("DONE-42"), 60, "the listing of /run/virtualinux/node")
+    finally:
+        qemu.kill()
+        qemu.wait(timeout=10)
+    console = log.read_text(errors="replace")
+    assert "MODE 700 ." in console
+    for name, data in expected.items():
+        assert f"MODE 600 {name}" in console
+        assert f"{hashlib.sha256(data).hexdigest()}  {name}" in console
+    assert SECRET not in console
