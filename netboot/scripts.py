@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import PurePosixPath
 
 from virtualinux.storage.naming import initiator_iqn
-from virtualinux.vvcm import Cluster, Node, VlxError
-from virtualinux.vvcm.model import BootFilesOver, Volume
+from virtualinux.vvcm import Cluster, Node, VlxError, cluster_ca, host_keys
+from virtualinux.vvcm.model import BootFilesOver, Role, Volume
 
 from . import cpio, layout
 
@@ -40,6 +40,20 @@ def check_token(value: str, what: str) -> str:
     if not _SAFE_TOKEN.fullmatch(value):
         raise UnsafeValue(f"{what} {value!r} cannot go on a kernel command line "
                           "(allowed: letters, digits and . _ : , = / + @ -)")
+    return value
+
+
+# A CHAP user name or secret: printable ASCII without spaces. The initramfs writes it into an
+# iSCSI node record file, one "name = value" line: a newline would add lines of its own, and
+# iscsid trims spaces. Quotes, `$(...)` and `;` stay data (the file is shell-quoted).
+_CHAP_TEXT = re.compile(r"[!-~]{1,255}")
+
+
+def check_chap(value: str, what: str) -> str:
+    if not _CHAP_TEXT.fullmatch(value):
+        raise UnsafeValue(f"{what} cannot go into an iSCSI login: printable ASCII without "
+                          "spaces, 1 to 255 characters (a newline, NUL, space or other control "
+                          "character is refused)")
     return value
 
 
@@ -131,7 +145,10 @@ def kernel_cmdline(cluster: Cluster, node: Node, kernel_args: Sequence[str]) -> 
     args = ["initrd=" + _basename(layout.INITRD)]
     if volume is not None:
         args.append("initrd=" + _basename(layout.node_cpio_name(node.mac)))
-    args.append(f"ip={node.ip}::{settings.gateway_vip}:{settings.cidr.netmask}:"
+    # Typed addresses, but checked as text too: a forged row must not reach iPXE or the kernel.
+    args.append(f"ip={check_token(str(node.ip), 'node address')}::"
+                f"{check_token(str(settings.gateway_vip), 'gateway address')}:"
+                f"{settings.cidr.netmask}:"
                 f"{check_token(node.name, 'node name')}:{BOOT_INTERFACE}:off")
     args.append(f"vlx.node={node.name}")
     store = cluster.store_url()
@@ -182,28 +199,69 @@ def iscsi_initramfs(cluster: Cluster, node: Node, show_secret: bool = True) -> s
     if volume is None:
         return None
     address, port = _portal(volume)
+    # Each value also becomes a line of an iSCSI node record in the initramfs: checked here,
+    # not only where the kernel command line is made (the cpio is made on its own).
     values = {
         # The name storage's tgt ACL admits (one function for both sides).
-        "ISCSI_INITIATOR": initiator_iqn(cluster.settings.name if cluster.settings
-                                         else "virtualinux", node.name),
-        "ISCSI_TARGET_NAME": volume.iqn or "",
+        "ISCSI_INITIATOR": check_token(initiator_iqn(cluster.settings.name if cluster.settings
+                                                     else "virtualinux", node.name),
+                                       f"initiator name of {node.name}"),
+        "ISCSI_TARGET_NAME": check_token(volume.iqn or "", f"iqn of volume {volume.name}"),
         "ISCSI_TARGET_IP": address,
         "ISCSI_TARGET_PORT": port,
     }
     credential = cluster.credential(node.name)
     if credential is not None:
-        values["ISCSI_USERNAME"] = credential.username
+        values["ISCSI_USERNAME"] = check_chap(credential.username, f"CHAP user of {node.name}")
+        check_chap(credential.secret, f"the CHAP secret of {node.name}")   # never shown
         values["ISCSI_PASSWORD"] = credential.secret if show_secret else HIDDEN_SECRET
     return "".join(f"{key}={shlex.quote(value)}\n" for key, value in values.items())
 
 
+NODE_FILES_DIR = "etc/virtualinux/node"    # the initramfs moves it to /run/virtualinux/node
+RUN_NODE_FILES = "/run/virtualinux/node"    # where start-up and the units find them
+STORE_TLS_DIR = "store"                     # VLX_STORE_TLS: ca.crt, client.crt, client.key
+STORE_ENV = "store.env"                     # read by the units (EnvironmentFile=-)
+
+
+def node_files(cluster: Cluster, node: Node) -> dict[str, bytes]:
+    """The node's private files beside its iSCSI login (path in NODE_FILES_DIR -> bytes): its
+    SSH host key and, when the store has a CA, its own store certificate (`store/`: ca.crt,
+    client.crt and client.key, and for a db node NAME.crt and NAME.key for its member) with
+    `store.env` pointing the units at it. The initramfs hands them to start-up through /run."""
+    files = {}
+    seed = host_keys.seed_of(cluster, node.name)
+    if seed is not None:
+        files[host_keys.NODE_FILE] = host_keys.node_file(seed)
+    pair = cluster_ca.node_pair(cluster, node)
+    if pair is not None:
+        store = STORE_TLS_DIR
+        files[f"{store}/ca.crt"] = cluster_ca.ca_cert(cluster).encode()
+        names = ["client"] + ([check_token(node.name, "node name")]
+                              if Role.DB in node.roles else [])
+        for name in names:
+            files[f"{store}/{name}.crt"] = pair.cert.encode()
+            files[f"{store}/{name}.key"] = pair.key.encode()
+        files[STORE_ENV] = f"VLX_STORE_TLS={RUN_NODE_FILES}/{store}\n".encode()
+    return files
+
+
 def node_cpio(cluster: Cluster, node: Node) -> bytes | None:
-    """nodes/MAC.cpio: a newc archive holding etc/iscsi.initramfs (mode 0600)."""
+    """nodes/MAC.cpio: a newc archive holding etc/iscsi.initramfs and the node's files in
+    etc/virtualinux/node/ (all mode 0600, directories 0700), or None without a root volume."""
     text = iscsi_initramfs(cluster, node)
     if text is None:
         return None
-    return cpio.archive([cpio.directory("etc"),
-                         cpio.regular("etc/iscsi.initramfs", text.encode(), 0o600)], align=512)
+    entries = [cpio.directory("etc"),
+               cpio.regular("etc/iscsi.initramfs", text.encode(), 0o600)]
+    extra = node_files(cluster, node)
+    if extra:
+        directories = ["etc/virtualinux", NODE_FILES_DIR] + sorted(
+            {f"{NODE_FILES_DIR}/{name.rsplit('/', 1)[0]}" for name in extra if "/" in name})
+        entries += [cpio.directory(directory, 0o700) for directory in directories]
+        entries += [cpio.regular(f"{NODE_FILES_DIR}/{name}", data, 0o600)
+                    for name, data in sorted(extra.items())]
+    return cpio.archive(entries, align=512)
 
 
 def _basename(path: str) -> str:

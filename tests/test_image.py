@@ -19,7 +19,8 @@ from virtualinux.vvcm.errors import VlxError
 
 ELEMENTS = sorted(path for path in dib.ELEMENTS_DIR.iterdir() if path.is_dir())
 SCRIPTS = sorted(script for element in ELEMENTS for phase in element.glob("*.d")
-                 if phase.name != "environment.d" for script in phase.iterdir())
+                 if phase.name != "environment.d" for script in phase.iterdir()
+                 if script.is_file())
 
 
 def test_our_elements_are_the_node_guest_and_base_elements():
@@ -256,3 +257,45 @@ def test_vlx_image_list_and_show_read_the_manifests(tmp_path, capsys):
     assert shown.endswith("  packages (2):\n"
                           "    chrony                           4.3-2+deb12u1\n"
                           "    openssh-server                   1:9.2p1-2+deb12u3\n")
+
+
+INITRAMFS_FILES = dib.ELEMENTS_DIR / "virtualinux-node/post-install.d/virtualinux-initramfs"
+
+
+@pytest.mark.parametrize("name", ["hook", "login", "node-files"])
+def test_initramfs_scripts_are_posix_sh_with_the_prereqs_contract(name):
+    script = INITRAMFS_FILES / name
+    assert os.access(script, os.X_OK) and script.read_text().startswith("#!/bin/sh\n")
+    assert subprocess.run(["sh", "-n", str(script)], capture_output=True).returncode == 0
+    said = subprocess.run(["sh", str(script), "prereqs"], capture_output=True, text=True)
+    assert said.returncode == 0 and said.stdout.strip() in ("", "iscsi")
+
+
+def test_the_login_never_puts_the_secret_on_a_command_line():
+    text = (INITRAMFS_FILES / "login").read_text()
+    uses = [line.strip() for line in text.splitlines() if "ISCSI_PASSWORD" in line
+            and not line.lstrip().startswith("#")]
+    # Only printf (a shell builtin: no argv of another process) and unset may see it.
+    assert uses == ['"node.session.auth.password = ${ISCSI_PASSWORD:-}"',
+                    "unset ISCSI_PASSWORD"]
+    assert "iscsistart" not in text.replace("iscsistart -w", "").split("#")[0]
+
+
+@pytest.mark.parametrize(("cmdline", "panic"), [
+    ("root=LABEL=vroot rw", "15"),
+    ("root=LABEL=vroot break=mount", ""),
+    ("break root=LABEL=vroot", ""),
+    ("rd.shell", ""),
+    ("vlx.debug=shell quiet", ""),
+    ("vlx.debug=shellx", "15"),
+])
+def test_initramfs_reboots_on_failure_unless_the_command_line_asks_for_a_shell(
+        tmp_path, cmdline, panic):
+    proc_cmdline = tmp_path / "cmdline"
+    proc_cmdline.write_text(cmdline + "\n")
+    conf = tmp_path / "panic.conf"
+    conf.write_text((INITRAMFS_FILES / "panic.conf").read_text()
+                    .replace("/proc/cmdline", str(proc_cmdline)))
+    said = subprocess.run(["sh", "-c", f'panic=; . "{conf}"; printf "%s" "$panic"'],
+                          capture_output=True, text=True, check=True)
+    assert said.stdout == panic

@@ -27,10 +27,16 @@ def cluster(db, capsys):
     return db.load()
 
 
-def node_root(tmp_path: Path, name: str = "root") -> Path:
+def node_root(tmp_path: Path, name: str = "root", cluster=None, node: str = "node2") -> Path:
     """A node's root as the golden image has it: one kernel and its initrd in /boot, Debian's
-    iPXE binaries, and the root's iSCSI session in sysfs."""
+    iPXE binaries, and the root's iSCSI session in sysfs; with `cluster`, also the files the
+    node's cpio hands it in /run (its SSH host key), as the initramfs leaves them."""
     root = tmp_path / name
+    if cluster is not None:
+        delivered = root / "run/virtualinux/node"
+        delivered.mkdir(parents=True)
+        for file_name, data in scripts.node_files(cluster, cluster.node(node)).items():
+            (delivered / file_name).write_bytes(data)
     (root / "boot").mkdir(parents=True)
     (root / "boot" / "vmlinuz-6.1.0-test").write_bytes(b"kernel" * 100)
     (root / "boot" / "initrd.img-6.1.0-test").write_bytes(b"initrd" * 100)
@@ -48,8 +54,8 @@ def boot_of(cluster, root: Path, node: str = "node2") -> startup.Boot:
 
 def test_steps_are_found_by_where_they_live_and_run_in_order():
     names = [(step.order, step.name) for step in startup.discover()]
-    assert names == [(10, "identity"), (20, "time"), (30, "database"), (40, "vcnet"),
-                     (50, "bootsvc"), (60, "libvirtd")]
+    assert names == [(10, "identity"), (15, "sshkeys"), (20, "time"), (30, "database"),
+                     (40, "vcnet"), (50, "bootsvc"), (60, "libvirtd")]
 
 
 def test_a_failing_step_skips_only_the_steps_that_need_it(cluster, tmp_path):
@@ -98,16 +104,16 @@ def test_identity_without_the_root_session_fails_and_names_it(cluster, tmp_path)
 
 
 def test_running_every_step_twice_changes_nothing_the_second_time(cluster, tmp_path):
-    root = node_root(tmp_path)
+    root = node_root(tmp_path, cluster=cluster)
     boot = boot_of(cluster, root)
     first = startup.run_steps(boot, startup.discover(), io.StringIO())
-    assert [o.state for o in first] == ["ok"] * 6, [o.message for o in first]
+    assert [o.state for o in first] == ["ok"] * 7, [o.message for o in first]
     written = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
     second = startup.run_steps(boot, startup.discover(), io.StringIO())
     assert all(o.state == "ok" for o in second)
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == written
     by_name = {o.step.name: o.message for o in second}
-    assert "(unchanged)" in by_name["time"] and "(unchanged)" in by_name["bootsvc"]
+    assert all("(unchanged)" in by_name[name] for name in ("sshkeys", "time", "bootsvc"))
 
 
 def test_chrony_serves_the_cluster_peers_a_few_nodes_and_has_an_orphan_stratum(cluster):
@@ -158,12 +164,13 @@ def test_values_that_reach_configuration_files_are_checked(hostile):
 
 
 def test_start_up_command_runs_every_step_under_a_root(cluster, tmp_path, capsys):
-    root = node_root(tmp_path)
+    root = node_root(tmp_path, cluster=cluster)
     assert startup_main(["--node", "node2", "--root", str(root)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("]")[0] for line in lines] == [
-        "virtualinux: [10 identity", "virtualinux: [20 time", "virtualinux: [30 database",
-        "virtualinux: [40 vcnet", "virtualinux: [50 bootsvc", "virtualinux: [60 libvirtd"]
+        "virtualinux: [10 identity", "virtualinux: [15 sshkeys", "virtualinux: [20 time",
+        "virtualinux: [30 database", "virtualinux: [40 vcnet", "virtualinux: [50 bootsvc",
+        "virtualinux: [60 libvirtd"]
     assert startup_main(["--node", "node2", "--root", str(root), "--only", "nosuch"]) == 2
     assert "no start-up step 'nosuch'" in capsys.readouterr().err
 

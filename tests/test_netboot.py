@@ -45,7 +45,7 @@ ISCSI_TARGET_NAME=iqn.2026-11.lab.cluster:vlxlab.node1-root
 ISCSI_TARGET_IP=198.18.0.11
 ISCSI_TARGET_PORT=3260
 ISCSI_USERNAME=node1-chap
-ISCSI_PASSWORD='s3cr'"'"'et $(reboot)'
+ISCSI_PASSWORD='s3cr'"'"'et;$(reboot)'
 """
 
 
@@ -61,7 +61,7 @@ def cluster(db):
                        lambda c: inventory.apply(c, inventory.load(EXAMPLE), "test"))
     return dataclasses.replace(
         loaded, volumes=(root_volume(),),
-        credentials=(Credential("node1", "node1-chap", "s3cr'et $(reboot)"),))
+        credentials=(Credential("node1", "node1-chap", "s3cr'et;$(reboot)"),))
 
 
 @pytest.fixture

@@ -11,7 +11,16 @@ from collections.abc import Iterable, Mapping
 
 from .allocate import free_vxlan_id, service_address, vm_addresses, vm_mac, vm_name
 from .errors import NotFound, VlxError
-from .model import VM, Cluster, Node, Role, Settings, VirtualCluster, Volume
+from .model import (
+    NODE_SECRET_PREFIXES,
+    VM,
+    Cluster,
+    Node,
+    Role,
+    Settings,
+    VirtualCluster,
+    Volume,
+)
 from .placement import node_load, place
 
 
@@ -40,7 +49,10 @@ def remove_node(cluster: Cluster, name: str) -> Cluster:
     if owned:
         raise VlxError(f"node {name} owns volumes ({', '.join(owned)}): remove them first")
     nodes = tuple(node for node in cluster.nodes if node.name != name)
-    return validated(dataclasses.replace(cluster, nodes=nodes))
+    # Its host key and store certificate go with it (a node added again gets new ones).
+    gone = {prefix + name for prefix in NODE_SECRET_PREFIXES}
+    credentials = tuple(c for c in cluster.credentials if c.owner not in gone)
+    return validated(dataclasses.replace(cluster, nodes=nodes, credentials=credentials))
 
 
 def define_vc(cluster: Cluster, vc: VirtualCluster,

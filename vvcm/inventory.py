@@ -17,10 +17,10 @@ from typing import Any
 
 import tomli_w
 
-from . import changes
+from . import changes, host_keys
 from .errors import VlxError
 from .fields import from_mapping, parse_name, to_mapping
-from .model import STORE_CA_OWNER, Cluster, Node, Settings, VirtualCluster, Volume
+from .model import Cluster, Node, Settings, VirtualCluster, Volume
 
 SECTIONS = {"cluster": Settings, "node": Node, "vc": VirtualCluster, "volume": Volume}
 
@@ -96,10 +96,10 @@ def apply(cluster: Cluster, inventory: Inventory, source: str) -> Cluster:
         fresh = changes.put_volumes(fresh, inventory.volumes)
     except VlxError as err:
         raise VlxError(err.message, _entry(inventory, err.where) or where) from None
-    owners = {node.name for node in fresh.nodes} | {vm.name for vm in fresh.vms} | {
-        STORE_CA_OWNER}
-    return dataclasses.replace(fresh, credentials=tuple(
+    owners = fresh.secret_owners()
+    fresh = dataclasses.replace(fresh, credentials=tuple(
         c for c in cluster.credentials if c.owner in owners))
+    return host_keys.with_host_keys(fresh)
 
 
 def _entry(inventory: Inventory, subject: str | None) -> str | None:

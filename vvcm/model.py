@@ -72,6 +72,12 @@ ROLES = tuple(Role)
 # The credential holding the replicated store's cluster CA (cluster_ca); not a DNS label, so
 # no node or VM can own it.
 STORE_CA_OWNER = "@store-ca"
+# The intermediate CA that issues each node's store certificate (cluster_ca.node_pair).
+STORE_NODE_CA_OWNER = "@store-node-ca"
+# Per-node secrets other than the CHAP login (owner = the node's name): the node's SSH host
+# key (host_keys), a credential of owner PREFIX + node name, which is not a DNS label either.
+SSH_HOST_KEY_PREFIX = "@ssh-host-key:"
+NODE_SECRET_PREFIXES = (SSH_HOST_KEY_PREFIX,)
 STORE_CLIENT_PORT = 2379    # etcd's client port on every member
 
 
@@ -360,6 +366,13 @@ class Cluster:
 
     def credential(self, owner: str) -> Credential | None:
         return self._credentials_by_owner.get(owner)
+
+    def secret_owners(self) -> set[str]:
+        """The owners whose credentials this cluster keeps: its nodes (CHAP, host key), its
+        VMs (CHAP) and the store's CAs."""
+        nodes = [node.name for node in self.nodes]
+        return ({*nodes, *(vm.name for vm in self.vms), STORE_CA_OWNER, STORE_NODE_CA_OWNER}
+                | {prefix + name for prefix in NODE_SECRET_PREFIXES for name in nodes})
 
     def vms_of(self, vc: str) -> tuple[VM, ...]:
         return self._vms_by_vc.get(vc, ())

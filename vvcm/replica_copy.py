@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .cluster_ca import without_ca_key
 from .db import Database
 from .errors import VlxError
 from .model import Change, Cluster
@@ -122,7 +123,9 @@ class ReplicaCopy:
         cluster, entries = fetched
         if cluster.generation < self.generation:
             return False
-        self._write(cluster, entries, whole)
+        # Every node's boot secrets stay (any replica boots any node); the root CA's key,
+        # which only `vlx db tls` needs, stays in the store (cluster_ca.without_ca_key).
+        self._write(without_ca_key(cluster), entries, whole)
         self.generation = cluster.generation
         self.copies_written += 1
         log.info("local copy %s now at gen %d", self.path, self.generation)

@@ -66,7 +66,7 @@ def read(path: Path) -> tuple[Credential, ...]:
 def restore(cluster: Cluster, credentials: tuple[Credential, ...]) -> tuple[Cluster, int]:
     """The cluster with these credentials for the owners it has (others are dropped: an owner
     that is gone has no login), replacing what it holds for them; and how many were taken."""
-    owners = {node.name for node in cluster.nodes} | {vm.name for vm in cluster.vms}
+    owners = cluster.secret_owners()
     taken = {c.owner: c for c in credentials if c.owner in owners}
     kept = tuple(c for c in cluster.credentials if c.owner not in taken)
     return dataclasses.replace(cluster, credentials=kept + tuple(taken.values())), len(taken)

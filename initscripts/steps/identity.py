@@ -25,9 +25,10 @@ def hosts_file(boot: Boot) -> str:
              "127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
     for node in cluster.nodes:
         name = plain(node.name, "node name")
-        lines.append(f"{node.ip}\t{plain(cluster.fqdn(name), 'host name')}\t{name}")
+        lines.append(f"{plain(node.ip, 'node address')}\t"
+                     f"{plain(cluster.fqdn(name), 'host name')}\t{name}")
     if cluster.settings is not None:
-        lines.append(f"{cluster.settings.gateway_vip}\t"
+        lines.append(f"{plain(cluster.settings.gateway_vip, 'gateway address')}\t"
                      f"{plain(cluster.fqdn('gateway'), 'host name')}\tgateway")
     return "\n".join(lines) + "\n"
 

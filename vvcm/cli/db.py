@@ -35,19 +35,20 @@ def register(nouns: argparse._SubParsersAction) -> None:
     imp.add_argument("--replace", action="store_true",
                      help="replace the nodes and VCs the database holds already")
     imp.add_argument("--secrets", type=Path, metavar="FILE",
-                     help="CHAP credentials to restore (default: FILE's NAME.secrets.toml "
-                          "beside it, if there is one; `db export --with-secrets` writes it)")
+                     help="secrets (CHAP logins, SSH host keys) to restore (default: "
+                          "FILE's NAME.secrets.toml beside it, if there is one; `db export "
+                          "--with-secrets` writes it)")
 
     exp = verbs.add_parser(
         "export", help="write the inventory back as TOML",
         description="Write the cluster back as an inventory: settings, nodes, VCs with their "
-                    "placement, volumes. Not in it: the CHAP credentials (unless "
-                    "--with-secrets), the generation and the change log (an import starts "
-                    "them afresh).")
+                    "placement, volumes. Not in it: the secrets, CHAP logins and SSH host "
+                    "keys (unless --with-secrets), the generation and the change log (an "
+                    "import starts them afresh).")
     exp.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
     exp.add_argument("--with-secrets", action="store_true",
-                     help="also write the CHAP credentials to OUTPUT's NAME.secrets.toml "
-                          "(mode 0600), which `db import OUTPUT` restores")
+                     help="also write the secrets (CHAP logins, SSH host keys) to OUTPUT's "
+                          "NAME.secrets.toml (mode 0600), which `db import OUTPUT` restores")
     exp.set_defaults(handler=cmd_export)
 
     add_verb(verbs, "show", cmd_show, help="cluster settings, networks and generation", json=True)
@@ -152,11 +153,12 @@ def cmd_import(args: argparse.Namespace) -> int:
           f"{plural(len(cluster.vcs), 'VC')}, {plural(len(cluster.vms), 'VM')} "
           f"(generation {cluster.generation})")
     if credentials is not None:
-        print(f"restored {plural(restored, 'CHAP credential')} from {secrets}")
+        print(f"restored {plural(restored, 'secret')} from {secrets}")
     return 0
 
 
 NOT_EXPORTED = "the generation and the change log"
+SECRETS = "the secrets (CHAP logins, SSH host keys)"
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -167,7 +169,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                        "-o FILE (secrets are never printed)")
     if not args.output:
         sys.stdout.write(text)
-        print(f"vlx: not exported: the CHAP credentials (-o FILE --with-secrets), "
+        print(f"vlx: not exported: {SECRETS} (-o FILE --with-secrets), "
               f"{NOT_EXPORTED}", file=sys.stderr)
         return 0
     tmp = args.output.with_name(args.output.name + ".tmp")
@@ -179,10 +181,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.with_secrets:
         secrets = secrets_file.secrets_path(args.output)
         count = secrets_file.write(cluster, secrets)
-        print(f"wrote {secrets} (mode 0600): {plural(count, 'CHAP credential')}; not "
+        print(f"wrote {secrets} (mode 0600): {plural(count, 'secret')}; not "
               f"exported: {NOT_EXPORTED}")
     else:
-        print(f"not exported: the CHAP credentials (--with-secrets), {NOT_EXPORTED}")
+        print(f"not exported: {SECRETS} (--with-secrets), {NOT_EXPORTED}")
     return 0
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .. import changes
+from .. import changes, host_keys
+from ..errors import VlxError
 from ..fields import add_arguments, from_arguments, to_mapping
 from ..model import Cluster, Node
 from ..virt import migrate
@@ -28,6 +29,16 @@ def register(nouns: argparse._SubParsersAction) -> None:
     remove = add_verb(verbs, "remove", cmd_remove, help="remove a node that hosts no VMs")
     remove.add_argument("name")
 
+    keys = add_verb(verbs, "keys", cmd_keys, help="the nodes' SSH host keys, as known_hosts",
+                    description="Print a known_hosts line for each node (all, or the NAMEs), "
+                                "making the host keys of nodes that have none. Each node gets "
+                                "its key from its own boot files and keeps it across reboots "
+                                "and re-created snapshots.")
+    keys.add_argument("names", nargs="*", metavar="NAME")
+    keys.add_argument("--renew", action="store_true",
+                      help="replace the keys of the NAMEs (each node takes its new key at its "
+                           "next boot)")
+
     drain = verbs.add_parser("drain", help="live-migrate every VM off a node",
                              description="Move every VM placed on NODE to the node placement "
                                          "chooses for it now, one after another; the "
@@ -43,8 +54,10 @@ def node_json(cluster: Cluster, node: Node) -> dict:
 
 def cmd_add(args: argparse.Namespace) -> int:
     node = from_arguments(Node, args)
-    cluster = database(args).update("node add", node.name,
-                                    lambda cluster: changes.add_node(cluster, node))
+    # Its SSH host key is made with it (host_keys): the node has it from its first boot.
+    cluster = database(args).update(
+        "node add", node.name,
+        lambda cluster: host_keys.with_host_keys(changes.add_node(cluster, node)))
     print(f"added {node.name} {node.mac} {node.ip} (generation {cluster.generation})")
     return 0
 
@@ -70,6 +83,23 @@ def cmd_show(args: argparse.Namespace) -> int:
     for key, value in data.items():
         shown = ", ".join(map(str, value)) if isinstance(value, list) else value
         print(f"{key + ':':<12}{shown or '-'}")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    db = database(args)
+    cluster = db.load()
+    names = list(dict.fromkeys(args.names)) or [node.name for node in cluster.nodes]
+    for name in names:
+        cluster.node(name)
+    if args.renew and not args.names:
+        raise VlxError("--renew needs the NAMEs of the nodes whose keys to replace")
+    renew = names if args.renew else ()
+    if renew or any(host_keys.seed_of(cluster, node.name) is None for node in cluster.nodes):
+        cluster = db.update("node keys", ",".join(renew) or "missing",
+                            lambda c: host_keys.with_host_keys(c, renew))
+    for line in host_keys.known_hosts(cluster, names):
+        print(line)
     return 0
 
 
