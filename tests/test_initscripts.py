@@ -200,13 +200,26 @@ def test_db_nodes_run_members_and_every_node_boots_with_the_store(db, tmp_path, 
         f" vlx.node=node3 vlx.store={store}")
     monkeypatch.delenv("VLX_DB")
     member, client = node_root(tmp_path, "n2"), node_root(tmp_path, "n3")
+    asked = []
+    monkeypatch.setattr(database, "join", lambda boot, url: asked.append(url))  # none answers
     said = database.run(boot_of(cluster, member, "node2"))
-    assert said == f"etcd member node2 of 2 on 198.18.0.12, clients use {store}"
+    assert asked == [store]
+    assert said == (f"etcd member node2 on 198.18.0.12 forms a new cluster (2 in its initial "
+                    f"cluster), clients use {store}")
     env = (member / "etc/default/virtualinux-etcd").read_text().splitlines()
     assert env[1:] == ["VLX_ETCD_NAME=node2", "VLX_ETCD_LISTEN=198.18.0.12",
                        "VLX_ETCD_INITIAL_CLUSTER=node1=http://198.18.0.11:2380,"
                        "node2=http://198.18.0.12:2380",
-                       "VLX_ETCD_DATA_DIR=/var/lib/virtualinux/etcd/node2"]
+                       "VLX_ETCD_DATA_DIR=/var/lib/virtualinux/etcd/node2",
+                       "VLX_ETCD_OPTIONS=--heartbeat-ms 100 --election-ms 1000"]
+    # A reboot: the member's data is on the node's root, so it restarts as itself and asks
+    # the store nothing.
+    (member / "var/lib/virtualinux/etcd/node2/member").mkdir(parents=True)
+    said = database.run(boot_of(cluster, member, "node2"))
+    assert asked == [store]
+    assert said.startswith("etcd member node2 on 198.18.0.12 restarts as itself")
+    assert "VLX_ETCD_INITIAL_CLUSTER=node2=http://198.18.0.12:2380" in \
+        (member / "etc/default/virtualinux-etcd").read_text()
     assert database.run(boot_of(cluster, client, "node3")) == \
         f"client of {store}, serving a local copy"
     assert not (client / "etc/default/virtualinux-etcd").exists()
