@@ -271,7 +271,7 @@ def nothing_made(state_dir: Path) -> None:
 def test_up_with_a_mac_clash_is_refused_and_makes_nothing(tmp_path, capsys):
     bad = tmp_path / "clash.toml"
     bad.write_text(EXAMPLE.read_text().replace("52:54:00:00:00:12", "52:54:00:00:00:11"))
-    code, _, err = vlx(capsys, "lab", "up", "--inventory", str(bad),
+    code, _, err = vlx(capsys, "lab", "up", "--image", "tiny", "--inventory", str(bad),
                        "--state-dir", str(tmp_path / "lab"))
     assert code == 2
     assert "duplicate MAC 52:54:00:00:00:11" in err
@@ -281,7 +281,8 @@ def test_up_with_a_mac_clash_is_refused_and_makes_nothing(tmp_path, capsys):
 def test_up_needing_more_memory_than_the_host_has_is_refused(tmp_path, capsys):
     bad = tmp_path / "big.toml"
     bad.write_text(EXAMPLE.read_text().replace('memory = "2GiB"', 'memory = "4096GiB"'))
-    code, _, err = vlx(capsys, "lab", "up", "--inventory", str(bad), "--nodes", "1",
+    code, _, err = vlx(capsys, "lab", "up", "--image", "tiny",
+                       "--inventory", str(bad), "--nodes", "1",
                        "--state-dir", str(tmp_path / "lab"))
     assert code == 2
     assert "the nodes need 4194368 MiB" in err and "boot fewer with --nodes" in err
@@ -297,7 +298,8 @@ def test_up_without_qemu_is_refused_and_makes_nothing(tmp_path):
                                text=True).stdout.strip()
         (bin_dir / program).symlink_to(found)
     done = subprocess.run([sys.executable, "-c", "import sys; from virtualinux.vvcm.cli "
-                           "import main; sys.exit(main())", "lab", "up", "--inventory",
+                           "import main; sys.exit(main())", "lab", "up", "--image", "tiny",
+                                                  "--inventory",
                            str(EXAMPLE), "--state-dir", str(tmp_path / "lab")],
                           env={**os.environ, "PATH": str(bin_dir)}, capture_output=True,
                           text=True, timeout=60)
@@ -311,7 +313,7 @@ def test_up_when_a_lab_is_up_already_is_refused_and_keeps_it(tmp_path, capsys):
                              started=time.time())
     record.save()
     before = (tmp_path / state.RECORD).read_bytes()
-    code, _, err = vlx(capsys, "lab", "up", "--inventory", str(EXAMPLE),
+    code, _, err = vlx(capsys, "lab", "up", "--image", "tiny", "--inventory", str(EXAMPLE),
                        "--state-dir", str(tmp_path))
     assert code == 2
     assert "a lab is up already" in err and "vlx lab down" in err

@@ -26,6 +26,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from virtualinux.vvcm import Database, VlxError, etcd_member
 from virtualinux.vvcm.db import default_path
@@ -36,6 +37,9 @@ from virtualinux.vvcm.store import parse_url
 from ..files import plain, write_if_changed
 from ..services import restart_if_changed
 from ..startup import Boot, Step, StepFailed
+
+if TYPE_CHECKING:     # the etcd client is imported only on db nodes that join
+    from virtualinux.vvcm.store_etcd import EtcdStore
 
 ENV_FILE = "/etc/default/virtualinux"
 ETCD_ENV_FILE = "/etc/default/virtualinux-etcd"
@@ -93,7 +97,7 @@ def join(boot: Boot, store_url: str, clock: Callable[[], float] = time.monotonic
     """Announce this node as a member of the running ones (idempotent); the initial cluster
     to start with, or None when no member answers (a new cluster)."""
     from virtualinux.vvcm.store_etcd import StoreUnreachable
-    store = Database(store=parse_url(store_url, "vlx.store")).backend
+    store = cast("EtcdStore", Database(store=parse_url(store_url, "vlx.store")).backend)
     mine = peer_url(boot)
     settings = boot.cluster.settings
     deadline = clock() + JOIN_TIMEOUT
@@ -136,11 +140,11 @@ def run(boot: Boot) -> str:
     if (boot.path(str(data_dir(boot))) / "member").is_dir():
         how, initial, options = "restarts as itself", f"{boot.node.name}={peer_url(boot)}", ""
     else:
-        initial = join(boot, store) if store else None
-        if initial is None:
+        joined = join(boot, store) if store else None
+        if joined is None:
             how, initial, options = "forms a new cluster", new_cluster(boot), ""
         else:
-            how, options = "joins the running members", "--join"
+            how, initial, options = "joins the running members", joined, "--join"
     options = f"{options} {timing(boot)}".strip()
     changed = write_if_changed(boot.path(ETCD_ENV_FILE),
                                member_environment(boot, initial, options)) or changed
