@@ -300,10 +300,12 @@ def down(state_dir: Path, prefix: str | None = None) -> list[str]:
         removed += stop_processes(dataclasses.replace(
             record, processes=[p for p in record.processes if p.role != "tgtd"]))
         removed += selfhost.stop_san(record)
-    if record is not None:
+        # A tgtd that would not stop cleanly, then the pool it no longer holds.
+        removed += stop_processes(dataclasses.replace(
+            record, processes=[p for p in record.processes if p.role == "tgtd"]))
+        removed += selfhost.unmount_pool(record)
+    elif record is not None:
         removed += stop_processes(record)
-        if record.san:
-            removed += selfhost.unmount_pool(record)
     names = set(record.namespaces if record else ()) | set(lab_namespaces(prefix))
     for name in sorted(names):
         if (NETNS_DIR / name).exists():

@@ -197,8 +197,9 @@ def http_from(netns_path: str, path: str = "boot.ipxe") -> Callable[[str], bool]
     the lab namespace at the path."""
     def answers(ip: str) -> bool:
         try:
-            done = subprocess.run(["nsenter", f"--net={netns_path}", "--", "busybox", "wget",
-                                   "-q", "-O", "/dev/null", "-T", "2", f"http://{ip}/{path}"],
+            # curl, not busybox's wget: Debian's busybox wget segfaults on these hosts.
+            done = subprocess.run(["nsenter", f"--net={netns_path}", "--", "curl", "-sf",
+                                   "-m", "2", "-o", "/dev/null", f"http://{ip}/{path}"],
                                   capture_output=True, timeout=5)
         except (OSError, subprocess.TimeoutExpired):
             return False

@@ -258,11 +258,12 @@ class ProgressDisplay:
 def _print_status(report: dict) -> None:
     rows = []
     for node in report["nodes"]:
-        after = node["seen"].get("init")
+        # The tiny image's nodes are up at init, the node image's when their replica serves.
+        after = node["seen"].get("serving", node["seen"].get("init"))
         booted = f"{after:.1f}" if after is not None else "-"
         rows.append((node["name"], node["mac"], node["ip"], node["phase"], booted,
                      node["qemu_pid"] or "-"))
-    print_table(("NODE", "MAC", "ADDRESS", "PHASE", "INIT AFTER (s)", "QEMU PID"), rows)
+    print_table(("NODE", "MAC", "ADDRESS", "PHASE", "UP AFTER (s)", "QEMU PID"), rows)
     print()
     replicas = []
     for replica in report["replicas"]:
