@@ -232,3 +232,35 @@ def test_a_cluster_without_db_nodes_keeps_its_database_file(cluster, tmp_path):
     assert " vlx.store=" not in scripts.kernel_cmdline(cluster, cluster.node("node3"), ())
     root = node_root(tmp_path)
     assert database.run(boot_of(cluster, root)) == "database file"
+
+
+def test_a_first_boot_waits_for_the_store_until_it_answers(cluster, monkeypatch, capsys):
+    """No local copy yet and the store without quorum (a member added before this node is
+    still starting): start-up says so once and tries again until the store answers."""
+    from virtualinux.initscripts import __main__ as start_up
+
+    tries = []
+
+    class Copy:      # stands for ReplicaCopy: unreachable twice, then the copy is there
+        def __init__(self, store, path):
+            self.rebuilt_reason = "none yet"
+
+        def prepare(self) -> int:
+            tries.append(1)
+            if len(tries) < 3:
+                raise VlxError("no usable local copy (none yet) and the store is unreachable")
+            return cluster.generation
+
+    monkeypatch.setattr(start_up, "ReplicaCopy", Copy)
+    monkeypatch.setenv("VLX_STORE", "")
+    slept = []
+    loaded = start_up.load_cluster(("vlx.store=etcd://198.18.0.11:2379",),
+                                   clock=lambda: 0.0, sleep=slept.append)
+    assert loaded.node("node2").name == "node2"
+    assert len(tries) == 3 and slept == [start_up.FIRST_COPY_RETRY] * 2
+    assert capsys.readouterr().out.count("virtualinux: waiting for the store:") == 1
+    # Past the limit it gives up with the store's error.
+    tries.clear()
+    with pytest.raises(VlxError, match="unreachable"):
+        start_up.load_cluster(("vlx.store=etcd://198.18.0.11:2379",),
+                              clock=iter([0.0, 1e9]).__next__, sleep=slept.append)
