@@ -90,9 +90,15 @@ class SelfHostedLab:
         from which the new boot shows."""
         offset = self.serial(node).stat().st_size
         with socket.socket(socket.AF_UNIX) as monitor:
+            monitor.settimeout(30)
             monitor.connect(str(self.state_dir / "nodes" / node / "monitor.sock"))
-            monitor.sendall(b"system_reset\n")
-            monitor.recv(4096)
+            # The monitor takes a command only after its prompt, and has run it once it
+            # prompts again (a command sent earlier and the socket closed is lost).
+            for command in (b"", b"system_reset\n"):
+                monitor.sendall(command)
+                said = b""
+                while b"(qemu) " not in said:
+                    said += monitor.recv(4096) or b"(qemu) "
         return offset
 
 
