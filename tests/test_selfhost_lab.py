@@ -5,7 +5,7 @@ and comes back as the same etcd member, its own writes kept in its own snapshot;
 SIGKILLed while another reboots, and the reboot still completes.
 
 The scenarios run in order on one lab (each node-image boot takes minutes in TCG: one lab for
-the module keeps the file to ~20 minutes in TCG). Every wait is on an event (a console line,
+the module keeps the file to 13-20 minutes in TCG). Every wait is on an event (a console line,
 the lab's status, an answer); the time limits are only safety nets.
 """
 
