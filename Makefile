@@ -4,7 +4,9 @@
 PACKAGES := $(shell sed -e 's/\#.*//' debian-packages.txt)
 VENV := .venv
 STAMP := $(VENV)/.installed
-INVENTORY ?= examples/cluster.toml
+# `make lab` boots the node image on the first LAB_NODES nodes of examples/lab.toml.
+INVENTORY ?= examples/lab.toml
+LAB_NODES ?= 3
 PYTEST_ARGS ?=
 # Where `vlx` is linked so that the README's bare `vlx ...` commands work (root only).
 BINDIR ?= /usr/local/bin
@@ -12,7 +14,7 @@ BINDIR ?= /usr/local/bin
 .PHONY: lab test lab-down deps debian-packages vlx-on-path clean
 
 lab: deps vlx-on-path
-	$(VENV)/bin/vlx lab up --inventory $(INVENTORY)
+	$(VENV)/bin/vlx lab up --inventory $(INVENTORY) --nodes $(LAB_NODES)
 
 lab-down: deps
 	$(VENV)/bin/vlx lab down

@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from virtualinux.vvcm import Cluster, Database, VlxError
@@ -16,19 +18,41 @@ from virtualinux.vvcm.store import parse_url
 
 from .startup import Boot, discover, node_from_cmdline, read_cmdline, run_steps
 
+# A first boot waits this long for the store to answer (db nodes booting together join one
+# after the other, and the store has no quorum while a new member starts), trying again
+# every FIRST_COPY_RETRY seconds.
+FIRST_COPY_TIMEOUT = 900.0
+FIRST_COPY_RETRY = 3.0
 
-def load_cluster(cmdline: tuple[str, ...]) -> Cluster:
+
+def load_cluster(cmdline: tuple[str, ...], clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> Cluster:
     """The database this node starts from. `vlx.store=` on the kernel command line (or
     VLX_STORE) names a replicated store: a local copy of it is made (or, with the store
-    unreachable, the copy kept from the last boot is used) and read; else VLX_DB's file."""
+    unreachable, the copy kept from the last boot is used) and read; else VLX_DB's file.
+    With no copy yet and the store unreachable, it waits for the store (FIRST_COPY_TIMEOUT)."""
     store = next((arg.split("=", 1)[1] for arg in cmdline if arg.startswith("vlx.store=")),
                  None) or os.environ.get("VLX_STORE")
     if not store or not store.startswith("etcd://"):
         return Database().load()
     os.environ["VLX_STORE"] = store          # for the steps and what they start
     local = default_path()
-    ReplicaCopy(Database(store=parse_url(store)), local).prepare()
-    return Database(local).load()
+    copy = ReplicaCopy(Database(store=parse_url(store)), local)
+    deadline = clock() + FIRST_COPY_TIMEOUT
+    waiting = False
+    while True:
+        try:
+            copy.prepare()
+            return Database(local).load()
+        except VlxError as err:
+            # No usable copy (a first boot) and the store has no quorum for a while (a db
+            # node added before this one is still starting its member): wait for it.
+            if copy.rebuilt_reason is None or clock() > deadline:
+                raise
+            if not waiting:
+                print(f"virtualinux: waiting for the store: {err}", flush=True)
+                waiting = True
+        sleep(FIRST_COPY_RETRY)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -208,13 +208,26 @@ def test_db_nodes_run_members_and_every_node_boots_with_the_store(db, tmp_path, 
         f" vlx.node=node3 vlx.store={store}")
     monkeypatch.delenv("VLX_DB")
     member, client = node_root(tmp_path, "n2"), node_root(tmp_path, "n3")
+    asked = []
+    monkeypatch.setattr(database, "join", lambda boot, url: asked.append(url))  # none answers
     said = database.run(boot_of(cluster, member, "node2"))
-    assert said == f"etcd member node2 of 2 on 198.18.0.12, clients use {store}"
+    assert asked == [store]
+    assert said == (f"etcd member node2 on 198.18.0.12 forms a new cluster (2 in its initial "
+                    f"cluster), clients use {store}")
     env = (member / "etc/default/virtualinux-etcd").read_text().splitlines()
     assert env[1:] == ["VLX_ETCD_NAME=node2", "VLX_ETCD_LISTEN=198.18.0.12",
                        "VLX_ETCD_INITIAL_CLUSTER=node1=http://198.18.0.11:2380,"
                        "node2=http://198.18.0.12:2380",
-                       "VLX_ETCD_DATA_DIR=/var/lib/virtualinux/etcd/node2"]
+                       "VLX_ETCD_DATA_DIR=/var/lib/virtualinux/etcd/node2",
+                       "VLX_ETCD_OPTIONS=--heartbeat-ms 100 --election-ms 1000"]
+    # A reboot: the member's data is on the node's root, so it restarts as itself and asks
+    # the store nothing.
+    (member / "var/lib/virtualinux/etcd/node2/member").mkdir(parents=True)
+    said = database.run(boot_of(cluster, member, "node2"))
+    assert asked == [store]
+    assert said.startswith("etcd member node2 on 198.18.0.12 restarts as itself")
+    assert "VLX_ETCD_INITIAL_CLUSTER=node2=http://198.18.0.12:2380" in \
+        (member / "etc/default/virtualinux-etcd").read_text()
     assert database.run(boot_of(cluster, client, "node3")) == \
         f"client of {store}, serving a local copy"
     assert not (client / "etc/default/virtualinux-etcd").exists()
@@ -227,3 +240,35 @@ def test_a_cluster_without_db_nodes_keeps_its_database_file(cluster, tmp_path):
     assert " vlx.store=" not in scripts.kernel_cmdline(cluster, cluster.node("node3"), ())
     root = node_root(tmp_path)
     assert database.run(boot_of(cluster, root)) == "database file"
+
+
+def test_a_first_boot_waits_for_the_store_until_it_answers(cluster, monkeypatch, capsys):
+    """No local copy yet and the store without quorum (a member added before this node is
+    still starting): start-up says so once and tries again until the store answers."""
+    from virtualinux.initscripts import __main__ as start_up
+
+    tries = []
+
+    class Copy:      # stands for ReplicaCopy: unreachable twice, then the copy is there
+        def __init__(self, store, path):
+            self.rebuilt_reason = "none yet"
+
+        def prepare(self) -> int:
+            tries.append(1)
+            if len(tries) < 3:
+                raise VlxError("no usable local copy (none yet) and the store is unreachable")
+            return cluster.generation
+
+    monkeypatch.setattr(start_up, "ReplicaCopy", Copy)
+    monkeypatch.setenv("VLX_STORE", "")
+    slept = []
+    loaded = start_up.load_cluster(("vlx.store=etcd://198.18.0.11:2379",),
+                                   clock=lambda: 0.0, sleep=slept.append)
+    assert loaded.node("node2").name == "node2"
+    assert len(tries) == 3 and slept == [start_up.FIRST_COPY_RETRY] * 2
+    assert capsys.readouterr().out.count("virtualinux: waiting for the store:") == 1
+    # Past the limit it gives up with the store's error.
+    tries.clear()
+    with pytest.raises(VlxError, match="unreachable"):
+        start_up.load_cluster(("vlx.store=etcd://198.18.0.11:2379",),
+                              clock=iter([0.0, 1e9]).__next__, sleep=slept.append)

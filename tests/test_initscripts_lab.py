@@ -3,12 +3,14 @@ of the store, and boots again from that copy while the store is down."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
-from virtualinux.vm_test.etcd import Lab
+from virtualinux.vm_test.etcd import VLX, Lab
+from virtualinux.vm_test.wait import wait_for
 from virtualinux.vvcm import Database
 
 from .conftest import EXAMPLE, require
@@ -49,3 +51,41 @@ def test_a_node_starts_from_a_local_copy_of_the_store_and_again_with_the_store_d
     again = start_up(lab, root, copy)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "[10 identity] ok: node3 198.18.0.13" in again.stdout
+
+
+def test_a_db_node_joins_the_running_member_once_however_often_start_up_runs(lab, tmp_path):
+    """The database step of a db node with no data yet: etcd's MemberAdd through the store
+    (once, also when the step runs again before the member starts), then the member started
+    from what the step wrote joins with --initial-cluster-state existing."""
+    url = lab.etcd(1)
+    inventory = tmp_path / "cluster.toml"
+    inventory.write_text(EXAMPLE.read_text().replace(
+        'roles = ["gateway-backup", "storage"]', 'roles = ["gateway-backup", "storage", "db"]'))
+    assert lab.vlx("db", "import", str(inventory)).returncode == 0
+    node2 = lab.add("node2", "198.18.0.12")
+    root, copy = node_root(tmp_path), tmp_path / "copy.db"
+    env = {**os.environ, "VLX_STORE": url, "VLX_DB": str(copy)}
+    for _ in range(2):
+        ran = node2.ns.run([sys.executable, "-m", "virtualinux.initscripts", "--node", "node2",
+                            "--root", str(root)], check=False, timeout=120, env=env)
+        assert "[30 database] ok: etcd member node2 on 198.18.0.12 joins the running " \
+               "members (2 in its initial cluster)" in ran.stdout, ran.stdout + ran.stderr
+    listed = json.loads(lab.etcdctl("member", "list", "-w", "json"))["members"]
+    assert sorted(m.get("name", "") for m in listed) == ["", "e1"]    # node2 added, once
+    written = dict(line.split("=", 1) for line in
+                   (root / "etc/default/virtualinux-etcd").read_text().splitlines()[1:])
+    assert written["VLX_ETCD_INITIAL_CLUSTER"] == \
+        "e1=http://198.18.0.31:2380,node2=http://198.18.0.12:2380"
+    assert written["VLX_ETCD_OPTIONS"] == "--join --heartbeat-ms 100 --election-ms 1000"
+    # What virtualinux-etcd.service runs with that file ($VLX_ETCD_OPTIONS split in words),
+    # with the member's data in the test's directory; the lab's slower Raft timing.
+    node2.process = node2.ns.popen(
+        [*VLX, "db", "serve", "--name", "node2", "--listen", "198.18.0.12",
+         "--initial-cluster", written["VLX_ETCD_INITIAL_CLUSTER"],
+         "--data-dir", str(node2.data_dir), "--join", "--heartbeat-ms", str(lab.timing[0]),
+         "--election-ms", str(lab.timing[1])],
+        stdout=node2.log.open("a"), stderr=subprocess.STDOUT)
+    wait_for(lambda: lab.healthy(lab.members), 90, "node2 to join e1 as a healthy member",
+             interval=0.5)
+    listed = json.loads(lab.etcdctl("member", "list", "-w", "json"))["members"]
+    assert sorted(m["name"] for m in listed) == ["e1", "node2"]

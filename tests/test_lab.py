@@ -45,6 +45,14 @@ def test_replicas_get_free_addresses_from_the_top_of_the_cluster_network(tmp_pat
                                  f"{layout.prefix}-r2")
 
 
+def test_the_node_image_lab_has_one_bootstrap_and_a_san_at_the_top(tmp_path):
+    layout = plan.plan(example(), tmp_path / "lab", 3, image="node")
+    assert [(r.name, str(r.address)) for r in layout.replicas] == [("boot", "198.18.0.253")]
+    assert layout.bootstrap.namespace == f"{layout.prefix}-boot"
+    assert str(layout.san) == "198.18.0.252" and layout.image == "node"
+    assert [p.node.name for p in layout.nodes] == ["node1", "node2", "node3"]
+
+
 def test_nodes_picks_the_first_n_and_refuses_counts_it_cannot_boot(tmp_path):
     assert [p.node.name for p in plan.plan(example(), tmp_path, 2).nodes] == ["node1", "node2"]
     for count in (0, 5, -1):
@@ -243,6 +251,29 @@ def test_a_node_up_on_another_address_is_never_ready(tmp_path):
     assert watcher.poll() == [] and node.phase == "init"
 
 
+def test_a_node_image_boot_is_followed_through_iscsi_root_each_step_and_serving(tmp_path):
+    """Console lines as the node image prints them (open-iscsi's login, the kernel's ext4
+    mount, one line per start-up step); serving once its replica answers after the last."""
+    serial = tmp_path / "serial"
+    serial.write_text(
+        "iscsistart: Connection1:0 to [target: iqn.x:node1-root, portal: 198.18.0.252,3260] "
+        "through [iface: default] is operational now\r\n"
+        "[   40.1] EXT4-fs (sda): mounted filesystem with ordered data mode.\r\n"
+        "[  139.2] python[263]: virtualinux: [10 identity] ok: node1 198.18.0.11\r\n"
+        "[  141.0] python[263]: virtualinux: [20 time] FAILED: chrony.service: no such unit\r\n")
+    node = progress.NodeProgress("node1", "52:54:00:00:00:11", "198.18.0.11",
+                                 phases=progress.node_phases(["identity", "time", "bootsvc"]))
+    answering = []
+    watcher = progress.Watcher([node], {"node1": serial}, [],
+                               serving=lambda ip: answering.append(ip) or True)
+    assert [p for _, p in watcher.poll()] == ["iscsi", "root", "identity", "time"]
+    assert node.describe() == "time (time FAILED)" and answering == []
+    with open(serial, "a") as log:
+        log.write("virtualinux: [50 bootsvc] ok: replica dhcp,tftp,http on eth0\n")
+    assert [p for _, p in watcher.poll()] == ["bootsvc", "serving"]
+    assert answering == ["198.18.0.11"] and watcher.all_at("serving")
+
+
 def test_console_follow_copies_the_log_and_what_is_appended(tmp_path):
     log = tmp_path / "serial.log"
     log.write_bytes(b"SeaBIOS\r\n")
@@ -271,7 +302,7 @@ def nothing_made(state_dir: Path) -> None:
 def test_up_with_a_mac_clash_is_refused_and_makes_nothing(tmp_path, capsys):
     bad = tmp_path / "clash.toml"
     bad.write_text(EXAMPLE.read_text().replace("52:54:00:00:00:12", "52:54:00:00:00:11"))
-    code, _, err = vlx(capsys, "lab", "up", "--inventory", str(bad),
+    code, _, err = vlx(capsys, "lab", "up", "--image", "tiny", "--inventory", str(bad),
                        "--state-dir", str(tmp_path / "lab"))
     assert code == 2
     assert "duplicate MAC 52:54:00:00:00:11" in err
@@ -281,7 +312,8 @@ def test_up_with_a_mac_clash_is_refused_and_makes_nothing(tmp_path, capsys):
 def test_up_needing_more_memory_than_the_host_has_is_refused(tmp_path, capsys):
     bad = tmp_path / "big.toml"
     bad.write_text(EXAMPLE.read_text().replace('memory = "2GiB"', 'memory = "4096GiB"'))
-    code, _, err = vlx(capsys, "lab", "up", "--inventory", str(bad), "--nodes", "1",
+    code, _, err = vlx(capsys, "lab", "up", "--image", "tiny",
+                       "--inventory", str(bad), "--nodes", "1",
                        "--state-dir", str(tmp_path / "lab"))
     assert code == 2
     assert "the nodes need 4194368 MiB" in err and "boot fewer with --nodes" in err
@@ -297,7 +329,8 @@ def test_up_without_qemu_is_refused_and_makes_nothing(tmp_path):
                                text=True).stdout.strip()
         (bin_dir / program).symlink_to(found)
     done = subprocess.run([sys.executable, "-c", "import sys; from virtualinux.vvcm.cli "
-                           "import main; sys.exit(main())", "lab", "up", "--inventory",
+                           "import main; sys.exit(main())", "lab", "up", "--image", "tiny",
+                                                  "--inventory",
                            str(EXAMPLE), "--state-dir", str(tmp_path / "lab")],
                           env={**os.environ, "PATH": str(bin_dir)}, capture_output=True,
                           text=True, timeout=60)
@@ -311,7 +344,7 @@ def test_up_when_a_lab_is_up_already_is_refused_and_keeps_it(tmp_path, capsys):
                              started=time.time())
     record.save()
     before = (tmp_path / state.RECORD).read_bytes()
-    code, _, err = vlx(capsys, "lab", "up", "--inventory", str(EXAMPLE),
+    code, _, err = vlx(capsys, "lab", "up", "--image", "tiny", "--inventory", str(EXAMPLE),
                        "--state-dir", str(tmp_path))
     assert code == 2
     assert "a lab is up already" in err and "vlx lab down" in err

@@ -91,7 +91,8 @@ def init_line(state_dir: Path, name: str) -> str:
 
 def test_boot_four_nodes_reach_init_with_the_database_addresses(lab_dir):
     started = time.monotonic()
-    done = vlx("lab", "up", "--inventory", str(EXAMPLE), "--state-dir", str(lab_dir),
+    done = vlx("lab", "up", "--image", "tiny",
+               "--inventory", str(EXAMPLE), "--state-dir", str(lab_dir),
                "--timeout", str(BOOT_TIMEOUT))
     print(done.stdout, done.stderr)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -109,7 +110,8 @@ def test_boot_four_nodes_reach_init_with_the_database_addresses(lab_dir):
     assert "NODE" in done.stdout and "REPLICA" in done.stdout
 
     record = (lab_dir / state.RECORD).read_bytes()
-    again = vlx("lab", "up", "--inventory", str(EXAMPLE), "--state-dir", str(lab_dir),
+    again = vlx("lab", "up", "--image", "tiny",
+                "--inventory", str(EXAMPLE), "--state-dir", str(lab_dir),
                 timeout=60)
     assert again.returncode == 2
     assert "a lab is up already" in again.stderr
@@ -129,7 +131,8 @@ def first_ack(state_dir: Path, deadline: float) -> str:
 
 
 def test_every_node_boots_when_a_replica_is_killed_while_nodes_boot(lab_dir):
-    up = subprocess.Popen([*VLX, "lab", "up", "--inventory", str(EXAMPLE), "--nodes", "2",
+    up = subprocess.Popen([*VLX, "lab", "up", "--image", "tiny",
+                           "--inventory", str(EXAMPLE), "--nodes", "2",
                            "--state-dir", str(lab_dir), "--timeout", str(BOOT_TIMEOUT)],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -159,7 +162,8 @@ def test_down_after_up_was_killed_half_way_leaves_nothing(lab_dir):
     """`up` is killed at one exact point: replicas spawned, none serving yet, no QEMU. The
     test holds the lab database locked once `up` has filled it, so the replicas wait in their
     first read (VLX_DB_TIMEOUT) and `up` waits for them; no race with how fast `up` is."""
-    up = subprocess.Popen([*VLX, "lab", "up", "--inventory", str(EXAMPLE), "--nodes", "1",
+    up = subprocess.Popen([*VLX, "lab", "up", "--image", "tiny",
+                           "--inventory", str(EXAMPLE), "--nodes", "1",
                            "--state-dir", str(lab_dir)],
                           env={**os.environ, "VLX_DB_TIMEOUT": "300"},
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -208,7 +212,8 @@ def test_down_after_up_was_killed_half_way_leaves_nothing(lab_dir):
 
 def test_a_uefi_node_boots_with_ovmf(lab_dir):
     require("qemu-system-x86_64")
-    done = vlx("lab", "up", "--inventory", str(EXAMPLE), "--nodes", "1", "--firmware", "uefi",
+    done = vlx("lab", "up", "--image", "tiny",
+               "--inventory", str(EXAMPLE), "--nodes", "1", "--firmware", "uefi",
                "--state-dir", str(lab_dir), "--timeout", str(BOOT_TIMEOUT))
     print(done.stdout, done.stderr)
     assert done.returncode == 0, done.stdout + done.stderr

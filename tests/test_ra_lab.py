@@ -137,7 +137,8 @@ IPXE_IPV6_WAIT = 13.0
 
 @pytest.mark.lab
 def test_ipxe_node_boots_without_waiting_on_ipv6(lab_dir):  # noqa: F811 (the fixture)
-    done = lab_vlx("lab", "up", "--inventory", str(EXAMPLE), "--state-dir", str(lab_dir),
+    done = lab_vlx("lab", "up", "--image", "tiny",
+                   "--inventory", str(EXAMPLE), "--state-dir", str(lab_dir),
                    "--nodes", "1", "--timeout", str(BOOT_TIMEOUT))
     assert done.returncode == 0, done.stdout + done.stderr
     report = lab_status(lab_dir)

@@ -39,7 +39,7 @@ from virtualinux.vvcm.command import vlx_command
 from . import qemu, uplink
 from .netns import NETNS_DIR, Namespace, Netns, remove_namespace
 from .plan import BRIDGE, REPLICA_INTERFACE, LabPlan, namespace_prefix
-from .progress import NodeProgress, Watcher, ping_from
+from .progress import PHASES, NodeProgress, Watcher, http_from, ping_from
 from .state import LabRecord, StateError, process_start_time, same_process
 
 REPLICA_SERVICES = ("dhcp", "tftp", "http", "ra")   # ra: ends iPXE's IPv6 wait (LAB.md)
@@ -230,12 +230,22 @@ class Lab:
 
 
 def make_watcher(record: LabRecord, paths: Paths) -> Watcher:
-    nodes = [NodeProgress(name, info["mac"], info["ip"]) for name, info in record.nodes.items()]
+    nodes = [NodeProgress(name, info["mac"], info["ip"],
+                          phases=tuple(info.get("phases") or PHASES))
+             for name, info in record.nodes.items()]
     serial = {name: paths.node_dir(name) / "serial.log" for name in record.nodes}
     replica_logs = [paths.replica_log(name) for name in record.replicas]
     first_replica = next(iter(record.replicas.values()), None)
-    ping = ping_from(str(NETNS_DIR / first_replica["namespace"])) if first_replica else None
-    watcher = Watcher(nodes, serial, replica_logs, ping=ping)
+    ping = serving = None
+    if first_replica:
+        where = str(NETNS_DIR / first_replica["namespace"])
+        # The node image's nodes are followed until their own replica serves; the tiny
+        # image's until they answer a ping.
+        if record.image == "node":
+            serving = http_from(where)
+        else:
+            ping = ping_from(where)
+    watcher = Watcher(nodes, serial, replica_logs, ping=ping, serving=serving)
     for entry in record.processes:
         if entry.role.startswith("qemu-") and entry.pid is not None:
             watcher.power_on(entry.role.removeprefix("qemu-"))
@@ -283,7 +293,18 @@ def down(state_dir: Path, prefix: str | None = None) -> list[str]:
         raise VlxError(f"{err}: remove the lab's namespaces and that directory by hand") \
             from None
     prefix = record.prefix if record else (prefix or namespace_prefix(state_dir))
-    if record is not None:
+    if record is not None and record.san:
+        from . import selfhost  # it imports this module
+        # The nodes and the bootstrap first, then the SAN's tgtd (its targets deleted, the
+        # dead nodes' sessions forced), then the pool it served from.
+        removed += stop_processes(dataclasses.replace(
+            record, processes=[p for p in record.processes if p.role != "tgtd"]))
+        removed += selfhost.stop_san(record)
+        # A tgtd that would not stop cleanly, then the pool it no longer holds.
+        removed += stop_processes(dataclasses.replace(
+            record, processes=[p for p in record.processes if p.role == "tgtd"]))
+        removed += selfhost.unmount_pool(record)
+    elif record is not None:
         removed += stop_processes(record)
     names = set(record.namespaces if record else ()) | set(lab_namespaces(prefix))
     for name in sorted(names):
@@ -360,9 +381,14 @@ def status(state_dir: Path) -> dict[str, Any]:
                          "pid": entry.pid if running and entry else None,
                          "generation": generation, "counters": counters,
                          "log": str(paths.replica_log(name))})
-    return {"state_dir": str(state_dir), "phase": record.phase, "firmware": record.firmware,
-            "prefix": record.prefix, "namespaces": record.namespaces, "nodes": nodes,
-            "replicas": replicas}
+    lab: dict[str, Any] = {"state_dir": str(state_dir), "phase": record.phase,
+                           "firmware": record.firmware, "prefix": record.prefix,
+                           "namespaces": record.namespaces, "nodes": nodes,
+                           "replicas": replicas, "image": record.image}
+    if record.image == "node":
+        from . import selfhost  # it imports this module
+        selfhost.store_status(record, lab)
+    return lab
 
 
 def tail(path: Path, lines: int = 15) -> str:

@@ -1,7 +1,8 @@
 """What a lab will be, worked out from the database before anything is made.
 
 `plan(cluster, ...)` picks the nodes to boot, the namespaces' names, and the replicas'
-addresses and MACs, and refuses (VlxError, exit 2) what the lab cannot run: a cluster network
+addresses and MACs (with `image="node"`: one replica, the bootstrap's, and the SAN's
+address), and refuses (VlxError, exit 2) what the lab cannot run: a cluster network
 outside the benchmarking range 198.18.0.0/15 (lab traffic never uses other addresses, LAB.md),
 a node address outside the cluster network, two nodes with one MAC or one address, or no free
 address left for the replicas. It is pure, so all of that is tested without root.
@@ -57,6 +58,14 @@ class LabPlan:
     nodes: tuple[NodePlan, ...]
     replicas: tuple[ReplicaPlan, ...]
     firmware: str
+    image: str = "tiny"
+    # With the node image: the lab SAN's address (its tgtd's portal); replicas[0] is the
+    # bootstrap (one replica and the first etcd member).
+    san: ipaddress.IPv4Address | None = None
+
+    @property
+    def bootstrap(self) -> ReplicaPlan:
+        return self.replicas[0]
 
     @property
     def namespaces(self) -> tuple[str, ...]:
@@ -73,7 +82,8 @@ def namespace_prefix(state_dir: Path) -> str:
 
 
 def plan(cluster: Cluster, state_dir: Path, node_count: int | None = None,
-         replica_count: int = DEFAULT_REPLICAS, firmware: str = "bios") -> LabPlan:
+         replica_count: int = DEFAULT_REPLICAS, firmware: str = "bios",
+         image: str = "tiny") -> LabPlan:
     settings = cluster.settings
     if settings is None or not cluster.nodes:
         raise VlxError("the inventory has no cluster settings or no nodes: nothing to boot",
@@ -89,7 +99,11 @@ def plan(cluster: Cluster, state_dir: Path, node_count: int | None = None,
         raise VlxError("the lab needs at least one replica", "--replicas")
     _check_nodes(cluster)
     nodes = cluster.nodes[:node_count] if node_count else cluster.nodes
-    addresses = free_addresses(cluster, replica_count)
+    if image == "node":
+        replica_count = 1
+    # The node image's lab also needs an address for its SAN.
+    addresses = free_addresses(cluster, replica_count + (image == "node"))
+    san = addresses.pop() if image == "node" else None
     prefix = namespace_prefix(state_dir)
     macs = {node.mac.lower() for node in cluster.nodes}
     replicas = []
@@ -99,11 +113,12 @@ def plan(cluster: Cluster, state_dir: Path, node_count: int | None = None,
             raise VlxError(f"replica r{index}'s MAC {mac} is a node's MAC in the inventory: "
                            f"the lab keeps {REPLICA_MAC_BASE}xx for its replicas",
                            "--inventory")
-        replicas.append(ReplicaPlan(f"r{index}", f"{prefix}-r{index}", address, mac,
+        name = "boot" if image == "node" else f"r{index}"
+        replicas.append(ReplicaPlan(name, f"{prefix}-{name}", address, mac,
                                     settings.cidr.prefixlen))
     return LabPlan(state_dir=Path(state_dir), prefix=prefix, hub=f"{prefix}-net",
                    nodes=tuple(NodePlan(node, f"tap{i}") for i, node in enumerate(nodes)),
-                   replicas=tuple(replicas), firmware=firmware)
+                   replicas=tuple(replicas), firmware=firmware, image=image, san=san)
 
 
 def _check_nodes(cluster: Cluster) -> None:

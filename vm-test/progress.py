@@ -8,6 +8,14 @@
     init      the serial console shows `virtualinux: node NAME up IP` (the lab image's /init)
     ready     the node answers a ping on its database address, from a replica's namespace
 
+A node booting the node image (`node_phases(steps)`) goes from `kernel` on through
+
+    iscsi     the initramfs logged in to its root's target (open-iscsi: `Connection1:0 to`)
+    root      its root is mounted (the kernel's `EXT4-fs ... mounted filesystem`, or systemd's
+              `Welcome to`)
+    STEP      each start-up step's console line, `virtualinux: [NN STEP] ok|FAILED|skipped`
+    serving   after the last step, its own replica answers HTTP (`serving` probe)
+
 Logs are read incrementally (each poll reads only what was appended). A phase never goes back:
 a node that reboots after a failed transfer is shown at the furthest phase it has reached,
 and the times say when each phase was first seen. The /init line's address is compared with
@@ -27,8 +35,16 @@ from pathlib import Path
 
 PHASES = ("off", "powered", "dhcp", "files", "kernel", "init", "ready")
 _INIT_LINE = re.compile(r"virtualinux: node (\S+) up (\S+)")
+_ISCSI_LINE = re.compile(r"Connection\d+:\d+ to \[target:|is operational now")
+_ROOT_LINE = re.compile(r"EXT4-fs \(sd\w+\): mounted filesystem|Welcome to ")
+_STEP_LINE = re.compile(r"virtualinux: \[\d+ ([\w-]+)\] (ok|FAILED|skipped)")
 _KERNEL_LINE = "Linux version"
 _FILE_REQUEST = re.compile(r"\b(RRQ|GET|HEAD)\b")
+
+
+def node_phases(steps: Sequence[str]) -> tuple[str, ...]:
+    """The phases of a node booting the node image whose start-up runs `steps`, in order."""
+    return ("off", "powered", "dhcp", "files", "kernel", "iscsi", "root", *steps, "serving")
 
 
 @dataclasses.dataclass
@@ -39,6 +55,8 @@ class NodeProgress:
     phase: str = "off"
     seen: dict[str, float] = dataclasses.field(default_factory=dict)
     reported_ip: str | None = None
+    phases: tuple[str, ...] = PHASES
+    failed: list[str] = dataclasses.field(default_factory=list)   # start-up steps
 
     @property
     def wrong_address(self) -> bool:
@@ -46,8 +64,10 @@ class NodeProgress:
 
     def reach(self, phase: str, when: float) -> bool:
         """Move on to `phase` if it is further than where the node is; True if it moved."""
+        if phase not in self.phases:
+            return False
         self.seen.setdefault(phase, when)
-        if PHASES.index(phase) <= PHASES.index(self.phase):
+        if self.phases.index(phase) <= self.phases.index(self.phase):
             return False
         self.phase = phase
         return True
@@ -55,6 +75,8 @@ class NodeProgress:
     def describe(self) -> str:
         if self.wrong_address:
             return f"init on {self.reported_ip}, not {self.ip}"
+        if self.failed:
+            return f"{self.phase} ({', '.join(self.failed)} FAILED)"
         return self.phase
 
 
@@ -89,11 +111,13 @@ class Watcher:
 
     def __init__(self, nodes: Sequence[NodeProgress], serial_logs: dict[str, Path],
                  replica_logs: Sequence[Path], ping: Callable[[str], bool] | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 serving: Callable[[str], bool] | None = None):
         self.nodes = {node.name: node for node in nodes}
         self.serial = {name: LogTail(path) for name, path in serial_logs.items()}
         self.replicas = [LogTail(path) for path in replica_logs]
         self.ping = ping
+        self.serving = serving
         self.clock = clock
         self._dhcp = {node.mac.lower(): node for node in nodes}
         self._addresses = [(_address_pattern(node.ip), node) for node in nodes]
@@ -124,11 +148,30 @@ class Watcher:
                 if match and match.group(1) == node.name:
                     node.reported_ip = match.group(2)
                     reach(node, "init")
+                self._node_image_line(node, line, reach)
+        if self.serving is not None:
+            for node in self.nodes.values():
+                if node.phase == node.phases[-2] and self.serving(node.ip):
+                    reach(node, "serving")
         if self.ping is not None:
             for node in self.nodes.values():
                 if node.phase == "init" and not node.wrong_address and self.ping(node.ip):
                     reach(node, "ready")
         return steps
+
+    @staticmethod
+    def _node_image_line(node: NodeProgress, line: str,
+                         reach: Callable[[NodeProgress, str], None]) -> None:
+        if _ISCSI_LINE.search(line):
+            reach(node, "iscsi")
+        elif _ROOT_LINE.search(line):
+            reach(node, "root")
+        else:
+            match = _STEP_LINE.search(line)
+            if match:
+                if match.group(2) != "ok" and match.group(1) not in node.failed:
+                    node.failed.append(match.group(1))
+                reach(node, match.group(1))
 
     def _replica_line(self, line: str,
                       reach: Callable[[NodeProgress, str], None]) -> None:
@@ -145,8 +188,23 @@ class Watcher:
                     return
 
     def all_at(self, phase: str) -> bool:
-        want = PHASES.index(phase)
-        return all(PHASES.index(node.phase) >= want for node in self.nodes.values())
+        return all(node.phases.index(node.phase) >= node.phases.index(phase)
+                   for node in self.nodes.values())
+
+
+def http_from(netns_path: str, path: str = "boot.ipxe") -> Callable[[str], bool]:
+    """Whether a node's replica answers: one HTTP GET of `path` (2 s at most), from inside
+    the lab namespace at the path."""
+    def answers(ip: str) -> bool:
+        try:
+            # curl, not busybox's wget: Debian's busybox wget segfaults on these hosts.
+            done = subprocess.run(["nsenter", f"--net={netns_path}", "--", "curl", "-sf",
+                                   "-m", "2", "-o", "/dev/null", f"http://{ip}/{path}"],
+                                  capture_output=True, timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return done.returncode == 0
+    return answers
 
 
 def ping_from(netns_path: str) -> Callable[[str], bool]:

@@ -50,6 +50,11 @@ class LabRecord:
     nodes: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     replicas: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     started: float = 0.0
+    image: str = "tiny"
+    # The node image's lab: its SAN (portal, control port, pool and backing file), the
+    # store's URL as the nodes use it, and the bootstrap's address.
+    san: dict[str, Any] = dataclasses.field(default_factory=dict)
+    store: str | None = None
 
     @property
     def path(self) -> Path:
@@ -60,7 +65,8 @@ class LabRecord:
                 "firmware": self.firmware, "started": self.started,
                 "namespaces": self.namespaces,
                 "processes": [dataclasses.asdict(p) for p in self.processes],
-                "nodes": self.nodes, "replicas": self.replicas}
+                "nodes": self.nodes, "replicas": self.replicas, "image": self.image,
+                "san": self.san, "store": self.store}
         fresh = self.path.with_name(RECORD + ".new")
         with open(fresh, "w") as file:
             json.dump(data, file, indent=2)
@@ -88,7 +94,9 @@ class LabRecord:
                        namespaces=[str(n) for n in data["namespaces"]],
                        processes=[ProcessEntry(**p) for p in data["processes"]],
                        nodes=dict(data.get("nodes", {})),
-                       replicas=dict(data.get("replicas", {})))
+                       replicas=dict(data.get("replicas", {})),
+                       image=str(data.get("image", "tiny")), san=dict(data.get("san", {})),
+                       store=data.get("store"))
         except (KeyError, TypeError, ValueError) as err:
             raise StateError(f"{path} is damaged: {err!r}") from None
 

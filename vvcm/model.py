@@ -149,6 +149,11 @@ class Settings:
     store_election_ms: int = setting(
         "etcd election timeout of `vlx db serve` members, in ms (at least 5 heartbeats)",
         ranged_int(50, 50_000), default=1000)
+    store_bootstrap: tuple[ipaddress.IPv4Address, ...] = setting(
+        "etcd members outside the nodes (a metamaster's or the lab's bootstrap) that the "
+        "store URL names before the db nodes: a node booting while the db nodes have not "
+        "joined yet reaches the store there; cleared when the bootstrap goes",
+        parse_ipv4_list, dump_list, default=(), metavar="IP,...")
     cpu_overcommit: float = setting("VCPUs a node may carry per physical CPU", parse_ratio,
                                     default=1.0)
     memory_overcommit: float = setting("VM memory a node may carry per MiB it has",
@@ -398,12 +403,14 @@ class Cluster:
         return tuple(node for node in self.nodes if role in node.roles)
 
     def store_url(self) -> str | None:
-        """`etcd://IP:2379,...` of the nodes with role db, or None when none has it (the
-        database is then a file, as in the lab)."""
-        members = self.nodes_with_role(Role.DB)
-        if not members:
+        """`etcd://IP:2379,...` of the bootstrap members (`store_bootstrap`, first: they answer
+        while the db nodes are still joining) and the nodes with role db, or None when there
+        are none (the database is then a file)."""
+        outside = self.settings.store_bootstrap if self.settings else ()
+        addresses = [*outside, *(node.ip for node in self.nodes_with_role(Role.DB))]
+        if not addresses:
             return None
-        return "etcd://" + ",".join(f"{node.ip}:{STORE_CLIENT_PORT}" for node in members)
+        return "etcd://" + ",".join(f"{address}:{STORE_CLIENT_PORT}" for address in addresses)
 
     def networks(self) -> Iterator[Network]:
         """The cluster network first, then one private network per VC."""

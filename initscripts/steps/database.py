@@ -3,27 +3,50 @@
 With nodes of role `db` the database is the replicated store on them (`Cluster.store_url`):
 every node's services serve from a local SQLite copy of it (the start-up itself made that copy
 before the first step, `__main__`), and the nodes of role `db` run one etcd member each
-(`virtualinux-etcd.service`, `vlx db serve`), all of them named in the initial cluster: the
-db nodes of a new cluster form it together. A member keeps its data on the node's own root
-(its snapshot), so it rejoins as itself after a reboot. A db node added to running members is
-not joined here yet: `vlx db member add` and `vlx db serve --join` do it by hand.
+(`virtualinux-etcd.service`, `vlx db serve`). How a member starts depends on what it finds:
+
+    its data directory exists     it restarts as itself (a reboot: the data is on the node's
+                                  own root, its snapshot); etcd ignores the initial cluster
+    members answer in the store   it joins them: etcd's MemberAdd through the store (unless
+                                  its peer URL is a member already: a start-up that stopped
+                                  between the add and the start), then etcd with
+                                  --initial-cluster-state existing and every member named
+    nothing answers               the db nodes of a new cluster form it together
+
+etcd refuses a MemberAdd that would leave fewer started members than a quorum (its strict
+reconfiguration check), so db nodes booting together join one after the other: the add is
+retried until the member before has started, within JOIN_TIMEOUT. The Raft timing is the
+cluster's (`store_heartbeat_ms`, `store_election_ms`), the same on every member.
 Without db nodes the database is the file the start-up read, as on a single machine.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
+from virtualinux.vvcm import Database, VlxError, etcd_member
 from virtualinux.vvcm.db import default_path
 from virtualinux.vvcm.etcd_member import DATA_ROOT, PEER_PORT
-from virtualinux.vvcm.model import Role
+from virtualinux.vvcm.model import Role, Settings
+from virtualinux.vvcm.store import parse_url
 
 from ..files import plain, write_if_changed
 from ..services import restart_if_changed
-from ..startup import Boot, Step
+from ..startup import Boot, Step, StepFailed
+
+if TYPE_CHECKING:     # the etcd client is imported only on db nodes that join
+    from virtualinux.vvcm.store_etcd import EtcdStore
 
 ENV_FILE = "/etc/default/virtualinux"
 ETCD_ENV_FILE = "/etc/default/virtualinux-etcd"
+# How long a joining member waits for the member added before it to start (a TCG guest's
+# etcd takes tens of seconds on a loaded machine), and between two tries.
+JOIN_TIMEOUT = 600.0
+JOIN_RETRY = 2.0
 
 
 def environment(boot: Boot) -> str:
@@ -39,17 +62,74 @@ def environment(boot: Boot) -> str:
     return "\n".join(lines) + "\n"
 
 
-def member_environment(boot: Boot) -> str:
-    members = boot.cluster.nodes_with_role(Role.DB)
-    initial = ",".join(f"{plain(node.name, 'node name')}=http://{node.ip}:{PEER_PORT}"
-                       for node in members)
+def member_environment(boot: Boot, initial: str, options: str) -> str:
     lines = ["# Written at start-up from the cluster database "
              f"(gen {boot.cluster.generation}); changes here are lost at the next boot.",
              f"VLX_ETCD_NAME={plain(boot.node.name, 'node name')}",
              f"VLX_ETCD_LISTEN={boot.node.ip}",
              f"VLX_ETCD_INITIAL_CLUSTER={initial}",
-             f"VLX_ETCD_DATA_DIR={DATA_ROOT / boot.node.name}"]
+             f"VLX_ETCD_DATA_DIR={data_dir(boot)}",
+             # Split into words by systemd ($VAR, not ${VAR}): flags of `vlx db serve`.
+             f"VLX_ETCD_OPTIONS={options}"]
     return "\n".join(lines) + "\n"
+
+
+def data_dir(boot: Boot) -> Path:
+    return DATA_ROOT / boot.node.name
+
+
+def peer_url(boot: Boot) -> str:
+    return f"http://{boot.node.ip}:{PEER_PORT}"
+
+
+def timing(boot: Boot) -> str:
+    settings = boot.cluster.settings or Settings
+    return (f"--heartbeat-ms {int(settings.store_heartbeat_ms)} "
+            f"--election-ms {int(settings.store_election_ms)}")
+
+
+def new_cluster(boot: Boot) -> str:
+    return ",".join(f"{plain(node.name, 'node name')}=http://{node.ip}:{PEER_PORT}"
+                    for node in boot.cluster.nodes_with_role(Role.DB))
+
+
+def join(boot: Boot, store_url: str, clock: Callable[[], float] = time.monotonic) -> str | None:
+    """Announce this node as a member of the running ones (idempotent); the initial cluster
+    to start with, or None when no member answers (a new cluster)."""
+    from virtualinux.vvcm.store_etcd import StoreUnreachable
+    store = cast("EtcdStore", Database(store=parse_url(store_url, "vlx.store")).backend)
+    mine = peer_url(boot)
+    settings = boot.cluster.settings
+    deadline = clock() + JOIN_TIMEOUT
+    while True:
+        try:
+            members = etcd_member.members(store)
+            ours = [m for m in members if mine in m["peer_urls"]]
+            # A member of this name and URL that has started before owns data this node no
+            # longer has (its snapshot was made anew): it goes, and this node joins afresh.
+            stale = [m for m in ours if m["name"] == boot.node.name]
+            for member in stale:
+                etcd_member.remove_member(store, member["name"])
+            if stale or not ours:
+                etcd_member.add_member(store, mine)
+            break
+        except StoreUnreachable:
+            # No member anywhere: the db nodes form a new cluster, unless a bootstrap member
+            # is named (then the cluster exists, and this node waits for it).
+            if not (settings and settings.store_bootstrap):
+                return None
+            if clock() > deadline:
+                raise
+        except VlxError as err:
+            if clock() > deadline:
+                raise StepFailed(f"could not join the etcd members at {store_url} within "
+                                 f"{JOIN_TIMEOUT:g} s: {err}") from None
+        time.sleep(JOIN_RETRY)
+    members = etcd_member.members(store)
+    named = [(m["name"] or boot.node.name, m["peer_urls"][0]) for m in members
+             if m["peer_urls"] and (m["name"] or mine in m["peer_urls"])]
+    return ",".join(f"{plain(name, 'member name')}={plain(url, 'peer URL')}"
+                    for name, url in sorted(named))
 
 
 def run(boot: Boot) -> str:
@@ -57,10 +137,21 @@ def run(boot: Boot) -> str:
     store = _store(boot)
     if Role.DB not in boot.node.roles:
         return f"client of {store}, serving a local copy" if store else "database file"
-    changed = write_if_changed(boot.path(ETCD_ENV_FILE), member_environment(boot)) or changed
+    if (boot.path(str(data_dir(boot))) / "member").is_dir():
+        how, initial, options = "restarts as itself", f"{boot.node.name}={peer_url(boot)}", ""
+    else:
+        joined = join(boot, store) if store else None
+        if joined is None:
+            how, initial, options = "forms a new cluster", new_cluster(boot), ""
+        else:
+            how, initial, options = "joins the running members", joined, "--join"
+    options = f"{options} {timing(boot)}".strip()
+    changed = write_if_changed(boot.path(ETCD_ENV_FILE),
+                               member_environment(boot, initial, options)) or changed
     restart_if_changed(boot, "virtualinux-etcd.service", changed)
-    members = len(boot.cluster.nodes_with_role(Role.DB))
-    return f"etcd member {boot.node.name} of {members} on {boot.node.ip}, clients use {store}"
+    members = len(initial.split(","))
+    return (f"etcd member {boot.node.name} on {boot.node.ip} {how} ({members} in its initial "
+            f"cluster), clients use {store}")
 
 
 def _store(boot: Boot) -> str | None:

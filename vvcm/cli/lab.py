@@ -1,8 +1,11 @@
 """`vlx lab up|status|console|down`: the virtual lab (vm-test/lab.py) from the command line.
 
-This module joins the areas the lab needs: the inventory goes into the lab's own database,
-`image.tiny` builds the boot image (cached), `netboot.render` renders the tree the replicas
-serve, and `vm_test.lab` makes the network, the replicas and the QEMU nodes. A node's install
+This module joins the areas the lab needs. By default the lab boots the real node image
+(`image.build`, cached): `vm_test.selfhost` makes a SAN, a bootstrap (one replica and the first
+etcd member) and the nodes, which then boot each other. With `--image tiny` the inventory goes
+into the lab's own database, `image.tiny` builds the busybox boot image (cached),
+`netboot.render` renders the tree the replicas serve, and `vm_test.lab` makes the network, the
+replicas and the QEMU nodes. A node's install
 has no vm_test (image/build.py leaves the lab out of the node wheel): there `vlx` has no `lab`.
 """
 
@@ -17,8 +20,8 @@ import time
 from pathlib import Path
 
 try:
-    from virtualinux.vm_test import console, lab, plan, qemu
-    from virtualinux.vm_test.progress import PHASES, NodeProgress
+    from virtualinux.vm_test import console, lab, plan, qemu, selfhost
+    from virtualinux.vm_test.progress import NodeProgress
 except ModuleNotFoundError as missing:
     if missing.name is None or not missing.name.startswith("virtualinux.vm_test"):
         raise
@@ -62,8 +65,12 @@ def register(nouns: argparse._SubParsersAction) -> None:
                     help=f"boot-service replicas (default: {plan.DEFAULT_REPLICAS})")
     up.add_argument("--firmware", choices=qemu.FIRMWARES, default="bios",
                     help="the nodes' firmware: SeaBIOS or OVMF (UEFI); default bios")
+    up.add_argument("--image", choices=("node", "tiny"),
+                    help="node: the real node image over iSCSI, booted from a bootstrap, then "
+                         "by the nodes themselves (default); tiny: the busybox image, booted "
+                         "by replicas beside the nodes (fast; the default with --image-dir)")
     up.add_argument("--image-dir", type=Path, metavar="DIR",
-                    help="boot this vmlinuz + initrd.img instead of the tiny lab image")
+                    help="with --image tiny: boot this vmlinuz + initrd.img instead")
     up.add_argument("--kernel-arg", action="append", default=[], metavar="ARG",
                     help="one more kernel argument for every node (repeatable)")
     up.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
@@ -82,6 +89,12 @@ def register(nouns: argparse._SubParsersAction) -> None:
                       help="print the serial log so far and return")
 
     add_verb(verbs, "down", cmd_down, help="remove everything the lab made")
+
+    boot = verbs.add_parser("bootstrap", help="the bootstrap of a node-image lab")
+    boot_verbs = boot.add_subparsers(dest="bootstrap_verb", metavar="VERB", required=True)
+    remove = boot_verbs.add_parser("remove", help="stop the bootstrap replica and remove its "
+                                                  "etcd member: the nodes serve each other")
+    remove.set_defaults(handler=cmd_bootstrap_remove)
 
 
 def _cluster_to_boot(args: argparse.Namespace) -> tuple[Cluster, str]:
@@ -107,6 +120,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise VlxError("must be more than 0 seconds", "--timeout")
     cluster, source = _cluster_to_boot(args)
     state_dir = args.state_dir.absolute()
+    if args.image == "node" and args.image_dir is not None:
+        raise VlxError("boots the tiny image: give it with --image tiny", "--image-dir")
+    if (args.image or ("tiny" if args.image_dir else "node")) == "node":
+        return _up_node_image(args, cluster, state_dir)
     layout = plan.plan(cluster, state_dir, args.nodes, args.replicas, args.firmware)
     lab.preflight(layout)
     services = lab.REPLICA_SERVICES
@@ -133,22 +150,46 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.no_wait:
         print(f"nodes powered on; `{_hint(args, 'status')}` follows them")
         return 0
-    display = ProgressDisplay([p.node.name for p in layout.nodes], sys.stdout)
+    return _follow(args, running, [p.node.name for p in layout.nodes], "ready")
+
+
+def _up_node_image(args: argparse.Namespace, cluster: Cluster, state_dir: Path) -> int:
+    from virtualinux.image.build import build_image, image_spec
+
+    layout = plan.plan(cluster, state_dir, args.nodes, firmware=args.firmware, image="node")
+    lab.preflight(layout)
+    print("building the node image (cached after the first time) ...", flush=True)
+    image_dir = build_image(image_spec("node"), progress=lambda line: print(line, flush=True))
+    print(f"lab {layout.prefix}: {len(layout.nodes)} node(s) booting the node image over "
+          f"iSCSI, bootstrap {layout.replicas[0].address}, SAN {layout.san}, "
+          f"{layout.firmware}, state in {state_dir}", flush=True)
+    running = selfhost.start(layout, cluster, image_dir,
+                             (*LAB_KERNEL_ARGS, *args.kernel_arg), say=print)
+    if args.no_wait:
+        print(f"nodes powered on; `{_hint(args, 'status')}` follows them")
+        return 0
+    return _follow(args, running, [p.node.name for p in layout.nodes], "serving")
+
+
+def _follow(args: argparse.Namespace, running, names: list[str], until: str) -> int:
+    """Show the nodes' progress until all reach `until`; then the lab's status."""
+    state_dir = args.state_dir.absolute()
+    display = ProgressDisplay(names, sys.stdout)
     try:
-        watcher = running.wait(args.timeout, "ready", display.show)
+        watcher = running.wait(args.timeout, until, display.show)
     except KeyboardInterrupt:
         print(f"\nstopped waiting; the lab stays up (`{_hint(args, 'down')}` removes it)")
         return 130
     display.finish()
     print()
     _print_status(lab.status(state_dir))
-    late = [node.name for node in watcher.nodes.values() if node.phase != "ready"]
+    late = [node.name for node in watcher.nodes.values() if node.phase != until]
     if late:
         print(f"\nnot ready after {args.timeout:g} s: {', '.join(late)}; the lab stays up for "
               f"a look (`{_hint(args, 'console NODE')}`), `{_hint(args, 'down')}` removes it",
               file=sys.stderr)
         return 1
-    print(f"\nthe lab is up: `{_hint(args, 'console ' + layout.nodes[0].node.name)}`, "
+    print(f"\nthe lab is up: `{_hint(args, 'console ' + names[0])}`, "
           f"`{_hint(args, 'status')}`, `{_hint(args, 'down')}`")
     return 0
 
@@ -177,6 +218,7 @@ class ProgressDisplay:
         self.out = out
         self.tty = out.isatty()
         self.rows = {name: "off" for name in names}
+        self.phases: dict[str, tuple[str, ...]] = {}
         self.times = {name: 0.0 for name in names}
         self.width = max(map(len, names))
         if self.tty:
@@ -186,6 +228,7 @@ class ProgressDisplay:
         # A node that came up on the wrong address says so instead of "init".
         shown = node.describe() if phase == node.phase else phase
         self.rows[node.name] = shown
+        self.phases[node.name] = node.phases
         self.times[node.name] = elapsed
         if self.tty:
             self._draw()
@@ -196,15 +239,15 @@ class ProgressDisplay:
     def _draw(self, first: bool = False) -> None:
         if not first:
             self.out.write(f"\x1b[{len(self.names)}A")
-        steps = PHASES[1:]
         for name in self.names:
+            steps = self.phases.get(name, ("off",))[1:]
             phase = self.rows[name]
-            if phase == "off":
-                done = 0
-            else:   # not a phase name: came up on the wrong address, shown as far as init
-                done = steps.index(phase) + 1 if phase in steps else steps.index("init") + 1
+            word = phase.split()[0]
+            # A phase with more words (came up on the wrong address, a step that FAILED) is
+            # shown as far as its first word.
+            done = steps.index(word) + 1 if word in steps else 0
             bar = "#" * done + "." * (len(steps) - done)
-            self.out.write(f"\x1b[2K  {name:<{self.width}}  [{bar}]  {phase:<10} "
+            self.out.write(f"\x1b[2K  {name:<{self.width}}  [{bar}]  {phase:<16} "
                            f"{self.times[name]:6.1f}s\n")
         self.out.flush()
 
@@ -215,19 +258,27 @@ class ProgressDisplay:
 def _print_status(report: dict) -> None:
     rows = []
     for node in report["nodes"]:
-        after = node["seen"].get("init")
+        # The tiny image's nodes are up at init, the node image's when their replica serves.
+        after = node["seen"].get("serving", node["seen"].get("init"))
         booted = f"{after:.1f}" if after is not None else "-"
         rows.append((node["name"], node["mac"], node["ip"], node["phase"], booted,
                      node["qemu_pid"] or "-"))
-    print_table(("NODE", "MAC", "ADDRESS", "PHASE", "INIT AFTER (s)", "QEMU PID"), rows)
+    print_table(("NODE", "MAC", "ADDRESS", "PHASE", "UP AFTER (s)", "QEMU PID"), rows)
     print()
     replicas = []
     for replica in report["replicas"]:
         counters = replica["counters"]
         acks = counters.get("dhcp", {}).get("DHCPACK", 0)
         replicas.append((replica["name"], replica["address"], replica["state"],
-                         replica["pid"] or "-", replica["generation"], acks, replica["log"]))
-    print_table(("REPLICA", "ADDRESS", "STATE", "PID", "GEN", "DHCPACKS", "LOG"), replicas)
+                         replica.get("answers", "-"), replica["pid"] or "-",
+                         replica["generation"], acks, replica["log"] or "-"))
+    print_table(("REPLICA", "ADDRESS", "STATE", "ANSWERS", "PID", "GEN", "DHCPACKS", "LOG"),
+                replicas)
+    if report.get("members") is not None:
+        print()
+        print_table(("DB MEMBER", "PEER URL", "CLIENT URL", "HEALTHY"),
+                    [(m["name"] or "(not started)", m["peer_url"], m["client_url"] or "-",
+                      m["healthy"]) for m in report["members"]])
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -262,6 +313,12 @@ def cmd_console(args: argparse.Namespace) -> int:
     qemu_pid = node["qemu_pid"]
     console.follow(log, sys.stdout.buffer,
                    stop=lambda: qemu_pid is None or not pid_alive(qemu_pid))
+    return 0
+
+
+def cmd_bootstrap_remove(args: argparse.Namespace) -> int:
+    for line in selfhost.remove_bootstrap(args.state_dir.absolute()):
+        print(line)
     return 0
 
 

@@ -1,0 +1,281 @@
+"""The lab cluster boots itself: `vlx lab up` boots the real node image on three QEMU nodes from
+a bootstrap (one replica, the first etcd member) and a lab SAN; each node joins the database
+and serves; the bootstrap goes; a node that is reset then boots again from the others alone
+and comes back as the same etcd member, its own writes kept in its own snapshot; a node is
+SIGKILLed while another reboots, and the reboot still completes.
+
+The scenarios run in order on one lab (each node-image boot takes minutes in TCG: one lab for
+the module keeps the file to 13-20 minutes in TCG). Every wait is on an event (a console line,
+the lab's status, an answer); the time limits are only safety nets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from virtualinux.image.build import build_image, image_spec
+from virtualinux.netboot import scripts
+from virtualinux.vm_test.netns import NETNS_DIR, Namespace
+from virtualinux.vm_test.plan import namespace_prefix
+from virtualinux.vm_test.wait import wait_for
+from virtualinux.vvcm import Database
+from virtualinux.vvcm.command import vlx_command
+
+from .conftest import require
+
+pytestmark = pytest.mark.lab
+
+VLX = vlx_command()
+INVENTORY = Path(__file__).resolve().parent.parent / "examples" / "lab.toml"
+NODES = ("node1", "node2", "node3")
+ADDRESS = {"node1": "198.18.0.11", "node2": "198.18.0.12", "node3": "198.18.0.13"}
+# In the database but never powered on: the DHCP probes ask for its address.
+PROBE_MAC, PROBE_IP = "52:54:00:00:00:14", "198.18.0.14"
+UP_TIMEOUT = 1500           # three TCG nodes at once on a loaded 2-core machine
+REBOOT_TIMEOUT = 900
+
+
+class SelfHostedLab:
+    def __init__(self, state_dir: Path):
+        self.state_dir = state_dir
+        self.boot = Namespace(f"{namespace_prefix(state_dir)}-boot")
+
+    def vlx(self, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([*VLX, *argv, "--state-dir", str(self.state_dir)],
+                              capture_output=True, text=True, timeout=timeout)
+
+    def status(self) -> dict:
+        done = self.vlx("lab", "status", "--json")
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    def serial(self, node: str) -> Path:
+        return self.state_dir / "nodes" / node / "serial.log"
+
+    def console_since(self, node: str, offset: int) -> str:
+        with open(self.serial(node), "rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")
+
+    def wait_console(self, node: str, pattern: str, offset: int, timeout: float) -> str:
+        found = re.compile(pattern)
+        wait_for(lambda: found.search(self.console_since(node, offset)), timeout,
+                 f"{node}'s console to show {pattern!r}", interval=1.0)
+        return self.console_since(node, offset)
+
+    def answers_http(self, ip: str) -> bool:
+        done = self.boot.run(["curl", "-sf", "-m", "3", "-o", "/dev/null",
+                              f"http://{ip}/boot.ipxe"], check=False)
+        return done.returncode == 0
+
+    def tftp(self, ip: str, name: str, out: Path) -> bytes:
+        out.unlink(missing_ok=True)
+        self.boot.run(["tftp", "-m", "binary", ip, "-c", "get", name, str(out)], timeout=30)
+        return out.read_bytes()
+
+    def members(self) -> list[dict]:
+        return self.status()["members"]
+
+    def reset(self, node: str) -> int:
+        """A hard reset through the QEMU monitor (the power button); the console offset
+        from which the new boot shows."""
+        offset = self.serial(node).stat().st_size
+        with socket.socket(socket.AF_UNIX) as monitor:
+            monitor.settimeout(30)
+            monitor.connect(str(self.state_dir / "nodes" / node / "monitor.sock"))
+            # The monitor takes a command only after its prompt, and has run it once it
+            # prompts again (a command sent earlier and the socket closed is lost).
+            for command in (b"", b"system_reset\n"):
+                monitor.sendall(command)
+                said = b""
+                while b"(qemu) " not in said:
+                    said += monitor.recv(4096) or b"(qemu) "
+        return offset
+
+
+# Sends one DISCOVER with secs 10 (past dhcp_fallback_secs: every replica answers) from
+# the probe MAC and prints the server ids of the OFFERs, once all of argv[2:] have answered.
+DHCP_PROBE = """
+import sys, time
+from scapy.all import AsyncSniffer, BOOTP, DHCP, IP, UDP, Ether, conf, sendp
+conf.verb = 0
+mac, wanted = sys.argv[1], set(sys.argv[2:])
+seen, offered = set(), set()
+def take(packet):
+    if BOOTP in packet and packet[BOOTP].xid == 0x5E1F and packet[BOOTP].op == 2:
+        options = {o[0]: o[1] for o in packet[DHCP].options if isinstance(o, tuple)}
+        seen.add(options.get("server_id"))
+        offered.add(packet[BOOTP].yiaddr)
+sniffer = AsyncSniffer(iface="eth0", filter="udp and dst port 68", prn=take, store=False)
+sniffer.start()
+time.sleep(1)
+chaddr = bytes.fromhex(mac.replace(":", ""))
+deadline = time.monotonic() + 60
+while not wanted <= seen and time.monotonic() < deadline:
+    sendp(Ether(src=mac, dst="ff:ff:ff:ff:ff:ff") / IP(src="0.0.0.0", dst="255.255.255.255")
+          / UDP(sport=68, dport=67) / BOOTP(chaddr=chaddr, xid=0x5E1F, secs=10, flags=0x8000)
+          / DHCP(options=[("message-type", "discover"), "end"]), iface="eth0")
+    time.sleep(3)
+sniffer.stop()
+print(" ".join(sorted(seen)), "|", " ".join(sorted(offered)))
+"""
+
+# One NTP client request (mode 3); prints the mode and stratum of the answer, if any.
+NTP_PROBE = """
+import sys
+from scapy.all import IP, NTP, UDP, conf, sr1
+conf.verb = 0
+answer = sr1(IP(dst=sys.argv[1]) / UDP(sport=40123, dport=123) / NTP(version=4, mode=3),
+             timeout=5, retry=3)
+print("none" if answer is None or NTP not in answer else
+      f"mode {answer[NTP].mode} stratum {answer[NTP].stratum}")
+"""
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    require("qemu-system-x86_64", "tgtd", "tgtadm", "etcd", "etcdctl", "curl", "tftp",
+            "mkfs.btrfs")
+    build_image(image_spec("node"))      # cached; built before any boot is timed
+    state_dir = tmp_path_factory.mktemp("selfhost") / "lab"
+    running = SelfHostedLab(state_dir)
+    try:
+        yield running
+    finally:
+        down = running.vlx("lab", "down", timeout=120)
+        prefix = namespace_prefix(state_dir)
+        left = [entry.name for entry in NETNS_DIR.iterdir() if entry.name.startswith(prefix)] \
+            if NETNS_DIR.is_dir() else []
+        mounted = str(state_dir) in Path("/proc/mounts").read_text()
+        assert down.returncode == 0 and not left and not mounted, (down.stdout, down.stderr,
+                                                                   left)
+
+
+def test_three_nodes_boot_the_node_image_from_the_bootstrap_and_each_serves(lab, tmp_path):
+    started = time.monotonic()
+    up = lab.vlx("lab", "up", "--inventory", str(INVENTORY), "--nodes", "3",
+                 "--timeout", str(UP_TIMEOUT), timeout=UP_TIMEOUT + 600)
+    print(up.stdout, up.stderr, f"up took {time.monotonic() - started:.0f} s", sep="\n")
+    assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+    status = lab.status()
+    assert {node["name"]: node["phase"] for node in status["nodes"]} == \
+        dict.fromkeys(NODES, "serving")
+    answering = {replica["name"]: replica["answers"] for replica in status["replicas"]}
+    assert answering == {"boot": "yes", "node1": "yes", "node2": "yes", "node3": "yes"}
+    for node in NODES:
+        console = lab.console_since(node, 0)
+        assert f"{node} login:" in console or "[60 libvirtd] ok" in console
+        assert re.search(rf"\[30 database\] ok: etcd member {node} on {ADDRESS[node]} joins "
+                         "the running members", console), console[-2000:]
+        # Its root came over iSCSI from the lab SAN, with its own snapshot's target.
+        assert f"vlxlab.{node}-root, portal: " in console
+    wait_for(lambda: {m["name"]: m["healthy"] for m in lab.members()} ==
+             {"bootstrap": True, "node1": True, "node2": True, "node3": True}, 120,
+             "the bootstrap and the three nodes to be healthy etcd members", interval=2)
+    # TFTP: every node's replica hands out the same boot script.
+    for node in NODES:
+        assert lab.tftp(ADDRESS[node], "boot.ipxe", tmp_path / f"{node}.ipxe") == \
+            scripts.boot_script().encode()
+    # DHCP: every node's replica offers the probe machine its address from the database.
+    script = tmp_path / "dhcp_probe.py"
+    script.write_text(DHCP_PROBE)
+    done = lab.boot.run([sys.executable, str(script), PROBE_MAC, *ADDRESS.values()],
+                        timeout=120)
+    servers, offered = (part.split() for part in done.stdout.strip().split("|"))
+    assert set(ADDRESS.values()) <= set(servers), done.stdout
+    assert offered == [PROBE_IP]
+    # NTP: every node's chrony answers (as a server, mode 4).
+    ntp = tmp_path / "ntp_probe.py"
+    ntp.write_text(NTP_PROBE)
+    for node in NODES:
+        said = lab.boot.run([sys.executable, str(ntp), ADDRESS[node]], timeout=60).stdout
+        assert said.startswith("mode 4 "), f"{node}: {said}"
+
+
+def test_bootstrap_removed_the_nodes_hold_the_database_and_hand_out_their_own_url(lab):
+    removed = lab.vlx("lab", "bootstrap", "remove")
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+    assert "removed member bootstrap" in removed.stdout
+    status = lab.status()
+    assert {r["name"]: r["state"] for r in status["replicas"]}["boot"] == "dead"
+    wait_for(lambda: {m["name"]: m["healthy"] for m in lab.members()} ==
+             {"node1": True, "node2": True, "node3": True}, 120,
+             "the three nodes to be the healthy etcd members", interval=2)
+    nodes_only = "etcd://" + ",".join(f"{ip}:2379" for ip in ADDRESS.values())
+    # The nodes' replicas follow the change: node2's script names only the nodes' members.
+    wait_for(lambda: f"vlx.store={nodes_only} " in lab.boot.run(
+        ["curl", "-sf", "-m", "3", f"http://{ADDRESS['node1']}/nodes/52-54-00-00-00-12.ipxe"],
+        check=False).stdout, 120, "node1 to hand out the store URL without the bootstrap")
+
+
+def test_a_reset_node_boots_again_served_only_by_the_other_nodes(lab):
+    status = lab.status()
+    bootstrap = [p for p in status["replicas"] if p["name"] == "boot"][0]
+    assert bootstrap["pid"] is None and bootstrap["answers"] == "no"
+    offset = lab.reset("node2")
+    console = lab.wait_console("node2", r"\[50 bootsvc\] ok", offset, REBOOT_TIMEOUT)
+    # Its etcd data survived on its own snapshot: it restarts as the same member.
+    assert "[30 database] ok: etcd member node2 on 198.18.0.12 restarts as itself" in console
+    assert "vlx.store=etcd://198.18.0.11:2379,198.18.0.12:2379,198.18.0.13:2379 " in console
+    wait_for(lambda: lab.answers_http(ADDRESS["node2"]), 300, "node2's replica to serve")
+    wait_for(lambda: {m["name"]: m["healthy"] for m in lab.members()} ==
+             {"node1": True, "node2": True, "node3": True}, 300,
+             "node2 to be a healthy member again", interval=2)
+
+
+def _mounted_copy(volume_path: str, where: Path) -> Path:
+    """A reflink copy of a volume (the pool is btrfs), mounted: the running node's file
+    system as a crash would leave it, its journal replayed on the copy, not on the node's."""
+    copy = Path(volume_path).with_name(f"check-{where.name}.img")
+    subprocess.run(["cp", "--reflink=always", volume_path, str(copy)], check=True)
+    where.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(copy), str(where)], check=True)
+    return copy
+
+
+def test_what_a_node_writes_stays_in_its_own_snapshot(lab, tmp_path):
+    cluster = Database(lab.state_dir / "cluster.db").load()
+    paths = {"golden": cluster.volume("node-golden").path,
+             **{node: cluster.volume(f"{node}-root").path for node in ("node1", "node2")}}
+    copies, mounts = [], []
+    try:
+        for name, path in paths.items():
+            mount = tmp_path / name
+            copies.append(_mounted_copy(path, mount))
+            mounts.append(mount)
+        golden, node1, node2 = mounts
+        # node2 wrote its name and its etcd member's data (and kept them through its reset);
+        # neither node1 nor the golden volume sees them.
+        assert (node2 / "etc/hostname").read_text() == "node2\n"
+        assert (node1 / "etc/hostname").read_text() == "node1\n"
+        assert not (golden / "etc/hostname").exists()
+        assert (node2 / "var/lib/virtualinux/etcd/node2/member").is_dir()
+        assert not (node1 / "var/lib/virtualinux/etcd/node2").exists()
+        assert not (golden / "var/lib/virtualinux/etcd").exists() or \
+            not any((golden / "var/lib/virtualinux/etcd").iterdir())
+    finally:
+        for mount in mounts:
+            subprocess.run(["umount", str(mount)], check=False)
+        for copy in copies:
+            copy.unlink(missing_ok=True)
+
+
+def test_a_reboot_completes_while_another_node_is_killed(lab):
+    node3 = [n for n in lab.status()["nodes"] if n["name"] == "node3"][0]
+    offset = lab.reset("node1")
+    os.kill(node3["qemu_pid"], signal.SIGKILL)
+    console = lab.wait_console("node1", r"\[50 bootsvc\] ok", offset, REBOOT_TIMEOUT)
+    assert "[30 database] ok: etcd member node1 on 198.18.0.11 restarts as itself" in console
+    wait_for(lambda: lab.answers_http(ADDRESS["node1"]), 300, "node1's replica to serve")
+    wait_for(lambda: {m["name"]: m["healthy"] for m in lab.members()} ==
+             {"node1": True, "node2": True, "node3": False}, 300,
+             "node1 and node2 to hold the database without node3", interval=2)
