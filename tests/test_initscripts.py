@@ -36,6 +36,7 @@ def node_root(tmp_path: Path, name: str = "root", cluster=None, node: str = "nod
         delivered = root / "run/virtualinux/node"
         delivered.mkdir(parents=True)
         for file_name, data in scripts.node_files(cluster, cluster.node(node)).items():
+            (delivered / file_name).parent.mkdir(parents=True, exist_ok=True)
             (delivered / file_name).write_bytes(data)
     (root / "boot").mkdir(parents=True)
     (root / "boot" / "vmlinuz-6.1.0-test").write_bytes(b"kernel" * 100)
@@ -233,6 +234,29 @@ def test_db_nodes_run_members_and_every_node_boots_with_the_store(db, tmp_path, 
     assert not (client / "etc/default/virtualinux-etcd").exists()
     assert (client / "etc/default/virtualinux").read_text().splitlines()[1:] == [
         f"VLX_STORE={store}", "VLX_DB=/var/lib/virtualinux/cluster.db"]
+
+
+def test_a_db_node_of_a_cluster_with_a_ca_runs_its_member_over_tls(db, tmp_path, capsys,
+                                                                    monkeypatch):
+    inventory = tmp_path / "cluster.toml"
+    inventory.write_text(EXAMPLE.read_text().replace(
+        'roles = ["gateway-backup", "storage"]', 'roles = ["gateway-backup", "storage", "db"]'))
+    assert vlx(capsys, "db", "import", str(inventory))[0] == 0
+    assert vlx(capsys, "db", "tls", "init")[0] == 0
+    cluster = db.load()
+    member = node_root(tmp_path, "n2", cluster=cluster, node="node2")
+    assert (member / "run/virtualinux/node/store/node2.crt").is_file()   # from its cpio
+    monkeypatch.setattr(database, "join", lambda boot, url: None)   # no member answers yet
+    database.run(boot_of(cluster, member, "node2"))
+    env = dict(line.split("=", 1) for line in
+               (member / "etc/default/virtualinux-etcd").read_text().splitlines()[1:])
+    assert env["VLX_ETCD_INITIAL_CLUSTER"] == "node2=https://198.18.0.12:2380"
+    assert env["VLX_ETCD_OPTIONS"].endswith(" --tls /run/virtualinux/node/store")
+    # A node whose cpio brought no member certificate (no CA): plain peers, no --tls.
+    plain_root = node_root(tmp_path, "n2-plain")
+    database.run(boot_of(cluster, plain_root, "node2"))
+    text = (plain_root / "etc/default/virtualinux-etcd").read_text()
+    assert "node2=http://198.18.0.12:2380" in text and "--tls" not in text
 
 
 def test_a_cluster_without_db_nodes_keeps_its_database_file(cluster, tmp_path):

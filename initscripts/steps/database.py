@@ -47,6 +47,9 @@ ETCD_ENV_FILE = "/etc/default/virtualinux-etcd"
 # etcd takes tens of seconds on a loaded machine), and between two tries.
 JOIN_TIMEOUT = 600.0
 JOIN_RETRY = 2.0
+# Where the node's cpio leaves its store certificates (netboot.scripts.node_files): a db node
+# of a cluster with a CA also finds its member's NAME.crt and NAME.key there.
+STORE_TLS_DIR = "/run/virtualinux/node/store"
 
 
 def environment(boot: Boot) -> str:
@@ -78,8 +81,19 @@ def data_dir(boot: Boot) -> Path:
     return DATA_ROOT / boot.node.name
 
 
+def member_tls(boot: Boot) -> str | None:
+    """The directory of this member's certificates when the cluster's store uses TLS: then
+    its peers and clients speak https, and only holders of the cluster's certificates get in."""
+    found = (boot.path(STORE_TLS_DIR) / f"{boot.node.name}.crt").is_file()
+    return STORE_TLS_DIR if found else None
+
+
+def peer_scheme(boot: Boot) -> str:
+    return "https" if member_tls(boot) else "http"
+
+
 def peer_url(boot: Boot) -> str:
-    return f"http://{boot.node.ip}:{PEER_PORT}"
+    return f"{peer_scheme(boot)}://{boot.node.ip}:{PEER_PORT}"
 
 
 def timing(boot: Boot) -> str:
@@ -89,7 +103,8 @@ def timing(boot: Boot) -> str:
 
 
 def new_cluster(boot: Boot) -> str:
-    return ",".join(f"{plain(node.name, 'node name')}=http://{node.ip}:{PEER_PORT}"
+    scheme = peer_scheme(boot)   # every db node of one cluster has a certificate, or none
+    return ",".join(f"{plain(node.name, 'node name')}={scheme}://{node.ip}:{PEER_PORT}"
                     for node in boot.cluster.nodes_with_role(Role.DB))
 
 
@@ -146,6 +161,9 @@ def run(boot: Boot) -> str:
         else:
             how, initial, options = "joins the running members", joined, "--join"
     options = f"{options} {timing(boot)}".strip()
+    tls = member_tls(boot)
+    if tls is not None:
+        options += f" --tls {tls}"
     changed = write_if_changed(boot.path(ETCD_ENV_FILE),
                                member_environment(boot, initial, options)) or changed
     restart_if_changed(boot, "virtualinux-etcd.service", changed)
