@@ -4,6 +4,7 @@ steps that need it."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import shutil
 from pathlib import Path
@@ -142,6 +143,15 @@ def test_two_nodes_render_byte_identical_netboot_trees(cluster, tmp_path):
         assert "VLX_SERVICES=dhcp,tftp,http" in env
     assert trees[0] == trees[1]
     assert trees[0][Path(layout.KERNEL)] == b"kernel" * 100
+
+
+def test_every_node_advertises_no_ipv6_router_unless_the_cluster_says_not_to(cluster,
+                                                                              tmp_path):
+    root = node_root(tmp_path)
+    assert bootsvc.services_for(boot_of(cluster, root, "node3"))[-1] == "ra"
+    quiet = dataclasses.replace(cluster, settings=dataclasses.replace(
+        cluster.settings, router_advertisements=False))
+    assert "ra" not in bootsvc.services_for(boot_of(quiet, root, "node3"))
 
 
 def test_a_node_without_its_kernel_cannot_serve(cluster, tmp_path):

@@ -184,6 +184,11 @@ class Settings:
         "while gateway_uplink has no carrier, the gateway node's VRRP priority drops by 150, "
         "so the other node of the pair takes the gateway over", lambda v: _boolean(v),
         default=False, metavar="true|false")
+    router_advertisements: bool = setting(
+        "every node's replica sends IPv6 router advertisements saying \"no default router "
+        "here\" (lifetime 0, no prefix): this ends iPXE's ~13 s wait for IPv6 configuration "
+        "at every boot; false where switches guard against any RA", lambda v: _boolean(v),
+        default=True, metavar="true|false")
     hypervisor: Hypervisor = setting(
         f"what runs the VMs, one of {', '.join(HYPERVISORS)} (auto: KVM where the node's "
         "libvirt offers it, else QEMU's TCG)", lambda v: _one_of(v, Hypervisor), str,

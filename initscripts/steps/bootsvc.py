@@ -34,6 +34,9 @@ def services_for(boot: Boot) -> tuple[str, ...]:
         services.append("dns")
     if _built("heartbeat") and any(role in GATEWAY_ROLES for role in boot.node.roles):
         services.append("heartbeat")
+    settings = boot.cluster.settings
+    if _built("ra") and (settings is None or settings.router_advertisements):
+        services.append("ra")
     return tuple(services)
 
 
