@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 import subprocess
 import sys
 import time
@@ -107,8 +108,13 @@ def test_backup_takes_over_when_the_primary_is_killed_and_the_primary_preempts(p
     assert_vip_answers_from(pair, primary)
     shown = subprocess.run([*VLX, "bootsvc", "status", "--state-dir", str(backup.state_dir)],
                            capture_output=True, text=True, check=True).stdout
-    assert "heartbeat: state backup, priority 100, vrid 51" in shown
-    assert f"master {PRIMARY}, vip {VIP}, vip_held False" in shown
+    detail = {(row[0], row[1]): row[2] for row in
+              (re.split(r"\s{2,}", line.strip()) for line in shown.splitlines())
+              if len(row) == 3 and row[0] == "heartbeat"}
+    assert (detail[("heartbeat", "state")], detail[("heartbeat", "priority")],
+            detail[("heartbeat", "vrid")]) == ("backup", "100", "51")
+    assert (detail[("heartbeat", "master")], detail[("heartbeat", "vip")],
+            detail[("heartbeat", "vip held")]) == (PRIMARY, VIP, "False")
 
     kill_and_take_over(pair, primary, backup)
     assert "no advertisement for" in backup.status()["last_change"]
