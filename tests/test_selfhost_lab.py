@@ -176,8 +176,11 @@ def test_three_nodes_boot_the_node_image_from_the_bootstrap_and_each_serves(lab,
         assert f"{node} login:" in console or "[60 libvirtd] ok" in console
         assert re.search(rf"\[30 database\] ok: etcd member {node} on {ADDRESS[node]} joins "
                          "the running members", console), console[-2000:]
-        # Its root came over iSCSI from the lab SAN, with its own snapshot's target.
-        assert f"vlxlab.{node}-root, portal: " in console
+        # Its root came over iSCSI: the disk attached, and the identity step read the node's
+        # own initiator name from the running session (its snapshot's ACL admits only that).
+        assert "[sda] Attached SCSI disk" in console
+        assert re.search(rf"\[10 identity\] ok: {node} .*initiator iqn\.\S+[:.]{node}\b",
+                         console), console[-2000:]
     wait_for(lambda: {m["name"]: m["healthy"] for m in lab.members()} ==
              {"bootstrap": True, "node1": True, "node2": True, "node3": True}, 120,
              "the bootstrap and the three nodes to be healthy etcd members", interval=2)
