@@ -50,14 +50,13 @@ from . import dns_wire as wire
 from .dns_cache import Cache, Forwarder, Upstream
 from .dns_vc import VcListeners
 from .dns_zone import ClusterZones
-from .service import Replica, Service
+from .service import Replica, Service, set_receive_buffer
 
 log = logging.getLogger(__name__)
 
 COUNTS_FOLD_S = 0.25             # how often the UDP thread's counts join `counters`
 MAX_QUERY = 4096                 # a DNS query is a few dozen octets; longer ones are garbage
 TCP_MAX = 65535
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 LOG_ONCE_LIMIT = 4096
 REFUSED = wire.Body(wire.REFUSED, 0, 0, 0, b"")
 SERVFAIL = wire.Body(wire.SERVFAIL, 0, 0, 0, b"")
@@ -182,12 +181,7 @@ class DnsService(Service):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            buffer = self.options.receive_buffer
-            try:   # past net.core.rmem_max, which root may do: room for a burst
-                if buffer:
-                    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, buffer)
-            except PermissionError:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
+            set_receive_buffer(sock, self.options.receive_buffer)   # room for a burst
             sock.bind((address, self.port))
             self.port = sock.getsockname()[1]
         except OSError:
