@@ -39,13 +39,17 @@ MAX_QUERY = 4096
 class VcListeners:
     def __init__(self, service: DnsService):
         self.service = service
-        self.counters = service.counters
         self.links = LinkFollower(self._links_changed, service.counters)
         self._udp: dict[ipaddress.IPv4Address, socket.socket] = {}
         self._tcp: dict[ipaddress.IPv4Address, asyncio.Server] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task] = set()
         self._sync = asyncio.Lock()
+
+    @property
+    def counters(self):
+        """The service's counters as the event loop sees them (this class runs only there)."""
+        return self.service.counters
 
     @property
     def addresses(self) -> list[str]:
