@@ -13,7 +13,10 @@ VC network, the same on every hosting node): the boot services answer DHCP and D
 the VC's VMs. Each bridge is local to its node, so the shared address acts like an anycast
 gateway: a VM is answered by whichever hosting node it reaches, with the same bytes. The node
 does not route for VMs: IPv4 forwarding is off for packets arriving on a VC bridge (otherwise a
-node that forwards, a gateway, would join the networks of the VCs it hosts).
+node that forwards, a gateway, would join the networks of the VCs it hosts). The VC's firewall
+(vvcm.virt.firewall: an nftables table per VC and node) lets a VM reach only the other VMs of
+its VC and the node's DHCP and DNS; `ensure()` makes it before the bridge and `remove()` takes
+it away after the bridge, so a bridge never exists unfiltered.
 
 `node_plans()` is pure (what each node should have); `ensure()` and `remove()` make a node
 match it, idempotently, and say what they changed so a failed create can undo just that.
@@ -31,6 +34,7 @@ from typing import TYPE_CHECKING, TypeVar
 from .. import allocate
 from ..errors import VlxError
 from ..model import Cluster, Node, VirtualCluster
+from . import firewall
 from .domain import BRIDGE_PREFIX, GUEST_MTU, bridge_name
 
 if TYPE_CHECKING:
@@ -57,6 +61,7 @@ class NodePlan:
     """What one node holds for one VC."""
 
     node: str
+    vc: str
     netns: str | None
     bridge: str
     tunnel: str
@@ -66,6 +71,11 @@ class NodePlan:
     uplink: str | None = None
     peers: tuple[str, ...] = ()
     address: str | None = None      # the VC's service address on the bridge, "IP/PREFIX"
+
+    def firewall(self) -> firewall.VcFirewall:
+        """What the node's firewall lets VMs on this bridge reach (checked values)."""
+        service = ipaddress.IPv4Interface(self.address).ip if self.address else None
+        return firewall.VcFirewall(vc=self.vc, bridge=self.bridge, service=service)
 
     def link_requests(self) -> list[dict]:
         """pyroute2 `link('add', ...)` arguments, bridge first."""
@@ -98,7 +108,7 @@ def node_plans(cluster: Cluster, vc_name: str, nodes: Iterable[str]) -> list[Nod
     uplink = cluster.settings.vlan_uplink if cluster.settings else "eth0"
     address = service_address(vc)
     service = str(address) if address is not None else None
-    return [NodePlan(node=node.name, netns=node.netns, bridge=bridge_name(vc),
+    return [NodePlan(node=node.name, vc=vc.name, netns=node.netns, bridge=bridge_name(vc),
                      tunnel=tunnel_name(vc), local=str(node.ip), vxlan=vc.vxlan, vlan=vc.vlan,
                      uplink=uplink if vc.vlan is not None else None,
                      peers=tuple(a for a in addresses if a != str(node.ip))
@@ -142,14 +152,17 @@ def plans_for_node(cluster: Cluster, node: str) -> list[NodePlan]:
 
 def remove_stale(node: Node, keep: Iterable[NodePlan]) -> list[str]:
     """Delete the VC devices (`vlxbr*`, `vlxvx*`, `vlxvl*`) on `node` that no plan in
-    `keep` names, tunnels before bridges; returns their names."""
+    `keep` names, tunnels before bridges, then the firewall tables (`vlx_vc_*`) of VCs no plan
+    names (after their bridges); returns their names."""
+    keep = list(keep)
     wanted = {name for plan in keep for name in (plan.bridge, plan.tunnel)}
     with _open(node.name, node.netns, str(node.ip)) as ipr:
         stale = [link.get("IFLA_IFNAME") for link in ipr.get_links()
                  if link.get("IFLA_IFNAME", "").startswith(DEVICE_PREFIXES)
                  and link.get("IFLA_IFNAME") not in wanted]
         stale.sort(key=lambda name: name.startswith(BRIDGE_PREFIX))
-        return [name for name in stale if _delete(ipr, name)]
+        gone = [name for name in stale if _delete(ipr, name)]
+    return gone + firewall.remove_stale({plan.vc for plan in keep}, node.netns, node.name)
 
 
 def check_reachable(plans: Iterable[NodePlan]) -> None:
@@ -159,11 +172,17 @@ def check_reachable(plans: Iterable[NodePlan]) -> None:
 
 
 def ensure(plan: NodePlan) -> list[str]:
-    """Make the node match `plan`; returns the devices it created (empty if all was there)."""
+    """Make the node match `plan`; returns the devices and firewall table it created (empty
+    if all was there). The firewall is (re)defined first, every time: a bridge is never up
+    without it, and a table a killed run left half-changed is replaced."""
     from pyroute2.netlink.exceptions import NetlinkError
 
     created: list[str] = []
+    rules = plan.firewall()
     with open_node(plan) as ipr:
+        if rules.table not in firewall.tables(plan.netns, plan.node):
+            created.append(rules.table)
+        firewall.ensure(rules, plan.netns, plan.node)
         try:
             for request in plan.link_requests():
                 index = _lookup(ipr, request["ifname"])
@@ -196,19 +215,30 @@ def ensure(plan: NodePlan) -> list[str]:
         except NetlinkError as err:
             for name in reversed(created):
                 _delete(ipr, name)
+            if rules.table in created and plan.bridge in created:
+                firewall.remove(plan.vc, plan.netns, plan.node)
             raise VlxError(f"node {plan.node}: cannot build the network of VC bridge "
                            f"{plan.bridge}: {err}") from None
     return created
 
 
 def remove(plan: NodePlan) -> list[str]:
-    """Delete the VC's devices on the node; returns those that were there."""
+    """Delete the VC's devices on the node, then its firewall table; returns those that were
+    there."""
+    rules = plan.firewall()      # checked before anything goes
     gone = []
     with open_node(plan) as ipr:
         for name in (plan.tunnel, plan.bridge):
             if _delete(ipr, name):
                 gone.append(name)
+    if firewall.remove(rules.vc, plan.netns, plan.node):
+        gone.append(rules.table)
     return gone
+
+
+def firewall_present(plan: NodePlan) -> bool:
+    """Whether the node holds the VC's firewall table."""
+    return firewall.table_name(plan.vc) in firewall.tables(plan.netns, plan.node)
 
 
 def devices_present(plan: NodePlan) -> list[str]:
