@@ -104,7 +104,7 @@ def test_node_kernel_and_initrd_boot_in_qemu_to_the_initramfs(node_image, tmp_pa
 def test_node_root_image_holds_virtualinux_and_no_node_identity(node_image, tmp_path):
     manifest = cache.read_manifest(node_image)
     assert any(wheel.startswith("virtualinux-") for wheel in manifest["wheels"])
-    assert {"open-iscsi", "libvirt-daemon-system", "chrony", "qemu-system-x86"} \
+    assert {"open-iscsi", "libvirt-daemon-system", "chrony", "qemu-system-x86", "nftables"} \
         <= set(manifest["packages"])
     mount = tmp_path / "root"
     mount.mkdir()

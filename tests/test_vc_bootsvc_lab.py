@@ -6,6 +6,7 @@ dig. Everything goes with the namespaces, also when a test fails."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import subprocess
@@ -27,6 +28,14 @@ TINY_UDHCPC = ROOT / "image" / "tiny-udhcpc.sh"
 @pytest.fixture
 def node1(db, db_path, netns, tmp_path):
     """Namespace `node` holding node1's address on eth0 and running its dhcp and dns."""
+    with serving_node1(db, db_path, netns, tmp_path) as (replica, _hub, _bridge):
+        yield replica
+
+
+@contextlib.contextmanager
+def serving_node1(db, db_path, netns, tmp_path):
+    """node1 as the fixture above makes it; yields (replica, hub namespace, hub bridge): the
+    hub's bridge is the cluster network."""
     require("udhcpc", "dig")
     db.update("db import", "test",
               lambda c: inventory.apply(c, inventory.load(EXAMPLE), "test"))
@@ -42,7 +51,7 @@ def node1(db, db_path, netns, tmp_path):
     replica = Replica(NODE1, process, state_dir, log, ns)
     try:
         replica.wait_running()
-        yield replica
+        yield replica, hub, bridge
     finally:
         replica.stop()
 
