@@ -2,9 +2,10 @@
 
 `vlx vc create` builds a VC's network on the node it runs on (or in lab nodes' namespaces);
 every other node hosting one of the VC's VMs builds its own part here, at start-up: for each
-VC with a VM placed on this node, the VC's bridge with its service address and the VXLAN (or
-VLAN) device peered with the VC's other hosting nodes (vvcm.virt.network.ensure: idempotent,
-peers synced). VC devices of VCs that no longer have a VM here are removed. The boot services
+VC with a VM placed on this node, the VC's firewall table, its bridge with its service address
+and the VXLAN (or VLAN) device peered with the VC's other hosting nodes
+(vvcm.virt.network.ensure: idempotent, peers synced). VC devices and firewall tables of VCs
+that no longer have a VM here are removed. The boot services
 (step 50) then answer DHCP and DNS on these bridges as they appear.
 
 Without `live` (a root directory in tests, or an image being prepared) it only says what the
@@ -37,4 +38,5 @@ def run(boot: Boot) -> str:
 
 
 STEP = Step(name="vcnet", order=40, run=run, needs=("identity",),
-            makes="the VC bridges and VXLAN/VLAN devices of the VCs with VMs on this node")
+            makes="the VC bridges, VXLAN/VLAN devices and firewall tables of the VCs with VMs on "
+                  "this node")
