@@ -91,8 +91,11 @@ def test_a_hostile_vc_name_never_reaches_nft(cluster, value, monkeypatch):
     plan = dataclasses.replace(green_plan(cluster), vc=value)
     with pytest.raises(VlxError, match="cannot name a firewall table"):
         plan.firewall()
-    with pytest.raises(VlxError, match="cannot name a firewall table"):
-        firewall.removal(value)
+    for call in (firewall.removal, lambda vc: firewall.remove(vc, "vt-none", "node1"),
+                 lambda vc: firewall.dropped(vc, "vt-none", "node1"),
+                 lambda vc: network.remove(dataclasses.replace(plan, netns="vt-none"))):
+        with pytest.raises(VlxError, match="cannot name a firewall table"):
+            call(value)
     with pytest.raises(VlxError, match="cannot name a firewall table"):
         network.ensure(dataclasses.replace(plan, netns="vt-none"))
     assert ran == []

@@ -59,10 +59,7 @@ class VcFirewall:
     service: ipaddress.IPv4Address | None = None
 
     def __post_init__(self) -> None:
-        try:
-            parse_name(self.vc)
-        except ValueError as err:
-            raise VlxError(f"VC name {self.vc!r} cannot name a firewall table: {err}") from None
+        checked_table(self.vc)
         if not isinstance(self.bridge, str) or not _BRIDGE.fullmatch(self.bridge):
             raise VlxError(f"VC {self.vc}: {self.bridge!r} is not a VC bridge name "
                            "(vlxbrID or vlxbrvID)")
@@ -78,6 +75,15 @@ class VcFirewall:
 def table_name(vc: str) -> str:
     """The VC's table (a DNS label, so letters, digits and '-': an nft identifier as is)."""
     return f"{TABLE_PREFIX}{vc}"
+
+
+def checked_table(vc: str) -> str:
+    """The VC's table, once the name is known to be a DNS label (one line if not)."""
+    try:
+        parse_name(vc)
+    except ValueError as err:
+        raise VlxError(f"VC name {vc!r} cannot name a firewall table: {err}") from None
+    return table_name(vc)
 
 
 def ruleset(rules: VcFirewall) -> str:
@@ -124,7 +130,7 @@ def _chain(name: str, hook: str | None, rules: list[str]) -> list[str]:
 
 def removal(vc: str) -> str:
     """The nft script that removes the VC's table, quietly if it is not there."""
-    table = f"{FAMILY} {VcFirewall(vc=vc, bridge='vlxbr1').table}"
+    table = f"{FAMILY} {checked_table(vc)}"
     return f"add table {table}\ndelete table {table}\n"
 
 
@@ -135,8 +141,9 @@ def ensure(rules: VcFirewall, netns: str | None, node: str) -> None:
 
 def remove(vc: str, netns: str | None, node: str) -> bool:
     """Remove the VC's table from the node; whether it was there."""
+    script = removal(vc)
     present = table_name(vc) in tables(netns, node)
-    _nft(removal(vc), netns, node)
+    _nft(script, netns, node)
     return present
 
 
@@ -170,8 +177,8 @@ def _ours(table: str) -> bool:
 
 def dropped(vc: str, netns: str | None, node: str) -> dict[str, int]:
     """Packets dropped so far by the VC's table on the node: {"to_node": N, "routed": M}."""
-    listed = json.loads(_nft_run(["-j", "list", "counters", "table", FAMILY, table_name(vc)],
-                                 "", netns, node))
+    listed = json.loads(_nft_run(["-j", "list", "counters", "table", FAMILY,
+                                  checked_table(vc)], "", netns, node))
     return {item["counter"]["name"]: item["counter"]["packets"]
             for item in listed.get("nftables", []) if "counter" in item}
 
