@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from virtualinux.bootsvc import dhcp
+from virtualinux.bootsvc import dhcp_networks
 from virtualinux.netboot import render
 from virtualinux.vvcm.cli import main as vlx_main
 from virtualinux.vvcm.db import Database
@@ -98,7 +98,7 @@ def run(count: int, work: Path, store: str | None) -> dict[str, float]:
     results["render"], _ = timed(render.render, cluster, image, work / f"netboot-{count}")
 
     def dhcp_reload_and_unknowns() -> None:
-        networks = dhcp.served_networks(cluster)
+        networks = dhcp_networks.served_networks(cluster)
         for i in range(UNKNOWN_MACS):
             networks[0].pool_host(b"\x02\x00" + i.to_bytes(4, "big"))
 

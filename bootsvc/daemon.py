@@ -13,6 +13,7 @@ Imports the model and the services; never the CLI.
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import logging
 import os
@@ -76,6 +77,19 @@ def interface_addresses(interface: str) -> list[ipaddress.IPv4Address]:
                 for message in ipr.get_addr(family=socket.AF_INET, index=index[0])]
 
 
+def settle_heap() -> None:
+    """Once a generation is loaded and every service precomputed from it: collect, then
+    freeze what is left (gc.freeze), so the collector's later passes skip it. A generation of
+    10,000 nodes is ~85,000 tracked objects, and a full pass over them took 17-75 ms here: in
+    the middle of a burst of DHCP that is longer than the default receive buffer lasts (~166
+    datagrams, 20 ms at 4,000 DORA/s), and the answers' cache growing was what set one off.
+    Unfreezing first lets a previous generation's cycles be collected, at a reload, which
+    holds the loop anyway."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
 class Daemon:
     def __init__(self, database: Database, replica: Replica, service_names: tuple[str, ...],
                  poll_interval: float = POLL_INTERVAL, options: dict[str, object] | None = None,
@@ -120,6 +134,7 @@ class Daemon:
                 service = cls(self.replica, cluster, self.options.get(cls.name))
                 await service.start()
                 self.services.append(service)
+            settle_heap()
             log.info("bootsvc %s on %s (%s): %s, gen %d",
                      self.replica.node.name if self.replica.node else "(not a node)",
                      self.replica.interface, self.replica.address,
@@ -172,6 +187,7 @@ class Daemon:
             return
         for service in self.services:
             service.reload(cluster)
+        settle_heap()
         log.info("reloaded gen %d -> %d", self.generation, cluster.generation)
         self.generation = cluster.generation
         self.reloads += 1

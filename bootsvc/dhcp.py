@@ -1,15 +1,9 @@
 """The DHCP service: answers computed from (database generation, request) alone.
 
-`served_networks(cluster)` says which networks a replica answers for and who is on them: the
-cluster network with its nodes, on the replica's interface and from relays; and every VC's
-network with its VMs, each on the VC's bridge (`vlxbrID`) only, where the server is the VC's
-service address (vvcm.virt.network.service_address, the same on every node hosting the VC;
-the bridge is local to each, so it acts like an anycast gateway and every hosting node answers
-a VM the same). A VM gets its address, the service address as DNS server, and the VC's domain
-(`VC.DOMAIN`, also as search list, option 119) so VMs find each other by short name; no router
-(a VC is private) and no boot file. A datagram is answered from the network of the interface it
-arrived on: a MAC known on another network (a VM of VC green on tan's bridge or on the cluster
-network, a node on a VC bridge) is counted as `ignored_wrong_network` and logged once.
+Which networks a replica answers for, and who is on each, is `dhcp_networks.served_networks`.
+A datagram is answered from the network of the interface it arrived on: a MAC known on another
+network (a VM of VC green on tan's bridge or on the cluster network, a node on a VC bridge) is
+counted as `ignored_wrong_network` and logged once.
 A `Responder` holds one generation's answers for one replica: each host's OFFER/ACK (per boot
 file) is built by `dhcp_wire.encode` the first time it is asked for and kept for the
 generation, which also keeps a reload of a 10,000-node cluster quick; the hot path parses a few
@@ -25,26 +19,25 @@ is the socket's, a broadcast reply leaves by it without per-packet control messa
 network has its own receive buffer, so a VM flooding its bridge cannot crowd out the nodes'
 boots on the cluster network (one socket with IP_PKTINFO would share one buffer and receive on
 interfaces we do not serve).
-Imports the model, `netboot.layout`, `balance`, `dhcp_wire` and `vc_links`.
+Imports the model, `netboot.layout`, `balance`, `dhcp_networks`, `dhcp_wire` and `vc_links`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import ipaddress
-import itertools
 import logging
 import socket
 from collections import Counter
 from typing import NamedTuple
 
 from virtualinux.netboot import layout
-from virtualinux.vvcm import Cluster, Node
+from virtualinux.vvcm import Cluster
 
 from . import balance
 from . import dhcp_wire as wire
+from .dhcp_networks import Host, Network, served_networks
 from .service import Replica, Service, check_port, set_receive_buffer
 from .status import Status
 from .vc_links import LinkFollower, Present, served_here, vc_interfaces
@@ -52,10 +45,6 @@ from .vc_links import LinkFollower, Present, served_here, vc_interfaces
 log = logging.getLogger(__name__)
 
 ZERO = bytes(4)
-# Resolvers use three name servers at most (glibc's MAXNS), and a list of every node would not
-# fit in a DHCP packet on a big cluster: each host is told three other nodes, chosen by its
-# position so the load spreads over all of them.
-DNS_SERVERS_PER_HOST = 3
 BROADCAST = "255.255.255.255"
 # Bounds on what we remember only to avoid repeating a log line.
 LOG_ONCE_LIMIT = 4096
@@ -66,6 +55,9 @@ DRAIN_BATCH = 64
 # Bigger than any DHCP message (RFC 2131 allows up to the client's option 57, at most 64 KiB
 # in UDP); a datagram cut at this size is dropped, not parsed.
 MAX_DATAGRAM = 65535
+# A plain int: `flags & socket.MSG_TRUNC` goes through enum.Flag.__and__, ~5 us a datagram
+# (half the receive path's cost; measured with recvmsg on loopback, py-spy showed it too).
+MSG_TRUNC = int(socket.MSG_TRUNC)
 # The key of details() under which the discovery pool's answers are reported.
 DISCOVERED = "discovered"
 OPT_DOMAIN_SEARCH = 119         # RFC 3397
@@ -73,92 +65,11 @@ OPT_DOMAIN_SEARCH = 119         # RFC 3397
 VC_INTERFACES = "vc_interfaces"
 
 
-@dataclasses.dataclass(frozen=True)
-class Host:
-    mac: bytes
-    ip: ipaddress.IPv4Address
-    name: str
-    dns: tuple[ipaddress.IPv4Address, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class Network:
-    """A network this replica hands addresses on, and everything its answers carry."""
-
-    name: str
-    cidr: ipaddress.IPv4Network
-    router: ipaddress.IPv4Address | None
-    ntp: tuple[ipaddress.IPv4Address, ...]
-    domain: str
-    lease_time: int
-    hosts: dict[bytes, Host]   # by MAC
-    pool: tuple[ipaddress.IPv4Address, int] | None = None   # first address, size
-    # A VC network: the bridge it is served on only, and the server's address there (the
-    # cluster network: None, the replica's interface and address).
-    interface: str | None = None
-    server: ipaddress.IPv4Address | None = None
-
-    def pool_host(self, mac: bytes) -> Host | None:
-        """The host an unknown MAC is while the metamaster learns it: the pool address its
-        MAC hashes to, so every replica offers the same one without sharing leases."""
-        if self.pool is None:
-            return None
-        first, size = self.pool
-        index = int.from_bytes(hashlib.sha256(mac).digest()[:8], "big") % size
-        # islice, not list(): an unknown MAC must not cost a copy of every host.
-        dns = tuple(host.ip for host in itertools.islice(self.hosts.values(),
-                                                         DNS_SERVERS_PER_HOST))
-        return Host(mac, first + index, "new-" + mac.hex(), dns)
-
-    def contains(self, address: bytes) -> bool:
-        return ipaddress.IPv4Address(address) in self.cidr
-
-
-def served_networks(cluster: Cluster) -> tuple[Network, ...]:
-    """The cluster network with its nodes, then each VC's network with its VMs."""
-    settings = cluster.settings
-    if settings is None:
-        return ()
-    nodes = cluster.nodes
-    hosts = {}
-    for index, node in enumerate(nodes):
-        mac = wire.parse_mac(node.mac)
-        hosts[mac] = Host(mac, node.ip, node.name, dns_servers(nodes, index))
-    pool = None
-    if settings.discovery_pool is not None:
-        first, last = settings.discovery_pool
-        pool = (first, int(last) - int(first) + 1)
-    networks = [Network(name="cluster", cidr=settings.cidr, router=settings.gateway_vip,
-                        ntp=settings.ntp_servers, domain=settings.domain,
-                        lease_time=settings.lease_time, hosts=hosts, pool=pool)]
-    for bridge, served in vc_interfaces(cluster).items():
-        server = served.address.ip
-        vms = cluster.vms_of(served.vc)
-        if any(vm.ip == server for vm in vms):
-            continue    # defined before the address was reserved: nothing to serve it from
-        vm_hosts = {}
-        for vm in vms:
-            mac = wire.parse_mac(vm.mac)
-            vm_hosts[mac] = Host(mac, vm.ip, vm.name, (server,))
-        networks.append(Network(name=f"vc {served.vc}", cidr=served.address.network,
-                                router=None, ntp=(), domain=cluster.fqdn(served.vc),
-                                lease_time=settings.lease_time, hosts=vm_hosts,
-                                interface=bridge, server=server))
-    return tuple(networks)
-
-
 def domain_search(*domains: str) -> bytes:
     """Option 119's value (RFC 3397): the names in DNS wire form, uncompressed."""
     return b"".join(b"".join(bytes((len(label),)) + label.encode()
                              for label in domain.split(".") if label) + b"\0"
                     for domain in domains)
-
-
-def dns_servers(nodes: tuple[Node, ...], index: int) -> tuple[ipaddress.IPv4Address, ...]:
-    """The nodes after `index` (wrapping round), not the node itself: its own DNS replica
-    is not running yet while it boots."""
-    others = min(DNS_SERVERS_PER_HOST, len(nodes) - 1)
-    return tuple(nodes[(index + step) % len(nodes)].ip for step in range(1, others + 1))
 
 
 class Reply(NamedTuple):
@@ -196,6 +107,8 @@ class Responder:
         self.ipxe_url = f"{scheme}://{replica.address}/{layout.IPXE_SCRIPT}"
         self._replica_address = replica.address
         self._templates: dict[tuple[bytes, int, str | None], tuple[bytes, bytes]] = {}
+        # A host's address, MAC and its options (DNS, domain, name), by (network, MAC).
+        self._host_parts: dict[tuple[str, bytes], tuple[bytes, bytes, bytes]] = {}
         self._shared: dict[tuple[str, int, str | None], tuple[bytes, bytes, bytes, bytes]] = {}
         self._relay_networks: dict[bytes, Network | None] = {}
         self._unknown_logged: set[bytes] = set()
@@ -290,7 +203,7 @@ class Responder:
         key = (request.mac, kind, bootfile)
         template = self._templates.get(key)
         if template is None:
-            template = self._build(network, host, kind, bootfile)
+            template = self._build(network, host, kind, bootfile, cache)
             if cache:
                 self._templates[key] = template
         prefix, tail = template
@@ -354,25 +267,36 @@ class Responder:
             self.counters["unknown_client_arch"] += 1
         return bootfile
 
-    def _build(self, network: Network, host: Host, kind: int,
-               bootfile: str | None) -> tuple[bytes, bytes]:
+    def _build(self, network: Network, host: Host, kind: int, bootfile: str | None,
+               cache: bool = True) -> tuple[bytes, bytes]:
         """One host's answer, without xid and the other per-request fields (patched later):
         the network's shared pieces with the host's address, MAC, DNS servers and name put
         in. Every host's first answer is built here (a cold start of 10,000 nodes builds
-        10,000), so nothing is encoded twice: splicing is ~10x cheaper than encoding."""
+        10,000), so nothing is encoded twice: splicing is ~10x cheaper than encoding, and the
+        host's own pieces are kept for its next kind of answer (a DISCOVER's OFFER, then the
+        REQUEST's ACK)."""
         key = (network.name, kind, bootfile)
         shared = self._shared.get(key)
         if shared is None:
             shared = self._shared[key] = self._shared_parts(network, kind, bootfile)
         header, head, domain, tail = shared
-        packet = bytearray(header)
-        if kind != wire.INFORM:
-            packet[wire.YIADDR] = host.ip.packed
-        packet[wire.CHADDR] = host.mac.ljust(16, b"\0")
-        dns = wire.encode_options(((wire.OPT_DNS, wire.addresses(host.dns)),)) if host.dns else b""
-        name = wire.encode_options(((wire.OPT_HOST_NAME, host.name.encode()),))
-        prefix = b"".join((packet, head, dns, domain, name, tail))   # without OPT_END: option
-        end = bytes((wire.OPT_END,))                                  # 82 goes before it
+        host_key = (network.name, host.mac)
+        parts = self._host_parts.get(host_key)
+        if parts is None:
+            dns = (wire.encode_options(((wire.OPT_DNS, wire.addresses(host.dns)),))
+                   if host.dns else b"")
+            name = wire.encode_options(((wire.OPT_HOST_NAME, host.name.encode()),))
+            parts = (host.ip.packed, host.mac.ljust(16, b"\0"), dns + domain + name)
+            if cache:
+                self._host_parts[host_key] = parts
+        address, chaddr, options = parts
+        if kind == wire.INFORM:
+            address = header[wire.YIADDR]
+        prefix = b"".join((header[:wire.YIADDR.start], address,
+                           header[wire.YIADDR.stop:wire.CHADDR.start], chaddr,
+                           header[wire.CHADDR.stop:], head, options, tail))
+        # Without OPT_END: option 82 goes before it.
+        end = bytes((wire.OPT_END,))
         return prefix, end.ljust(wire.MIN_REPLY_LEN - len(prefix), b"\0")
 
     def _shared_parts(self, network: Network, kind: int,
@@ -593,7 +517,7 @@ class DhcpService(Service):
                 self.counters["receive_errors"] += 1
                 log.debug("dhcp receive error: %s", err)
                 return
-            if flags & socket.MSG_TRUNC:
+            if flags & MSG_TRUNC:
                 self.counters["dropped_oversized"] += 1
                 continue
             self.handle(data, source, interface)

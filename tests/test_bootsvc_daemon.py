@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import ipaddress
 import json
 from pathlib import Path
@@ -71,6 +72,21 @@ def test_newer_generation_reloads_every_service(db, cluster, tmp_path):
     reply = runner.services[0].responder.respond(
         scapy_request("discover", bytes.fromhex("525400000011"), giaddr="198.18.0.1"))
     assert (120).to_bytes(4, "big") in reply.data
+
+
+def test_a_new_generation_is_frozen_out_of_the_collectors_passes(db, cluster, tmp_path):
+    """A full GC pass over a big generation stalls the loop longer than a receive buffer lasts
+    in a DHCP burst: once loaded, the generation is moved to the permanent generation."""
+    runner = _daemon(db, cluster, tmp_path)
+    db.update("settings", "lease", lambda c: changes.set_settings(
+        c, dataclasses.replace(c.settings, lease_time=120)))
+    try:
+        asyncio.run(runner.poll())
+        responder = runner.services[0].responder
+        assert gc.get_freeze_count() > 0
+        assert not any(tracked is responder for tracked in gc.get_objects())
+    finally:
+        gc.unfreeze()
 
 
 def test_older_generation_is_refused_and_the_newer_kept(db, db_path, cluster, tmp_path):

@@ -17,8 +17,8 @@ from virtualinux.bootsvc.dhcp import (
     DhcpService,
     Responder,
     domain_search,
-    served_networks,
 )
+from virtualinux.bootsvc.dhcp_networks import served_networks
 from virtualinux.bootsvc.service import Replica
 from virtualinux.netboot import layout
 from virtualinux.vvcm import Node, changes, inventory
