@@ -4,16 +4,17 @@ recvmmsg(2) and sendmmsg(2), where Python's socket module offers one per call (`
 
 Why it goes around the socket module: at high rates a UDP server written in Python spends
 most of its time in the two system calls per datagram, not in its own code. py-spy on the DNS
-service at its saturation rate (bench/dns.py --profile, 1,000 nodes, cluster names) found 96%
-of the samples in the UDP thread, 46% of them in `sendto` and nearly all the rest in
-`recvfrom`; the answer itself (a dict lookup) was a few per cent. Through this module the same
+service flooded (bench/dns.py, 1,000 nodes, cluster names) found `sendto` in 42% of the
+samples and `recvfrom` in 22%, the rest of its loop in 17%. Through this module the same
 server reads up to `count` queued datagrams in one `recvmmsg` and writes the replies in one
-`sendmmsg` (figures in the README's DNS section). The socket module has neither call, so
-they are reached through ctypes on libc, with every structure allocated and wired once: an
-array of `mmsghdr`, one `iovec` and one `sockaddr_in` slot per message, and one flat data
-buffer of `count * size` octets. Per batch only the lengths (and, for sending, the iovecs)
-change; they are read and written through memoryviews of those arrays, never through ctypes
-attribute access.
+`sendmmsg`: flooded, side by side with the loop before it (bench/dns.py --baseline), it
+answered 1.2-1.9x the queries for 0.5-0.8x the CPU each (README, DNS section). A batch of one
+datagram, the usual one well below saturation, costs a little more than recvfrom + sendto (two
+ctypes calls). The socket module has neither call, so they are reached through ctypes on
+libc, with every structure allocated and wired once: an array of `mmsghdr`, one `iovec` and
+one `sockaddr_in` slot per message, and one flat data buffer of `count * size` octets. Per
+batch only the lengths (and, for sending, the iovecs) change; they are read and written through
+memoryviews of those arrays, never through ctypes attribute access.
 
     batch = open_batch(sock, count=64, size=4096)   # a bound, blocking AF_INET UDP socket
     while serving:
