@@ -1,7 +1,7 @@
 """bootsvc/udp_batch.py: batched UDP through recvmmsg/sendmmsg, and its recvmsg/sendto fallback,
 over real sockets on loopback (in a network namespace of the test's own when run as root);
 then the DNS service's UDP thread fed whole batches: good queries with bad ones among them,
-and a flood limited per source inside one batch."""
+and a flood limited per source across batches."""
 
 from __future__ import annotations
 
@@ -195,7 +195,7 @@ def test_a_batch_with_bad_queries_among_good_ones_answers_each_as_alone(db, tmp_
     assert counters["dropped_short_header"] == 1 and counters["dropped_oversized"] == 1
 
 
-def test_rate_limiting_holds_per_source_inside_one_batch(db, tmp_path):
+def test_rate_limiting_holds_per_source_when_a_burst_comes_in_batches(db, tmp_path):
     service = _service(db, tmp_path, rate_limit=1, rate_burst=5)
     flooder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     flooder.bind(("127.0.0.1", 0))
