@@ -1,6 +1,7 @@
 """DNS benchmark: dnsperf against our replica, dnsmasq and unbound, side by side, in one run.
 
     python -m virtualinux.bench.dns [--sizes 1000,10000] [--seconds 3] [--max-rate 160000]
+                                    [--baseline REV] [--profile SECONDS]
 
 For each size N it makes a database of N nodes (bench.dhcp.cluster_database) and gives
 dnsmasq (`addn-hosts`) and unbound (`local-data`, `local-data-ptr`) the same names, all three
@@ -15,9 +16,19 @@ then the next rate) so the shared machine's load hits all three alike. Reported:
 dnsperf -Q with no query lost and at least 90% of it completed (a failed step is run once
 more before it counts), the queries/s and mean latency dnsperf measured there, the server's
 CPU time per query in that run (which a busy machine disturbs least), and each server's peak
-RSS; then our ratio against the stronger peer.
+RSS; then our ratio against the stronger peer. Last, per query set, every server is flooded
+in turn at --max-rate, --floods rounds interleaved: the queries/s it answered (lost ones or
+not) and its CPU per answer, medians of the rounds,
+its capacity for the CPU share it got (on a busy machine the clean rates above mostly measure
+scheduling stalls).
+With --baseline REV our server of git revision REV (of this checkout) runs as a fourth
+server, `virtualinux-before`, interleaved with the others like a peer, so a change of ours is
+measured against its predecessor in the same conditions (its source is `git archive`d into the
+run's temporary directory and put first on its PYTHONPATH).
 Needs root. With --profile SECONDS, py-spy (if installed) samples our server under a fixed
-load afterwards and prints where the time goes.
+load afterwards and prints where the time goes: the share of samples each function is on the
+stack, and the lines the samples were taken in (self time: a line that calls into C, a
+system call for one, holds that call's time too).
 """
 
 from __future__ import annotations
@@ -30,10 +41,12 @@ import random
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 from virtualinux.vm_test.netns import Namespace, Netns
@@ -43,7 +56,9 @@ from .common import CLIENT_CPU, SERVER_CPU, ours_command, pinned, settings_of
 from .dhcp import cluster_database, cpu_seconds, node_ip, peak_rss_kib
 
 CLIENT = "198.18.0.200"
-SERVERS = {"virtualinux": "198.18.0.201", "dnsmasq": "198.18.0.202", "unbound": "198.18.0.203"}
+SERVERS = {"virtualinux": "198.18.0.201", "dnsmasq": "198.18.0.202", "unbound": "198.18.0.203",
+           "virtualinux-before": "198.18.0.204"}
+REPO = Path(__file__).resolve().parent.parent
 UPSTREAM = "198.18.0.210"
 PREFIX = 18                      # bench.dhcp's CIDR: room for the node addresses
 EXTERNAL_NAMES = 1000
@@ -70,6 +85,7 @@ class Server:
     address: str
     process: subprocess.Popen
     best: dict[str, Run | None] = dataclasses.field(default_factory=dict)
+    flooded: dict[str, Run] = dataclasses.field(default_factory=dict)    # at --max-rate
     runs: dict[str, dict[int, Run]] = dataclasses.field(default_factory=dict)   # last per -Q
     done: set[str] = dataclasses.field(default_factory=set)
 
@@ -111,16 +127,38 @@ def query_files(work: Path, count: int) -> dict[str, Path]:
     return files
 
 
+def baseline_path(revision: str, work: Path) -> Path:
+    """A PYTHONPATH entry that imports `virtualinux` from git revision `revision` of this
+    checkout: its tree unpacked under `work`, with a `virtualinux/` of symlinks laid out as
+    its pyproject's package-dir says (the layout an install would make)."""
+    source = work / "baseline-src"
+    source.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", revision], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
+    package_dir = tomllib.loads((source / "pyproject.toml").read_text())["tool"][
+        "setuptools"]["package-dir"]
+    path = work / "baseline-path"
+    for package, folder in package_dir.items():
+        link = path.joinpath(*package.split("."))
+        if not link.parent.exists():
+            link.parent.mkdir(parents=True)
+        if not link.exists():
+            link.symlink_to(source / folder)
+    return path
+
+
 def start_servers(netns: Netns, hub: Namespace, bridge: str, work: Path, count: int,
-                  db_path: Path) -> list[Server]:
+                  db_path: Path, baseline: str | None = None) -> list[Server]:
     def namespace(role: str, address: str) -> Namespace:
         ns = netns.namespace(role)
         netns.plug(hub, bridge, ns, address=f"{address}/{PREFIX}")
         return ns
 
-    def start_pinned(ns: Namespace, cmd: list[str], log: str) -> subprocess.Popen:
+    def start_pinned(ns: Namespace, cmd: list[str], log: str,
+                     env: dict[str, str] | None = None) -> subprocess.Popen:
         # taskset and nsenter exec what follows, so the pid is the server's own.
-        return subprocess.Popen(pinned(SERVER_CPU, ns.prefix(cmd)),
+        return subprocess.Popen(pinned(SERVER_CPU, ns.prefix(cmd)), env=env,
                                 stdout=(work / log).open("w"), stderr=subprocess.STDOUT)
 
     upstream = namespace("up", UPSTREAM)
@@ -132,10 +170,13 @@ def start_servers(netns: Netns, hub: Namespace, bridge: str, work: Path, count: 
     hosts.write_text("".join(f"{node_ip(i)} n{i + 1}.cluster.lab\n" for i in range(count)))
     unbound_conf = work / "unbound.conf"
     unbound_conf.write_text(unbound_config(count))
+    def ours(name: str) -> list[str]:
+        return ours_command(db_path, work, SERVERS[name], ["dns"], state_dir=work / name,
+                            settings={"dns.rate_limit": 0, "dns.receive_buffer": 0})
+
     commands = {
-        "virtualinux": ours_command(db_path, work, SERVERS["virtualinux"], ["dns"],
-                                    state_dir=work / "state",
-                                    settings={"dns.rate_limit": 0, "dns.receive_buffer": 0}),
+        "virtualinux": ours("virtualinux"),
+        **({"virtualinux-before": ours("virtualinux-before")} if baseline else {}),
         "dnsmasq": ["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv",
                     "--no-hosts", "--user=root", "--pid-file", f"--server={UPSTREAM}",
                     f"--listen-address={SERVERS['dnsmasq']}", "--bind-interfaces",
@@ -147,10 +188,14 @@ def start_servers(netns: Netns, hub: Namespace, bridge: str, work: Path, count: 
     try:
         for name, cmd in commands.items():
             ns = namespace(name, SERVERS[name])
-            servers.append(Server(name, SERVERS[name], start_pinned(ns, cmd, f"{name}.log")))
+            env = None
+            if name == "virtualinux-before" and baseline:
+                env = dict(os.environ, PYTHONPATH=str(baseline_path(baseline, work)))
+            servers.append(Server(name, SERVERS[name],
+                                  start_pinned(ns, cmd, f"{name}.log", env)))
         servers.append(Server("upstream", UPSTREAM, upstream_process))
         client = hub
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180     # 10,000 nodes on a busy, pinned CPU
         for server in servers:
             while True:
                 probe = subprocess.run(client.prefix(
@@ -211,7 +256,7 @@ def stop_servers(servers: list[Server]) -> None:
 
 
 def measure(client: Namespace, servers: list[Server], files: dict[str, Path], seconds: float,
-            max_rate: int, log=print) -> None:
+            max_rate: int, log=print, floods: int = 3) -> None:
     """Per query set, step the rate up for every server in turn until each loses queries."""
     for label, queries in files.items():
         for server in servers:
@@ -224,20 +269,45 @@ def measure(client: Namespace, servers: list[Server], files: dict[str, Path], se
                 if label in server.done:
                     continue
                 for attempt in (1, 2):
-                    before = cpu_seconds(server.process.pid)
-                    run = dnsperf(client, server.address, queries, rate, seconds)
-                    run = dataclasses.replace(run, cpu_us=(cpu_seconds(server.process.pid)
-                                                           - before) / max(run.sent - run.lost,
-                                                                           1) * 1e6)
-                    log(f"    {server.name:<12} -Q {rate:>6}: {run.qps:>9.0f} q/s, "
-                        f"{run.lost} lost, {run.latency_ms:.3f} ms, {run.cpu_us:.1f} us CPU/q" +
-                        (", again" if attempt == 2 else ""))
+                    run = timed_run(client, server, queries, rate, seconds, log,
+                                    ", again" if attempt == 2 else "")
                     server.runs.setdefault(label, {})[rate] = run
                     if run.lost == 0 and run.qps >= KEPT_UP * rate:
                         server.best[label] = run
                         break
                 else:
                     server.done.add(label)
+        # Capacity: every server flooded at the highest rate in turn, queries lost or not,
+        # `floods` rounds; the median round of each. On a busy machine the clean rates above
+        # mostly measure stalls; this measures what a server answers per second of the CPU it
+        # gets, and what each answer costs then.
+        rounds: dict[str, list[Run]] = {server.name: [] for server in servers}
+        for _ in range(floods):
+            for server in servers:
+                rounds[server.name].append(timed_run(client, server, queries, max_rate,
+                                                     seconds, log, " (flooded)"))
+        for server in servers:
+            server.flooded[label] = median_run(rounds[server.name])
+
+
+def median_run(runs: list[Run]) -> Run:
+    """Each figure the median of `runs` (all at one rate)."""
+    def median(field: str) -> float:
+        return statistics.median(getattr(run, field) for run in runs)
+    return Run(runs[0].rate, int(median("sent")), int(median("lost")), median("qps"),
+               median("latency_ms"), median("cpu_us"))
+
+
+def timed_run(client: Namespace, server: Server, queries: Path, rate: int, seconds: float,
+              log=print, note: str = "") -> Run:
+    """One dnsperf run against `server`, with the server's CPU time per answered query."""
+    before = cpu_seconds(server.process.pid)
+    run = dnsperf(client, server.address, queries, rate, seconds)
+    run = dataclasses.replace(run, cpu_us=(cpu_seconds(server.process.pid) - before)
+                              / max(run.sent - run.lost, 1) * 1e6)
+    log(f"    {server.name:<12} -Q {rate:>6}: {run.qps:>9.0f} q/s, {run.lost} lost, "
+        f"{run.latency_ms:.3f} ms, {run.cpu_us:.1f} us CPU/q{note}")
+    return run
 
 
 def in_process_cost(db_path: Path, rounds: int = 20000) -> tuple[float, float]:
@@ -271,7 +341,8 @@ def in_process_cost(db_path: Path, rounds: int = 20000) -> tuple[float, float]:
     return costs[0], costs[1]
 
 
-def run_size(count: int, seconds: float, max_rate: int, profile: float, log=print) -> list:
+def run_size(count: int, seconds: float, max_rate: int, profile: float, log=print,
+             baseline: str | None = None, floods: int = 3) -> list:
     with tempfile.TemporaryDirectory(prefix="bench-dns-") as tmp, Netns(prefix="vd") as netns:
         work = Path(tmp)
         db_path = work / "cluster.db"
@@ -285,12 +356,12 @@ def run_size(count: int, seconds: float, max_rate: int, profile: float, log=prin
         ours, theirs = in_process_cost(db_path)
         log(f"  in-process CPU per local answer: ours {ours:.1f} us, dnspython's path "
             f"{theirs:.1f} us ({theirs / ours:.0f}x)")
-        servers = start_servers(netns, hub, bridge, work, count, db_path)
+        servers = start_servers(netns, hub, bridge, work, count, db_path, baseline)
         measured = [s for s in servers if s.name != "upstream"]
         try:
-            measure(hub, measured, files, seconds, max_rate, log)
-            rows = [(count, server.name, server.best, server.rss_mib, server.runs)
-                    for server in measured]
+            measure(hub, measured, files, seconds, max_rate, log, floods)
+            rows = [(count, server.name, server.best, server.rss_mib, server.runs,
+                     server.flooded) for server in measured]
             if profile:
                 profile_ours(hub, measured[0], files["cluster names"], profile, work, log)
         finally:
@@ -314,6 +385,7 @@ def profile_ours(client: Namespace, ours: Server, queries: Path, seconds: float,
     dnsperf(client, ours.address, queries, 4 * best.rate if best else 40000, seconds)
     recorder.wait(seconds + 30)
     totals: dict[str, int] = {}
+    leaves: dict[str, int] = {}
     samples = 0
     for line in out.read_text().splitlines() if out.exists() else []:
         stack, _, on_stack = line.rpartition(" ")
@@ -321,11 +393,16 @@ def profile_ours(client: Namespace, ours: Server, queries: Path, seconds: float,
         for frame in set(stack.split(";")):
             function = frame.split(" (")[0]
             totals[function] = totals.get(function, 0) + int(on_stack)
+        leaf = stack.split(";")[-1].replace(str(REPO) + "/", "")
+        leaves[leaf] = leaves.get(leaf, 0) + int(on_stack)
     log(f"  where our time goes ({samples} samples, share of samples a function is on the "
         "stack):")
     shown = [(f, c) for f, c in totals.items() if c < samples]   # not the loop's own frames
     for function, count in sorted(shown, key=lambda kv: -kv[1])[:12]:
         log(f"    {100 * count / max(samples, 1):5.1f}%  {function}")
+    log("  the lines the samples were taken in (self time):")
+    for leaf, count in sorted(leaves.items(), key=lambda kv: -kv[1])[:12]:
+        log(f"    {100 * count / max(samples, 1):5.1f}%  {leaf}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -337,6 +414,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="highest dnsperf -Q tried")
     parser.add_argument("--profile", type=float, default=0, metavar="SECONDS",
                         help="then profile our server with py-spy for this long")
+    parser.add_argument("--floods", type=int, default=3,
+                        help="flooded rounds per server and query set (the median is shown)")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also run our server of this git revision (e.g. main), "
+                             "interleaved, as virtualinux-before")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("bench/dns: needs root (network namespaces, port 53)", file=sys.stderr)
@@ -351,12 +433,13 @@ def main(argv: list[str] | None = None) -> int:
     for count in (int(size) for size in args.sizes.split(",")):
         print(f"{count} nodes", flush=True)
         rows.extend(run_size(count, args.seconds, args.max_rate, args.profile,
-                             lambda line: print(line, flush=True)))
+                             lambda line: print(line, flush=True), args.baseline,
+                             args.floods))
     print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
     print("| nodes | server | query set | highest -Q with 0 lost | q/s measured | mean latency "
           "| server CPU per query | peak RSS |")
     print("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    for count, name, best, rss, _ in rows:
+    for count, name, best, rss, *_ in rows:
         for label, run in best.items():
             print(f"| {count} | {name} | {label} | {run.rate if run else '-'} | "
                   f"{run.qps if run else 0:.0f} | "
@@ -364,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{f'{run.cpu_us:.1f} us' if run else '-'} | {rss:.1f} MiB |")
     print()
     for count in dict.fromkeys(row[0] for row in rows):
-        by_name = {name: (best, runs) for c, name, best, _, runs in rows if c == count}
+        by_name = {name: (best, runs) for c, name, best, _, runs, _ in rows if c == count}
+        floods = {name: flooded for c, name, *_, flooded in rows if c == count}
         for label in by_name["virtualinux"][0]:
             ours = by_name["virtualinux"][0][label]
             peers = [(by_name[p][0][label].qps, p) for p in ("dnsmasq", "unbound")
@@ -382,7 +466,25 @@ def main(argv: list[str] | None = None) -> int:
                 peer_cpu = min(cpu["dnsmasq"], cpu["unbound"])
                 print(f"    server CPU per query at -Q {rate}: " + ", ".join(
                     f"{name} {value:.1f} us" for name, value in cpu.items()) +
-                    f" (ours / best peer = {cpu['virtualinux'] / peer_cpu:.2f}x)")
+                    f" (ours / best peer = {cpu['virtualinux'] / peer_cpu:.2f}x" +
+                    (f", ours / before = {cpu['virtualinux'] / cpu['virtualinux-before']:.2f}x"
+                     if "virtualinux-before" in cpu else "") + ")")
+            before = by_name.get("virtualinux-before", ({}, {}))[0].get(label)
+            if ours and before:
+                print(f"    virtualinux / virtualinux-before ({args.baseline}) = "
+                      f"{ours.qps / before.qps:.2f}x q/s at 0% lost")
+            flooded = {name: runs[label] for name, runs in floods.items() if label in runs}
+            if "virtualinux" in flooded:
+                mine = flooded["virtualinux"]
+                print(f"    flooded at -Q {args.max_rate}, median of {args.floods}: answered "
+                      "q/s (server CPU per answer): " + ", ".join(
+                          f"{name} {run.qps:.0f} ({run.cpu_us:.1f} us)"
+                          for name, run in flooded.items()))
+                others = {name: run for name, run in flooded.items() if name != "virtualinux"}
+                if others:
+                    print("    virtualinux / " + ", / ".join(
+                        f"{name} = {mine.qps / run.qps:.2f}x q/s, "
+                        f"{mine.cpu_us / run.cpu_us:.2f}x CPU" for name, run in others.items()))
     return 0
 
 
