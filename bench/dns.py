@@ -373,7 +373,7 @@ def profile_ours(client: Namespace, ours: Server, queries: Path, seconds: float,
                  log=print) -> None:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not os.path.exists(spy):
-        log("  (py-spy not installed: pip install py-spy to profile)")
+        log("  (py-spy not installed: `make deps` installs it with the test extras)")
         return
     out = work / "profile.txt"
     recorder = subprocess.Popen([spy, "record", "--pid", str(ours.process.pid), "--duration",
