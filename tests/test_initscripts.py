@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import ipaddress
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from virtualinux.initscripts import startup
 from virtualinux.initscripts.__main__ import main as startup_main
 from virtualinux.initscripts.files import plain
-from virtualinux.initscripts.steps import bootsvc, chrony, database, identity, libvirtd
+from virtualinux.initscripts.steps import bootsvc, chrony, database, identity, libvirtd, uplink
 from virtualinux.netboot import layout, render, scripts
 from virtualinux.vvcm import VlxError
 
@@ -57,7 +58,7 @@ def boot_of(cluster, root: Path, node: str = "node2") -> startup.Boot:
 def test_steps_are_found_by_where_they_live_and_run_in_order():
     names = [(step.order, step.name) for step in startup.discover()]
     assert names == [(10, "identity"), (15, "sshkeys"), (20, "time"), (30, "database"),
-                     (40, "vcnet"), (50, "bootsvc"), (60, "libvirtd")]
+                     (40, "vcnet"), (45, "uplink"), (50, "bootsvc"), (60, "libvirtd")]
 
 
 def test_a_failing_step_skips_only_the_steps_that_need_it(cluster, tmp_path):
@@ -109,7 +110,7 @@ def test_running_every_step_twice_changes_nothing_the_second_time(cluster, tmp_p
     root = node_root(tmp_path, cluster=cluster)
     boot = boot_of(cluster, root)
     first = startup.run_steps(boot, startup.discover(), io.StringIO())
-    assert [o.state for o in first] == ["ok"] * 7, [o.message for o in first]
+    assert [o.state for o in first] == ["ok"] * 8, [o.message for o in first]
     written = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
     second = startup.run_steps(boot, startup.discover(), io.StringIO())
     assert all(o.state == "ok" for o in second)
@@ -180,8 +181,8 @@ def test_start_up_command_runs_every_step_under_a_root(cluster, tmp_path, capsys
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("]")[0] for line in lines] == [
         "virtualinux: [10 identity", "virtualinux: [15 sshkeys", "virtualinux: [20 time",
-        "virtualinux: [30 database", "virtualinux: [40 vcnet", "virtualinux: [50 bootsvc",
-        "virtualinux: [60 libvirtd"]
+        "virtualinux: [30 database", "virtualinux: [40 vcnet", "virtualinux: [45 uplink",
+        "virtualinux: [50 bootsvc", "virtualinux: [60 libvirtd"]
     assert startup_main(["--node", "node2", "--root", str(root), "--only", "nosuch"]) == 2
     assert "no start-up step 'nosuch'" in capsys.readouterr().err
 
@@ -306,3 +307,20 @@ def test_a_first_boot_waits_for_the_store_until_it_answers(cluster, monkeypatch,
     with pytest.raises(VlxError, match="unreachable"):
         start_up.load_cluster(("vlx.store=etcd://198.18.0.11:2379",),
                               clock=iter([0.0, 1e9]).__next__, sleep=slept.append)
+
+
+def test_a_gateway_node_holds_its_uplink_address_and_other_nodes_none(cluster, tmp_path):
+    settings = dataclasses.replace(cluster.required_settings(), gateway_uplink="eth1")
+    node1 = dataclasses.replace(cluster.node("node1"),
+                                uplink_address=ipaddress.IPv4Interface("198.18.1.254/24"))
+    with_uplink = dataclasses.replace(cluster, settings=settings, nodes=(
+        node1, *(n for n in cluster.nodes if n.name != "node1")))
+    said = uplink.run(startup.Boot(node=node1, cluster=with_uplink, root=tmp_path))
+    assert said == "would hold 198.18.1.254/24 on eth1 (not live: nothing made)"
+    assert uplink.run(boot_of(with_uplink, tmp_path, "node3")) == \
+        "not a gateway node (no uplink)"
+    assert "names no gateway_uplink" in uplink.run(boot_of(cluster, tmp_path, "node1"))
+    # node2 is of the pair, but the database gives it no address on the uplink.
+    with pytest.raises(startup.StepFailed, match="node2 is a gateway node but has no "
+                                                 "uplink_address for eth1"):
+        uplink.run(boot_of(with_uplink, tmp_path, "node2"))

@@ -94,3 +94,34 @@ def test_a_db_node_joins_the_running_member_once_however_often_start_up_runs(lab
              interval=0.5)
     listed = json.loads(lab.etcdctl("member", "list", "-w", "json"))["members"]
     assert sorted(m["name"] for m in listed) == ["e1", "node2"]
+
+
+# The uplink step's netlink part, in a namespace standing for a gateway node.
+UPLINK_PROBE = """
+import ipaddress, sys
+from virtualinux.initscripts.steps.uplink import configure
+print(configure(sys.argv[1], ipaddress.IPv4Interface(sys.argv[2])))
+"""
+
+
+def test_a_gateway_node_brings_its_uplink_up_with_the_database_address_only(netns):
+    hub, node = netns.namespace("hub"), netns.namespace("node")
+    netns.bridge(hub)
+    # A stale address (an older database's) is on the link, which is down.
+    netns.plug(hub, "br0", node, "eth1", address="198.18.1.200/24")
+    node.set_link("eth1", False)
+
+    def configure(address: str) -> str:
+        done = node.run([sys.executable, "-c", UPLINK_PROBE, "eth1", address], check=False)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    assert configure("198.18.1.254/24") == "(removed 198.18.1.200/24)"
+    assert [a for a in node.ipv4_addresses() if not a.startswith("127.")] == \
+        ["198.18.1.254/24"]
+    with node.netlink() as ipr:
+        assert ipr.get_links(ifname="eth1")[0]["flags"] & 1     # IFF_UP
+    assert configure("198.18.1.254/24") == "(unchanged)"
+    done = node.run([sys.executable, "-c", UPLINK_PROBE, "eth9", "198.18.1.254/24"],
+                    check=False)
+    assert done.returncode != 0 and "no link eth9 (gateway_uplink)" in done.stderr

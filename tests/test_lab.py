@@ -109,6 +109,35 @@ def test_bios_machine_command_line(tmp_path):
         "-monitor", f"unix:{tmp_path}/node1/monitor.sock,server=on,wait=off"]
 
 
+LAB_INVENTORY = EXAMPLE.parent / "lab.toml"
+
+
+def test_the_node_image_lab_gives_the_gateway_pair_an_uplink_nic_and_the_tiny_lab_none(
+        tmp_path):
+    cluster = example(LAB_INVENTORY.read_text())
+    layout = plan.plan(cluster, tmp_path / "lab", 3, image="node")
+    uplinks = {p.node.name: (p.uplink_tap, p.uplink_mac) for p in layout.nodes}
+    assert uplinks == {"node1": ("up0", "52:54:01:00:00:11"),
+                       "node2": ("up1", "52:54:01:00:00:12"), "node3": (None, None)}
+    machine = qemu.Machine(cluster.node("node1"), "tap0", tmp_path / "node1", "bios",
+                           "up0", "52:54:01:00:00:11")
+    cmd = qemu.command(machine)
+    # After the boot NIC, at a fixed slot, without a boot ROM: the guest's eth1.
+    assert cmd[-4:] == ["-netdev", "tap,id=net1,ifname=up0,script=no,downscript=no",
+                        "-device", "virtio-net-pci,netdev=net1,mac=52:54:01:00:00:11,"
+                                   "addr=0x10,romfile="]
+    assert "net1" not in " ".join(qemu.command(qemu.Machine(cluster.node("node3"), "tap2",
+                                                            tmp_path / "node3")))
+    assert all(p.uplink_tap is None for p in plan.plan(cluster, tmp_path / "t", 3).nodes)
+
+
+def test_a_gateway_uplink_the_lab_cannot_name_is_refused(tmp_path):
+    text = LAB_INVENTORY.read_text().replace('gateway_uplink = "eth1"', 'gateway_uplink = "ens4"')
+    with pytest.raises(VlxError, match='gateway node node1 its uplink as eth1 .* set '
+                                       'gateway_uplink = "eth1"'):
+        plan.plan(example(text), tmp_path / "lab", 3, image="node")
+
+
 def test_uefi_machine_gets_q35_ovmf_and_its_own_variable_store(tmp_path):
     machine = qemu.Machine(example().node("node2"), "tap1", tmp_path / "node2", "uefi")
     cmd = qemu.command(machine)

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from virtualinux.image.build import build_image, image_spec
 from virtualinux.netboot import scripts
+from virtualinux.vm_test import lab as labs
 from virtualinux.vm_test.netns import NETNS_DIR, Namespace
 from virtualinux.vm_test.plan import namespace_prefix
 from virtualinux.vm_test.wait import wait_for
@@ -141,6 +142,47 @@ print("none" if answer is None or NTP not in answer else
 """
 
 
+# Listens on the cluster segment for VRRP adverts (only the master sends them) and asks who
+# holds the VIP by ARP; prints {"adverts": [[source, vrid, priority], ...], "vip_mac": MAC}.
+GATEWAY_PROBE = """
+import json, sys
+from scapy.all import ARP, IP, Ether, conf, sniff, srp1
+from scapy.layers.vrrp import VRRPv3
+conf.verb = 0
+vip, seconds = sys.argv[1], float(sys.argv[2])
+seen = sniff(iface="eth0", filter="ip proto 112", timeout=seconds)
+adverts = sorted({(p[IP].src, p[VRRPv3].vrid, p[VRRPv3].priority) for p in seen
+                  if VRRPv3 in p and vip in p[VRRPv3].addrlist})
+answer = srp1(Ether(dst="ff:ff:ff:ff:ff:ff") / ARP(pdst=vip), iface="eth0", timeout=3, retry=3)
+print(json.dumps({"adverts": adverts, "vip_mac": answer[ARP].hwsrc if answer else None}))
+"""
+
+# Asks for the VIP by ARP every 0.1 s until the MAC argv[2] answers for it (or announces it:
+# a gratuitous ARP); prints "ready" first, then the wall-clock time it saw that, or "none".
+TAKEOVER_PROBE = """
+import sys, time
+from scapy.all import ARP, AsyncSniffer, Ether, conf
+conf.verb = 0
+vip, mac, limit = sys.argv[1], sys.argv[2].lower(), float(sys.argv[3])
+seen = []
+def take(packet):
+    if ARP in packet and packet[ARP].psrc == vip and packet[ARP].hwsrc.lower() == mac:
+        seen.append(time.time())
+sniffer = AsyncSniffer(iface="eth0", filter="arp", prn=take, store=False)
+sniffer.start()
+time.sleep(1)
+sock = conf.L2socket(iface="eth0")
+request = Ether(dst="ff:ff:ff:ff:ff:ff") / ARP(pdst=vip)
+print("ready", flush=True)
+deadline = time.monotonic() + limit
+while not seen and time.monotonic() < deadline:
+    sock.send(request)
+    time.sleep(0.1)
+sniffer.stop()
+print(f"{seen[0]:.3f}" if seen else "none", flush=True)
+"""
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     require("qemu-system-x86_64", "tgtd", "tgtadm", "etcd", "etcdctl", "curl", "tftp",
@@ -221,6 +263,113 @@ def test_bootstrap_removed_the_nodes_hold_the_database_and_hand_out_their_own_ur
     wait_for(lambda: f"vlx.store={nodes_only} " in lab.boot.run(
         ["curl", "-sf", "-m", "3", f"http://{ADDRESS['node1']}/nodes/52-54-00-00-00-12.ipxe"],
         check=False).stdout, 120, "node1 to hand out the store URL without the bootstrap")
+
+
+VIP = "198.18.0.254"
+CLIENT = "198.18.0.200/24"          # a lab namespace on the cluster network, no node's
+MAC = {"node1": "52:54:00:00:00:11", "node2": "52:54:00:00:00:12"}
+WORLD_PING, WORLD_DNS, WORLD_NTP = "198.18.1.1", "198.18.1.53", "198.18.1.123"
+VRID = 51
+
+
+def _client(lab: SelfHostedLab, netns) -> Namespace:
+    """A namespace on the lab's cluster segment whose way out is the gateway VIP."""
+    client = netns.namespace("client")
+    netns.plug(Namespace(f"{namespace_prefix(lab.state_dir)}-net"), "br0", client,
+               address=CLIENT)
+    client.default_route(VIP)
+    return client
+
+
+def _gateway(client: Namespace, tmp_path: Path, seconds: float = 8) -> dict:
+    script = tmp_path / "gateway_probe.py"
+    script.write_text(GATEWAY_PROBE)
+    done = client.run([sys.executable, str(script), VIP, str(seconds)], timeout=120)
+    return json.loads(done.stdout)
+
+
+def _world_answers(client: Namespace) -> bool:
+    return client.run(["ping", "-c", "1", "-W", "2", WORLD_PING], check=False).returncode == 0
+
+
+def test_the_gateway_pair_runs_on_node1_and_node2_and_the_world_answers_through_the_vip(
+        lab, netns, tmp_path):
+    require("ping", "dig")
+    for node, address in (("node1", "198.18.1.254/24"), ("node2", "198.18.1.253/24")):
+        console = lab.console_since(node, 0)
+        # The start-up put the database's address on the second NIC, and the replica runs
+        # the heartbeat (as root: it holds the VIP, sends raw VRRP and sets up the NAT).
+        assert f"[45 uplink] ok: eth1 up with {address}" in console, console[-3000:]
+        assert re.search(r"\[50 bootsvc\] ok: replica \S*heartbeat", console), console[-3000:]
+    assert "[45 uplink] ok: not a gateway node" in lab.console_since("node3", 0)
+    assert not re.search(r"\[50 bootsvc\] ok: replica \S*heartbeat",
+                         lab.console_since("node3", 0))
+    client = _client(lab, netns)
+    # node1 (gateway-primary, priority 200) is master: the only one advertising, and the VIP
+    # is at its MAC; node2 (backup) is silent.
+    wait_for(lambda: _gateway(client, tmp_path) ==
+             {"adverts": [[ADDRESS["node1"], VRID, 200]], "vip_mac": MAC["node1"]}, 300,
+             "node1 to be the gateway master and hold the VIP", interval=2)
+    # The world (no route to the cluster network) answers through the VIP and node1's NAT.
+    wait_for(lambda: _world_answers(client), 120, f"{WORLD_PING} through the VIP")
+    name = "ping.world.test"
+    said = client.run(["dig", "+short", "+time=3", "+tries=2", f"@{WORLD_DNS}", name],
+                      check=False).stdout.split()
+    assert said == [WORLD_PING]
+    # node3's DNS replica forwards a world name to upstream_dns, its way out the VIP too.
+    wait_for(lambda: client.run(["dig", "+short", "+time=3", "+tries=1", f"@{ADDRESS['node3']}",
+                                 name], check=False).stdout.split() == [WORLD_PING], 120,
+             f"{name} through node3's DNS and the VIP")
+    ntp = tmp_path / "ntp_probe.py"
+    ntp.write_text(NTP_PROBE)
+    said = client.run([sys.executable, str(ntp), WORLD_NTP], timeout=60).stdout
+    assert said.startswith("mode 4 stratum 8"), said
+
+
+def test_the_gateway_backup_takes_over_when_the_primary_dies_and_gives_it_back(
+        lab, netns, tmp_path):
+    client = _client(lab, netns)
+    wait_for(lambda: _gateway(client, tmp_path)["vip_mac"] == MAC["node1"], 300,
+             "node1 to hold the VIP")
+    assert _world_answers(client)
+    script = tmp_path / "takeover_probe.py"
+    script.write_text(TAKEOVER_PROBE)
+    probe = client.popen([sys.executable, str(script), VIP, MAC["node2"], "120"],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert probe.stdout.readline().strip() == "ready"
+        node1 = [n for n in lab.status()["nodes"] if n["name"] == "node1"][0]
+        killed = time.time()
+        os.kill(node1["qemu_pid"], signal.SIGKILL)
+        seen = probe.stdout.readline().strip()
+    finally:
+        probe.kill()
+        probe.wait(10)
+    assert seen != "none", "node2 never answered for the VIP"
+    wait_for(lambda: _world_answers(client), 120, f"{WORLD_PING} through node2")
+    answered = time.time()
+    print(f"node1 killed; node2 holds the VIP {float(seen) - killed:.2f} s later, the world "
+          f"answers again {answered - killed:.1f} s after the kill; load average "
+          f"{os.getloadavg()}")
+    # node2 is master now, advertising its backup priority.
+    assert _gateway(client, tmp_path) == {"adverts": [[ADDRESS["node2"], VRID, 100]],
+                                          "vip_mac": MAC["node2"]}
+    # node1 powered on again boots from node2's and node3's replicas and, once its heartbeat
+    # runs, preempts: the VIP is back at its MAC and the world answers through it.
+    offset = lab.serial("node1").stat().st_size
+    labs.power_on(lab.state_dir, "node1")
+    console = lab.wait_console("node1", r"\[50 bootsvc\] ok", offset, REBOOT_TIMEOUT)
+    assert "[45 uplink] ok: eth1 up with 198.18.1.254/24" in console
+    wait_for(lambda: _gateway(client, tmp_path) ==
+             {"adverts": [[ADDRESS["node1"], VRID, 200]], "vip_mac": MAC["node1"]}, 300,
+             "node1 to take the VIP back (preemption)", interval=2)
+    print(f"node1 master again {time.time() - killed:.0f} s after its kill; load average "
+          f"{os.getloadavg()}")
+    wait_for(lambda: _world_answers(client), 120, f"{WORLD_PING} through node1 again")
+    # The later scenarios start from three healthy members.
+    wait_for(lambda: {m["name"]: m["healthy"] for m in lab.members()} ==
+             {"node1": True, "node2": True, "node3": True}, 300,
+             "node1 to be a healthy member again", interval=2)
 
 
 def test_a_reset_node_boots_again_served_only_by_the_other_nodes(lab):

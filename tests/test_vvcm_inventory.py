@@ -68,6 +68,10 @@ def test_a_bad_field_names_file_line_entry_and_field(tmp_path):
     (node("node1", "52:54:00:00:00:11", "198.18.7.11"), "outside the cluster network"),
     (node("node1", "52:54:00:00:00:11", "198.18.0.11", cpus2="1"), "unknown key 'cpus2'"),
     (node("node1", "52:54:00:00:00:11", "198.18.0.11", roles='["gateway"]'), "unknown 'gateway'"),
+    (node("node1", "52:54:00:00:00:11", "198.18.0.11", uplink_address='"198.18.1.254"'),
+     "not an address with its prefix like 198.18.1.254/24"),
+    (node("node1", "52:54:00:00:00:11", "198.18.0.11", uplink_address='"198.18.1.0/24"'),
+     "198.18.1.0 is not a host address of 198.18.1.0/24"),
     ('\n[[node]]\nname = "node1"\n', "missing required key 'mac'"),
     ("\n[nodes]\nx = 1\n", "unknown section 'nodes'"),
     ("\n[[vc]]\nname = 'x'\nvms = 1\nvcpus = 1\nmemory = 64\ncidr = '10.0.0.0/8'\n"

@@ -12,7 +12,8 @@ one replica on a veth into br0, at a free address of the cluster network.
 
 `start(...)` makes all of it (and on any failure removes what it made, so nothing is left
 half-made); `Lab.wait(...)` follows the nodes' progress; `down(state_dir)` removes everything the
-record names, also after a crash of `start`; `status(state_dir)` reports on a running lab.
+record names, also after a crash of `start`; `status(state_dir)` reports on a running lab;
+`power_on(state_dir, node)` starts a killed node's QEMU again.
 
 Imports the model and the replicas' status format (bootsvc.status); the caller hands in how to
 fill the database and render the tree (the command line, which may import the other areas, does
@@ -172,6 +173,11 @@ class Lab:
         for node_plan in self.plan.nodes:
             node = node_plan.node
             self.netns.tap(hub, BRIDGE, node_plan.tap)
+            if node_plan.uplink_tap:
+                # The uplink segment's bridge is the world's (uplink.start_for_nodes).
+                self.netns.tap(hub, uplink.UPLINK_BRIDGE, node_plan.uplink_tap)
+                self.record.nodes[node.name].update(uplink_tap=node_plan.uplink_tap,
+                                                    uplink_mac=node_plan.uplink_mac)
             machine = self.machine(node_plan.node.name)
             qemu.prepare(machine)
             self.spawn(f"qemu-{node.name}", self.plan.hub, qemu.command(machine),
@@ -181,7 +187,7 @@ class Lab:
     def machine(self, name: str) -> qemu.Machine:
         node_plan = next(p for p in self.plan.nodes if p.node.name == name)
         return qemu.Machine(node_plan.node, node_plan.tap, self.paths.node_dir(name),
-                            self.plan.firmware)
+                            self.plan.firmware, node_plan.uplink_tap, node_plan.uplink_mac)
 
     def spawn(self, role: str, netns: str, cmd: list[str], log: Path) -> subprocess.Popen:
         entry = self.record.add_process(role, netns)
@@ -315,6 +321,34 @@ def down(state_dir: Path, prefix: str | None = None) -> list[str]:
         shutil.rmtree(state_dir, ignore_errors=True)
         removed.append(f"directory {state_dir}")
     return removed
+
+
+def power_on(state_dir: Path, name: str) -> int:
+    """Start node `name`'s QEMU again after it was killed (its taps stay in the hub, its
+    serial log grows on); its pid. Refused while that QEMU still runs."""
+    try:
+        record = LabRecord.load(state_dir)
+    except StateError as err:
+        raise VlxError(str(err), "--state-dir") from None
+    if record is None or name not in record.nodes:
+        raise VlxError(f"no node {name} in a lab at {state_dir}", "NODE")
+    running = record.process(f"qemu-{name}")
+    if running is not None and same_process(running) and _running(running.pid):
+        raise VlxError(f"{name} is running (QEMU pid {running.pid})", "NODE")
+    info = record.nodes[name]
+    node = Database(Paths(state_dir).database).load().node(name)
+    machine = qemu.Machine(node, info["tap"], Paths(state_dir).node_dir(name), record.firmware,
+                           info.get("uplink_tap"), info.get("uplink_mac"))
+    log = machine.node_dir / "qemu.log"
+    # The same entry, so `status` and `down` follow the new QEMU.
+    entry = running or record.add_process(f"qemu-{name}", f"{record.prefix}-net")
+    with open(log, "ab") as output:
+        proc = Namespace(entry.netns).popen(qemu.command(machine), stdin=subprocess.DEVNULL,
+                                            stdout=output, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+    entry.pid, entry.start_time = proc.pid, process_start_time(proc.pid)
+    record.save()
+    return proc.pid
 
 
 def stop_processes(record: LabRecord) -> list[str]:

@@ -2,7 +2,8 @@
 
 `plan(cluster, ...)` picks the nodes to boot, the namespaces' names, and the replicas'
 addresses and MACs (with `image="node"`: one replica, the bootstrap's, and the SAN's
-address), and refuses (VlxError, exit 2) what the lab cannot run: a cluster network
+address; and the gateway nodes' uplink NICs), and refuses (VlxError, exit 2) what the lab
+cannot run: a cluster network
 outside the benchmarking range 198.18.0.0/15 (lab traffic never uses other addresses, LAB.md),
 a node address outside the cluster network, two nodes with one MAC or one address, or no free
 address left for the replicas. It is pure, so all of that is tested without root.
@@ -28,6 +29,13 @@ REPLICA_INTERFACE = "eth0"
 # Locally administered (bit 1 of the first octet), so never a real card's, and never one of
 # QEMU's 52:54:00 MACs that the inventory uses.
 REPLICA_MAC_BASE = "02:76:6c:78:00:"
+# A gateway node's uplink NIC: the node's boot MAC with 52:54:01 for QEMU's 52:54:00.
+UPLINK_MAC_BASE = "52:54:01:"
+# The name the node image gives a gateway node's uplink NIC: the kernel's name (the image
+# keeps kernel names, virtualinux-base), and the uplink NIC sits at a PCI slot after the boot
+# NIC's (qemu.UPLINK_PCI_SLOT), so it is probed second on either firmware.
+GUEST_UPLINK = "eth1"
+GATEWAY_ROLES = ("gateway-primary", "gateway-backup")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +56,9 @@ class ReplicaPlan:
 class NodePlan:
     node: Node
     tap: str
+    # With the node image, a gateway node's second NIC on the uplink segment (its tap, MAC).
+    uplink_tap: str | None = None
+    uplink_mac: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,8 +128,29 @@ def plan(cluster: Cluster, state_dir: Path, node_count: int | None = None,
         replicas.append(ReplicaPlan(name, f"{prefix}-{name}", address, mac,
                                     settings.cidr.prefixlen))
     return LabPlan(state_dir=Path(state_dir), prefix=prefix, hub=f"{prefix}-net",
-                   nodes=tuple(NodePlan(node, f"tap{i}") for i, node in enumerate(nodes)),
+                   nodes=tuple(_node_plan(cluster, node, i, image)
+                               for i, node in enumerate(nodes)),
                    replicas=tuple(replicas), firmware=firmware, image=image, san=san)
+
+
+def _node_plan(cluster: Cluster, node: Node, index: int, image: str) -> NodePlan:
+    """With the node image, a gateway node with an uplink address also gets an uplink NIC:
+    the gateway pair runs on the nodes themselves (the tiny image's on the lab's replicas)."""
+    settings = cluster.settings
+    assert settings is not None
+    if image != "node" or not settings.gateway_uplink or node.uplink_address is None or \
+            not any(role in GATEWAY_ROLES for role in node.roles):
+        return NodePlan(node, f"tap{index}")
+    if settings.gateway_uplink != GUEST_UPLINK:
+        raise VlxError(f"the lab gives gateway node {node.name} its uplink as {GUEST_UPLINK} "
+                       f"(its second NIC), but gateway_uplink is {settings.gateway_uplink}: set "
+                       f"gateway_uplink = \"{GUEST_UPLINK}\"", "--inventory")
+    mac = UPLINK_MAC_BASE + node.mac[len(UPLINK_MAC_BASE):]
+    if mac in {other.mac.lower() for other in cluster.nodes}:
+        raise VlxError(f"{node.name}'s uplink MAC {mac} is a node's MAC in the inventory: the "
+                       f"lab keeps {UPLINK_MAC_BASE}xx:xx:xx for the gateways' uplinks",
+                       "--inventory")
+    return NodePlan(node, f"tap{index}", uplink_tap=f"up{index}", uplink_mac=mac)
 
 
 def _check_nodes(cluster: Cluster) -> None:

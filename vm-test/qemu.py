@@ -1,7 +1,9 @@
 """One lab node as a QEMU machine: the command line, and what the host must have to run it.
 
 A node is a TCG machine (`-accel tcg`: KVM does not work on these hosts, see LAB.md) with the
-node's CPUs, memory and boot MAC, no disk, and one virtio-net NIC on a tap of the lab bridge,
+node's CPUs, memory and boot MAC, no disk (a gateway node of the node-image lab also has a
+second NIC, on the uplink segment, at a fixed PCI slot), and one virtio-net NIC on a tap of
+the lab bridge,
 whose option ROM is Debian's iPXE (package ipxe-qemu): QEMU's default ROM for that NIC,
 `efi-virtio.rom`, which holds iPXE for BIOS and for UEFI, so either firmware's network boot is
 iPXE already. It is left as QEMU's default on purpose: QEMU patches the PCI ids of its default
@@ -33,6 +35,10 @@ FIRMWARES = ("bios", "uefi")
 REBOOT_TIMEOUT_MS = 2000
 # QEMU's own memory beside the guest's, counted when checking that the host has enough.
 OVERHEAD_MIB = 64
+# A gateway node's uplink NIC: at a fixed PCI slot after the boot NIC's (slot 1 or 2), so the
+# guest's kernel probes it second and names it eth1 on either machine type; no option ROM
+# (it never boots).
+UPLINK_PCI_SLOT = 0x10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +49,8 @@ class Machine:
     tap: str
     node_dir: Path
     firmware: str = "bios"
+    uplink_tap: str | None = None
+    uplink_mac: str | None = None
 
     @property
     def serial_log(self) -> Path:
@@ -83,6 +91,10 @@ def command(machine: Machine, qemu: str = QEMU) -> list[str]:
                         f"logfile={machine.serial_log},logappend=on",
             "-serial", "chardev:serial0",
             "-monitor", f"unix:{machine.monitor_socket},server=on,wait=off"]
+    if machine.uplink_tap:
+        cmd += ["-netdev", f"tap,id=net1,ifname={machine.uplink_tap},script=no,downscript=no",
+                "-device", f"virtio-net-pci,netdev=net1,mac={machine.uplink_mac},"
+                           f"addr={UPLINK_PCI_SLOT:#x},romfile="]
     return cmd
 
 

@@ -11,7 +11,8 @@
 
 Namespaces: PREFIX-net (bridge, taps), PREFIX-san (the SAN's tgtd: `nsenter --net`, so it sees
 the pool mounted in the host's mount namespace), PREFIX-boot (the bootstrap: one replica and
-the first etcd member, plain HTTP: the lab's traffic never leaves its namespaces).
+the first etcd member, plain HTTP: the lab's traffic never leaves its namespaces),
+PREFIX-world (uplink.start_for_nodes: the outside, on the gateway nodes' second NICs).
 
 How the nodes find the store: netboot puts `vlx.store=` on every node's command line, rendered
 from the database by whichever replica answers. The bootstrap's address is the setting
@@ -47,6 +48,7 @@ from virtualinux.vvcm.model import STORE_CLIENT_PORT
 from virtualinux.vvcm.store import parse_url
 
 from . import lab as labs
+from . import uplink
 from .netns import NETNS_DIR, Namespace
 from .plan import BRIDGE, REPLICA_INTERFACE, LabPlan
 from .progress import node_phases
@@ -106,6 +108,7 @@ def start(layout: LabPlan, cluster: Cluster, image_dir: Path, kernel_args: Seque
         make_san(running, cluster, image_dir)
         say(f"bootstrap: etcd member and replica on {layout.bootstrap.address} ...")
         start_bootstrap(running, image_dir)
+        uplink.start_for_nodes(running, cluster)
         running.start_nodes()
         record.phase = "up"
         record.save()

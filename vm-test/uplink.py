@@ -8,7 +8,9 @@ The world has no route to the cluster network: a node reaches it only through th
 VIP, whose master masquerades the cluster network out of `up0` (bootsvc.heartbeat with
 `gateway_uplink = "up0"`). `plan` is pure; `make_world` builds it in a `Netns`; `start` does
 both for a running lab and runs the heartbeat on its first two replicas (primary, backup),
-which the tiny image needs (its nodes run no host OS).
+which the tiny image needs (its nodes run no host OS). With the node image the pair runs on
+the gateway nodes themselves: `start_for_nodes` puts the world on an uplink segment in the
+hub, where the gateway nodes' second NICs are (their addresses from the database).
 
 The world also serves what the inventory says is out there (`world_servers`): DNS on every
 `upstream_dns` address (dnsmasq answering for WORLD_ZONE from its own records, nothing
@@ -39,6 +41,9 @@ UPLINK_INTERFACE = "up0"
 WORLD_ZONE = "world.test"      # RFC 6761: never a real name
 NTP_STRATUM = 8
 WORLD_BRIDGE = "br1"
+# A node-image lab: the uplink segment's bridge in the hub, and the world's leg into it.
+UPLINK_BRIDGE = "br1"
+WORLD_LEG = "hub0"
 # Where the world is when the inventory names nothing outside the cluster.
 DEFAULT_NETWORK = ipaddress.IPv4Network("198.18.255.0/24")
 ROLES = ("primary", "backup")
@@ -140,9 +145,7 @@ def start(lab: Lab, cluster: Cluster) -> None:
     uplink = plan(cluster.settings, len(replicas))
     lab.record.add_namespace(f"{lab.plan.prefix}-world")
     world = make_world(lab.netns, uplink, [Namespace(r.namespace) for r in replicas])
-    directory = lab.plan.state_dir / "world"
-    for name, cmd in world_servers(uplink, cluster.settings, directory).items():
-        lab.spawn(name, world.name, cmd, directory / f"{name}.log")
+    _serve(lab, world, uplink, cluster.settings)
     use_uplink(Database(lab.paths.database))
     for replica, role in zip(replicas, ROLES, strict=False):
         lab.spawn(f"heartbeat-{replica.name}", replica.namespace,
@@ -150,3 +153,39 @@ def start(lab: Lab, cluster: Cluster) -> None:
                                     lab.paths.replica_dir(replica.name) / "heartbeat",
                                     replica.address, role),
                   lab.paths.replica_dir(replica.name) / "heartbeat.log")
+
+
+def start_for_nodes(lab: Lab, cluster: Cluster) -> None:
+    """The world for a node-image lab, whose gateway pair runs on the nodes themselves: the
+    uplink segment is a bridge UPLINK_BRIDGE in the hub (QEMU opens taps in its own namespace),
+    holding the gateway nodes' uplink taps (lab.start_nodes) and a veth to the world's bridge.
+    The hub has no address on either bridge, so nothing crosses from the cluster's segment to
+    the world's but what the VRRP master routes. The nodes' uplink addresses are theirs in
+    the database; they must be on the world's network and not one of its own."""
+    settings = cluster.required_settings()
+    gateways = [p.node for p in lab.plan.nodes if p.uplink_tap]
+    if not gateways:
+        return
+    uplink = plan(settings, len(gateways))
+    for node in gateways:
+        address = node.uplink_address
+        assert address is not None      # plan._node_plan gives an uplink tap only with one
+        if address.network != uplink.network or address.ip in uplink.outside:
+            raise VlxError(f"{node.name}'s uplink_address {address} must be on the lab's "
+                           f"world network {uplink.network} and none of "
+                           f"{', '.join(map(str, uplink.outside))}", "--inventory")
+    lab.record.add_namespace(f"{lab.plan.prefix}-world")
+    world = make_world(lab.netns, uplink, [])
+    hub = Namespace(lab.plan.hub)
+    lab.netns.bridge(hub, UPLINK_BRIDGE)
+    lab.netns.plug(hub, UPLINK_BRIDGE, world, WORLD_LEG)
+    with world.netlink() as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname=WORLD_LEG)[0],
+                 master=ipr.link_lookup(ifname=WORLD_BRIDGE)[0])
+    _serve(lab, world, uplink, settings)
+
+
+def _serve(lab: Lab, world: Namespace, uplink: UplinkPlan, settings: Settings) -> None:
+    directory = lab.plan.state_dir / "world"
+    for name, cmd in world_servers(uplink, settings, directory).items():
+        lab.spawn(name, world.name, cmd, directory / f"{name}.log")

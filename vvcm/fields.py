@@ -302,6 +302,22 @@ def parse_cidr(value: Any) -> ipaddress.IPv4Network:
     return network
 
 
+def parse_ipv4_interface(value: Any) -> ipaddress.IPv4Interface:
+    """An address with the prefix of its network ("198.18.1.254/24"), as put on a link."""
+    if not isinstance(value, str | ipaddress.IPv4Interface) or \
+            (isinstance(value, str) and "/" not in value):
+        raise ValueError("not an address with its prefix like 198.18.1.254/24")
+    try:
+        interface = ipaddress.IPv4Interface(value)
+    except ValueError as err:
+        raise ValueError(f"not an address with its prefix like 198.18.1.254/24 ({err})") \
+            from None
+    if interface.network.prefixlen > 30 or interface.ip in (interface.network.network_address,
+                                                            interface.network.broadcast_address):
+        raise ValueError(f"{interface.ip} is not a host address of {interface.network}")
+    return interface
+
+
 def parse_count(value: Any) -> int:
     number = _integer(value)
     if number < 1:

@@ -28,6 +28,7 @@ from .fields import (
     parse_count,
     parse_domain,
     parse_ipv4,
+    parse_ipv4_interface,
     parse_ipv4_list,
     parse_kernel_args,
     parse_mac,
@@ -228,6 +229,10 @@ class Node:
     netns: str | None = setting(
         "network namespace that stands for this node (lab nodes): VC bridges are made there",
         lambda v: _interface(v), default=None, metavar="NAME")
+    uplink_address: ipaddress.IPv4Interface | None = setting(
+        "this gateway node's address on the cluster's gateway_uplink, with its prefix (the "
+        "start-up puts it there; the master masquerades the cluster network behind it)",
+        parse_ipv4_interface, dump_str, default=None, metavar="ADDR/PREFIX")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
