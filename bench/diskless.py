@@ -242,10 +242,13 @@ def follow(running: vlab.Lab, side: str, timeout: float = BOOT_TIMEOUT) -> Boot:
         if all(last in phases for phases in seen.values()):
             return seen
         if time.monotonic() > deadline:
-            where = ", ".join(f"{name} at {max(phases, key=phases.get, default='power-on')}"
-                              for name, phases in seen.items())
+            where = ", ".join(f"{name} at {furthest(phases)}" for name, phases in seen.items())
             raise BootFailed(f"{side}: not all nodes reached {last} in {timeout:g} s ({where})")
         time.sleep(POLL)
+
+
+def furthest(phases: Mapping[str, float]) -> str:
+    return ([phase for phase in PHASES if phase in phases] or ["power-on"])[-1]
 
 
 def boot_once(cluster: Cluster, count: int, side: str, image_dir: Path, stock_dir: Path,
