@@ -417,15 +417,23 @@ def main(argv: list[str] | None = None) -> int:
         stock_dir = stock_image_dir(image_dir, work) if "stock" in sides else image_dir
         report = common.Report("diskless", argv if argv is not None else sys.argv[1:])
         results: dict[tuple[int, str], list[Boot]] = {}
-        for run in range(args.repeat):
-            for count in counts:
-                for side in sides:   # interleaved: a slow minute of the host hits both alike
-                    boot = boot_once(cluster, count, side, image_dir, stock_dir, state_dir)
-                    results.setdefault((count, side), []).append(boot)
-                    print(f"run {run + 1}: {count} node(s), {side}: " + "; ".join(
-                        f"{name} " + " ".join(f"{phase} {phases[phase]:.1f}"
-                                              for phase in PHASES if phase in phases)
-                        for name, phases in boot.items()), flush=True)
+        try:
+            for run in range(args.repeat):
+                for count in counts:
+                    for side in sides:   # interleaved: a slow minute of the host hits both
+                        boot = boot_once(cluster, count, side, image_dir, stock_dir, state_dir)
+                        results.setdefault((count, side), []).append(boot)
+                        print(f"run {run + 1}: {count} node(s), {side}: " + "; ".join(
+                            f"{name} " + " ".join(f"{phase} {phases[phase]:.1f}"
+                                                  for phase in PHASES if phase in phases)
+                            for name, phases in boot.items()), flush=True)
+        except (KeyboardInterrupt, SystemExit):
+            # Hours of TCG boots are not thrown away: the tables of the boots that finished.
+            if results:
+                report.note("INTERRUPTED: only the boots that finished are in the tables")
+                report_tables(report, results, counts)
+                report.finish(args.json)
+            raise
         report_tables(report, results, counts)
         report.finish(args.json)
     except BootFailed as err:
