@@ -104,8 +104,10 @@ CONSOLE_LINES = (
     ("login", re.compile(r"^\S+ login: *$", re.MULTILINE)),
 )
 # A boot that will not get further: fail at once rather than at the timeout.
+# A session whose recovery timed out has lost the root for good (I/O errors, read-only).
 FAILURE_LINE = re.compile(r"Kernel panic[^\n]*|virtualinux: iSCSI root [^\n]*|"
-                          r"Gave up waiting for root[^\n]*|Rebooting in \d+ seconds[^\n]*")
+                          r"Gave up waiting for root[^\n]*|Rebooting in \d+ seconds[^\n]*|"
+                          r"session\d+: session recovery timed out[^\n]*")
 OUR_UNIT_LINE = re.compile(r"Starting \S*virtualinux-start")   # not the command line's mask
 FAILED_STEP = re.compile(r"virtualinux: \[\d+ ([\w-]+)\] FAILED")
 

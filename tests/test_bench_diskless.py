@@ -38,6 +38,10 @@ def test_a_failed_login_or_a_panic_ends_the_wait_with_its_line():
         "login refused: authorization failure")
     assert diskless.console_failure("Kernel panic - not syncing: VFS\n") == \
         "Kernel panic - not syncing: VFS"
+    # The root's session dropped under load and was not recovered: its disk is gone.
+    lost = "[  340.899893]  session1: session recovery timed out after 120 secs\r\n"
+    assert diskless.console_failure(diskless.console_text(lost.encode())) == \
+        "session1: session recovery timed out after 120 secs"
 
 
 def test_our_units_are_seen_starting_but_not_in_the_mask_on_the_command_line():
