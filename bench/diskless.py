@@ -213,6 +213,11 @@ def start_stock(layout: vplan.LabPlan, cluster: Cluster, image_dir: Path,
     return running
 
 
+def say(side: str, name: str, phase: str, seconds: float) -> None:
+    """Progress as it happens: a run takes long, and an interrupted one still shows it."""
+    print(f"  {seconds:7.1f}s  {side:<5} {name}  {phase}", flush=True)
+
+
 def follow(running: vlab.Lab, side: str, timeout: float = BOOT_TIMEOUT) -> Boot:
     """Poll the nodes' consoles (and, ours, their replicas) until every node is at its last
     phase; seconds after its power-on when each phase was first seen."""
@@ -235,12 +240,15 @@ def follow(running: vlab.Lab, side: str, timeout: float = BOOT_TIMEOUT) -> Boot:
             if side == "stock" and OUR_UNIT_LINE.search(text):
                 raise BootFailed(f"stock: {name} started our units: the mask did not hold")
             for phase in console_phases(text):
-                seen[name].setdefault(phase, now - on)
+                if phase not in seen[name]:
+                    seen[name][phase] = now - on
+                    say(side, name, phase, now - on)
             if (answers is not None and "root" in seen[name] and "serving" not in seen[name]
                     and now - probed.get(name, 0.0) >= PROBE_EVERY):
                 probed[name] = now
                 if answers(running.record.nodes[name]["ip"]):
                     seen[name]["serving"] = time.monotonic() - on
+                    say(side, name, "serving", seen[name]["serving"])
         if all(last in phases for phases in seen.values()):
             return seen
         if time.monotonic() > deadline:
