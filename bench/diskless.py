@@ -213,6 +213,15 @@ def start_stock(layout: vplan.LabPlan, cluster: Cluster, image_dir: Path,
     return running
 
 
+# Where a node's boot is done: ours serves, and either side shows its login prompt (ours may
+# serve before its getty prompts, or after).
+LAST = {"ours": ("login", "serving"), "stock": ("login",)}
+
+
+def finished(side: str, phases: Mapping[str, float]) -> bool:
+    return all(phase in phases for phase in LAST[side])
+
+
 def say(side: str, name: str, phase: str, seconds: float) -> None:
     """Progress as it happens: a run takes long, and an interrupted one still shows it."""
     print(f"  {seconds:7.1f}s  {side:<5} {name}  {phase}", flush=True)
@@ -222,7 +231,6 @@ def follow(running: vlab.Lab, side: str, timeout: float = BOOT_TIMEOUT) -> Boot:
     """Poll the nodes' consoles (and, ours, their replicas) until every node is at its last
     phase; seconds after its power-on when each phase was first seen."""
     names = list(running.power_on)
-    last = "serving" if side == "ours" else "login"
     seen: Boot = {name: {} for name in names}
     answers = http_from(str(NETNS_DIR / running.plan.bootstrap.namespace)) \
         if side == "ours" else None
@@ -249,11 +257,12 @@ def follow(running: vlab.Lab, side: str, timeout: float = BOOT_TIMEOUT) -> Boot:
                 if answers(running.record.nodes[name]["ip"]):
                     seen[name]["serving"] = time.monotonic() - on
                     say(side, name, "serving", seen[name]["serving"])
-        if all(last in phases for phases in seen.values()):
+        if all(finished(side, phases) for phases in seen.values()):
             return seen
         if time.monotonic() > deadline:
             where = ", ".join(f"{name} at {furthest(phases)}" for name, phases in seen.items())
-            raise BootFailed(f"{side}: not all nodes reached {last} in {timeout:g} s ({where})")
+            raise BootFailed(f"{side}: not all nodes reached {' and '.join(LAST[side])} in "
+                             f"{timeout:g} s ({where})")
         time.sleep(POLL)
 
 

@@ -93,3 +93,11 @@ def test_a_side_not_run_leaves_out_what_needs_it():
     assert "login prompt, ours / stock" not in goals
     assert "last login of 3 / 1 alone, stock" not in goals
     assert "serving - login prompt, ours (s)" in goals
+
+
+def test_ours_is_done_when_it_serves_and_prompts_stock_when_it_prompts():
+    assert not diskless.finished("ours", {"root": 190.0, "serving": 1289.0})
+    assert not diskless.finished("ours", {"login": 300.0})
+    assert diskless.finished("ours", {"login": 1300.0, "serving": 1289.0})
+    assert diskless.finished("stock", {"login": 306.0})
+    assert not diskless.finished("stock", {"root": 182.0})
