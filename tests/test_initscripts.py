@@ -56,8 +56,8 @@ def boot_of(cluster, root: Path, node: str = "node2") -> startup.Boot:
 
 def test_steps_are_found_by_where_they_live_and_run_in_order():
     names = [(step.order, step.name) for step in startup.discover()]
-    assert names == [(10, "identity"), (15, "sshkeys"), (20, "time"), (30, "database"),
-                     (40, "vcnet"), (50, "bootsvc"), (60, "libvirtd")]
+    assert names == [(10, "identity"), (15, "sshkeys"), (16, "adminkeys"), (20, "time"),
+                     (30, "database"), (40, "vcnet"), (50, "bootsvc"), (60, "libvirtd")]
 
 
 def test_a_failing_step_skips_only_the_steps_that_need_it(cluster, tmp_path):
@@ -109,7 +109,7 @@ def test_running_every_step_twice_changes_nothing_the_second_time(cluster, tmp_p
     root = node_root(tmp_path, cluster=cluster)
     boot = boot_of(cluster, root)
     first = startup.run_steps(boot, startup.discover(), io.StringIO())
-    assert [o.state for o in first] == ["ok"] * 7, [o.message for o in first]
+    assert [o.state for o in first] == ["ok"] * 8, [o.message for o in first]
     written = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
     second = startup.run_steps(boot, startup.discover(), io.StringIO())
     assert all(o.state == "ok" for o in second)
@@ -179,9 +179,9 @@ def test_start_up_command_runs_every_step_under_a_root(cluster, tmp_path, capsys
     assert startup_main(["--node", "node2", "--root", str(root)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("]")[0] for line in lines] == [
-        "virtualinux: [10 identity", "virtualinux: [15 sshkeys", "virtualinux: [20 time",
-        "virtualinux: [30 database", "virtualinux: [40 vcnet", "virtualinux: [50 bootsvc",
-        "virtualinux: [60 libvirtd"]
+        "virtualinux: [10 identity", "virtualinux: [15 sshkeys", "virtualinux: [16 adminkeys",
+        "virtualinux: [20 time", "virtualinux: [30 database", "virtualinux: [40 vcnet",
+        "virtualinux: [50 bootsvc", "virtualinux: [60 libvirtd"]
     assert startup_main(["--node", "node2", "--root", str(root), "--only", "nosuch"]) == 2
     assert "no start-up step 'nosuch'" in capsys.readouterr().err
 
@@ -306,3 +306,30 @@ def test_a_first_boot_waits_for_the_store_until_it_answers(cluster, monkeypatch,
     with pytest.raises(VlxError, match="unreachable"):
         start_up.load_cluster(("vlx.store=etcd://198.18.0.11:2379",),
                               clock=iter([0.0, 1e9]).__next__, sleep=slept.append)
+
+
+def test_adminkeys_writes_the_settings_keys_for_root_and_leaves_out_a_forged_line(cluster,
+                                                                                 tmp_path):
+    from virtualinux.initscripts.steps import adminkeys
+    key = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDNUdKcNModuFZsiL6zsZ2QRr2wEjM69UjzL/LSqxjxw "
+           "ops@desk")
+    # Rows written past the model's checks (a forged database): an options field that would
+    # give a forced command, a second line smuggled into one value, and a blob that is not one.
+    forged = (f'command="/bin/sh" {key}', f"{key}\nssh-ed25519 AAAAforged", "ssh-ed25519 !!")
+    cluster = dataclasses.replace(cluster, settings=dataclasses.replace(
+        cluster.settings, admin_ssh_keys=(key, *forged)))
+    root = tmp_path / "root"
+    boot = boot_of(cluster, root)
+    said = adminkeys.run(boot)
+    assert said == "1 admin key for root, 3 malformed lines left out"
+    written = root / "root/.ssh/authorized_keys"
+    lines = [line for line in written.read_text().splitlines() if not line.startswith("#")]
+    assert lines == [key]
+    assert written.stat().st_mode & 0o777 == 0o600
+    assert written.parent.stat().st_mode & 0o777 == 0o700
+    assert adminkeys.run(boot).endswith("(unchanged)")
+    # A key removed from the setting is gone from the node at its next start-up.
+    cluster = dataclasses.replace(cluster, settings=dataclasses.replace(
+        cluster.settings, admin_ssh_keys=()))
+    assert adminkeys.run(boot_of(cluster, root)) == "0 admin keys for root"
+    assert not [line for line in written.read_text().splitlines() if not line.startswith("#")]
