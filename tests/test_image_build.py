@@ -126,6 +126,18 @@ def test_node_root_image_holds_virtualinux_and_no_node_identity(node_image, tmp_
         assert not list((mount / "etc/ssh").glob("ssh_host_*_key"))
         assert not (mount / "etc/iscsi/initiatorname.iscsi").exists()
         assert "LABEL=vroot" in (mount / "etc/fstab").read_text()
+        # Debian's default etcd member (on localhost) stays off: a node's is ours.
+        wants = mount / "etc/systemd/system/multi-user.target.wants"
+        assert not (wants / "etcd.service").exists()
+        assert (wants / "virtualinux-etcd.service").exists()
+        # No boot-time ssh-keygen -A on a node handed its key; iscsid gets its initiator
+        # name from the root's session before open-iscsi's checks look for the file.
+        units = mount / "etc/systemd/system"
+        assert "ConditionPathExists=!/run/virtualinux/node/ssh-host-key" in (
+            units / "virtualinux-ssh-host-keys.service.d/virtualinux-node.conf").read_text()
+        iscsid = (units / "iscsid.service.d/virtualinux-node.conf").read_text()
+        assert iscsid.index("virtualinux-iscsi-initiator") < iscsid.index("startup-checks.sh")
+        assert os.access(mount / "usr/local/sbin/virtualinux-iscsi-initiator", os.X_OK)
     finally:
         subprocess.run(["umount", str(mount)], check=True)
 
