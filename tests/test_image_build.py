@@ -128,8 +128,8 @@ def test_node_root_image_holds_virtualinux_and_no_node_identity(node_image, tmp_
         assert "LABEL=vroot" in (mount / "etc/fstab").read_text()
         # Debian's default etcd member (on localhost) stays off: a node's is ours.
         wants = mount / "etc/systemd/system/multi-user.target.wants"
-        assert not (wants / "etcd.service").exists()
-        assert (wants / "virtualinux-etcd.service").exists()
+        assert not (wants / "etcd.service").is_symlink()
+        assert (wants / "virtualinux-etcd.service").is_symlink()     # to an absolute path
         # No boot-time ssh-keygen -A on a node handed its key; iscsid gets its initiator
         # name from the root's session before open-iscsi's checks look for the file.
         units = mount / "etc/systemd/system"
