@@ -336,6 +336,7 @@ def test_a_node_added_on_node1_is_booted_by_node3_alone(lab):
         powered = lab.vlx("lab", "power-on", NEW_NODE, timeout=600)
         assert powered.returncode == 0, powered.stdout + powered.stderr
         print(powered.stdout)
+        wait_for(lambda: lab.serial(NEW_NODE).exists(), 60, f"{NEW_NODE}'s serial log")
         console = lab.wait_console(NEW_NODE, r"\[50 bootsvc\] ok", 0, REBOOT_TIMEOUT)
         assert re.search(rf"\[10 identity\] ok: {NEW_NODE} {re.escape(NEW_IP)}", console)
         # node3 answered it (its DHCP log), node1's and node2's services stayed stopped.
