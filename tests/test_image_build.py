@@ -130,14 +130,10 @@ def test_node_root_image_holds_virtualinux_and_no_node_identity(node_image, tmp_
         wants = mount / "etc/systemd/system/multi-user.target.wants"
         assert not (wants / "etcd.service").is_symlink()
         assert (wants / "virtualinux-etcd.service").is_symlink()     # to an absolute path
-        # No boot-time ssh-keygen -A on a node handed its key; iscsid gets its initiator
-        # name from the root's session before open-iscsi's checks look for the file.
+        # No boot-time ssh-keygen -A on a node handed its key.
         units = mount / "etc/systemd/system"
         assert "ConditionPathExists=!/run/virtualinux/node/ssh-host-key" in (
             units / "virtualinux-ssh-host-keys.service.d/virtualinux-node.conf").read_text()
-        iscsid = (units / "iscsid.service.d/virtualinux-node.conf").read_text()
-        assert iscsid.index("virtualinux-iscsi-initiator") < iscsid.index("startup-checks.sh")
-        assert os.access(mount / "usr/local/sbin/virtualinux-iscsi-initiator", os.X_OK)
     finally:
         subprocess.run(["umount", str(mount)], check=True)
 
