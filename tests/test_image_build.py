@@ -126,6 +126,14 @@ def test_node_root_image_holds_virtualinux_and_no_node_identity(node_image, tmp_
         assert not list((mount / "etc/ssh").glob("ssh_host_*_key"))
         assert not (mount / "etc/iscsi/initiatorname.iscsi").exists()
         assert "LABEL=vroot" in (mount / "etc/fstab").read_text()
+        # Debian's default etcd member (on localhost) stays off: a node's is ours.
+        wants = mount / "etc/systemd/system/multi-user.target.wants"
+        assert not (wants / "etcd.service").is_symlink()
+        assert (wants / "virtualinux-etcd.service").is_symlink()     # to an absolute path
+        # No boot-time ssh-keygen -A on a node handed its key.
+        units = mount / "etc/systemd/system"
+        assert "ConditionPathExists=!/run/virtualinux/node/ssh-host-key" in (
+            units / "virtualinux-ssh-host-keys.service.d/virtualinux-node.conf").read_text()
     finally:
         subprocess.run(["umount", str(mount)], check=True)
 

@@ -57,8 +57,9 @@ def boot_of(cluster, root: Path, node: str = "node2") -> startup.Boot:
 
 def test_steps_are_found_by_where_they_live_and_run_in_order():
     names = [(step.order, step.name) for step in startup.discover()]
-    assert names == [(10, "identity"), (15, "sshkeys"), (20, "time"), (30, "database"),
-                     (40, "vcnet"), (45, "uplink"), (50, "bootsvc"), (60, "libvirtd")]
+    assert names == [(10, "identity"), (15, "sshkeys"), (16, "adminkeys"), (20, "time"),
+                     (30, "database"), (40, "vcnet"), (45, "uplink"), (50, "bootsvc"),
+                     (60, "libvirtd")]
 
 
 def test_a_failing_step_skips_only_the_steps_that_need_it(cluster, tmp_path):
@@ -180,8 +181,9 @@ def test_start_up_command_runs_every_step_under_a_root(cluster, tmp_path, capsys
     assert startup_main(["--node", "node2", "--root", str(root)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("]")[0] for line in lines] == [
-        "virtualinux: [10 identity", "virtualinux: [15 sshkeys", "virtualinux: [20 time",
-        "virtualinux: [30 database", "virtualinux: [40 vcnet", "virtualinux: [45 uplink",
+        "virtualinux: [10 identity", "virtualinux: [15 sshkeys", "virtualinux: [16 adminkeys",
+        "virtualinux: [20 time", "virtualinux: [30 database", "virtualinux: [40 vcnet",
+        "virtualinux: [45 uplink",
         "virtualinux: [50 bootsvc", "virtualinux: [60 libvirtd"]
     assert startup_main(["--node", "node2", "--root", str(root), "--only", "nosuch"]) == 2
     assert "no start-up step 'nosuch'" in capsys.readouterr().err
@@ -324,3 +326,30 @@ def test_a_gateway_node_holds_its_uplink_address_and_other_nodes_none(cluster, t
     with pytest.raises(startup.StepFailed, match="node2 is a gateway node but has no "
                                                  "uplink_address for eth1"):
         uplink.run(boot_of(with_uplink, tmp_path, "node2"))
+
+
+def test_adminkeys_writes_the_settings_keys_for_root_and_leaves_out_a_forged_line(cluster,
+                                                                                 tmp_path):
+    from virtualinux.initscripts.steps import adminkeys
+    key = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDNUdKcNModuFZsiL6zsZ2QRr2wEjM69UjzL/LSqxjxw "
+           "ops@desk")
+    # Rows written past the model's checks (a forged database): an options field that would
+    # give a forced command, a second line smuggled into one value, and a blob that is not one.
+    forged = (f'command="/bin/sh" {key}', f"{key}\nssh-ed25519 AAAAforged", "ssh-ed25519 !!")
+    cluster = dataclasses.replace(cluster, settings=dataclasses.replace(
+        cluster.settings, admin_ssh_keys=(key, *forged)))
+    root = tmp_path / "root"
+    boot = boot_of(cluster, root)
+    said = adminkeys.run(boot)
+    assert said == "1 admin key for root, 3 malformed lines left out"
+    written = root / "root/.ssh/authorized_keys"
+    lines = [line for line in written.read_text().splitlines() if not line.startswith("#")]
+    assert lines == [key]
+    assert written.stat().st_mode & 0o777 == 0o600
+    assert written.parent.stat().st_mode & 0o777 == 0o700
+    assert adminkeys.run(boot).endswith("(unchanged)")
+    # A key removed from the setting is gone from the node at its next start-up.
+    cluster = dataclasses.replace(cluster, settings=dataclasses.replace(
+        cluster.settings, admin_ssh_keys=()))
+    assert adminkeys.run(boot_of(cluster, root)) == "0 admin keys for root"
+    assert not [line for line in written.read_text().splitlines() if not line.startswith("#")]

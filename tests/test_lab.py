@@ -427,3 +427,26 @@ def test_progress_display_prints_a_line_per_step_when_not_a_terminal():
     assert out.getvalue().splitlines() == [
         "    5.2s  node10  dhcp",
         "   20.0s  node10  init on 198.18.0.99, not 198.18.0.10"]
+
+
+def test_ssh_and_power_on_without_a_node_image_lab_are_refused_in_one_line(tmp_path, capsys):
+    for argv in (("ssh", "node1", "hostname"), ("power-on", "node4")):
+        code, _, err = vlx(capsys, "lab", argv[0], "--state-dir", str(tmp_path / "none"),
+                           *argv[1:])
+        assert code == 2 and f"no node-image lab in {tmp_path / 'none'}" in err, err
+        assert err.count("\n") == 1, err
+
+
+def test_the_lab_admin_key_is_made_once_and_ssh_reads_it(tmp_path):
+    from virtualinux.vm_test import admin
+    from virtualinux.vvcm.fields import parse_ssh_public_key
+    public = admin.admin_public_key(tmp_path)
+    assert parse_ssh_public_key(public) == public and public.endswith(" vlx-lab-admin")
+    assert admin.admin_public_key(tmp_path) == public
+    private = admin.key_path(tmp_path)
+    assert private.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "admin").stat().st_mode & 0o777 == 0o700
+    # ssh-keygen derives the same public key from the private file ssh -i will read.
+    derived = subprocess.run(["ssh-keygen", "-y", "-f", str(private)], capture_output=True,
+                             text=True, check=True).stdout.split()
+    assert derived[:2] == public.split()[:2]

@@ -24,11 +24,12 @@ from pathlib import Path
 import pytest
 from virtualinux.image.build import build_image, image_spec
 from virtualinux.netboot import scripts
+from virtualinux.vm_test import admin
 from virtualinux.vm_test import lab as labs
 from virtualinux.vm_test.netns import NETNS_DIR, Namespace
 from virtualinux.vm_test.plan import namespace_prefix
 from virtualinux.vm_test.wait import wait_for
-from virtualinux.vvcm import Database
+from virtualinux.vvcm import Database, host_keys
 from virtualinux.vvcm.command import vlx_command
 
 from .conftest import require
@@ -422,6 +423,90 @@ def test_what_a_node_writes_stays_in_its_own_snapshot(lab, tmp_path):
             subprocess.run(["umount", str(mount)], check=False)
         for copy in copies:
             copy.unlink(missing_ok=True)
+
+
+# A machine `vlx node add`ed on node1 while the lab runs: not in the inventory.
+NEW_NODE, NEW_MAC, NEW_IP = "node5", "52:54:00:00:00:15", "198.18.0.15"
+# An SSH session reads no unit's environment file: `vlx` on a node finds the store in the
+# one start-up wrote for every unit (and its client certificate, when the store has a CA).
+NODE_ENV = ("set -a; . /etc/default/virtualinux; if [ -f /run/virtualinux/node/store.env ]; "
+            "then . /run/virtualinux/node/store.env; fi; set +a; ")
+
+
+def lab_ssh(lab: SelfHostedLab, node: str, command: str,
+            timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([*VLX, "lab", "ssh", "--state-dir", str(lab.state_dir), node, "--",
+                           command], capture_output=True, text=True, timeout=timeout)
+
+
+def test_the_admin_key_logs_in_and_each_node_presents_its_host_key_from_the_database(
+        lab, tmp_path):
+    # `vlx lab ssh` checks the node strictly against the key the store holds for it.
+    for node in NODES:
+        said = lab_ssh(lab, node, "hostname; systemctl is-active etcd.service; "
+                                  "systemctl --failed --no-legend --plain")
+        assert said.returncode in (0, 3), said.stderr       # 3: is-active saw an inactive unit
+        lines = said.stdout.splitlines()
+        print(node, "failed units:", lines[2:] or "none")
+        # Debian's default etcd member never started.
+        assert lines[:2] == [node, "inactive"], said.stdout
+    # The same login against a known_hosts that names node2's key for node1's address fails:
+    # the check above could have failed.
+    cluster = Database(lab.state_dir / "cluster.db").load()
+    node2_key = host_keys.known_hosts(cluster, ["node2"])[0].split(" ", 1)[1]
+    wrong = tmp_path / "known_hosts"
+    wrong.write_text(f"{ADDRESS['node1']} {node2_key}\n")
+    refused = lab.boot.run(["ssh", "-i", str(lab.state_dir / "admin" / "id_ed25519"),
+                            "-o", f"UserKnownHostsFile={wrong}", *admin.SSH_OPTIONS,
+                            f"root@{ADDRESS['node1']}", "true"], check=False, timeout=120)
+    assert refused.returncode == 255 and "Host key verification failed" in refused.stderr, \
+        refused.stderr
+
+
+def test_a_node_added_on_node1_is_booted_by_node3_alone(lab):
+    added = lab_ssh(lab, "node1", NODE_ENV + f"vlx node add {NEW_NODE} --mac {NEW_MAC} --ip "
+                                             f"{NEW_IP} --cpus 1 --memory 1536MiB")
+    assert added.returncode == 0, added.stdout + added.stderr
+    assert f"added {NEW_NODE} {NEW_MAC} {NEW_IP}" in added.stdout
+    script = f"http://{ADDRESS['node3']}/nodes/{NEW_MAC.replace(':', '-')}.ipxe"
+    try:
+        # Only node3's replica may answer: node1's and node2's boot services are stopped.
+        for node in ("node1", "node2"):
+            stopped = lab_ssh(lab, node, "systemctl stop virtualinux-bootsvc.service")
+            assert stopped.returncode == 0, stopped.stderr
+        assert not lab.answers_http(ADDRESS["node1"]) and not lab.answers_http(ADDRESS["node2"])
+        # node3's replica follows the change made on node1.
+        wait_for(lambda: lab.boot.run(["curl", "-sf", "-m", "3", "-o", "/dev/null", script],
+                                      check=False).returncode == 0, 300,
+                 f"node3 to serve {NEW_NODE}'s boot script")
+        # The lab's SAN makes its root volume (as a storage operator would), then powers it on.
+        powered = lab.vlx("lab", "power-on", NEW_NODE, timeout=600)
+        assert powered.returncode == 0, powered.stdout + powered.stderr
+        print(powered.stdout)
+        wait_for(lambda: lab.serial(NEW_NODE).exists(), 60, f"{NEW_NODE}'s serial log")
+        console = lab.wait_console(NEW_NODE, r"\[50 bootsvc\] ok", 0, REBOOT_TIMEOUT)
+        assert re.search(rf"\[10 identity\] ok: {NEW_NODE} {re.escape(NEW_IP)}", console)
+        # node3 answered it (its DHCP log), node1's and node2's services stayed stopped.
+        journal = lab_ssh(lab, "node3", "journalctl -u virtualinux-bootsvc.service -o cat "
+                                        "--no-pager").stdout
+        assert f"DHCPACK {NEW_MAC} -> {NEW_IP} {NEW_NODE}" in journal
+        assert re.search(rf"GET \S+ 200 \d+ bytes to {re.escape(NEW_IP)} ", journal), \
+            journal[-3000:]
+        for node in ("node1", "node2"):
+            state = lab_ssh(lab, node, "systemctl is-active virtualinux-bootsvc.service")
+            assert state.stdout.strip() == "inactive", state.stdout
+        # It presents the host key `vlx node add` made on node1 (node3 handed it in its cpio).
+        said = lab_ssh(lab, NEW_NODE, "hostname")
+        assert said.returncode == 0 and said.stdout.strip() == NEW_NODE, said.stderr
+        print(lab.vlx("lab", "status").stdout)
+    finally:
+        for node in ("node1", "node2"):
+            lab_ssh(lab, node, "systemctl start virtualinux-bootsvc.service")
+        new = [n for n in lab.status()["nodes"] if n["name"] == NEW_NODE]
+        if new and new[0]["qemu_pid"]:
+            os.kill(new[0]["qemu_pid"], signal.SIGKILL)     # 3 TCG guests for the last test
+    wait_for(lambda: lab.answers_http(ADDRESS["node1"]) and lab.answers_http(ADDRESS["node2"]),
+             120, "node1's and node2's replicas to serve again")
 
 
 def test_a_reboot_completes_while_another_node_is_killed(lab):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from virtualinux.vvcm import changes, fields, inventory
 from virtualinux.vvcm.cli import main
@@ -132,3 +134,36 @@ def test_networks_are_typed_records(db):
         (vc.name, vc.cidr, vc.vxlan) for vc in cluster.vcs]
     assert first.to_json() == {"name": "cluster", "cidr": "198.18.0.0/24",
                                "gateway": "198.18.0.254"}
+
+
+# A real Ed25519 public key (any 32 bytes are one) and an RSA one, as ssh-keygen writes them.
+ADMIN_KEY = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDNUdKcNModuFZsiL6zsZ2QRr2wEjM69UjzL/LSqxjxw "
+             "ops@desk")
+
+
+def test_admin_ssh_keys_are_read_checked_and_written_back(tmp_path):
+    path = tmp_path / "ok.toml"
+    path.write_text(HEADER + f"admin_ssh_keys = ['{ADMIN_KEY}', '{ADMIN_KEY}']\n"
+                    + node("node1", "52:54:00:00:00:11", "198.18.0.11"))
+    cluster = inventory.apply(
+        __import__("virtualinux.vvcm.model", fromlist=["Cluster"]).Cluster(0, None),
+        inventory.load(path), str(path))
+    assert cluster.settings.admin_ssh_keys == (ADMIN_KEY,)      # one line per key
+    assert fields.to_mapping(cluster.settings)["admin_ssh_keys"] == [ADMIN_KEY]
+
+
+@pytest.mark.parametrize("line, expected", [
+    (f'command="/bin/sh" {ADMIN_KEY}', "is not an SSH public key line"),
+    (f'from="198.18.0.0/24" {ADMIN_KEY}', "is not an SSH public key line"),
+    (ADMIN_KEY.replace("ssh-ed25519", "ssh-rsa", 1), "names another key type"),
+    ("ssh-ed25519 AAAA!!!!", "does not decode"),
+    ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDNU", "not a valid public key"),
+    (ADMIN_KEY + "\u00e9", "printable ASCII"),
+    (ADMIN_KEY + "\x1b[2J", "no line breaks, tabs or control characters"),
+    (ADMIN_KEY + "\nssh-ed25519 AAAA", "no line breaks, tabs or control characters"),
+])
+def test_a_malformed_admin_key_is_refused_in_one_line(tmp_path, line, expected):
+    body = HEADER + f"admin_ssh_keys = [{json.dumps(line)}]\n"   # a TOML basic string
+    message = refused(body + node("node1", "52:54:00:00:00:11", "198.18.0.11"), tmp_path)
+    assert "admin_ssh_keys" in message and expected in message, message
+    assert "\n" not in message

@@ -8,6 +8,7 @@
                               credentials), then migrated into the bootstrap's etcd
     STATE/bootstrap/          the bootstrap's etcd member (data, log)
     STATE/replicas/boot/      the bootstrap replica's log, status and local copy of the store
+    STATE/admin/              the lab's admin SSH key (admin.py: `vlx lab ssh`)
 
 Namespaces: PREFIX-net (bridge, taps), PREFIX-san (the SAN's tgtd: `nsenter --net`, so it sees
 the pool mounted in the host's mount namespace), PREFIX-boot (the bootstrap: one replica and
@@ -49,6 +50,7 @@ from virtualinux.vvcm.store import parse_url
 
 from . import lab as labs
 from . import uplink
+from .admin import admin_public_key
 from .netns import NETNS_DIR, Namespace
 from .plan import BRIDGE, REPLICA_INTERFACE, LabPlan
 from .progress import node_phases
@@ -97,8 +99,11 @@ def start(layout: LabPlan, cluster: Cluster, image_dir: Path, kernel_args: Seque
     try:
         settings = cluster.settings
         args = tuple(dict.fromkeys((*settings.kernel_args, *kernel_args)))
+        # The lab's admin key may log in as root on every node (`vlx lab ssh`).
+        admin_keys = (*settings.admin_ssh_keys, admin_public_key(layout.state_dir))
         cluster = dataclasses.replace(cluster, settings=dataclasses.replace(
-            settings, kernel_args=args, store_bootstrap=(layout.bootstrap.address,)))
+            settings, kernel_args=args, store_bootstrap=(layout.bootstrap.address,),
+            admin_ssh_keys=tuple(dict.fromkeys(admin_keys))))
         running.make_network()
         san = running._namespace("san")
         running.netns.plug(Namespace(layout.hub), BRIDGE, san, REPLICA_INTERFACE,

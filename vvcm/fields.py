@@ -8,6 +8,8 @@ is parsed and dumped. Import, export, JSON and argparse are all derived from tha
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import dataclasses
 import functools
 import ipaddress
@@ -274,6 +276,57 @@ def parse_kernel_args(value: Any) -> tuple[str, ...]:
             raise ValueError(f"{item!r} cannot go on a kernel command line (allowed: letters, "
                              "digits and . _ : , = / + @ -)")
     return tuple(value)
+
+
+# An authorized_keys line as the admin setting takes it: key type, base64 blob and an
+# optional comment, nothing before the type (an options field like `command="..."` or
+# `from=` would change what the key may do), one line.
+_SSH_KEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
+                  "ecdsa-sha2-nistp521", "ssh-rsa", "sk-ssh-ed25519@openssh.com",
+                  "sk-ecdsa-sha2-nistp256@openssh.com")
+_SSH_COMMENT = re.compile(r"[\x21-\x7e]+( [\x21-\x7e]+)*")
+
+
+def parse_ssh_public_key(value: Any) -> str:
+    """One SSH public key line, `TYPE BASE64 [COMMENT]`, checked: a known type, a blob that
+    decodes and names that same type (and, for the types cryptography reads, a valid key),
+    a comment of printable characters. Returned normalised (single spaces)."""
+    if not isinstance(value, str):
+        raise ValueError("expected an SSH public key line (TYPE BASE64 [COMMENT])")
+    if any(ord(char) < 0x20 or ord(char) == 0x7f for char in value.strip()):
+        raise ValueError("an SSH public key is one line: no line breaks, tabs or control "
+                         "characters")
+    parts = re.split(" +", value.strip(), maxsplit=2)
+    if len(parts) < 2 or parts[0] not in _SSH_KEY_TYPES:
+        shown = value.strip()[:40]
+        raise ValueError(f"{shown!r} is not an SSH public key line: it must start with a key "
+                         f"type ({', '.join(_SSH_KEY_TYPES[:2])}, ...), and no options")
+    kind, blob = parts[0], parts[1]
+    try:
+        raw = base64.b64decode(blob, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"the {kind} key's base64 part does not decode") from None
+    named = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else -1
+    if raw[4:4 + named] != kind.encode():
+        raise ValueError(f"the {kind} key's blob names another key type")
+    if not kind.startswith("sk-"):
+        from cryptography.hazmat.primitives import serialization
+        try:
+            serialization.load_ssh_public_key(f"{kind} {blob}".encode())
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"the {kind} key is not a valid public key ({err})") from None
+    comment = " ".join(parts[2].split()) if len(parts) == 3 else ""
+    if comment and not _SSH_COMMENT.fullmatch(comment):
+        raise ValueError(f"the {kind} key's comment has characters other than printable ASCII")
+    return f"{kind} {blob} {comment}".rstrip()
+
+
+def parse_ssh_public_keys(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [line for line in value.splitlines() if line.strip()]
+    if not isinstance(value, list | tuple):
+        raise ValueError("expected a list of SSH public key lines")
+    return tuple(dict.fromkeys(parse_ssh_public_key(item) for item in value))
 
 
 def parse_address_range(value: Any) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:

@@ -36,6 +36,7 @@ from .fields import (
     parse_name,
     parse_ratio,
     parse_seconds,
+    parse_ssh_public_keys,
     ranged_int,
     setting,
 )
@@ -155,6 +156,10 @@ class Settings:
         "store URL names before the db nodes: a node booting while the db nodes have not "
         "joined yet reaches the store there; cleared when the bootstrap goes",
         parse_ipv4_list, dump_list, default=(), metavar="IP,...")
+    admin_ssh_keys: tuple[str, ...] = setting(
+        "SSH public keys (`TYPE BASE64 [COMMENT]`, no options) that may log in as root on "
+        "every node: start-up writes them to root's authorized_keys",
+        parse_ssh_public_keys, list, default=(), metavar="KEY")
     cpu_overcommit: float = setting("VCPUs a node may carry per physical CPU", parse_ratio,
                                     default=1.0)
     memory_overcommit: float = setting("VM memory a node may carry per MiB it has",

@@ -1,4 +1,5 @@
-"""`vlx lab up|status|console|down`: the virtual lab (vm-test/lab.py) from the command line.
+"""`vlx lab up|status|console|ssh|power-on|down`: the virtual lab (vm-test/) from the command
+line.
 
 This module joins the areas the lab needs. By default the lab boots the real node image
 (`image.build`, cached): `vm_test.selfhost` makes a SAN, a bootstrap (one replica and the first
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 try:
-    from virtualinux.vm_test import console, lab, plan, qemu, selfhost
+    from virtualinux.vm_test import admin, console, lab, plan, qemu, selfhost
     from virtualinux.vm_test.progress import NodeProgress
 except ModuleNotFoundError as missing:
     if missing.name is None or not missing.name.startswith("virtualinux.vm_test"):
@@ -89,6 +90,23 @@ def register(nouns: argparse._SubParsersAction) -> None:
                       help="print the serial log so far and return")
 
     add_verb(verbs, "down", cmd_down, help="remove everything the lab made")
+
+    ssh = add_verb(verbs, "ssh", cmd_ssh,
+                   help="log in to a node of a node-image lab as root, with the lab's admin key",
+                   description="Run ssh inside the lab's namespaces as root@NODE with the admin "
+                               "key the lab made (its public half is the lab cluster's "
+                               "admin_ssh_keys), checking the node's host key against the one "
+                               "the database holds for it. With a COMMAND, run that and exit "
+                               "with its code.")
+    ssh.add_argument("node", metavar="NODE")
+    ssh.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND")
+
+    power = add_verb(verbs, "power-on", cmd_power_on,
+                     help="power on a node of the database that the lab has not started",
+                     description="Start a QEMU machine with NODE's MAC on the lab network "
+                                 "(a node left off by --nodes, or one added since with `vlx "
+                                 "node add`): whichever nodes' replicas answer boot it.")
+    power.add_argument("node", metavar="NODE")
 
     boot = verbs.add_parser("bootstrap", help="the bootstrap of a node-image lab")
     boot_verbs = boot.add_subparsers(dest="bootstrap_verb", metavar="VERB", required=True)
@@ -319,6 +337,15 @@ def cmd_console(args: argparse.Namespace) -> int:
 def cmd_bootstrap_remove(args: argparse.Namespace) -> int:
     for line in selfhost.remove_bootstrap(args.state_dir.absolute()):
         print(line)
+    return 0
+
+
+def cmd_ssh(args: argparse.Namespace) -> int:
+    return admin.ssh(args.state_dir.absolute(), args.node, args.command)
+
+
+def cmd_power_on(args: argparse.Namespace) -> int:
+    print(admin.power_on(args.state_dir.absolute(), args.node))
     return 0
 
 
