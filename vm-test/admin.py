@@ -106,8 +106,9 @@ def ssh(state_dir: Path, name: str, command: Sequence[str]) -> int:
 
 def power_on(state_dir: Path, name: str) -> str:
     """A QEMU machine with NODE's MAC on the lab bridge, recorded like the lab's own nodes (so
-    `status`, `console` and `down` know it); a machine the lab already has is started again. A node with no root volume yet gets one first,
-    as a SAN operator would make it: a snapshot of the golden exported on the lab SAN."""
+    `status`, `console` and `down` know it); a machine the lab already has is started again.
+    A node with no root volume yet gets one first, as a SAN operator would make it: a snapshot
+    of the golden exported on the lab SAN."""
     record, ns, store = _node_lab(state_dir)
     entry = record.process(f"qemu-{name}")
     if entry is not None and same_process(entry):

@@ -102,10 +102,11 @@ def register(nouns: argparse._SubParsersAction) -> None:
     ssh.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND")
 
     power = add_verb(verbs, "power-on", cmd_power_on,
-                     help="power on a node of the database that the lab has not started",
+                     help="power on a node: a new one, or a lab machine that was killed",
                      description="Start a QEMU machine with NODE's MAC on the lab network "
-                                 "(a node left off by --nodes, or one added since with `vlx "
-                                 "node add`): whichever nodes' replicas answer boot it.")
+                                 "(a node left off by --nodes, one added since with `vlx "
+                                 "node add`, or a lab machine whose QEMU was killed): "
+                                 "whichever nodes' replicas answer boot it.")
     power.add_argument("node", metavar="NODE")
 
     boot = verbs.add_parser("bootstrap", help="the bootstrap of a node-image lab")
