@@ -450,6 +450,12 @@ def test_the_admin_key_logs_in_and_each_node_presents_its_host_key_from_the_data
         print(node, "failed units:", lines[2:] or "none")
         # Debian's default etcd member never started.
         assert lines[:2] == [node, "inactive"], said.stdout
+        # The root's session has no NOP-Out pings and waits a day for its path (the
+        # initramfs's node record): a stalled guest keeps its root.
+        said = lab_ssh(lab, node, "cat /sys/class/iscsi_session/session*/recovery_tmo "
+                                  "/sys/class/iscsi_connection/connection*/recv_tmo "
+                                  "/sys/class/iscsi_connection/connection*/ping_tmo")
+        assert said.stdout.split() == ["86400", "0", "0"], said.stdout + said.stderr
     # The same login against a known_hosts that names node2's key for node1's address fails:
     # the check above could have failed.
     cluster = Database(lab.state_dir / "cluster.db").load()
