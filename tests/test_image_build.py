@@ -134,6 +134,9 @@ def test_node_root_image_holds_virtualinux_and_no_node_identity(node_image, tmp_
         units = mount / "etc/systemd/system"
         assert "ConditionPathExists=!/run/virtualinux/node/ssh-host-key" in (
             units / "virtualinux-ssh-host-keys.service.d/virtualinux-node.conf").read_text()
+        # iscsid never takes over the root's session on a node our initramfs logged in.
+        assert "ConditionKernelCommandLine=!vlx.root" in (
+            units / "iscsid.service.d/virtualinux-node.conf").read_text()
     finally:
         subprocess.run(["umount", str(mount)], check=True)
 
