@@ -100,7 +100,8 @@ def test_a_db_node_joins_the_running_member_once_however_often_start_up_runs(lab
 UPLINK_PROBE = """
 import ipaddress, sys
 from virtualinux.initscripts.steps.uplink import configure
-print(configure(sys.argv[1], ipaddress.IPv4Interface(sys.argv[2])))
+cluster_ip = ipaddress.IPv4Address(sys.argv[3]) if len(sys.argv) > 3 else None
+print(configure(sys.argv[1], ipaddress.IPv4Interface(sys.argv[2]), cluster_ip))
 """
 
 
@@ -125,3 +126,9 @@ def test_a_gateway_node_brings_its_uplink_up_with_the_database_address_only(netn
     done = node.run([sys.executable, "-c", UPLINK_PROBE, "eth9", "198.18.1.254/24"],
                     check=False)
     assert done.returncode != 0 and "no link eth9 (gateway_uplink)" in done.stderr
+    # The cluster interface named as the uplink by mistake: refused, its address kept.
+    done = node.run([sys.executable, "-c", UPLINK_PROBE, "eth1", "198.18.1.9/24",
+                     "198.18.1.254"], check=False)
+    assert done.returncode != 0 and "holds this node's cluster address" in done.stderr
+    assert [a for a in node.ipv4_addresses() if not a.startswith("127.")] == \
+        ["198.18.1.254/24"]

@@ -39,19 +39,29 @@ def run(boot: Boot) -> str:
                          f"{uplink} in the database")
     if not boot.live:
         return f"would hold {address} on {uplink} (not live: nothing made)"
-    return f"{uplink} up with {address}{configure(uplink, address)}"
+    return f"{uplink} up with {address}{configure(uplink, address, node.ip)}"
 
 
-def configure(uplink: str, address: ipaddress.IPv4Interface) -> str:
-    """`uplink` up holding `address` and no other IPv4 address; what changed, as a suffix."""
+def configure(uplink: str, address: ipaddress.IPv4Interface,
+              cluster_ip: ipaddress.IPv4Address | None = None) -> str:
+    """`uplink` up holding `address` and no other IPv4 address; what changed, as a suffix.
+    A link holding `cluster_ip` (the node's cluster address) is the cluster interface, named
+    as the uplink by mistake: it is refused before anything is removed from it, or the node
+    would cut itself off its cluster network."""
     with IPRoute() as ipr:
         found = ipr.link_lookup(ifname=uplink)
         if not found:
             raise StepFailed(f"no link {uplink} (gateway_uplink) on this node")
         index = found[0]
+        held_now = ipr.get_addr(index=index, family=socket.AF_INET)
+        if cluster_ip is not None and any(entry.get("IFA_ADDRESS") == str(cluster_ip)
+                                          for entry in held_now):
+            raise StepFailed(f"{uplink} (gateway_uplink) holds this node's cluster address "
+                             f"{cluster_ip}: it is the cluster interface, not an uplink; "
+                             "nothing changed")
         removed = []
         held = False
-        for entry in ipr.get_addr(index=index, family=socket.AF_INET):
+        for entry in held_now:
             ip, prefixlen = entry.get("IFA_ADDRESS"), entry["prefixlen"]
             if ip == str(address.ip) and prefixlen == address.network.prefixlen:
                 held = True
