@@ -35,7 +35,6 @@ UPLINK_MAC_BASE = "52:54:01:"
 # keeps kernel names, virtualinux-base), and the uplink NIC sits at a PCI slot after the boot
 # NIC's (qemu.UPLINK_PCI_SLOT), so it is probed second on either firmware.
 GUEST_UPLINK = "eth1"
-GATEWAY_ROLES = ("gateway-primary", "gateway-backup")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +138,7 @@ def _node_plan(cluster: Cluster, node: Node, index: int, image: str) -> NodePlan
     settings = cluster.settings
     assert settings is not None
     if image != "node" or not settings.gateway_uplink or node.uplink_address is None or \
-            not any(role in GATEWAY_ROLES for role in node.roles):
+            not node.is_gateway:
         return NodePlan(node, f"tap{index}")
     if settings.gateway_uplink != GUEST_UPLINK:
         raise VlxError(f"the lab gives gateway node {node.name} its uplink as {GUEST_UPLINK} "

@@ -57,6 +57,9 @@ class Role(enum.StrEnum):
     DB = "db"
 
 
+GATEWAY_ROLES = (Role.GATEWAY_PRIMARY, Role.GATEWAY_BACKUP)
+
+
 class VolumeKind(enum.StrEnum):
     GOLDEN = "golden"
     SNAPSHOT = "snapshot"       # a copy-on-write clone of a golden volume
@@ -238,6 +241,11 @@ class Node:
         "this gateway node's address on the cluster's gateway_uplink, with its prefix (the "
         "start-up puts it there; the master masquerades the cluster network behind it)",
         parse_ipv4_interface, dump_str, default=None, metavar="ADDR/PREFIX")
+
+    @property
+    def is_gateway(self) -> bool:
+        """One of the gateway pair (it runs the heartbeat and holds the uplink)."""
+        return any(role in GATEWAY_ROLES for role in self.roles)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -25,14 +25,13 @@ ENV_FILE = "/etc/default/virtualinux-bootsvc"
 NETBOOT_OUT = "/var/lib/virtualinux/netboot"
 BOOT_IMAGE_DIR = "/run/virtualinux/boot-image"
 ALWAYS = ("dhcp", "tftp", "http")
-GATEWAY_ROLES = ("gateway-primary", "gateway-backup")
 
 
 def services_for(boot: Boot) -> tuple[str, ...]:
     services = list(ALWAYS)
     if _built("dns"):
         services.append("dns")
-    if _built("heartbeat") and any(role in GATEWAY_ROLES for role in boot.node.roles):
+    if _built("heartbeat") and boot.node.is_gateway:
         services.append("heartbeat")
     settings = boot.cluster.settings
     if _built("ra") and (settings is None or settings.router_advertisements):

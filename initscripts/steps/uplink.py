@@ -22,13 +22,12 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..startup import Boot, Step, StepFailed
-from .bootsvc import GATEWAY_ROLES
 
 
 def run(boot: Boot) -> str:
     settings = boot.cluster.settings
     node = boot.node
-    if not any(role in GATEWAY_ROLES for role in node.roles):
+    if not node.is_gateway:
         return "not a gateway node (no uplink)"
     uplink = settings.gateway_uplink if settings else None
     if not uplink:
