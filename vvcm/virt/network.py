@@ -214,7 +214,8 @@ def ensure(plan: NodePlan) -> list[str]:
                 _ensure_address(ipr, bridge, plan.address)
         except NetlinkError as err:
             for name in reversed(created):
-                _delete(ipr, name)
+                if name != rules.table:     # a link; the table goes below, with its bridge
+                    _delete(ipr, name)
             if rules.table in created and plan.bridge in created:
                 firewall.remove(plan.vc, plan.netns, plan.node)
             raise VlxError(f"node {plan.node}: cannot build the network of VC bridge "
