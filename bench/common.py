@@ -16,8 +16,10 @@ import datetime
 import json
 import os
 import shlex
+import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -35,6 +37,21 @@ PIN = (os.cpu_count() or 1) > 1       # --no-pin: leave placement to the schedul
 
 def pinned(cpu: str, cmd: Sequence[str]) -> list[str]:
     return (["taskset", "-c", cpu] if PIN else []) + list(cmd)
+
+
+def run(main: Callable[[], int]) -> int:
+    """Run a bench's `main` so that a SIGTERM (kill, timeout) ends it like ^C: its `finally`s
+    and context managers remove the namespaces and servers it made. Only in this process: a
+    child forked from it (pyroute2 forks one per namespace socket and terminates it) must not
+    unwind through those `finally`s, or it takes the run's namespaces down under it."""
+    main_pid = os.getpid()
+
+    def handler(signum: int, frame: object) -> None:
+        if os.getpid() != main_pid:
+            os._exit(128 + signum)
+        sys.exit(128 + signum)
+    signal.signal(signal.SIGTERM, handler)
+    return main()
 
 
 def add_flags(parser: argparse.ArgumentParser, repeat: int = 3) -> None:

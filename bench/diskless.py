@@ -52,7 +52,6 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -382,17 +381,6 @@ def report_tables(report: common.Report, results: Results, counts: Sequence[int]
                 "stock: radvd)")
 
 
-def on_sigterm(main_pid: int) -> None:
-    """A SIGTERM ends the run like ^C: the `finally`s remove what was made. Only in this
-    process: a child forked from it (pyroute2 forks one per namespace socket and terminates
-    it) must not unwind through those `finally`s, or it takes the lab down under us."""
-    def handler(signum: int, frame: object) -> None:
-        if os.getpid() != main_pid:
-            os._exit(128 + signum)
-        sys.exit(128 + signum)
-    signal.signal(signal.SIGTERM, handler)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m virtualinux.bench.diskless",
                                      description=__doc__.split("\n\n")[0])
@@ -423,7 +411,6 @@ def main(argv: list[str] | None = None) -> int:
     if max(counts) > len(cluster.nodes):
         print(f"--counts: the inventory has {len(cluster.nodes)} nodes", file=sys.stderr)
         return 2
-    on_sigterm(os.getpid())
     if args.image_dir is None:
         from virtualinux.image.build import build_image, image_spec
         image_dir = build_image(image_spec("node"), progress=lambda line: None)
@@ -464,4 +451,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(common.run(main))

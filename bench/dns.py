@@ -52,6 +52,7 @@ from pathlib import Path
 from virtualinux.vm_test.netns import Namespace, Netns
 from virtualinux.vvcm import changes
 
+from . import common
 from .common import CLIENT_CPU, SERVER_CPU, ours_command, pinned, settings_of
 from .dhcp import cluster_database, cpu_seconds, node_ip, peak_rss_kib
 
@@ -489,4 +490,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(common.run(main))

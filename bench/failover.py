@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from pyroute2.netlink.exceptions import NetlinkError
+from virtualinux.bench import common
 from virtualinux.vm_test.netns import Namespace, Netns
 from virtualinux.vm_test.vrrp_pair import (
     BACKUP,
@@ -141,4 +142,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(common.run(main))

@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from virtualinux.bench import common
 from virtualinux.bootsvc import dhcp_networks
 from virtualinux.netboot import render
 from virtualinux.vvcm.cli import main as vlx_main
@@ -132,4 +133,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(common.run(main))

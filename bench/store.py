@@ -41,6 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from virtualinux.bench import common
 from virtualinux.bench.scale import inventory as scale_inventory
 from virtualinux.vm_test.etcd import VLX, Lab
 from virtualinux.vm_test.netns import Netns
@@ -190,4 +191,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(common.run(main))

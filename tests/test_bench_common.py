@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from virtualinux.bench import common
 from virtualinux.bench.common import Report, Stat, interleaved, markdown, ours_command
 from virtualinux.bootsvc.options import parse as parse_options
+from virtualinux.vm_test.wait import wait_for
 from virtualinux.vvcm.command import vlx_command
 
 
@@ -68,3 +72,34 @@ def test_pinning_can_be_turned_off(monkeypatch):
     assert common.pinned("1", ["x"]) == ["taskset", "-c", "1", "x"]
     monkeypatch.setattr(common, "PIN", False)
     assert common.pinned("1", ["x"]) == ["x"]
+
+
+def test_a_bench_ended_by_sigterm_still_removes_what_it_made(tmp_path):
+    # A bench is killed by `kill` or `timeout`: its `finally` must still run, as on ^C, or
+    # its namespaces and servers outlive it.
+    made, ready = tmp_path / "made", tmp_path / "ready"
+    script = f"""
+import os, signal, time
+from pathlib import Path
+from virtualinux.bench import common
+
+def main():
+    Path({str(made)!r}).mkdir()
+    try:
+        Path({str(ready)!r}).touch()
+        time.sleep(60)
+        return 0
+    finally:
+        Path({str(made)!r}).rmdir()
+
+raise SystemExit(common.run(main))
+"""
+    bench = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        wait_for(ready.exists, timeout=30, what="the bench to start")
+        assert made.is_dir()
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        bench.kill()
+    assert not made.exists()
