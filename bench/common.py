@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -94,16 +95,50 @@ def ours_command(db: Path, root: Path, address: str, services: Sequence[str],
 
 
 def start_ours(namespace, cmd_args: dict[str, Any], log: Path | None = None,
-               cpu: str = SERVER_CPU) -> subprocess.Popen:
-    """Start `ours_command(**cmd_args)` pinned in `namespace`; return once it listens."""
+               cpu: str = SERVER_CPU, env: Mapping[str, str] | None = None
+               ) -> subprocess.Popen:
+    """Start `ours_command(**cmd_args)` pinned in `namespace`; return once it listens. `env`:
+    the whole environment (e.g. a PYTHONPATH from `baseline_path`)."""
     process = namespace.popen(pinned(cpu, ours_command(**cmd_args)), stdout=subprocess.PIPE,
-                              stderr=log.open("w") if log else subprocess.DEVNULL, text=True)
+                              stderr=log.open("w") if log else subprocess.DEVNULL, text=True,
+                              env=env)
     line = process.stdout.readline()
     if not line.startswith("ready"):
         stop(process)
         detail = log.read_text()[-2000:] if log else ""
         raise RuntimeError(f"our services did not start: {line!r}\n{detail}")
     return process
+
+
+# The checkout the benches run from: --baseline takes older revisions of ours from it.
+REPO = Path(__file__).resolve().parent.parent
+
+
+def baseline_path(revision: str, work: Path) -> Path:
+    """A PYTHONPATH entry that imports `virtualinux` from git revision `revision` of this
+    checkout: its tree unpacked under `work`, with a `virtualinux/` of symlinks laid out as
+    its pyproject's package-dir says (the layout an install would make)."""
+    source = work / "baseline-src"
+    source.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", revision], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
+    package_dir = tomllib.loads((source / "pyproject.toml").read_text())["tool"][
+        "setuptools"]["package-dir"]
+    path = work / "baseline-path"
+    for package, folder in package_dir.items():
+        link = path.joinpath(*package.split("."))
+        if not link.parent.exists():
+            link.parent.mkdir(parents=True)
+        if not link.exists():
+            link.symlink_to(source / folder)
+    return path
+
+
+def baseline_env(revision: str, work: Path) -> dict[str, str]:
+    """The environment that makes `vlx` run our server as it was at git revision `revision`
+    (`--baseline`), to run interleaved with the current one."""
+    return dict(os.environ, PYTHONPATH=str(baseline_path(revision, work)))
 
 
 def settings_of(cluster: Cluster) -> Settings:

@@ -187,7 +187,8 @@ def kea_config(count: int) -> dict:
                      "output_options": [{"output": "stdout"}]}]}}
 
 
-def servers(work: Path, namespace: Namespace, count: int, receive_buffer: int) -> list[Server]:
+def servers(work: Path, namespace: Namespace, count: int, receive_buffer: int,
+            baseline: str | None = None) -> list[Server]:
     db = cluster_database(work / "cluster.db", count)
     (work / "tree").mkdir(exist_ok=True)
     write_hosts(work, count)
@@ -196,11 +197,19 @@ def servers(work: Path, namespace: Namespace, count: int, receive_buffer: int) -
     kea_env = {**os.environ, "KEA_PIDFILE_DIR": str(work / "kea"),
                "KEA_LOCKFILE_DIR": str(work / "kea")}
 
-    def ours(_: Path) -> subprocess.Popen:
+    def ours(_: Path, state: str = "state", env: dict[str, str] | None = None
+             ) -> subprocess.Popen:
         return common.start_ours(namespace, {
             "db": db.path, "root": work / "tree", "address": str(SERVER_ADDRESS),
-            "services": ["dhcp"], "state_dir": work / "state",
-            "settings": {"dhcp.receive_buffer": receive_buffer}}, log=work / "ours.log")
+            "services": ["dhcp"], "state_dir": work / state,
+            "settings": {"dhcp.receive_buffer": receive_buffer}}, log=work / f"{state}.log",
+            env=env)
+
+    before = []
+    if baseline:
+        env = common.baseline_env(baseline, work)
+        before = [Server(f"virtualinux-before ({baseline})",
+                         lambda w: ours(w, "state-before", env), headline=False)]
 
     def logged(cmd: list[str], log: Path, ready: str, env=None) -> subprocess.Popen:
         process = namespace.popen(pinned(SERVER_CPU, cmd), stdout=log.open("w"),
@@ -220,7 +229,7 @@ def servers(work: Path, namespace: Namespace, count: int, receive_buffer: int) -
         return logged(["kea-dhcp4", "-c", str(work / "kea.json")], work / "kea.log",
                       "DHCP4_STARTED", env=kea_env)
 
-    return [Server("virtualinux", ours), Server("dnsmasq --leasefile-ro", dnsmasq_ro),
+    return [Server("virtualinux", ours), *before, Server("dnsmasq --leasefile-ro", dnsmasq_ro),
             Server("kea-dhcp4, memfile persist false", kea),
             Server("dnsmasq, lease file on disk", dnsmasq_disk, headline=False)]
 
@@ -353,7 +362,7 @@ def _wait_ready(ready, process: subprocess.Popen, log_path: Path, timeout: float
 
 
 def run_size(count: int, seconds: float, repeat: int, steps: tuple[int, ...],
-             receive_buffer: int | None, log) -> list[Sweep]:
+             receive_buffer: int | None, log, baseline: str | None = None) -> list[Sweep]:
     with tempfile.TemporaryDirectory(prefix="bench-dhcp-") as tmp, segment() as (server, client):
         work = Path(tmp)
         (work / "macs").write_text("".join(node_mac(i) + "\n" for i in range(count)))
@@ -364,7 +373,7 @@ def run_size(count: int, seconds: float, repeat: int, steps: tuple[int, ...],
             f"the peers keep the kernel's default ({kernel_receive_buffer(server)})" if buffer
             else f"every server has the kernel's default receive buffer "
                  f"({kernel_receive_buffer(server)} bytes)"))
-        sweeps = [Sweep(s) for s in servers(work, server, count, buffer)]
+        sweeps = [Sweep(s) for s in servers(work, server, count, buffer, baseline)]
         sweep_all(sweeps, work, client, server, count, seconds, steps, log)
         for sweep in sweeps:
             if sweep.best:
@@ -396,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="set the host's net.core.rmem_default for the run (every "
                              "server's buffer; it cannot be set per namespace), restored after; "
                              "it touches every socket made on the host meanwhile")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also run our server of this git revision (e.g. main), "
+                             "interleaved, as virtualinux-before (not a peer)")
     common.add_flags(parser)
     args = parser.parse_args(argv)
     common.apply_flags(args)
@@ -412,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     with rmem_default(args.rmem_default):
         results = [(count, run_size(count, args.seconds, args.repeat, steps,
                                     args.ours_receive_buffer,
-                                    lambda line: print(line, flush=True)))
+                                    lambda line: print(line, flush=True), args.baseline))
                    for count in sizes]
     for count, sweeps in results:
         for sweep in sweeps:
@@ -433,6 +445,13 @@ def main(argv: list[str] | None = None) -> int:
             theirs = Stat.of([r.dora_per_second for r in strongest.repeats]).median
             ratios.append(f"{count} MACs: virtualinux / {strongest.server.name} (the best peer "
                           f"row) = {median / theirs:.2f}x DORA/s at 0 drops (goal 2x)")
+        earlier = [s for s in sweeps if s.server.name.startswith("virtualinux-before")]
+        if ours.best and earlier and earlier[0].best:
+            cpu_now = Stat.of([r.cpu_us_per_dora for r in ours.repeats]).median
+            cpu_then = Stat.of([r.cpu_us_per_dora for r in earlier[0].repeats]).median
+            ratios.append(f"{count} MACs: virtualinux / {earlier[0].server.name}: server CPU "
+                          f"per DORA {cpu_now:.1f} / {cpu_then:.1f} us = "
+                          f"{cpu_now / cpu_then:.2f}x")
     report.table("DHCP: highest perfdhcp rate with 0 drops; each server restarted per step",
                  ["known MACs", "server", "highest clean -r", "ceiling", "DORA/s measured",
                   "drops in the repeats", "server CPU us/DORA", "peak RSS"], rows)

@@ -46,7 +46,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
 
 from virtualinux.vm_test.netns import Namespace, Netns
@@ -59,7 +58,7 @@ from .dhcp import cluster_database, cpu_seconds, node_ip, peak_rss_kib
 CLIENT = "198.18.0.200"
 SERVERS = {"virtualinux": "198.18.0.201", "dnsmasq": "198.18.0.202", "unbound": "198.18.0.203",
            "virtualinux-before": "198.18.0.204"}
-REPO = Path(__file__).resolve().parent.parent
+REPO = common.REPO
 UPSTREAM = "198.18.0.210"
 PREFIX = 18                      # bench.dhcp's CIDR: room for the node addresses
 EXTERNAL_NAMES = 1000
@@ -128,27 +127,6 @@ def query_files(work: Path, count: int) -> dict[str, Path]:
     return files
 
 
-def baseline_path(revision: str, work: Path) -> Path:
-    """A PYTHONPATH entry that imports `virtualinux` from git revision `revision` of this
-    checkout: its tree unpacked under `work`, with a `virtualinux/` of symlinks laid out as
-    its pyproject's package-dir says (the layout an install would make)."""
-    source = work / "baseline-src"
-    source.mkdir()
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", revision], check=True,
-                             capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
-    package_dir = tomllib.loads((source / "pyproject.toml").read_text())["tool"][
-        "setuptools"]["package-dir"]
-    path = work / "baseline-path"
-    for package, folder in package_dir.items():
-        link = path.joinpath(*package.split("."))
-        if not link.parent.exists():
-            link.parent.mkdir(parents=True)
-        if not link.exists():
-            link.symlink_to(source / folder)
-    return path
-
-
 def start_servers(netns: Netns, hub: Namespace, bridge: str, work: Path, count: int,
                   db_path: Path, baseline: str | None = None) -> list[Server]:
     def namespace(role: str, address: str) -> Namespace:
@@ -191,7 +169,7 @@ def start_servers(netns: Netns, hub: Namespace, bridge: str, work: Path, count: 
             ns = namespace(name, SERVERS[name])
             env = None
             if name == "virtualinux-before" and baseline:
-                env = dict(os.environ, PYTHONPATH=str(baseline_path(baseline, work)))
+                env = common.baseline_env(baseline, work)
             servers.append(Server(name, SERVERS[name],
                                   start_pinned(ns, cmd, f"{name}.log", env)))
         servers.append(Server("upstream", UPSTREAM, upstream_process))
