@@ -29,12 +29,9 @@ gives `(host, port)` for logs and `sendto`, and `peer_of((host, port))` makes on
 never blocks: it returns how many replies did not fit the socket's send buffer and how many
 failed otherwise (an unreachable destination), and goes on with the others.
 
-A socket an event loop watches (DHCP's) is opened with `wait=False`: `receive()` then takes
-what is queued without waiting, and two empty lists mean the queue is drained.
-
 Where libc has no recvmmsg (not Linux), or the socket is not AF_INET, `open_batch` gives a
 `PlainBatch` with the same interface over `recvmsg`/`sendto` (a blocking read, then
-non-blocking ones). Imports nothing of the project, so any UDP service can use it.
+non-blocking ones). Imports nothing of the project, so any UDP service (DHCP too) can use it.
 """
 
 from __future__ import annotations
@@ -147,8 +144,7 @@ class MmsgBatch:
 
     mmsg = True
 
-    def __init__(self, sock: socket.socket, count: int = 64, size: int = 4096,
-                 wait: bool = True):
+    def __init__(self, sock: socket.socket, count: int = 64, size: int = 4096):
         if _CALLS is None:
             raise OSError(errno.ENOSYS, "libc has no recvmmsg/sendmmsg")
         self.sock, self.count, self.size = sock, count, size
@@ -158,18 +154,14 @@ class MmsgBatch:
         # (the kernel cuts it to the slot), so `msg_len` alone tells, without its flags.
         self._in = _Ring(count, size + 1)
         self._out = _Ring(count, size)
-        # Waiting: recvmmsg waits in the kernel for the first datagram, not on a timeout.
-        # Not waiting (an event loop's reader): it takes what is queued, maybe nothing.
-        sock.setblocking(wait)
-        self._receive_flags = MSG_WAITFORONE if wait else socket.MSG_DONTWAIT
+        sock.setblocking(True)      # recvmmsg waits in the kernel, not on a timeout
         self._fd = sock.fileno()
 
     def receive(self) -> tuple[list[bytes], list[bytes]]:
-        """(datagrams, peers): what is queued, at most `count`, waiting for the first one
-        (unless made with wait=False); two empty lists once the socket is shut down for
-        reading, when a signal came, or when nothing is queued and it does not wait."""
+        """(datagrams, peers): what is queued, at most `count`, waiting for the first one;
+        two empty lists once the socket is shut down for reading (or a signal came)."""
         ring = self._in
-        got = self._recvmmsg(self._fd, ring.headers, self.count, self._receive_flags, None)
+        got = self._recvmmsg(self._fd, ring.headers, self.count, MSG_WAITFORONE, None)
         if got <= 0:
             code = ctypes.get_errno()
             if got == 0 or code in (errno.EINTR, errno.EAGAIN):
@@ -264,17 +256,15 @@ class PlainBatch:
 
     mmsg = False
 
-    def __init__(self, sock: socket.socket, count: int = 64, size: int = 4096,
-                 wait: bool = True):
+    def __init__(self, sock: socket.socket, count: int = 64, size: int = 4096):
         self.sock, self.count, self.size = sock, count, size
         self.truncated = 0
-        self._first_flags = 0 if wait else socket.MSG_DONTWAIT
-        sock.setblocking(wait)
+        sock.setblocking(True)
 
     def receive(self) -> tuple[list[bytes], list[bytes]]:
         datagrams: list[bytes] = []
         peers: list[bytes] = []
-        flags = self._first_flags
+        flags = 0
         while len(datagrams) < self.count:
             try:
                 data, _, message_flags, source = self.sock.recvmsg(self.size, 0, flags)
@@ -308,11 +298,10 @@ def _send_each(sock: socket.socket, replies: Sequence[bytes], peers: Sequence[by
     return full, failed
 
 
-def open_batch(sock: socket.socket, count: int = 64, size: int = 4096, wait: bool = True
+def open_batch(sock: socket.socket, count: int = 64, size: int = 4096
                ) -> MmsgBatch | PlainBatch:
     """The batched reader/writer for `sock`: recvmmsg/sendmmsg where libc has them and the
-    socket is IPv4, else recvmsg/sendto behind the same interface. `wait=False` for a socket
-    an event loop watches: `receive()` then never blocks."""
+    socket is IPv4, else recvmsg/sendto behind the same interface."""
     if _CALLS is not None and sock.family == socket.AF_INET:
-        return MmsgBatch(sock, count, size, wait)
-    return PlainBatch(sock, count, size, wait)
+        return MmsgBatch(sock, count, size)
+    return PlainBatch(sock, count, size)

@@ -257,9 +257,6 @@ def malformed_packets() -> list[bytes]:
             wire.parse_request(bytes(mutated))
         except wire.MalformedPacket:
             packets.append(bytes(mutated))
-    # Longer than any request a client sends in one frame (jumbo included): dropped and
-    # counted unread, although what it starts with is a valid DISCOVER.
-    packets.append(valid + bytes(dhcp.MAX_DATAGRAM))
     return packets
 
 
@@ -302,7 +299,6 @@ def test_malformed_packets_are_dropped_and_a_client_is_still_served(lab_db, segm
     wait_for(lambda: dropped() + bench.socket_drops(replica.namespace) >= sent, 30,
              f"{sent} drops to be counted (have {dropped()})")
     assert dropped() <= sent
-    assert replica.status().counters("dhcp").get("dropped_oversized", 0) >= 1
     assert replica.process.poll() is None
     assert "dropped a malformed packet from 198.18.0.77" in replica.log.read_text()
     assert replica.log.read_text().count("dropped a malformed packet") == 1

@@ -94,19 +94,6 @@ def test_a_receive_takes_at_most_count_and_the_rest_comes_next(sockets, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_batch_for_an_event_loop_never_waits_and_drains_what_is_queued(sockets, kind):
-    server, client = sockets(), sockets()
-    batch = kind(server, count=4, size=64, wait=False)
-    assert server.gettimeout() == 0.0           # non-blocking, as the loop's reader needs
-    assert batch.receive() == ([], [])          # nothing queued: back at once, empty
-    for i in range(5):
-        client.sendto(b"%d" % i, server.getsockname())
-    assert batch.receive()[0] == [b"0", b"1", b"2", b"3"]
-    assert batch.receive()[0] == [b"4"]
-    assert batch.receive() == ([], [])
-
-
-@pytest.mark.parametrize("kind", KINDS)
 def test_a_datagram_too_long_is_dropped_and_counted_among_good_ones(sockets, kind):
     server, client = sockets(), sockets()
     batch = kind(server, count=8, size=64)
