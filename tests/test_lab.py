@@ -438,7 +438,7 @@ def test_ssh_and_power_on_without_a_node_image_lab_are_refused_in_one_line(tmp_p
 
 
 def test_the_lab_admin_key_is_made_once_and_ssh_reads_it(tmp_path):
-    from virtualinux.vm_test import admin
+    from virtualinux.vm_test import admin_key as admin
     from virtualinux.vvcm.fields import parse_ssh_public_key
     public = admin.admin_public_key(tmp_path)
     assert parse_ssh_public_key(public) == public and public.endswith(" vlx-lab-admin")

@@ -27,36 +27,16 @@ from virtualinux.vvcm.model import Node
 from virtualinux.vvcm.store import parse_url
 
 from . import lab as labs
+from .admin_key import key_path
 from .netns import Namespace
 from .plan import LabPlan, NodePlan
 from .progress import node_phases
+from .selfhost import GOLDEN, san_dir, start_up_steps
 from .state import LabRecord, StateError, same_process
 
-ADMIN_DIR = "admin"
-KEY_NAME = "id_ed25519"
-KEY_COMMENT = "vlx-lab-admin"
 SSH_OPTIONS = ("-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes",
                "-o", "GlobalKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
                "-o", "ConnectTimeout=20", "-o", "LogLevel=ERROR")
-
-
-def key_path(state_dir: Path) -> Path:
-    return state_dir / ADMIN_DIR / KEY_NAME
-
-
-def admin_public_key(state_dir: Path) -> str:
-    """The lab's admin public key line, the pair made on first use (OpenSSH's file formats,
-    written by the same code that writes the nodes' host keys)."""
-    private = key_path(state_dir)
-    public = private.with_name(KEY_NAME + ".pub")
-    if not private.exists():
-        private.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        seed = os.urandom(32)
-        fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as file:
-            file.write(host_keys.private_file(seed))
-        public.write_text(host_keys.public_line(seed, KEY_COMMENT) + "\n")
-    return public.read_text().strip()
 
 
 def _node_lab(state_dir: Path) -> tuple[LabRecord, Namespace, str]:
@@ -118,7 +98,6 @@ def power_on(state_dir: Path, name: str) -> str:
     node = node_in_store(state_dir, name)
     said = []
     if not node["root_volume"]:
-        from .selfhost import GOLDEN, san_dir
         made = ns.run([*labs.VLX, "--store", store, "volume", "snapshot", GOLDEN,
                        "--for", name, "--portal", record.san["portal"]], check=False,
                       timeout=300, env={**os.environ,
@@ -130,7 +109,6 @@ def power_on(state_dir: Path, name: str) -> str:
     row = from_mapping(Node, node["row"], "the store")
     taps = {info["tap"] for info in record.nodes.values()}
     tap = next(f"tap{index}" for index in range(len(taps) + 1) if f"tap{index}" not in taps)
-    from .selfhost import start_up_steps
     record.nodes[name] = {"mac": row.mac, "ip": str(row.ip), "tap": tap,
                           "phases": list(node_phases(start_up_steps()))}
     record.save()

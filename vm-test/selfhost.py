@@ -50,7 +50,7 @@ from virtualinux.vvcm.store import parse_url
 
 from . import lab as labs
 from . import uplink
-from .admin import admin_public_key
+from .admin_key import admin_public_key
 from .netns import NETNS_DIR, Namespace
 from .plan import BRIDGE, REPLICA_INTERFACE, LabPlan
 from .progress import node_phases
