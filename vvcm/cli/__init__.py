@@ -20,8 +20,8 @@ from .common import VlxParser
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The whole command line; with `only`, just that noun's module is imported and
-    registered (`main` passes the noun it finds in argv)."""
+    """The whole command line; with `only` (a noun module's name), just that noun's module
+    is imported and registered (`main` passes the noun it finds in argv)."""
     parser = VlxParser(
         prog="vlx", description="virtualinux: diskless clusters with no master node")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -36,12 +36,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser.add_shared_argument("-v", "--verbose", action="store_true",
                                help="log details (debug level) on stderr")
     nouns = parser.add_subparsers(dest="noun", metavar="NOUN", required=True)
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if info.name.startswith("_"):   # __main__: `python -m virtualinux.vvcm.cli`
-            continue
-        if only is not None and info.name != only:
-            continue
-        module = importlib.import_module(f"{__name__}.{info.name}")
+    names = sorted(info.name for info in pkgutil.iter_modules(__path__)
+                   if not info.name.startswith("_"))   # __main__: `python -m ...cli`
+    if only in names and hasattr(importlib.import_module(f"{__name__}.{only}"), "register"):
+        names = [only]
+    for name in names:
+        module = importlib.import_module(f"{__name__}.{name}")
         if hasattr(module, "register"):
             module.register(nouns)
     return parser
