@@ -3,7 +3,8 @@
 With nodes of role `db` the database is the replicated store on them (`Cluster.store_url`):
 every node's services serve from a local SQLite copy of it (the start-up itself made that copy
 before the first step, `__main__`), and the nodes of role `db` run one etcd member each
-(`virtualinux-etcd.service`, `vlx db serve`). How a member starts depends on what it finds:
+(`virtualinux-etcd.service`: etcd with the command line `vlx db serve` would exec it with).
+How a member starts depends on what it finds:
 
     its data directory exists     it restarts as itself (a reboot: the data is on the node's
                                   own root, its snapshot); etcd ignores the initial cluster
@@ -73,7 +74,7 @@ def member_environment(boot: Boot, initial: str, options: str,
              f"VLX_ETCD_LISTEN={boot.node.ip}",
              f"VLX_ETCD_INITIAL_CLUSTER={initial}",
              f"VLX_ETCD_DATA_DIR={data_dir(boot)}",
-             # Split into words by systemd ($VAR, not ${VAR}): flags of `vlx db serve`.
+             # The same member as flags of `vlx db serve`, for an operator starting it by hand.
              f"VLX_ETCD_OPTIONS={options}",
              # What virtualinux-etcd.service runs: etcd itself with the command line `vlx db
              # serve` would exec (etcd_member.Member.command), so a node's boot starts no
