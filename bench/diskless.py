@@ -63,6 +63,7 @@ from virtualinux.netboot import render
 from virtualinux.vm_test import lab as vlab
 from virtualinux.vm_test import plan as vplan
 from virtualinux.vm_test import selfhost
+from virtualinux.vm_test import uplink as vuplink
 from virtualinux.vm_test.netns import NETNS_DIR, Namespace
 from virtualinux.vm_test.progress import http_from
 from virtualinux.vm_test.state import LabRecord
@@ -205,6 +206,9 @@ def start_stock(layout: vplan.LabPlan, cluster: Cluster, image_dir: Path,
                       (*settings.kernel_args, *STOCK_KERNEL_ARGS))
         http_row = next(row for row in pxe.ROWS if row.key == "http-dnsmasq-nginx")
         pxe.start_servers(running, http_row, fresh)
+        # The same machines as ours: the gateway nodes' second NIC on the lab's world segment
+        # (start_nodes plugs it into the world's bridge).
+        vuplink.start_for_nodes(running, cluster)
         running.start_nodes()
     except BaseException:
         vlab.down(layout.state_dir)

@@ -5,7 +5,9 @@ what it makes, and `run(boot) -> str`, which does the work idempotently (running
 leaves the node as running it once) and returns the one line that says what it did. A step
 that fails raises `StepFailed` (or anything else: the runner catches it); the steps that need
 it are skipped, every other step still runs. Like dracut's modules.d, a new step is a new file,
-found by where it lives.
+found by where it lives. A step that may wait long on other machines (`waits`: the etcd join,
+which waits for the members before it to start) runs beside the steps after it; only the
+steps that need it wait for it, so a node's boot services do not wait for its etcd member.
 
 Every step prints one line, `virtualinux: [NN name] ok|FAILED|skipped: ...`; the systemd unit
 sends stdout to the journal and the console, so the operator sees it in both.
@@ -18,6 +20,7 @@ import dataclasses
 import importlib
 import pkgutil
 import sys
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TextIO
@@ -61,6 +64,9 @@ class Step:
     makes: str
     run: Callable[[Boot], str]
     needs: tuple[str, ...] = ()
+    # It may wait minutes on other machines: it runs in a thread of its own, beside the
+    # steps after it that do not need it.
+    waits: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,26 +102,44 @@ def discover() -> list[Step]:
 
 def run_steps(boot: Boot, steps: Iterable[Step], out: TextIO | None = None) -> list[Outcome]:
     """Run `steps` in order; a step whose needs did not all succeed is skipped. A need that is
-    not among `steps` (a single step run by hand) counts as met."""
+    not among `steps` (a single step run by hand) counts as met. A `waits` step runs in a
+    thread: the steps after it go on, and one that needs it waits for it first. Each step's
+    line is printed when it is done; the outcomes come back in the order of `steps`."""
     steps = list(steps)
-    outcomes: list[Outcome] = []
     considered = {step.name for step in steps}
-    succeeded: set[str] = set()
-    for step in steps:
-        missing = [need for need in step.needs if need in considered and need not in succeeded]
+    outcomes: dict[str, Outcome] = {}
+    running: dict[str, threading.Thread] = {}
+    printing = threading.Lock()
+
+    def run_one(step: Step) -> None:
+        missing = [need for need in step.needs if need in considered
+                   and (need not in outcomes or outcomes[need].state != "ok")]
         if missing:
             outcome = Outcome(step, "skipped", f"needs {', '.join(missing)}, which did not "
                                                "succeed")
         else:
             try:
                 outcome = Outcome(step, "ok", step.run(boot))
-                succeeded.add(step.name)
             except Exception as err:    # noqa: BLE001 - one failing step must not stop the rest
                 message = str(err) if isinstance(err, VlxError) else f"{type(err).__name__}: {err}"
                 outcome = Outcome(step, "failed", message.splitlines()[0] if message else "")
-        print(outcome.line(), file=out or sys.stdout, flush=True)
-        outcomes.append(outcome)
-    return outcomes
+        with printing:
+            print(outcome.line(), file=out or sys.stdout, flush=True)
+        outcomes[step.name] = outcome
+
+    for step in steps:
+        for need in step.needs:
+            if need in running:
+                running.pop(need).join()
+        if step.waits:
+            running[step.name] = threading.Thread(target=run_one, args=(step,),
+                                                  name=f"step-{step.name}", daemon=True)
+            running[step.name].start()
+        else:
+            run_one(step)
+    for thread in running.values():
+        thread.join()
+    return [outcomes[step.name] for step in steps]
 
 
 def node_from_cmdline(cluster: Cluster, cmdline: tuple[str, ...]) -> Node:

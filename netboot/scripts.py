@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import PurePosixPath
 
 from virtualinux.storage.naming import initiator_iqn
-from virtualinux.vvcm import Cluster, Node, VlxError, cluster_ca, host_keys
-from virtualinux.vvcm.model import BootFilesOver, Role, Volume
+from virtualinux.vvcm import Cluster, Node, VlxError, host_keys
+from virtualinux.vvcm.model import STORE_NODE_CA_OWNER, BootFilesOver, Role, Volume
 
 from . import cpio, layout
 
@@ -233,7 +233,12 @@ def node_files(cluster: Cluster, node: Node) -> dict[str, bytes]:
     seed = host_keys.seed_of(cluster, node.name)
     if seed is not None:
         files[host_keys.NODE_FILE] = host_keys.node_file(seed)
-    pair = cluster_ca.node_pair(cluster, node)
+    # Only a store with a CA issues certificates: cluster_ca (cryptography's x509) is
+    # imported then, not on every node start-up and replica start (~1 s each in TCG).
+    pair = None
+    if cluster.credential(STORE_NODE_CA_OWNER) is not None:
+        from virtualinux.vvcm import cluster_ca
+        pair = cluster_ca.node_pair(cluster, node)
     if pair is not None:
         store = STORE_TLS_DIR
         files[f"{store}/ca.crt"] = cluster_ca.ca_cert(cluster).encode()

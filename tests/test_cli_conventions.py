@@ -186,3 +186,21 @@ def test_bootsvc_run_warns_of_a_netboot_tree_that_is_not_there(cluster_db, tmp_p
     assert "holds no boot.ipxe" in missing_tree_warning(("http",), tmp_path / "tree")
     (tmp_path / "tree" / "boot.ipxe").write_text("#!ipxe\n")
     assert missing_tree_warning(("http",), tmp_path / "tree") is None
+
+
+def test_a_command_imports_only_the_noun_it_names():
+    from virtualinux.vvcm.cli import noun_of
+    assert noun_of(["--db", "bootsvc", "db", "serve"]) == "db"      # --db's value is no noun
+    assert noun_of(["--store=etcd://x:2379", "-v", "bootsvc", "run"]) == "bootsvc"
+    for argv in (["--help"], ["nosuch", "list"], ["a.b"], ["__main__"]):
+        assert noun_of(argv) is None, argv
+    # A module that is no noun (common) builds the whole parser, whose error lists the nouns.
+    assert "bootsvc" in build_parser("common")._subparsers._group_actions[0].choices
+    # `vlx bootsvc run` starts no libvirt, lab or image code (a node runs it at every boot).
+    code = ("import sys; from virtualinux.vvcm.cli import build_parser; build_parser('bootsvc');"
+            "print(sorted(m for m in sys.modules if m in ('libvirt', 'virtualinux.vm_test.lab',"
+            " 'virtualinux.image.build', 'virtualinux.vvcm.virt.migrate')))")
+    done = subprocess.run([vlx_command()[0], "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "[]", done.stdout
+    assert sorted(build_parser("bootsvc")._subparsers._group_actions[0].choices) == ["bootsvc"]

@@ -8,6 +8,7 @@ import dataclasses
 import io
 import ipaddress
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,36 @@ def test_a_failing_step_skips_only_the_steps_that_need_it(cluster, tmp_path):
         "virtualinux: [20 second] skipped: needs first, which did not succeed",
         "virtualinux: [30 third] ok: third done",
         "virtualinux: [40 fourth] ok: fourth done"]
+
+
+def test_a_waiting_step_holds_up_only_the_steps_that_need_it(cluster, tmp_path):
+    """The database step's kind (`waits`): it runs in a thread, a later step that does not
+    need it runs meanwhile (here it is what lets the waiting step end), a step that needs it
+    runs after it, and the outcomes come back in the steps' order."""
+    released = threading.Event()
+
+    def wait_for_third(boot):
+        if not released.wait(60):      # a safety net: without the thread, never set
+            raise startup.StepFailed("the step after it did not run meanwhile")
+        return "joined"
+
+    def release(boot):
+        released.set()
+        return "released"
+
+    steps = [startup.Step("first", 10, "a", lambda boot: "first done"),
+             startup.Step("slow", 20, "b", wait_for_third, needs=("first",), waits=True),
+             startup.Step("third", 30, "c", release, needs=("first",)),
+             startup.Step("fourth", 40, "d", lambda boot: "after slow", needs=("slow",))]
+    out = io.StringIO()
+    outcomes = startup.run_steps(boot_of(cluster, tmp_path), steps, out)
+    assert [(o.step.name, o.state) for o in outcomes] == [
+        ("first", "ok"), ("slow", "ok"), ("third", "ok"), ("fourth", "ok")]
+    assert out.getvalue().splitlines() == [
+        "virtualinux: [10 first] ok: first done",
+        "virtualinux: [30 third] ok: released",
+        "virtualinux: [20 slow] ok: joined",
+        "virtualinux: [40 fourth] ok: after slow"]
 
 
 def test_identity_writes_name_hosts_and_the_session_initiator(cluster, tmp_path):
@@ -182,11 +213,14 @@ def test_start_up_command_runs_every_step_under_a_root(cluster, tmp_path, capsys
     root = node_root(tmp_path, cluster=cluster)
     assert startup_main(["--node", "node2", "--root", str(root)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split("]")[0] for line in lines] == [
+    # One line a step; the database step runs beside the ones after it (it `waits`), so its
+    # line may come later than its place.
+    assert sorted(line.split("]")[0] for line in lines) == [
         "virtualinux: [10 identity", "virtualinux: [15 sshkeys", "virtualinux: [16 adminkeys",
         "virtualinux: [20 time", "virtualinux: [30 database", "virtualinux: [40 vcnet",
         "virtualinux: [45 uplink",
         "virtualinux: [50 bootsvc", "virtualinux: [60 libvirtd"]
+    assert all(" ok: " in line for line in lines), lines
     assert startup_main(["--node", "node2", "--root", str(root), "--only", "nosuch"]) == 2
     assert "no start-up step 'nosuch'" in capsys.readouterr().err
 
@@ -231,11 +265,14 @@ def test_db_nodes_run_members_and_every_node_boots_with_the_store(db, tmp_path, 
     assert said == (f"etcd member node2 on 198.18.0.12 forms a new cluster (2 in its initial "
                     f"cluster), clients use {store}")
     env = (member / "etc/default/virtualinux-etcd").read_text().splitlines()
-    assert env[1:] == ["VLX_ETCD_NAME=node2", "VLX_ETCD_LISTEN=198.18.0.12",
-                       "VLX_ETCD_INITIAL_CLUSTER=node1=http://198.18.0.11:2380,"
-                       "node2=http://198.18.0.12:2380",
-                       "VLX_ETCD_DATA_DIR=/var/lib/virtualinux/etcd/node2",
-                       "VLX_ETCD_OPTIONS=--heartbeat-ms 100 --election-ms 1000"]
+    assert env[1:-1] == ["VLX_ETCD_NAME=node2", "VLX_ETCD_LISTEN=198.18.0.12",
+                         "VLX_ETCD_INITIAL_CLUSTER=node1=http://198.18.0.11:2380,"
+                         "node2=http://198.18.0.12:2380",
+                         "VLX_ETCD_DATA_DIR=/var/lib/virtualinux/etcd/node2",
+                         "VLX_ETCD_OPTIONS=--heartbeat-ms 100 --election-ms 1000"]
+    # The unit runs etcd with VLX_ETCD_ARGS: the command line `vlx db serve` execs for the
+    # same member.
+    assert env[-1] == "VLX_ETCD_ARGS=" + served_etcd(capsys, env)
     # A reboot: the member's data is on the node's root, so it restarts as itself and asks
     # the store nothing.
     (member / "var/lib/virtualinux/etcd/node2/member").mkdir(parents=True)
@@ -249,6 +286,19 @@ def test_db_nodes_run_members_and_every_node_boots_with_the_store(db, tmp_path, 
     assert not (client / "etc/default/virtualinux-etcd").exists()
     assert (client / "etc/default/virtualinux").read_text().splitlines()[1:] == [
         f"VLX_STORE={store}", "VLX_DB=/var/lib/virtualinux/cluster.db"]
+
+
+def served_etcd(capsys, env: list[str]) -> str:
+    """etcd's arguments as `vlx db serve --print` makes them from an etcd environment file
+    (what virtualinux-etcd.service ran before it ran etcd itself)."""
+    values = dict(line.split("=", 1) for line in env[1:])
+    code, out, err = vlx(capsys, "db", "serve", "--name", values["VLX_ETCD_NAME"],
+                         "--listen", values["VLX_ETCD_LISTEN"],
+                         "--initial-cluster", values["VLX_ETCD_INITIAL_CLUSTER"],
+                         "--data-dir", values["VLX_ETCD_DATA_DIR"],
+                         *values["VLX_ETCD_OPTIONS"].split(), "--print")
+    assert code == 0, err
+    return out.split(" ", 1)[1].strip()
 
 
 def test_a_db_node_of_a_cluster_with_a_ca_runs_its_member_over_tls(db, tmp_path, capsys,
@@ -267,6 +317,10 @@ def test_a_db_node_of_a_cluster_with_a_ca_runs_its_member_over_tls(db, tmp_path,
                (member / "etc/default/virtualinux-etcd").read_text().splitlines()[1:])
     assert env["VLX_ETCD_INITIAL_CLUSTER"] == "node2=https://198.18.0.12:2380"
     assert env["VLX_ETCD_OPTIONS"].endswith(" --tls /run/virtualinux/node/store")
+    # etcd runs with the certificates where the node has them (found under the test's root).
+    assert " --cert-file /run/virtualinux/node/store/node2.crt " in env["VLX_ETCD_ARGS"]
+    assert " --listen-peer-urls https://198.18.0.12:2380 " in env["VLX_ETCD_ARGS"]
+    assert env["VLX_ETCD_ARGS"].endswith(" --peer-client-cert-auth")
     # A node whose cpio brought no member certificate (no CA): plain peers, no --tls.
     plain_root = node_root(tmp_path, "n2-plain")
     database.run(boot_of(cluster, plain_root, "node2"))

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from virtualinux.vm_test.etcd import VLX, Lab
+from virtualinux.vm_test.etcd import Lab
 from virtualinux.vm_test.wait import wait_for
 from virtualinux.vvcm import Database
 
@@ -82,14 +82,15 @@ def test_a_db_node_joins_the_running_member_once_however_often_start_up_runs(lab
     assert written["VLX_ETCD_INITIAL_CLUSTER"] == \
         "e1=http://198.18.0.31:2380,node2=http://198.18.0.12:2380"
     assert written["VLX_ETCD_OPTIONS"] == "--join --heartbeat-ms 100 --election-ms 1000"
-    # What virtualinux-etcd.service runs with that file ($VLX_ETCD_OPTIONS split in words),
-    # with the member's data in the test's directory; the lab's slower Raft timing.
-    node2.process = node2.ns.popen(
-        [*VLX, "db", "serve", "--name", "node2", "--listen", "198.18.0.12",
-         "--initial-cluster", written["VLX_ETCD_INITIAL_CLUSTER"],
-         "--data-dir", str(node2.data_dir), "--join", "--heartbeat-ms", str(lab.timing[0]),
-         "--election-ms", str(lab.timing[1])],
-        stdout=node2.log.open("a"), stderr=subprocess.STDOUT)
+    # What virtualinux-etcd.service runs with that file (etcd, $VLX_ETCD_ARGS split in
+    # words), with the member's data in the test's directory; the lab's slower Raft timing.
+    arguments = written["VLX_ETCD_ARGS"].split()
+    for flag, value in (("--data-dir", node2.data_dir), ("--heartbeat-interval", lab.timing[0]),
+                        ("--election-timeout", lab.timing[1])):
+        arguments[arguments.index(flag) + 1] = str(value)
+    assert arguments[arguments.index("--initial-cluster-state") + 1] == "existing"
+    node2.process = node2.ns.popen(["etcd", *arguments], stdout=node2.log.open("a"),
+                                   stderr=subprocess.STDOUT)
     wait_for(lambda: lab.healthy(lab.members), 90, "node2 to join e1 as a healthy member",
              interval=0.5)
     listed = json.loads(lab.etcdctl("member", "list", "-w", "json"))["members"]

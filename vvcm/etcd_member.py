@@ -57,12 +57,15 @@ class Member:
     def client_url(self) -> str:
         return f"{self.scheme}://{self.address}:{self.client_port}"
 
-    def tls_flags(self) -> list[str]:
+    def tls_flags(self, root: Path = Path("/")) -> list[str]:
+        """etcd's TLS flags; `root` is where the files are looked for (a node's root seen
+        from a test or an image build), the flags name them as the member sees them."""
         if self.tls_dir is None:
             return []
         ca, cert, key = (str(self.tls_dir / "ca.crt"), str(self.tls_dir / f"{self.name}.crt"),
                          str(self.tls_dir / f"{self.name}.key"))
-        missing = [path for path in (ca, cert, key) if not Path(path).is_file()]
+        missing = [path for path in (ca, cert, key)
+                   if not (root / path.lstrip("/")).is_file()]
         if missing:
             raise VlxError(f"missing {', '.join(missing)} (`vlx db tls member {self.name} "
                            f"--ip {self.address} --out {self.tls_dir}` writes them)", "--tls")
@@ -70,8 +73,8 @@ class Member:
                 "--client-cert-auth", "--peer-cert-file", cert, "--peer-key-file", key,
                 "--peer-trusted-ca-file", ca, "--peer-client-cert-auth"]
 
-    def command(self, etcd: str = "etcd") -> list[str]:
-        """The etcd command line of this member."""
+    def command(self, etcd: str = "etcd", root: Path = Path("/")) -> list[str]:
+        """The etcd command line of this member (`root`: see tls_flags)."""
         if self.election_ms < 5 * self.heartbeat_ms:
             raise VlxError(f"election timeout {self.election_ms} ms is under 5 heartbeats of "
                            f"{self.heartbeat_ms} ms (etcd refuses that)")
@@ -90,7 +93,7 @@ class Member:
                 "--election-timeout", str(self.election_ms),
                 "--auto-compaction-mode", AUTO_COMPACTION[0],
                 "--auto-compaction-retention", AUTO_COMPACTION[1],
-                "--quota-backend-bytes", str(QUOTA_BYTES), *self.tls_flags()]
+                "--quota-backend-bytes", str(QUOTA_BYTES), *self.tls_flags(root)]
 
 
 def parse_initial_cluster(text: str) -> tuple[tuple[str, str], ...]:

@@ -30,10 +30,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .cluster_ca import without_ca_key
 from .db import Database
 from .errors import VlxError
-from .model import Change, Cluster
+from .model import STORE_CA_OWNER, Change, Cluster
 from .store_etcd import EtcdStore, StoreUnreachable
 from .store_sqlite import advance_copy, write_copy
 
@@ -125,7 +124,11 @@ class ReplicaCopy:
             return False
         # Every node's boot secrets stay (any replica boots any node); the root CA's key,
         # which only `vlx db tls` needs, stays in the store (cluster_ca.without_ca_key).
-        self._write(without_ca_key(cluster), entries, whole)
+        if cluster.credential(STORE_CA_OWNER) is not None:
+            # Imported only then: cluster_ca's x509 costs a TCG node ~1 s at every start.
+            from .cluster_ca import without_ca_key
+            cluster = without_ca_key(cluster)
+        self._write(cluster, entries, whole)
         self.generation = cluster.generation
         self.copies_written += 1
         log.info("local copy %s now at gen %d", self.path, self.generation)

@@ -3,7 +3,8 @@
 With nodes of role `db` the database is the replicated store on them (`Cluster.store_url`):
 every node's services serve from a local SQLite copy of it (the start-up itself made that copy
 before the first step, `__main__`), and the nodes of role `db` run one etcd member each
-(`virtualinux-etcd.service`, `vlx db serve`). How a member starts depends on what it finds:
+(`virtualinux-etcd.service`: etcd with the command line `vlx db serve` would exec it with).
+How a member starts depends on what it finds:
 
     its data directory exists     it restarts as itself (a reboot: the data is on the node's
                                   own root, its snapshot); etcd ignores the initial cluster
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -65,15 +66,21 @@ def environment(boot: Boot) -> str:
     return "\n".join(lines) + "\n"
 
 
-def member_environment(boot: Boot, initial: str, options: str) -> str:
+def member_environment(boot: Boot, initial: str, options: str,
+                       arguments: Sequence[str]) -> str:
     lines = ["# Written at start-up from the cluster database "
              f"(gen {boot.cluster.generation}); changes here are lost at the next boot.",
              f"VLX_ETCD_NAME={plain(boot.node.name, 'node name')}",
              f"VLX_ETCD_LISTEN={boot.node.ip}",
              f"VLX_ETCD_INITIAL_CLUSTER={initial}",
              f"VLX_ETCD_DATA_DIR={data_dir(boot)}",
-             # Split into words by systemd ($VAR, not ${VAR}): flags of `vlx db serve`.
-             f"VLX_ETCD_OPTIONS={options}"]
+             # The same member as flags of `vlx db serve`, for an operator starting it by hand.
+             f"VLX_ETCD_OPTIONS={options}",
+             # What virtualinux-etcd.service runs: etcd itself with the command line `vlx db
+             # serve` would exec (etcd_member.Member.command), so a node's boot starts no
+             # second Python interpreter for it (one took 26 s of a TCG node's boot).
+             "VLX_ETCD_ARGS=" + " ".join(plain(word.lstrip("-"), "etcd argument") and word
+                                         for word in arguments)]
     return "\n".join(lines) + "\n"
 
 
@@ -153,19 +160,30 @@ def run(boot: Boot) -> str:
     if Role.DB not in boot.node.roles:
         return f"client of {store}, serving a local copy" if store else "database file"
     if (boot.path(str(data_dir(boot))) / "member").is_dir():
-        how, initial, options = "restarts as itself", f"{boot.node.name}={peer_url(boot)}", ""
+        how, initial, joining = "restarts as itself", f"{boot.node.name}={peer_url(boot)}", False
     else:
         joined = join(boot, store) if store else None
         if joined is None:
-            how, initial, options = "forms a new cluster", new_cluster(boot), ""
+            how, initial, joining = "forms a new cluster", new_cluster(boot), False
         else:
-            how, initial, options = "joins the running members", joined, "--join"
-    options = f"{options} {timing(boot)}".strip()
+            how, initial, joining = "joins the running members", joined, True
+    options = f"{'--join ' if joining else ''}{timing(boot)}"
     tls = member_tls(boot)
     if tls is not None:
         options += f" --tls {tls}"
+    settings = boot.cluster.settings or Settings
+    member = etcd_member.Member(
+        name=boot.node.name, address=boot.node.ip,
+        initial_cluster=etcd_member.parse_initial_cluster(initial), join=joining,
+        data_dir=data_dir(boot), tls_dir=Path(tls) if tls else None,
+        heartbeat_ms=int(settings.store_heartbeat_ms),
+        election_ms=int(settings.store_election_ms))
+    try:
+        arguments = member.command(root=boot.root)[1:]
+    except VlxError as err:
+        raise StepFailed(f"etcd member {boot.node.name}: {err}") from None
     changed = write_if_changed(boot.path(ETCD_ENV_FILE),
-                               member_environment(boot, initial, options)) or changed
+                               member_environment(boot, initial, options, arguments)) or changed
     restart_if_changed(boot, "virtualinux-etcd.service", changed)
     members = len(initial.split(","))
     return (f"etcd member {boot.node.name} on {boot.node.ip} {how} ({members} in its initial "
@@ -178,5 +196,7 @@ def _store(boot: Boot) -> str | None:
     return found if found and found.startswith("etcd://") else boot.cluster.store_url()
 
 
-STEP = Step(name="database", order=30, run=run, needs=("identity",),
+# waits: a joining member waits for the members before it (JOIN_TIMEOUT); the steps after
+# it (the boot services above all) need nothing of it and go on meanwhile.
+STEP = Step(name="database", order=30, run=run, needs=("identity",), waits=True,
             makes=f"{ENV_FILE}; on db nodes {ETCD_ENV_FILE} and virtualinux-etcd.service")

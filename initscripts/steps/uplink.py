@@ -18,9 +18,6 @@ import errno
 import ipaddress
 import socket
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
 from ..startup import Boot, Step, StepFailed
 
 
@@ -47,6 +44,10 @@ def configure(uplink: str, address: ipaddress.IPv4Interface,
     A link holding `cluster_ip` (the node's cluster address) is the cluster interface, named
     as the uplink by mistake: it is refused before anything is removed from it, or the node
     would cut itself off its cluster network."""
+    # Imported when netlink is used, not when the steps are found (`--list`, tests): pyroute2
+    # imports all of itself, ~2 s of a TCG node's CPU (vvcm.virt.network does the same).
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
     with IPRoute() as ipr:
         found = ipr.link_lookup(ifname=uplink)
         if not found:

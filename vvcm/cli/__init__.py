@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
+import importlib.util
 import logging
 import pkgutil
 import sys
@@ -18,7 +19,9 @@ from ..errors import VlxError
 from .common import VlxParser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with `only` (a noun module's name), just that noun's module
+    is imported and registered (`main` passes the noun it finds in argv)."""
     parser = VlxParser(
         prog="vlx", description="virtualinux: diskless clusters with no master node")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -33,13 +36,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_shared_argument("-v", "--verbose", action="store_true",
                                help="log details (debug level) on stderr")
     nouns = parser.add_subparsers(dest="noun", metavar="NOUN", required=True)
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if info.name.startswith("_"):   # __main__: `python -m virtualinux.vvcm.cli`
-            continue
-        module = importlib.import_module(f"{__name__}.{info.name}")
+    names = sorted(info.name for info in pkgutil.iter_modules(__path__)
+                   if not info.name.startswith("_"))   # __main__: `python -m ...cli`
+    if only in names and hasattr(importlib.import_module(f"{__name__}.{only}"), "register"):
+        names = [only]
+    for name in names:
+        module = importlib.import_module(f"{__name__}.{name}")
         if hasattr(module, "register"):
             module.register(nouns)
     return parser
+
+
+# Global options that take a value: the word after them is not the noun.
+_VALUE_OPTIONS = ("--db", "--store")
+
+
+def noun_of(argv: list[str]) -> str | None:
+    """The noun `argv` names, if a noun module of that name exists (else None: the whole
+    parser is built, for `vlx --help` and for argparse's message on an unknown noun).
+
+    Every noun module imports the areas it drives (libvirt, pyroute2, cryptography, the lab):
+    all of them take ~6 s to import on a node's emulated CPU, where `vlx bootsvc run` and
+    the other commands a node runs at boot need one noun's."""
+    words = iter(argv)
+    for word in words:
+        if word in _VALUE_OPTIONS:
+            next(words, None)
+        elif not word.startswith("-"):
+            known = (word.isidentifier() and not word.startswith("_")
+                     and importlib.util.find_spec(f"{__name__}.{word}") is not None)
+            return word if known else None
+    return None
 
 
 def _version() -> str:
@@ -50,7 +77,7 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(noun_of(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     # A command prints what it did on stdout; its INFO log lines would only repeat that on
     # stderr. Daemons (`bootsvc run`, `storage serve --watch`) log their events at INFO:
