@@ -134,9 +134,11 @@ def test_node_root_image_holds_virtualinux_and_no_node_identity(node_image, tmp_
         units = mount / "etc/systemd/system"
         assert "ConditionPathExists=!/run/virtualinux/node/ssh-host-key" in (
             units / "virtualinux-ssh-host-keys.service.d/virtualinux-node.conf").read_text()
-        # iscsid never takes over the root's session on a node our initramfs logged in.
-        assert "ConditionKernelCommandLine=!vlx.root" in (
-            units / "iscsid.service.d/virtualinux-node.conf").read_text()
+        # iscsid adopts the root's session only with the record the initramfs handed over.
+        dropin = (units / "iscsid.service.d/virtualinux-node.conf").read_text()
+        assert "ConditionPathExists=/run/virtualinux/iscsi/nodes" in dropin
+        assert "Requires=etc-iscsi-nodes.mount" in dropin
+        assert "What=/run/virtualinux/iscsi/nodes" in (units / "etc-iscsi-nodes.mount").read_text()
     finally:
         subprocess.run(["umount", str(mount)], check=True)
 
