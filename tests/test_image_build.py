@@ -18,6 +18,7 @@ import pytest
 from virtualinux.image import build, cache
 from virtualinux.image.build import build_image, image_spec
 from virtualinux.netboot import cpio
+from virtualinux.storage.tgt import TgtAdmin
 from virtualinux.vvcm.errors import VlxError
 
 from .conftest import dnsmasq_dhcp, require
@@ -197,8 +198,9 @@ def test_a_failing_element_is_named_with_its_phase_and_leaves_nothing(tmp_path, 
 def private_san(netns, node_image: Path, tmp_path: Path, iqn: str,
                 chap: tuple[str, str] | None = None, control_offset: int = 0):
     """A private tgtd (own control port) in a lab namespace at 198.18.0.254 exporting a copy of
-    the node's root.img as LUN 1 of `iqn`, behind CHAP user and secret `chap` if given; yields
-    (hub, tap). Everything is removed afterwards, pass or fail."""
+    the node's root.img (tmp_path/node1.img) as LUN 1 of `iqn`, behind CHAP user and secret
+    `chap` if given; yields (hub, tap, its TgtAdmin). Everything is removed afterwards, pass or
+    fail."""
     require("tgtd", "tgtadm")
     hub = netns.namespace("hub")
     bridge = netns.bridge(hub)
@@ -228,7 +230,7 @@ def private_san(netns, node_image: Path, tmp_path: Path, iqn: str,
         if chap is not None:
             tgtadm("--op", "new", "--mode", "account", "--user", chap[0], "--password", chap[1])
             tgtadm("--op", "bind", "--mode", "account", "--tid", "1", "--user", chap[0])
-        yield hub, tap
+        yield hub, tap, TgtAdmin(int(control))
     finally:
         # A guest killed mid-session leaves its session: --force (LAB.md).
         tgtadm("--op", "delete", "--mode", "target", "--tid", "1", "--force", check=False)
@@ -245,7 +247,7 @@ def private_san(netns, node_image: Path, tmp_path: Path, iqn: str,
 @pytest.fixture
 def tgt_target(netns, node_image, tmp_path):
     iqn = "iqn.2026-11.lab.virtualinux:node1"
-    with private_san(netns, node_image, tmp_path, iqn) as (hub, tap):
+    with private_san(netns, node_image, tmp_path, iqn) as (hub, tap, _):
         yield hub, tap, iqn
 
 
