@@ -139,6 +139,9 @@ def test_node_root_image_holds_virtualinux_and_no_node_identity(node_image, tmp_
         dropin = (units / "iscsid.service.d/virtualinux-node.conf").read_text()
         assert "ConditionPathExists=/run/virtualinux/iscsi/nodes" in dropin
         assert "Requires=etc-iscsi-nodes.mount" in dropin
+        # Nothing iscsid reads while it logs the root in again may be on the root.
+        assert "Environment=OPENSSL_CONF=/dev/null" in dropin
+        assert (units / "sysinit.target.wants/iscsid.service").is_symlink()
         assert "What=/run/virtualinux/iscsi/nodes" in (units / "etc-iscsi-nodes.mount").read_text()
     finally:
         subprocess.run(["umount", str(mount)], check=True)
