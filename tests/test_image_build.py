@@ -18,6 +18,7 @@ import pytest
 from virtualinux.image import build, cache
 from virtualinux.image.build import build_image, image_spec
 from virtualinux.netboot import cpio
+from virtualinux.storage.tgt import TgtAdmin
 from virtualinux.vvcm.errors import VlxError
 
 from .conftest import dnsmasq_dhcp, require
@@ -134,9 +135,14 @@ def test_node_root_image_holds_virtualinux_and_no_node_identity(node_image, tmp_
         units = mount / "etc/systemd/system"
         assert "ConditionPathExists=!/run/virtualinux/node/ssh-host-key" in (
             units / "virtualinux-ssh-host-keys.service.d/virtualinux-node.conf").read_text()
-        # iscsid never takes over the root's session on a node our initramfs logged in.
-        assert "ConditionKernelCommandLine=!vlx.root" in (
-            units / "iscsid.service.d/virtualinux-node.conf").read_text()
+        # iscsid adopts the root's session only with the record the initramfs handed over.
+        dropin = (units / "iscsid.service.d/virtualinux-node.conf").read_text()
+        assert "ConditionPathExists=/run/virtualinux/iscsi/nodes" in dropin
+        assert "Requires=etc-iscsi-nodes.mount" in dropin
+        # Nothing iscsid reads while it logs the root in again may be on the root.
+        assert "Environment=OPENSSL_CONF=/dev/null" in dropin
+        assert (units / "sysinit.target.wants/iscsid.service").is_symlink()
+        assert "What=/run/virtualinux/iscsi/nodes" in (units / "etc-iscsi-nodes.mount").read_text()
     finally:
         subprocess.run(["umount", str(mount)], check=True)
 
@@ -195,8 +201,9 @@ def test_a_failing_element_is_named_with_its_phase_and_leaves_nothing(tmp_path, 
 def private_san(netns, node_image: Path, tmp_path: Path, iqn: str,
                 chap: tuple[str, str] | None = None, control_offset: int = 0):
     """A private tgtd (own control port) in a lab namespace at 198.18.0.254 exporting a copy of
-    the node's root.img as LUN 1 of `iqn`, behind CHAP user and secret `chap` if given; yields
-    (hub, tap). Everything is removed afterwards, pass or fail."""
+    the node's root.img (tmp_path/node1.img) as LUN 1 of `iqn`, behind CHAP user and secret
+    `chap` if given; yields (hub, tap, its TgtAdmin). Everything is removed afterwards, pass or
+    fail."""
     require("tgtd", "tgtadm")
     hub = netns.namespace("hub")
     bridge = netns.bridge(hub)
@@ -226,7 +233,7 @@ def private_san(netns, node_image: Path, tmp_path: Path, iqn: str,
         if chap is not None:
             tgtadm("--op", "new", "--mode", "account", "--user", chap[0], "--password", chap[1])
             tgtadm("--op", "bind", "--mode", "account", "--tid", "1", "--user", chap[0])
-        yield hub, tap
+        yield hub, tap, TgtAdmin(int(control))
     finally:
         # A guest killed mid-session leaves its session: --force (LAB.md).
         tgtadm("--op", "delete", "--mode", "target", "--tid", "1", "--force", check=False)
@@ -243,7 +250,7 @@ def private_san(netns, node_image: Path, tmp_path: Path, iqn: str,
 @pytest.fixture
 def tgt_target(netns, node_image, tmp_path):
     iqn = "iqn.2026-11.lab.virtualinux:node1"
-    with private_san(netns, node_image, tmp_path, iqn) as (hub, tap):
+    with private_san(netns, node_image, tmp_path, iqn) as (hub, tap, _):
         yield hub, tap, iqn
 
 

@@ -42,7 +42,7 @@ def san(netns, node_image, tmp_path):
     """node1's root behind CHAP user node1 / SECRET on a private tgtd at 198.18.0.254."""
     require("qemu-system-x86_64")
     with private_san(netns, node_image, tmp_path, IQN, ("node1", SECRET),
-                     control_offset=7) as (hub, tap):
+                     control_offset=7) as (hub, tap, _):
         yield hub, tap
 
 
