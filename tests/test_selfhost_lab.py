@@ -506,7 +506,9 @@ def test_a_node_added_on_node1_is_booted_by_node3_alone(lab):
             journal[-3000:]
         for node in ("node1", "node2"):
             state = lab_ssh(lab, node, "systemctl is-active virtualinux-bootsvc.service")
-            assert state.stdout.strip() == "inactive", state.stdout
+            why = lab_ssh(lab, node, "systemctl status --no-pager -n 40 "
+                                     "virtualinux-bootsvc.service").stdout
+            assert state.stdout.strip() == "inactive", why
         # It presents the host key `vlx node add` made on node1 (node3 handed it in its cpio).
         said = lab_ssh(lab, NEW_NODE, "hostname")
         assert said.returncode == 0 and said.stdout.strip() == NEW_NODE, said.stderr
