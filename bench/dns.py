@@ -58,7 +58,6 @@ from .dhcp import cluster_database, cpu_seconds, node_ip, peak_rss_kib
 CLIENT = "198.18.0.200"
 SERVERS = {"virtualinux": "198.18.0.201", "dnsmasq": "198.18.0.202", "unbound": "198.18.0.203",
            "virtualinux-before": "198.18.0.204"}
-REPO = common.REPO
 UPSTREAM = "198.18.0.210"
 PREFIX = 18                      # bench.dhcp's CIDR: room for the node addresses
 EXTERNAL_NAMES = 1000
@@ -372,7 +371,7 @@ def profile_ours(client: Namespace, ours: Server, queries: Path, seconds: float,
         for frame in set(stack.split(";")):
             function = frame.split(" (")[0]
             totals[function] = totals.get(function, 0) + int(on_stack)
-        leaf = stack.split(";")[-1].replace(str(REPO) + "/", "")
+        leaf = stack.split(";")[-1].replace(str(common.REPO) + "/", "")
         leaves[leaf] = leaves.get(leaf, 0) + int(on_stack)
     log(f"  where our time goes ({samples} samples, share of samples a function is on the "
         "stack):")

@@ -79,8 +79,9 @@ def member_environment(boot: Boot, initial: str, options: str,
              # What virtualinux-etcd.service runs: etcd itself with the command line `vlx db
              # serve` would exec (etcd_member.Member.command), so a node's boot starts no
              # second Python interpreter for it (one took 26 s of a TCG node's boot).
-             "VLX_ETCD_ARGS=" + " ".join(plain(word.lstrip("-"), "etcd argument") and word
-                                         for word in arguments)]
+             "VLX_ETCD_ARGS=" + " ".join(arguments)]
+    for word in arguments:      # systemd splits $VLX_ETCD_ARGS at spaces: none may hide in one
+        plain(word.lstrip("-"), "etcd argument")
     return "\n".join(lines) + "\n"
 
 

@@ -19,9 +19,7 @@ from ..errors import VlxError
 from .common import VlxParser
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The whole command line; with `only` (a noun module's name), just that noun's module
-    is imported and registered (`main` passes the noun it finds in argv)."""
+def _global_parser() -> VlxParser:
     parser = VlxParser(
         prog="vlx", description="virtualinux: diskless clusters with no master node")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -35,6 +33,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                                     "else --db)")
     parser.add_shared_argument("-v", "--verbose", action="store_true",
                                help="log details (debug level) on stderr")
+    return parser
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with `only` (a noun module's name), just that noun's module
+    is imported and registered (`main` passes the noun it finds in argv)."""
+    parser = _global_parser()
     nouns = parser.add_subparsers(dest="noun", metavar="NOUN", required=True)
     names = sorted(info.name for info in pkgutil.iter_modules(__path__)
                    if not info.name.startswith("_"))   # __main__: `python -m ...cli`
@@ -47,10 +52,6 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-# Global options that take a value: the word after them is not the noun.
-_VALUE_OPTIONS = ("--db", "--store")
-
-
 def noun_of(argv: list[str]) -> str | None:
     """The noun `argv` names, if a noun module of that name exists (else None: the whole
     parser is built, for `vlx --help` and for argparse's message on an unknown noun).
@@ -58,9 +59,12 @@ def noun_of(argv: list[str]) -> str | None:
     Every noun module imports the areas it drives (libvirt, pyroute2, cryptography, the lab):
     all of them take ~6 s to import on a node's emulated CPU, where `vlx bootsvc run` and
     the other commands a node runs at boot need one noun's."""
+    # A global option that takes a value: the word after it is not the noun.
+    valued = {flag for flags, options in _global_parser().shared
+              if options.get("action", "store") == "store" for flag in flags}
     words = iter(argv)
     for word in words:
-        if word in _VALUE_OPTIONS:
+        if word in valued:
             next(words, None)
         elif not word.startswith("-"):
             known = (word.isidentifier() and not word.startswith("_")
