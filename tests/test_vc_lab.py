@@ -19,6 +19,7 @@ import pytest
 from virtualinux.bootsvc.status import read_status
 from virtualinux.image.tiny import build_tiny
 from virtualinux.vm_test.libvirtd import LabLibvirtd, lab_nodes
+from virtualinux.vm_test.wait import wait_for as wait_until
 from virtualinux.vvcm.virt.connect import silence_libvirt
 
 from .conftest import require, vlx
@@ -175,9 +176,13 @@ def test_vc_boots_pings_is_isolated_migrates_live_and_destroys_clean(lab, db, ca
     assert {vm: wait_for(lab, vm, rf"virtualinux: node {vm} up (\S+)").group(1)
             for vm in placed} == {"blue-1": "198.19.6.1", "blue-2": "198.19.6.2",
                                   "red-1": "198.19.7.1"}
-    acks = sum(read_status(r.state_dir).services["dhcp"].counters.get("DHCPACK", 0)
-               for r in lab["replicas"])
-    assert acks >= 3
+    # A replica writes its counters to its status file once per poll: the last ACK may be
+    # seen by the VM before it is in the file.
+    def acks() -> int:
+        return sum(read_status(r.state_dir).services["dhcp"].counters.get("DHCPACK", 0)
+                   for r in lab["replicas"])
+    wait_until(lambda: acks() >= 3, 30, "the replicas' status to count the three DHCPACKs")
+    assert acks() >= 3
     rows = json.loads(vlx(capsys, "vc", "status", "--json")[1])
     assert {(r["vm"], r["node"], r["state"]) for r in rows} == {
         (vm, node, "running") for vm, node in placed.items()}
