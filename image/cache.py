@@ -5,7 +5,9 @@ A build's key is the SHA-256 of everything that decides its output (elements, sc
 mirrors, package versions, the builder's own code). An entry is `ROOT/KIND-KEY/` holding the
 artifacts and `manifest.json`; it appears by one rename of a finished temporary directory, so
 an entry that exists is complete. The root is `--cache`, else `$VLX_IMAGE_CACHE`, else
-/var/cache/virtualinux/images; it survives across runs on purpose.
+/var/cache/virtualinux/images; it survives across runs on purpose, but not without bound: each
+change to the node's sources is a new node image of about a gigabyte, so publishing one retires
+the least recently used entries of its kind beyond `keep_count()` (`$VLX_IMAGE_CACHE_KEEP`, 3).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ..vvcm.host import sha256_file  # noqa: F401  (image code calls cache.sha25
 
 DEFAULT_ROOT = Path("/var/cache/virtualinux/images")
 MANIFEST = "manifest.json"
+DEFAULT_KEEP = 3
 
 
 def cache_root(override: Path | None = None) -> Path:
@@ -69,9 +72,14 @@ def entry_dir(root: Path, kind: str, key: str) -> Path:
 
 
 def cached(root: Path, kind: str, key: str) -> Path | None:
-    """The entry for (kind, key) if a finished build published it."""
+    """The entry for (kind, key) if a finished build published it, marked as just used (its
+    directory's mtime: what `prune` keeps the most recent of)."""
     entry = entry_dir(root, kind, key)
-    return entry if (entry / MANIFEST).is_file() else None
+    if not (entry / MANIFEST).is_file():
+        return None
+    with contextlib.suppress(OSError):     # a read-only cache is still a cache
+        os.utime(entry)
+    return entry
 
 
 @contextlib.contextmanager
@@ -112,10 +120,47 @@ def read_manifest(directory: Path) -> dict:
 
 
 def publish(staged: Path, entry: Path) -> Path:
-    """Move a finished build into place in one rename."""
+    """Move a finished build into place in one rename, then retire what it makes surplus."""
     staged.chmod(0o755)     # mkdtemp made it private; the images are for every user to read
     staged.rename(entry)
+    os.utime(entry)         # the newest used: its build may have begun before others' last hits
+    prune(entry.parent, read_manifest(entry)["kind"], keep_count())
     return entry
+
+
+def keep_count() -> int:
+    """How many entries of each kind the cache keeps: `$VLX_IMAGE_CACHE_KEEP`, else 3."""
+    text = os.environ.get("VLX_IMAGE_CACHE_KEEP", "")
+    if not text:
+        return DEFAULT_KEEP
+    if not text.isdigit() or int(text) < 1:
+        raise VlxError(f"VLX_IMAGE_CACHE_KEEP={text!r} is not a whole number of at least 1",
+                       "image cache")
+    return int(text)
+
+
+def prune(root: Path, kind: str, keep: int) -> list[Path]:
+    """Retire the entries of `kind` beyond the `keep` most recently used; the ones retired.
+    An entry whose build lock someone holds (a rebuild of it) is left alone."""
+    found = [entry for entry, manifest in entries(root) if manifest.get("kind") == kind]
+    found.sort(key=lambda entry: entry.stat().st_mtime, reverse=True)
+    retired = []
+    for entry in found[keep:]:
+        with (root / f".{entry.name}.lock").open("w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            try:
+                retire(entry)
+            except FileNotFoundError:
+                continue            # another prune took it first
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        for log in (root / "logs").glob(f"{entry.name}-*.log"):
+            log.unlink(missing_ok=True)
+        retired.append(entry)
+    return retired
 
 
 def deliver(entry: Path, out_dir: Path) -> Path:

@@ -169,6 +169,47 @@ def test_a_cache_entry_exists_only_once_published_and_is_delivered_whole(tmp_pat
     assert not [path for path in root.iterdir() if "building" in path.name]
 
 
+def _published(root: Path, kind: str, key: str, when: float) -> Path:
+    """A finished entry of `kind`, with a build log, last used at `when`."""
+    with cache.staging(root, kind) as staged:
+        (staged / "root.img").write_bytes(b"x")
+        cache.write_manifest(staged, {"kind": kind, "key": key})
+        entry = cache.publish(staged, cache.entry_dir(root, kind, key))
+    (root / "logs").mkdir(exist_ok=True)
+    (root / "logs" / f"{kind}-{key}-20261202T000000.log").write_text("built\n")
+    os.utime(entry, (when, when))
+    return entry
+
+
+def test_publishing_keeps_the_most_recently_used_entries_of_its_kind(tmp_path, monkeypatch,
+                                                                      capsys):
+    monkeypatch.setenv("VLX_IMAGE_CACHE_KEEP", "2")
+    root = cache.cache_root(tmp_path / "cache")
+    _published(root, "node", "n1", 1000)
+    _published(root, "guest", "g1", 2000)
+    _published(root, "guest", "g2", 3000)
+    assert cache.cached(root, "guest", "g1") is not None      # a hit makes g1 the most recent
+    _published(root, "guest", "g3", 1500)                      # g2 is now the least recent
+    keys = sorted(manifest["key"] for _, manifest in cache.entries(root))
+    assert keys == ["g1", "g3", "n1"]                          # another kind is not counted
+    assert sorted(log.name for log in (root / "logs").iterdir()) == [
+        "guest-g1-20261202T000000.log", "guest-g3-20261202T000000.log",
+        "node-n1-20261202T000000.log"]
+    assert not [path for path in root.iterdir() if "retired" in path.name]
+    # An entry being rebuilt (its build lock held) is never taken from under the build.
+    with cache.build_lock(root, "guest", "g1"):
+        assert cache.prune(root, "guest", 0) == [cache.entry_dir(root, "guest", "g3")]
+    assert [manifest["key"] for _, manifest in cache.entries(root)] == ["n1", "g1"]
+    assert main(["image", "--cache", str(root), "prune", "--keep", "0"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"removed {cache.entry_dir(root, 'guest', 'g1')}",
+        f"removed {cache.entry_dir(root, 'node', 'n1')}"]
+    assert cache.entries(root) == []
+    monkeypatch.setenv("VLX_IMAGE_CACHE_KEEP", "none")
+    with pytest.raises(VlxError, match="VLX_IMAGE_CACHE_KEEP='none'"):
+        cache.keep_count()
+
+
 def test_bad_spec_values_are_refused_with_the_flag_named(tmp_path):
     with pytest.raises(VlxError, match="unknown image kind 'vm'"):
         image_spec("vm")

@@ -49,6 +49,14 @@ def register(nouns: argparse._SubParsersAction) -> None:
     show = add_verb(verbs, "show", cmd_show, help="one cached image's manifest", json=True)
     show.add_argument("name", help="KIND (the newest of that kind), KIND-KEY or KEY")
 
+    prune = add_verb(verbs, "prune", cmd_prune,
+                     help="remove all but the most recently used images of each kind (a "
+                          "build does this itself, keeping $VLX_IMAGE_CACHE_KEEP or "
+                          f"{cache.DEFAULT_KEEP})")
+    prune.add_argument("--keep", type=int, default=None, metavar="N",
+                       help="how many of each kind to keep (default: $VLX_IMAGE_CACHE_KEEP or "
+                            f"{cache.DEFAULT_KEEP})")
+
 
 def cmd_build(args: argparse.Namespace) -> int:
     if args.kind not in KINDS:
@@ -77,6 +85,18 @@ def cmd_list(args: argparse.Namespace) -> int:
     print_table(["KIND", "KEY", "SIZE_MB", "PATH"],
                 [[manifest.get("kind", "?"), manifest.get("key", "?"),
                   f"{_size(entry) / 1e6:.1f}", entry] for entry, manifest in found])
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    keep = cache.keep_count() if args.keep is None else args.keep
+    if keep < 0:
+        raise VlxError(f"cannot keep {keep} images", "--keep")
+    root = cache.cache_root(args.cache)
+    kinds = sorted({manifest.get("kind", "?") for _, manifest in cache.entries(root)})
+    for kind in kinds:
+        for entry in cache.prune(root, kind, keep):
+            print(f"removed {entry}")
     return 0
 
 
