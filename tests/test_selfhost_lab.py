@@ -461,7 +461,12 @@ def test_the_admin_key_logs_in_and_each_node_presents_its_host_key_from_the_data
         said = lab_ssh(lab, node, "cat /sys/class/iscsi_session/session*/recovery_tmo "
                                   "/sys/class/iscsi_connection/connection*/recv_tmo "
                                   "/sys/class/iscsi_connection/connection*/ping_tmo")
-        assert said.stdout.split() == ["86400", "0", "0"], said.stdout + said.stderr
+        # What iscsid said when it took the session (whether it read the record), for the
+        # reader of a failure.
+        adoption = lab_ssh(lab, node, "journalctl -b -o cat --no-pager -u iscsid.service "
+                                      "-u etc-iscsi-nodes.mount; find /etc/iscsi/nodes").stdout
+        print(node, "iscsid:", adoption)
+        assert said.stdout.split() == ["86400", "0", "0"], said.stdout + said.stderr + adoption
     # The same login against a known_hosts that names node2's key for node1's address fails:
     # the check above could have failed.
     cluster = Database(lab.state_dir / "cluster.db").load()
