@@ -18,11 +18,10 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from virtualinux.vvcm import Cluster, VlxError
-from virtualinux.vvcm.host import sha256_file
 
 from . import layout, scripts
 
@@ -34,6 +33,8 @@ CURRENT = "current"
 TREE_PREFIX = "gen-"
 KEEP_OLD_TREES = 1      # the previous tree stays for transfers that began before the swap
 INITRD_ALIGN = 512      # the node's cpio is appended after the shared initrd (LAB.md)
+SOURCES_MEMO = ".sources.json"
+COPY_BLOCK = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,25 +105,30 @@ def text_files(cluster: Cluster, kernel_args: Sequence[str]) -> dict[str, bytes]
 
 def render(cluster: Cluster, image_dir: Path, out: Path, kernel_args: Sequence[str] = (),
            ipxe_dir: Path = IPXE_DIR) -> Rendered:
-    """Render the tree for `cluster` under `out` and point `out/current` at it."""
+    """Render the tree for `cluster` under `out` and point `out/current` at it. Files copied
+    from elsewhere (iPXE, kernel, initrd) are read once, hashed as they are copied; when their
+    digests are known from an earlier render (SOURCES_MEMO) and the tree exists, nothing is
+    copied at all (a node renders at every boot, on a root reached over iSCSI)."""
     kernel_args = scripts.check_kernel_args(kernel_args)
     kernel, initrd = boot_image(image_dir)
-    binaries = ipxe_binaries(ipxe_dir)
+    sources = {**{name: (path, 1) for name, path in ipxe_binaries(ipxe_dir).items()},
+               layout.KERNEL: (kernel, 1), layout.INITRD: (initrd, INITRD_ALIGN)}
     files = text_files(cluster, kernel_args)   # fails on bad database values before any write
     out.mkdir(parents=True, exist_ok=True)
+    known = _memo_digests(out, sources)
+    if len(known) == len(sources):
+        final = out / _tree_name(cluster, kernel_args, files, known)
+        if final.is_dir():
+            return _swapped_in(out, final, cluster.generation, (*sources, *files))
     staging = Path(tempfile.mkdtemp(prefix=".render-", dir=out))
     try:
-        for name, source in binaries.items():
-            _copy(source, staging / name)
-        _copy(kernel, staging / layout.KERNEL)
-        _copy(initrd, staging / layout.INITRD, pad_to=INITRD_ALIGN)
-        manifest = Manifest(cluster.generation, kernel_args, sha256_file(staging / layout.KERNEL),
-                            sha256_file(staging / layout.INITRD))
-        files[layout.MANIFEST] = manifest.dump().encode()
-        # 10,000 nodes are 20,000 files: each is written once with its mode and hashed from
-        # memory, not read back and chmodded in a second walk of the tree.
-        digests = {}
+        copied = {name: _copy(path, staging / name, pad_to)
+                  for name, (path, pad_to) in sources.items()}
+        _save_memo(out, sources, copied)
+        final = out / _tree_name(cluster, kernel_args, files, copied)
         parents = {staging}
+        # 10,000 nodes are 20,000 files: each is written once with its mode, not chmodded in a
+        # second walk of the tree.
         for name, data in files.items():
             target = staging / name
             if target.parent not in parents:
@@ -130,11 +136,6 @@ def render(cluster: Cluster, image_dir: Path, out: Path, kernel_args: Sequence[s
                 parents.add(target.parent)
             # The per-node cpios hold CHAP secrets: only the service (root) reads them.
             _write(target, data, 0o600 if target.suffix == ".cpio" else 0o644)
-            digests[name] = hashlib.sha256(data).hexdigest()
-        copied = (*binaries, layout.KERNEL, layout.INITRD)
-        names = tuple(sorted({*copied, *files}))
-        digest = _tree_digest(staging, names, digests)
-        final = out / f"{TREE_PREFIX}{cluster.generation}-{digest[:12]}"
         for directory in parents | {(staging / name).parent for name in copied}:
             directory.chmod(0o755)
         for name in copied:
@@ -146,11 +147,30 @@ def render(cluster: Cluster, image_dir: Path, out: Path, kernel_args: Sequence[s
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    return _swapped_in(out, final, cluster.generation, (*sources, *files))
+
+
+def _tree_name(cluster: Cluster, kernel_args: tuple[str, ...], files: dict[str, bytes],
+               copied: dict[str, str]) -> str:
+    """The tree's directory name, from its generation and the digest of every file: the
+    copied ones' `copied` digests and the made ones' bytes (to which the manifest is added)."""
+    manifest = Manifest(cluster.generation, kernel_args, copied[layout.KERNEL],
+                        copied[layout.INITRD])
+    files[layout.MANIFEST] = manifest.dump().encode()
+    digests = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    digests.update(copied)
+    tree = hashlib.sha256()
+    for name in sorted(digests):
+        tree.update(name.encode() + b"\0" + digests[name].encode() + b"\n")
+    return f"{TREE_PREFIX}{cluster.generation}-{tree.hexdigest()[:12]}"
+
+
+def _swapped_in(out: Path, final: Path, generation: int, names: Iterable[str]) -> Rendered:
     changed = _swap_current(out, final)
     _prune(out, keep={final.name})
-    log.info("netboot tree %s for generation %d (%s)", final.name, cluster.generation,
+    log.info("netboot tree %s for generation %d (%s)", final.name, generation,
              "swapped in" if changed else "unchanged")
-    return Rendered(final, cluster.generation, names, changed)
+    return Rendered(final, generation, tuple(sorted(set(names))), changed)
 
 
 def default_out() -> Path:
@@ -163,21 +183,46 @@ def current_tree(out: Path) -> Path | None:
     return link.resolve() if link.is_symlink() and link.resolve().is_dir() else None
 
 
-def _copy(source: Path, target: Path, pad_to: int = 1) -> None:
+def _copy(source: Path, target: Path, pad_to: int = 1) -> str:
+    """Copy `source` to `target`, padded with zeros to a multiple of `pad_to` (zeros after a
+    cpio archive are skipped by the kernel's initramfs unpacker): the copy's SHA-256."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, target)
-    size = target.stat().st_size
-    if size % pad_to:
-        # Zeros after a cpio archive are skipped by the kernel's initramfs unpacker.
-        os.truncate(target, size + (-size % pad_to))
-
-
-def _tree_digest(tree: Path, names: Sequence[str], known: dict[str, str]) -> str:
     digest = hashlib.sha256()
-    for name in names:
-        file_digest = known.get(name) or sha256_file(tree / name)
-        digest.update(name.encode() + b"\0" + file_digest.encode() + b"\n")
+    size = 0
+    with open(source, "rb") as reader, open(target, "wb") as writer:
+        while block := reader.read(COPY_BLOCK):
+            digest.update(block)
+            writer.write(block)
+            size += len(block)
+        padding = bytes(-size % pad_to)
+        digest.update(padding)
+        writer.write(padding)
     return digest.hexdigest()
+
+
+def _source_stat(path: Path, pad_to: int) -> list[object]:
+    """What says a source file is the one an earlier render hashed: where it is, its size,
+    times and inode (any write changes ctime, which nobody can set back), and the padding."""
+    st = os.stat(path)
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, pad_to]
+
+
+def _memo_digests(out: Path, sources: dict[str, tuple[Path, int]]) -> dict[str, str]:
+    """The digests of the sources that have not changed since the memo was written."""
+    try:
+        memo = json.loads((out / SOURCES_MEMO).read_text())
+        return {name: str(memo[name]["sha256"]) for name, (path, pad_to) in sources.items()
+                if name in memo and memo[name]["stat"] == _source_stat(path, pad_to)}
+    except (OSError, ValueError, TypeError, KeyError):
+        return {}       # no memo, or not one we wrote: hash again
+
+
+def _save_memo(out: Path, sources: dict[str, tuple[Path, int]], digests: dict[str, str]) -> None:
+    memo = {name: {"stat": _source_stat(path, pad_to), "sha256": digests[name]}
+            for name, (path, pad_to) in sources.items()}
+    partial = out / f"{SOURCES_MEMO}.{os.getpid()}"
+    partial.write_text(json.dumps(memo, indent=1, sort_keys=True) + "\n")
+    os.replace(partial, out / SOURCES_MEMO)
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:

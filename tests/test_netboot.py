@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import subprocess
 from pathlib import Path
@@ -177,7 +178,35 @@ def test_render_is_deterministic_and_swaps_atomically(cluster, image_dir, tmp_pa
                           ["console=ttyS0"])
     assert render.current_tree(out) == third.root
     assert second.root.exists() and not first.root.exists()     # one old tree is kept
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert not [p for p in out.iterdir()
+                if p.name.startswith(".") and p.name != render.SOURCES_MEMO]
+
+
+def test_an_unchanged_render_copies_nothing_and_a_changed_kernel_is_seen(
+        cluster, image_dir, tmp_path, monkeypatch):
+    out = tmp_path / "netboot"
+    first = render.render(cluster, image_dir, out, ["console=ttyS0"])
+    copies = []
+    real_copy = render._copy
+    monkeypatch.setattr(render, "_copy", lambda *args: copies.append(args[0]) or
+                        real_copy(*args))
+    again = render.render(cluster, image_dir, out, ["console=ttyS0"])
+    assert (again.root, again.changed, copies) == (first.root, False, [])
+    assert again.files == first.files
+    # The same size, new bytes: a new tree, the new kernel in it (its ctime moved).
+    kernel = image_dir / "vmlinuz"
+    kernel.write_bytes(kernel.read_bytes().replace(b"kernel", b"KERNEL"))
+    changed = render.render(cluster, image_dir, out, ["console=ttyS0"])
+    assert changed.changed and changed.root != first.root
+    assert (changed.root / layout.KERNEL).read_bytes() == kernel.read_bytes()
+    assert render.Manifest.load(changed.root).kernel_sha256 == \
+        hashlib.sha256(kernel.read_bytes()).hexdigest()
+    # A memo that is not ours is ignored: everything is hashed again, to the same tree.
+    (out / render.SOURCES_MEMO).write_text("[1, 2")
+    copies.clear()
+    assert render.render(cluster, image_dir, out, ["console=ttyS0"]).root == changed.root
+    assert sorted(copies) == sorted([*render.ipxe_binaries().values(), kernel,
+                                     image_dir / "initrd.img"])
 
 
 def test_render_refuses_an_image_dir_without_initrd(cluster, image_dir, tmp_path):
