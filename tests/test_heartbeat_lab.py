@@ -381,6 +381,7 @@ def test_a_replica_beside_the_nodes_takes_a_role_and_runs_the_notify_hook(pair, 
         assert [a for a in held if a.startswith(f"{VIP}/")] == [f"{VIP}/32"]
         primary.terminate()
         primary.communicate(timeout=30)
+        assert primary.returncode == 0        # a clean stop: systemd would not call it failed
         assert read_status(state).counters("heartbeat")["became_master"] == 1
         assert out.read_text() == "backup\nmaster\ninitialize\n"
         wait_state(backup, "master")
