@@ -9,6 +9,7 @@ Anything malformed raises `MalformedPacket`; the service counts it and drops the
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import struct
 
@@ -126,9 +127,11 @@ def encode_ack(block: int) -> bytes:
 
 
 # The hot path sends a header per block, and in lock-step compares each datagram with the ACK
-# it expects: all 65536 of each, made once by the encoders above.
-DATA_HEADERS = tuple(encode_data_header(block) for block in range(65536))
-ACKS = tuple(encode_ack(block) for block in range(65536))
+# it expects: all 65536 of each, made once with the encoders' own struct. Through map() rather
+# than a call of the encoder per block: 8 ms instead of 42 ms at import here, which every
+# replica pays at a node's boot, where the CPU is slower.
+DATA_HEADERS = tuple(map(_HEADER.pack, itertools.repeat(OP_DATA, 65536), range(65536)))
+ACKS = tuple(map(_HEADER.pack, itertools.repeat(OP_ACK, 65536), range(65536)))
 
 
 def parse_header(data: bytes) -> tuple[int, int]:

@@ -88,6 +88,15 @@ def test_invalid_option_values_are_left_out_of_the_oack():
     assert tftp_wire.negotiate(request, size=1) == tftp_wire.Negotiated()
 
 
+def test_the_header_tables_are_the_encoders_bytes_for_every_block():
+    assert len(tftp_wire.DATA_HEADERS) == len(tftp_wire.ACKS) == 65536
+    for block in (0, 1, 255, 256, 65535):
+        assert tftp_wire.DATA_HEADERS[block] == tftp_wire.encode_data_header(block) == \
+            b"\x00\x03" + block.to_bytes(2, "big")
+        assert tftp_wire.ACKS[block] == tftp_wire.encode_ack(block) == \
+            b"\x00\x04" + block.to_bytes(2, "big")
+
+
 def test_error_packet_and_netascii():
     assert tftp_wire.encode_error(2, "no") == b"\x00\x05\x00\x02no\x00"
     assert tftp_wire.to_netascii(b"a\nb\rc") == b"a\r\nb\r\0c"
