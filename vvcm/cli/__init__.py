@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.metadata
 import importlib.util
 import logging
 import pkgutil
@@ -22,7 +21,7 @@ from .common import VlxParser
 def _global_parser() -> VlxParser:
     parser = VlxParser(
         prog="vlx", description="virtualinux: diskless clusters with no master node")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action=_VersionAction)
     # Global options: accepted before the noun and after any verb (common.VlxParser).
     parser.add_shared_argument("--db", metavar="PATH",
                                help="cluster database (default: $VLX_DB or "
@@ -73,11 +72,22 @@ def noun_of(argv: list[str]) -> str | None:
     return None
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("virtualinux")
-    except importlib.metadata.PackageNotFoundError:
-        return "(not installed)"
+class _VersionAction(argparse.Action):
+    """--version, looked up only when asked: importlib.metadata and its search of the
+    installed distributions cost every `vlx` run ~30 ms here, and a node's boot far more."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        import importlib.metadata
+        try:
+            version = importlib.metadata.version("virtualinux")
+        except importlib.metadata.PackageNotFoundError:
+            version = "(not installed)"
+        print(f"{parser.prog} {version}")       # on stdout, as argparse's own version action
+        parser.exit()
 
 
 def main(argv: list[str] | None = None) -> int:
