@@ -71,6 +71,11 @@ def entry_dir(root: Path, kind: str, key: str) -> Path:
     return root / f"{kind}-{key}"
 
 
+def lock_file(entry: Path) -> Path:
+    """What a build of `entry` holds (flock) while it runs, and a prune takes before it."""
+    return entry.with_name(f".{entry.name}.lock")
+
+
 def cached(root: Path, kind: str, key: str) -> Path | None:
     """The entry for (kind, key) if a finished build published it, marked as just used (its
     directory's mtime: what `prune` keeps the most recent of)."""
@@ -87,7 +92,7 @@ def build_lock(root: Path, kind: str, key: str,
                waiting: Callable[[], None] | None = None) -> Iterator[None]:
     """Two builds of the same key wait for each other instead of racing on one entry.
     `waiting` is called once if another holder makes us wait."""
-    with (root / f".{kind}-{key}.lock").open("w") as lock:
+    with lock_file(entry_dir(root, kind, key)).open("w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -146,7 +151,7 @@ def prune(root: Path, kind: str, keep: int) -> list[Path]:
     found.sort(key=lambda entry: entry.stat().st_mtime, reverse=True)
     retired = []
     for entry in found[keep:]:
-        with (root / f".{entry.name}.lock").open("w") as lock:
+        with lock_file(entry).open("w") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
