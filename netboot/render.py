@@ -120,11 +120,14 @@ def render(cluster: Cluster, image_dir: Path, out: Path, kernel_args: Sequence[s
         final = out / _tree_name(cluster, kernel_args, files, known)
         if final.is_dir():
             return _swapped_in(out, final, cluster.generation, (*sources, *files))
+    # Taken before the copies: a source written meanwhile has another ctime when it is next
+    # looked at, so the digest of what was copied is never trusted for what is there now.
+    stats = {name: _source_stat(path, pad_to) for name, (path, pad_to) in sources.items()}
     staging = Path(tempfile.mkdtemp(prefix=".render-", dir=out))
     try:
         copied = {name: _copy(path, staging / name, pad_to)
                   for name, (path, pad_to) in sources.items()}
-        _save_memo(out, sources, copied)
+        _save_memo(out, stats, copied)
         final = out / _tree_name(cluster, kernel_args, files, copied)
         parents = {staging}
         # 10,000 nodes are 20,000 files: each is written once with its mode, not chmodded in a
@@ -217,9 +220,8 @@ def _memo_digests(out: Path, sources: dict[str, tuple[Path, int]]) -> dict[str, 
         return {}       # no memo, or not one we wrote: hash again
 
 
-def _save_memo(out: Path, sources: dict[str, tuple[Path, int]], digests: dict[str, str]) -> None:
-    memo = {name: {"stat": _source_stat(path, pad_to), "sha256": digests[name]}
-            for name, (path, pad_to) in sources.items()}
+def _save_memo(out: Path, stats: dict[str, list[object]], digests: dict[str, str]) -> None:
+    memo = {name: {"stat": stat, "sha256": digests[name]} for name, stat in stats.items()}
     partial = out / f"{SOURCES_MEMO}.{os.getpid()}"
     partial.write_text(json.dumps(memo, indent=1, sort_keys=True) + "\n")
     os.replace(partial, out / SOURCES_MEMO)
