@@ -11,6 +11,7 @@ VC network removes the table."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,10 @@ from pathlib import Path
 import pytest
 from virtualinux.vm_test.netns import Namespace
 from virtualinux.vm_test.wait import wait_for
+from virtualinux.vvcm import inventory
 from virtualinux.vvcm.virt import firewall, network
 
+from .conftest import EXAMPLE
 from .test_dhcp_lab import events, recording_script
 from .test_vc_bootsvc_lab import served, serving_node1, vm_port
 
@@ -163,9 +166,6 @@ def _check_firewall(cluster, netns, node1, hub, node2, on1, on2, tmp_path) -> No
 
 
 def test_tables_of_vcs_gone_from_the_node_or_left_by_a_killed_run_are_removed(db, netns):
-    from virtualinux.vvcm import inventory
-
-    from .conftest import EXAMPLE
     cluster = db.update("db import", "test",
                         lambda c: inventory.apply(c, inventory.load(EXAMPLE), "test"))
     ns = netns.namespace("node1")
@@ -188,3 +188,35 @@ def test_tables_of_vcs_gone_from_the_node_or_left_by_a_killed_run_are_removed(db
         key=lambda name: name.startswith("vlxbr")) + ours
     assert firewall.tables(ns.name, "node1") == ["vlx_vc_Other"]
     assert firewall.remove("gone", ns.name, "node1") is False     # quiet when not there
+
+
+# A node's start-up: its own namespace (node.netns None), nothing of a VC in it.
+OWN_NAMESPACE = """
+import dataclasses, json, sys
+from virtualinux.vvcm import Database
+from virtualinux.vvcm.virt import network
+node = dataclasses.replace(Database(sys.argv[1]).load().node("node1"), netns=None)
+removed = network.remove_stale(node, [])
+print(json.dumps({"removed": removed, "netlink": "pyroute2" in sys.modules}))
+"""
+
+
+def test_a_node_with_no_vc_device_finds_nothing_stale_without_netlink(db, db_path, netns):
+    db.update("db import", "test",
+              lambda c: inventory.apply(c, inventory.load(EXAMPLE), "test"))
+    ns = netns.namespace("node1")
+    ns.run(["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"])
+    ns.run(["ip", "link", "set", "eth0", "up"])
+    ns.add_address("eth0", "198.18.0.11/24")
+    # A table of a VC gone: still found (nft), though no device is.
+    firewall.ensure(firewall.VcFirewall(vc="gone", bridge="vlxbr999"), ns.name, "node1")
+
+    def remove_stale() -> dict:
+        done = ns.run([sys.executable, "-c", OWN_NAMESPACE, str(db_path)])
+        return json.loads(done.stdout)
+
+    assert remove_stale() == {"removed": ["vlx_vc_gone"], "netlink": False}
+    # A stale bridge is a reason to open netlink, and it goes.
+    ns.run(["ip", "link", "add", "vlxbr998", "type", "bridge"])
+    assert remove_stale() == {"removed": ["vlxbr998"], "netlink": True}
+    assert "vlxbr998" not in ns.run(["ip", "-o", "link"]).stdout

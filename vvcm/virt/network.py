@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import socket
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -156,13 +157,29 @@ def remove_stale(node: Node, keep: Iterable[NodePlan]) -> list[str]:
     names (after their bridges); returns their names."""
     keep = list(keep)
     wanted = {name for plan in keep for name in (plan.bridge, plan.tunnel)}
-    with _open(node.name, node.netns, str(node.ip)) as ipr:
-        stale = [link.get("IFLA_IFNAME") for link in ipr.get_links()
-                 if link.get("IFLA_IFNAME", "").startswith(DEVICE_PREFIXES)
-                 and link.get("IFLA_IFNAME") not in wanted]
-        stale.sort(key=lambda name: name.startswith(BRIDGE_PREFIX))
-        gone = [name for name in stale if _delete(ipr, name)]
+    gone: list[str] = []
+    if node.netns is not None or not _is_local(node.ip) or any(
+            name.startswith(DEVICE_PREFIXES) and name not in wanted
+            for _, name in socket.if_nameindex()):
+        with _open(node.name, node.netns, str(node.ip)) as ipr:
+            stale = [link.get("IFLA_IFNAME") for link in ipr.get_links()
+                     if link.get("IFLA_IFNAME", "").startswith(DEVICE_PREFIXES)
+                     and link.get("IFLA_IFNAME") not in wanted]
+            stale.sort(key=lambda name: name.startswith(BRIDGE_PREFIX))
+            gone = [name for name in stale if _delete(ipr, name)]
+    # else: this host's own namespace holds no VC device to remove (what a node's start-up
+    # finds at every boot): seen without netlink, whose import (pyroute2) took seconds there.
     return gone + firewall.remove_stale({plan.vc for plan in keep}, node.netns, node.name)
+
+
+def _is_local(address: ipaddress.IPv4Address) -> bool:
+    """Whether `address` is one of this host's (binding to it works), without netlink."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((str(address), 0))
+        except OSError:
+            return False
+    return True
 
 
 def check_reachable(plans: Iterable[NodePlan]) -> None:
