@@ -117,7 +117,8 @@ def render(cluster: Cluster, image_dir: Path, out: Path, kernel_args: Sequence[s
     out.mkdir(parents=True, exist_ok=True)
     known = _memo_digests(out, sources)
     if len(known) == len(sources):
-        final = out / _tree_name(cluster, kernel_args, files, known)
+        files[layout.MANIFEST] = _manifest(cluster, kernel_args, known)
+        final = out / _tree_name(cluster.generation, files, known)
         if final.is_dir():
             return _swapped_in(out, final, cluster.generation, (*sources, *files))
     # Taken before the copies: a source written meanwhile has another ctime when it is next
@@ -128,7 +129,8 @@ def render(cluster: Cluster, image_dir: Path, out: Path, kernel_args: Sequence[s
         copied = {name: _copy(path, staging / name, pad_to)
                   for name, (path, pad_to) in sources.items()}
         _save_memo(out, stats, copied)
-        final = out / _tree_name(cluster, kernel_args, files, copied)
+        files[layout.MANIFEST] = _manifest(cluster, kernel_args, copied)
+        final = out / _tree_name(cluster.generation, files, copied)
         parents = {staging}
         # 10,000 nodes are 20,000 files: each is written once with its mode, not chmodded in a
         # second walk of the tree.
@@ -153,19 +155,20 @@ def render(cluster: Cluster, image_dir: Path, out: Path, kernel_args: Sequence[s
     return _swapped_in(out, final, cluster.generation, (*sources, *files))
 
 
-def _tree_name(cluster: Cluster, kernel_args: tuple[str, ...], files: dict[str, bytes],
-               copied: dict[str, str]) -> str:
+def _manifest(cluster: Cluster, kernel_args: tuple[str, ...], copied: dict[str, str]) -> bytes:
+    return Manifest(cluster.generation, kernel_args, copied[layout.KERNEL],
+                    copied[layout.INITRD]).dump().encode()
+
+
+def _tree_name(generation: int, files: dict[str, bytes], copied: dict[str, str]) -> str:
     """The tree's directory name, from its generation and the digest of every file: the
-    copied ones' `copied` digests and the made ones' bytes (to which the manifest is added)."""
-    manifest = Manifest(cluster.generation, kernel_args, copied[layout.KERNEL],
-                        copied[layout.INITRD])
-    files[layout.MANIFEST] = manifest.dump().encode()
+    copied ones' `copied` digests and the made ones' bytes."""
     digests = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
     digests.update(copied)
     tree = hashlib.sha256()
     for name in sorted(digests):
         tree.update(name.encode() + b"\0" + digests[name].encode() + b"\n")
-    return f"{TREE_PREFIX}{cluster.generation}-{tree.hexdigest()[:12]}"
+    return f"{TREE_PREFIX}{generation}-{tree.hexdigest()[:12]}"
 
 
 def _swapped_in(out: Path, final: Path, generation: int, names: Iterable[str]) -> Rendered:

@@ -93,7 +93,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if keep < 0:
         raise VlxError(f"cannot keep {keep} images", "--keep")
     root = cache.cache_root(args.cache)
-    kinds = sorted({manifest.get("kind", "?") for _, manifest in cache.entries(root)})
+    kinds = sorted({manifest["kind"] for _, manifest in cache.entries(root)
+                    if isinstance(manifest.get("kind"), str)})
     for kind in kinds:
         for entry in cache.prune(root, kind, keep):
             print(f"removed {entry}")
