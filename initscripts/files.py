@@ -9,6 +9,12 @@ from pathlib import Path
 
 from virtualinux.vvcm import VlxError
 
+# The first line of a file whose change restarts a service. It names no generation: with one, a
+# reboot after any change to the database would rewrite every such file and restart every
+# service (a replica's start costs a TCG node ~10 s), whatever the change was.
+SERVICE_FILE_HEADER = ("# Written at start-up from the cluster database; changes here are lost "
+                       "at the next boot.")
+
 # What a value from the database may look like before it goes into a configuration file that
 # another program parses (chrony, hosts, a unit's environment): no spaces, quotes, newlines or
 # shell metacharacters, whatever the model's own checks let through.

@@ -153,6 +153,39 @@ def test_running_every_step_twice_changes_nothing_the_second_time(cluster, tmp_p
     assert all("(unchanged)" in by_name[name] for name in ("sshkeys", "time", "bootsvc"))
 
 
+def test_a_reboot_after_a_change_restarts_no_service_whose_files_it_left_alone(
+        db, tmp_path, capsys, monkeypatch):
+    """A first boot knows only the kernel's `vlx.store=`; a reboot's start-up also reads the
+    VLX_DB that /etc/default/virtualinux names, and the database has a newer generation. Neither
+    may rewrite the file of a service the change does not concern: each rewrite restarts it."""
+    inventory = tmp_path / "cluster.toml"
+    inventory.write_text(EXAMPLE.read_text().replace(
+        'roles = ["gateway-primary", "storage"]', 'roles = ["gateway-primary", "storage", "db"]'))
+    assert vlx(capsys, "db", "import", str(inventory))[0] == 0
+    cluster = db.load()
+    inventory.write_text(inventory.read_text().replace("lease_time = 3600", "lease_time = 7200"))
+    assert vlx(capsys, "db", "import", "--replace", str(inventory))[0] == 0
+    newer = db.load()
+    assert newer.generation > cluster.generation
+    monkeypatch.delenv("VLX_DB")
+    monkeypatch.setenv("VLX_STORE", cluster.store_url())
+    root = node_root(tmp_path, cluster=cluster, node="node3")
+    steps = startup.discover()
+    first = startup.run_steps(boot_of(cluster, root, "node3"), steps, io.StringIO())
+    assert all(o.state == "ok" for o in first), [o.message for o in first]
+    service_files = [root / "etc/default/virtualinux", root / "etc/default/virtualinux-bootsvc",
+                     root / chrony.CONFIG.lstrip("/"), root / libvirtd.CONFIG.lstrip("/")]
+    written = {path: path.read_text() for path in service_files}
+    assert "VLX_DB=/var/lib/virtualinux/cluster.db" in written[service_files[1]]
+    for line in written[service_files[0]].splitlines()[1:]:      # what the unit now reads
+        monkeypatch.setenv(*line.split("=", 1))
+    second = startup.run_steps(boot_of(newer, root, "node3"), steps, io.StringIO())
+    assert all(o.state == "ok" for o in second), [o.message for o in second]
+    assert {path: path.read_text() for path in service_files} == written
+    by_name = {o.step.name: o.message for o in second}
+    assert "(unchanged)" in by_name["time"] and "(unchanged)" in by_name["libvirtd"]
+
+
 def test_chrony_serves_the_cluster_peers_a_few_nodes_and_has_an_orphan_stratum(cluster):
     conf = chrony.chrony_conf(cluster, cluster.node("node2"))
     lines = conf.splitlines()
@@ -274,13 +307,19 @@ def test_db_nodes_run_members_and_every_node_boots_with_the_store(db, tmp_path, 
     # same member.
     assert env[-1] == "VLX_ETCD_ARGS=" + served_etcd(capsys, env)
     # A reboot: the member's data is on the node's root, so it restarts as itself and asks
-    # the store nothing.
+    # the store nothing; etcd ignores the initial cluster then, and the file stays as it was
+    # (a rewritten one would restart the member for nothing).
     (member / "var/lib/virtualinux/etcd/node2/member").mkdir(parents=True)
+    etcd_env = member / "etc/default/virtualinux-etcd"
+    written = etcd_env.read_text()
     said = database.run(boot_of(cluster, member, "node2"))
     assert asked == [store]
     assert said.startswith("etcd member node2 on 198.18.0.12 restarts as itself")
-    assert "VLX_ETCD_INITIAL_CLUSTER=node2=http://198.18.0.12:2380" in \
-        (member / "etc/default/virtualinux-etcd").read_text()
+    assert etcd_env.read_text() == written
+    # Without the file of its last start (or with another member's), only itself.
+    etcd_env.write_text(written.replace("VLX_ETCD_NAME=node2", "VLX_ETCD_NAME=node1"))
+    database.run(boot_of(cluster, member, "node2"))
+    assert "VLX_ETCD_INITIAL_CLUSTER=node2=http://198.18.0.12:2380\n" in etcd_env.read_text()
     assert database.run(boot_of(cluster, client, "node3")) == \
         f"client of {store}, serving a local copy"
     assert not (client / "etc/default/virtualinux-etcd").exists()

@@ -17,9 +17,10 @@ from pathlib import Path
 from virtualinux.netboot import render
 from virtualinux.netboot.scripts import BOOT_INTERFACE
 
-from ..files import plain, write_if_changed
+from ..files import SERVICE_FILE_HEADER, plain, write_if_changed
 from ..services import restart_if_changed
 from ..startup import Boot, Step, StepFailed
+from . import database
 
 ENV_FILE = "/etc/default/virtualinux-bootsvc"
 NETBOOT_OUT = "/var/lib/virtualinux/netboot"
@@ -80,11 +81,8 @@ def environment(boot: Boot, services: tuple[str, ...]) -> str:
               "VLX_INTERFACE": BOOT_INTERFACE,
               "VLX_SERVICES": ",".join(services),
               "VLX_NETBOOT_ROOT": f"{NETBOOT_OUT}/{render.CURRENT}"}
-    for name in ("VLX_DB", "VLX_STORE"):
-        if os.environ.get(name):
-            values[name] = plain(os.environ[name], name)
-    lines = ["# Written at start-up from the cluster database "
-             f"(gen {boot.cluster.generation}); changes here are lost at the next boot."]
+    values.update(database.store_variables(boot))
+    lines = [SERVICE_FILE_HEADER]
     lines += [f"{key}={value}" for key, value in values.items()]
     return "\n".join(lines) + "\n"
 

@@ -13,7 +13,7 @@ import hashlib
 
 from virtualinux.vvcm import Cluster, Node
 
-from ..files import plain, write_if_changed
+from ..files import SERVICE_FILE_HEADER, plain, write_if_changed
 from ..services import restart_if_changed
 from ..startup import Boot, Step
 
@@ -34,8 +34,7 @@ def peers_of(cluster: Cluster, node: Node, count: int = PEERS) -> list[Node]:
 
 def chrony_conf(cluster: Cluster, node: Node) -> str:
     settings = cluster.settings
-    lines = ["# Written at start-up from the cluster database "
-             f"(gen {cluster.generation}); changes here are lost at the next boot."]
+    lines = [SERVICE_FILE_HEADER]
     for server in settings.ntp_servers if settings else ():
         lines.append(f"server {plain(server, 'NTP server')} iburst")
     for peer in peers_of(cluster, node):

@@ -35,7 +35,7 @@ from virtualinux.vvcm.etcd_member import DATA_ROOT, PEER_PORT
 from virtualinux.vvcm.model import Role, Settings
 from virtualinux.vvcm.store import parse_url
 
-from ..files import plain, write_if_changed
+from ..files import SERVICE_FILE_HEADER, plain, write_if_changed
 from ..services import restart_if_changed
 from ..startup import Boot, Step, StepFailed
 
@@ -53,23 +53,30 @@ JOIN_RETRY = 2.0
 STORE_TLS_DIR = "/run/virtualinux/node/store"
 
 
-def environment(boot: Boot) -> str:
-    """What every virtualinux unit reads: the store and the local copy, or the file."""
-    lines = ["# Written at start-up from the cluster database "
-             f"(gen {boot.cluster.generation}); changes here are lost at the next boot."]
+def store_variables(boot: Boot) -> dict[str, str]:
+    """VLX_STORE and VLX_DB as every virtualinux unit gets them: the store and the local copy,
+    or the file. The same on a first boot (only the kernel's `vlx.store=` is known) as on a
+    reboot (start-up then reads ENV_FILE, which names VLX_DB too), so a reboot rewrites no
+    unit's file and restarts nothing for it."""
     store = _store(boot)
     if store is not None:
-        lines.append(f"VLX_STORE={plain(store, 'store URL')}")
-        lines.append(f"VLX_DB={plain(os.environ.get('VLX_DB') or default_path(), 'path')}")
-    elif os.environ.get("VLX_DB"):
-        lines.append(f"VLX_DB={plain(os.environ['VLX_DB'], 'path')}")
+        return {"VLX_STORE": plain(store, "store URL"),
+                "VLX_DB": plain(os.environ.get("VLX_DB") or default_path(), "path")}
+    if os.environ.get("VLX_DB"):
+        return {"VLX_DB": plain(os.environ["VLX_DB"], "path")}
+    return {}
+
+
+def environment(boot: Boot) -> str:
+    """What every virtualinux unit reads."""
+    lines = [SERVICE_FILE_HEADER]
+    lines += [f"{key}={value}" for key, value in store_variables(boot).items()]
     return "\n".join(lines) + "\n"
 
 
 def member_environment(boot: Boot, initial: str, options: str,
                        arguments: Sequence[str]) -> str:
-    lines = ["# Written at start-up from the cluster database "
-             f"(gen {boot.cluster.generation}); changes here are lost at the next boot.",
+    lines = [SERVICE_FILE_HEADER,
              f"VLX_ETCD_NAME={plain(boot.node.name, 'node name')}",
              f"VLX_ETCD_LISTEN={boot.node.ip}",
              f"VLX_ETCD_INITIAL_CLUSTER={initial}",
@@ -161,7 +168,9 @@ def run(boot: Boot) -> str:
     if Role.DB not in boot.node.roles:
         return f"client of {store}, serving a local copy" if store else "database file"
     if (boot.path(str(data_dir(boot))) / "member").is_dir():
-        how, initial, joining = "restarts as itself", f"{boot.node.name}={peer_url(boot)}", False
+        how = "restarts as itself"
+        initial, joining = (last_start(boot)
+                            or (f"{boot.node.name}={peer_url(boot)}", False))
     else:
         joined = join(boot, store) if store else None
         if joined is None:
@@ -189,6 +198,26 @@ def run(boot: Boot) -> str:
     members = len(initial.split(","))
     return (f"etcd member {boot.node.name} on {boot.node.ip} {how} ({members} in its initial "
             f"cluster), clients use {store}")
+
+
+def last_start(boot: Boot) -> tuple[str, bool] | None:
+    """The initial cluster and join flag this member was last started with, from its file.
+
+    A member with data ignores both (it restarts as itself), so a reboot keeps what the file
+    says rather than write "only itself": a rewritten file would restart the member the boot
+    has just started, for nothing. None when the file is gone or names another member."""
+    try:
+        text = boot.path(ETCD_ENV_FILE).read_text()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
+    values = dict(line.split("=", 1) for line in text.splitlines()
+                  if "=" in line and not line.startswith("#"))
+    initial = values.get("VLX_ETCD_INITIAL_CLUSTER", "")
+    if (values.get("VLX_ETCD_NAME") != boot.node.name
+            or values.get("VLX_ETCD_DATA_DIR") != str(data_dir(boot))
+            or f"{boot.node.name}={peer_url(boot)}" not in initial.split(",")):
+        return None
+    return initial, "--join" in values.get("VLX_ETCD_OPTIONS", "").split()
 
 
 def _store(boot: Boot) -> str | None:
