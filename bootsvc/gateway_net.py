@@ -2,13 +2,14 @@
 
 `Gateway.take()`: the VIP goes on the cluster interface (pyroute2), or with `vmac` on a
 macvlan `vrrp.VRID` with the virtual MAC 00:00:5e:00:01:VRID of RFC 5798 7.3, gratuitous ARPs
-tell the segment where it went (scapy), and, when the cluster names an uplink, forwarding is
-switched on and the cluster network is masqueraded out of the uplink by an nftables table of
-its own, `vlx_vrrp_VRID`, so `release()` removes exactly what `take()` added (the `nft` command: the
-one tool that speaks nftables' transactions; pyroute2's nftables support is experimental).
-`release()` also cleans up after a predecessor killed with SIGKILL, so the service calls it on
-start. `run_hook` runs the operator's notify script, never through a shell.
-Imports nothing of the project.
+tell the segment where it went (`vrrp_wire.gratuitous_arp`), and, when the cluster names an
+uplink, forwarding is switched on and the cluster network is masqueraded out of the uplink by
+an nftables table of its own, `vlx_vrrp_VRID`, so `release()` removes exactly what `take()`
+added (the `nft` command: the one tool that speaks nftables' transactions; pyroute2's
+nftables support is experimental). `release()` also cleans up after a predecessor killed with
+SIGKILL, so the service calls it on start. `run_hook` runs the operator's notify script, never
+through a shell.
+Imports `vrrp_wire` only.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from pathlib import Path
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
-from scapy.layers.l2 import ARP, Ether
+
+from . import vrrp_wire
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +119,9 @@ class Gateway:
     def _gratuitous_arp(self, interface: str, mac: str) -> int:
         # An ARP request for the VIP from the VIP with our MAC as sender and target (RFC 5798
         # 6.4.1): every host that has the VIP cached replaces the old master's MAC with ours.
-        # scapy builds the frame; a plain packet socket sends it, because opening scapy's
-        # L2Socket takes 12-15 ms here, on the takeover's critical path (bench/failover.py).
-        frame = bytes(Ether(src=mac, dst="ff:ff:ff:ff:ff:ff") / ARP(
-            op=1, hwsrc=mac, psrc=str(self.vip), hwdst=mac, pdst=str(self.vip)))
+        # A plain packet socket sends it: opening scapy's L2Socket took 12-15 ms here, on the
+        # takeover's critical path (bench/failover.py).
+        frame = vrrp_wire.gratuitous_arp(mac, self.vip)
         try:
             with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
                 sock.bind((interface, 0))

@@ -62,6 +62,17 @@ def test_advertisement_says_no_default_router_and_nothing_else():
     assert data[16:] == bytes([1, 1, 0x52, 0x54, 0x00, 0xab, 0xcd, 0xef])
 
 
+def test_advertisement_is_the_bytes_scapy_builds_for_it():
+    from scapy.layers.inet6 import ICMPv6ND_RA, ICMPv6NDOptSrcLLAddr
+    for mac, hop_limit in (("52:54:00:ab:cd:ef", 0), ("02:00:00:00:00:01", 64)):
+        expected = ICMPv6ND_RA(chlim=hop_limit, M=0, O=0, H=0, prf=0, P=0, routerlifetime=0,
+                               reachabletime=0, retranstimer=0, cksum=0) / \
+            ICMPv6NDOptSrcLLAddr(lladdr=mac)
+        assert advertisement(mac, hop_limit) == bytes(expected)
+    with pytest.raises(ValueError):
+        advertisement("52:54:00:ab:cd")
+
+
 def test_link_local_from_mac_is_modified_eui64():
     assert str(eui64_link_local("52:54:00:ab:cd:ef")) == "fe80::5054:ff:feab:cdef"
 

@@ -51,6 +51,42 @@ def test_encoded_message_is_what_scapy_and_the_rfc_say():
         51, 200, 100, ["198.18.0.254"])
 
 
+def test_whole_packets_are_the_bytes_scapy_builds_for_them():
+    two = wire.Advertisement(vrid=255, priority=0, interval=4095, source=SOURCE,
+                             addresses=(VIP, ipaddress.IPv4Address("198.18.0.253")))
+    for advert, ttl in ((ADVERT, 255), (two, 255), (ADVERT, 1)):
+        expected = IP(src=str(SOURCE), dst="224.0.0.18", ttl=ttl, proto=112) / VRRPv3(
+            version=3, type=1, vrid=advert.vrid, priority=advert.priority, adv=advert.interval,
+            addrlist=[str(a) for a in advert.addresses])
+        assert wire.encode_ip(advert, SOURCE, ttl=ttl) == bytes(expected)
+
+
+@given(st.binary(min_size=8, max_size=64), st.integers(0, 2**32 - 1))
+@settings(max_examples=300)
+def test_checksum_is_scapys_over_any_message(message, source):
+    ip = IP(src=str(ipaddress.IPv4Address(source)), dst="224.0.0.18", proto=112)
+    pseudo = (ipaddress.IPv4Address(source).packed + wire.GROUP.packed
+              + bytes([0, 112]) + len(message).to_bytes(2, "big"))
+    assert wire.checksum(pseudo + message) == in4_chksum(112, ip, message)
+
+
+def test_reserved_interval_bits_are_ignored_as_scapy_ignores_them():
+    data = packet()
+    data[24] |= 0xF0
+    assert IP(bytes(recompute_checksum(data)))[VRRPv3].adv == 100
+    assert wire.decode(bytes(recompute_checksum(data))).interval == 100
+
+
+def test_gratuitous_arp_is_the_frame_scapy_builds_for_it():
+    from scapy.layers.l2 import ARP, Ether
+    mac = "00:00:5e:00:01:33"
+    expected = Ether(src=mac, dst="ff:ff:ff:ff:ff:ff") / ARP(
+        op=1, hwsrc=mac, psrc=str(VIP), hwdst=mac, pdst=str(VIP))
+    assert wire.gratuitous_arp(mac, VIP) == bytes(expected)
+    with pytest.raises(ValueError):
+        wire.gratuitous_arp("00:00:5e", VIP)
+
+
 def test_checksum_covers_the_pseudo_header():
     # The same message from another source must fail: RFC 5798 5.2.8 includes the addresses.
     data = packet()
