@@ -58,8 +58,8 @@ def boot_of(cluster, root: Path, node: str = "node2") -> startup.Boot:
 
 def test_steps_are_found_by_where_they_live_and_run_in_order():
     names = [(step.order, step.name) for step in startup.discover()]
-    assert names == [(10, "identity"), (15, "sshkeys"), (16, "adminkeys"), (20, "time"),
-                     (30, "database"), (40, "vcnet"), (45, "uplink"), (50, "bootsvc"),
+    assert names == [(10, "identity"), (12, "bootsvc"), (15, "sshkeys"), (16, "adminkeys"),
+                     (20, "time"), (30, "database"), (40, "vcnet"), (45, "uplink"),
                      (60, "libvirtd")]
 
 
@@ -249,10 +249,9 @@ def test_start_up_command_runs_every_step_under_a_root(cluster, tmp_path, capsys
     # One line a step; the database step runs beside the ones after it (it `waits`), so its
     # line may come later than its place.
     assert sorted(line.split("]")[0] for line in lines) == [
-        "virtualinux: [10 identity", "virtualinux: [15 sshkeys", "virtualinux: [16 adminkeys",
-        "virtualinux: [20 time", "virtualinux: [30 database", "virtualinux: [40 vcnet",
-        "virtualinux: [45 uplink",
-        "virtualinux: [50 bootsvc", "virtualinux: [60 libvirtd"]
+        "virtualinux: [10 identity", "virtualinux: [12 bootsvc", "virtualinux: [15 sshkeys",
+        "virtualinux: [16 adminkeys", "virtualinux: [20 time", "virtualinux: [30 database",
+        "virtualinux: [40 vcnet", "virtualinux: [45 uplink", "virtualinux: [60 libvirtd"]
     assert all(" ok: " in line for line in lines), lines
     assert startup_main(["--node", "node2", "--root", str(root), "--only", "nosuch"]) == 2
     assert "no start-up step 'nosuch'" in capsys.readouterr().err

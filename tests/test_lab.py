@@ -298,7 +298,7 @@ def test_a_node_image_boot_is_followed_through_iscsi_root_each_step_and_serving(
     assert [p for _, p in watcher.poll()] == ["iscsi", "root", "identity", "time"]
     assert node.describe() == "time (time FAILED)" and answering == []
     with open(serial, "a") as log:
-        log.write("virtualinux: [50 bootsvc] ok: replica dhcp,tftp,http on eth0\n")
+        log.write("virtualinux: [12 bootsvc] ok: replica dhcp,tftp,http on eth0\n")
     assert [p for _, p in watcher.poll()] == ["bootsvc", "serving"]
     assert answering == ["198.18.0.11"] and watcher.all_at("serving")
 

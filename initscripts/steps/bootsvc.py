@@ -1,4 +1,4 @@
-"""50 boot services: this node's own replica, serving a netboot tree made on this node.
+"""12 boot services: this node's own replica, serving a netboot tree made on this node.
 
 The tree is rendered from the kernel and initrd the node booted (its own root holds them, in
 /boot, as the golden image has them), Debian's iPXE binaries and the database; every node
@@ -99,5 +99,8 @@ def run(boot: Boot) -> str:
             f"{'' if rendered.changed else ' (unchanged)'}")
 
 
-STEP = Step(name="bootsvc", order=50, run=run, needs=("identity",),
+# Right after identity, before the other steps: the replica needs nothing else of them (VC
+# bridges and the gateway's uplink it follows through netlink as they come), and at its
+# default CPU weight it gets the node's one CPU before the rest of start-up (weight 20).
+STEP = Step(name="bootsvc", order=12, run=run, needs=("identity",),
             makes=f"{NETBOOT_OUT}/current, {ENV_FILE}, virtualinux-bootsvc.service running")
