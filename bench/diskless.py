@@ -101,7 +101,8 @@ CONSOLE_LINES = (
     ("kernel", re.compile(r"Linux version ")),
     ("iscsi", re.compile(r"\bscsi \d+:\d+:\d+:\d+: ")),
     ("root", re.compile(r"EXT4-fs \(sd\w+\): mounted filesystem")),
-    ("login", re.compile(r"^\S+ login: *$", re.MULTILINE)),
+    # A kernel message may follow the prompt on its line ("node1 login: [ 34.6] kvm: ...").
+    ("login", re.compile(r"^[\w.-]+ login: ", re.MULTILINE)),
 )
 # A boot that will not get further: fail at once rather than at the timeout.
 # A session whose recovery timed out has lost the root for good (I/O errors, read-only).

@@ -30,6 +30,14 @@ def test_console_phases_follow_a_boot_line_by_line():
     assert diskless.console_failure(text) is None
 
 
+def test_a_kernel_message_after_the_login_prompt_does_not_hide_it():
+    # Seen in a bench run: the bench waited for a prompt the console had shown.
+    text = diskless.console_text(CONSOLE + b"[   34.675425] kvm: Nested Virtualization enabled\r\n")
+    assert diskless.console_phases(text) == ["kernel", "iscsi", "root", "login"]
+    assert diskless.console_phases(diskless.console_text(
+        b"[  OK  ] Started systemd-logind.service - User Login Management.\r\n")) == []
+
+
 def test_a_failed_login_or_a_panic_ends_the_wait_with_its_line():
     failed = (b"virtualinux: iSCSI root iqn.2026-11.lab.virtualinux:node1-root at "
               b"198.18.0.252:3260: login refused: authorization failure\r\nRebooting in 15")
