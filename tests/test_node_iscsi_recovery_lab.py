@@ -170,6 +170,12 @@ def test_the_root_session_is_logged_in_again_after_the_target_drops_its_connecti
                          "/sys/class/iscsi_connection/connection*/recv_tmo "
                          "/sys/class/iscsi_connection/connection*/ping_tmo")
         assert said.split() == ["86400", "0", "0"], said
+        # ...and reconnected at once: its adoption stops the connection and waits the
+        # record's DefaultTime2Wait (open-iscsi's default 2 s) before it opens its own.
+        said = shell.run(f"iscsiadm -m node -T {IQN} -o show | grep DefaultTime2Wait")
+        assert said.strip() == "node.session.iscsi.DefaultTime2Wait = 0", said
+        print("kernel at adoption:", shell.run("dmesg | grep -E 'conn error|operational|"
+                                               "device reset'", check=False))
         # The record (with the CHAP login) is on tmpfs, for root only; the secret is in no
         # argv and no log.
         said = shell.run("stat -c '%a %U %n' /run/virtualinux/iscsi/nodes "
