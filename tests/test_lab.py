@@ -303,6 +303,29 @@ def test_a_node_image_boot_is_followed_through_iscsi_root_each_step_and_serving(
     assert answering == ["198.18.0.11"] and watcher.all_at("serving")
 
 
+def test_a_node_serves_only_once_every_step_has_said_so_in_any_order(tmp_path):
+    """The database step runs in a thread: its line may come after the last step's, and a
+    node is not "serving" before it (the lab's `up` once returned without it)."""
+    serial = tmp_path / "serial"
+    serial.write_text(
+        "[   40.1] EXT4-fs (sda): mounted filesystem with ordered data mode.\n"
+        "virtualinux: [10 identity] ok: node1 198.18.0.11\n"
+        "virtualinux: [12 bootsvc] ok: replica dhcp,tftp,http on eth0\n"
+        "virtualinux: [60 libvirtd] ok: libvirtd host UUID x\n")
+    node = progress.NodeProgress("node1", "52:54:00:00:00:11", "198.18.0.11",
+                                 phases=progress.node_phases(
+                                     ["identity", "bootsvc", "database", "libvirtd"]))
+    probed = []
+    watcher = progress.Watcher([node], {"node1": serial}, [],
+                               serving=lambda ip: probed.append(ip) or True)
+    assert [p for _, p in watcher.poll()] == ["root", "identity", "bootsvc", "libvirtd"]
+    assert probed == [] and not node.steps_done
+    with open(serial, "a") as log:
+        log.write("virtualinux: [30 database] ok: etcd member node1 joins\n")
+    assert [p for _, p in watcher.poll()] == ["serving"]
+    assert watcher.poll() == [] and probed == ["198.18.0.11"]
+
+
 def test_console_follow_copies_the_log_and_what_is_appended(tmp_path):
     log = tmp_path / "serial.log"
     log.write_bytes(b"SeaBIOS\r\n")

@@ -14,7 +14,8 @@ A node booting the node image (`node_phases(steps)`) goes from `kernel` on throu
     root      its root is mounted (the kernel's `EXT4-fs ... mounted filesystem`, or systemd's
               `Welcome to`)
     STEP      each start-up step's console line, `virtualinux: [NN STEP] ok|FAILED|skipped`
-    serving   after the last step, its own replica answers HTTP (`serving` probe)
+    serving   once every step has said how it went, its own replica answers HTTP (`serving`
+              probe); a step that runs in a thread (the database's) may say so after later ones
 
 Logs are read incrementally (each poll reads only what was appended). A phase never goes back:
 a node that reboots after a failed transfer is shown at the furthest phase it has reached,
@@ -71,6 +72,14 @@ class NodeProgress:
             return False
         self.phase = phase
         return True
+
+    @property
+    def steps_done(self) -> bool:
+        """Every start-up step has printed its line, in whatever order they came."""
+        if "serving" not in self.phases:
+            return False
+        steps = self.phases[self.phases.index("root") + 1:-1]
+        return all(step in self.seen for step in steps)
 
     def describe(self) -> str:
         if self.wrong_address:
@@ -151,7 +160,7 @@ class Watcher:
                 self._node_image_line(node, line, reach)
         if self.serving is not None:
             for node in self.nodes.values():
-                if node.phase == node.phases[-2] and self.serving(node.ip):
+                if node.phase != "serving" and node.steps_done and self.serving(node.ip):
                     reach(node, "serving")
         if self.ping is not None:
             for node in self.nodes.values():
