@@ -72,12 +72,18 @@ def advertisement(mac: str, hop_limit: int = 0) -> bytes:
     harmless either way). The checksum is left 0: the kernel fills it in on a raw ICMPv6
     socket. Packed with `struct` (scapy's `ICMPv6ND_RA` is the tests' oracle): importing
     scapy's IPv6 layers cost every replica 42 MB and ~2 s of a TCG node's CPU at boot."""
-    hardware = bytes.fromhex(mac.replace(":", ""))
-    if len(hardware) != 6:
-        raise ValueError(f"{mac!r} is not a MAC address")
+    hardware = _octets(mac)
     header = struct.pack("!BBHBBHII", ROUTER_ADVERTISEMENT, 0, 0, hop_limit, 0, 0, 0, 0)
     source_link_layer = struct.pack("!BB", OPTION_SOURCE_LINK_LAYER, 1) + hardware
     return header + source_link_layer
+
+
+def _octets(mac: str) -> bytes:
+    """The six bytes of `mac` ("52:54:00:ab:cd:ef"), or ValueError."""
+    octets = bytes.fromhex(mac.replace(":", ""))
+    if len(octets) != 6:
+        raise ValueError(f"{mac!r} is not a MAC address")
+    return octets
 
 
 def link_local(index: int) -> ipaddress.IPv6Address | None:
@@ -96,7 +102,7 @@ def link_local(index: int) -> ipaddress.IPv6Address | None:
 
 def eui64_link_local(mac: str) -> ipaddress.IPv6Address:
     """fe80::/64 with the modified EUI-64 interface identifier of `mac` (RFC 4291 App. A)."""
-    octets = bytes.fromhex(mac.replace(":", ""))
+    octets = _octets(mac)
     identifier = bytes([octets[0] ^ 0x02]) + octets[1:3] + b"\xff\xfe" + octets[3:6]
     return ipaddress.IPv6Address(b"\xfe\x80" + bytes(6) + identifier)
 
