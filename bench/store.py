@@ -56,6 +56,7 @@ def worker(url: str, writes: int, replicas: list[int], import_nodes: int, tmp: P
     from virtualinux.vvcm import Node, changes, inventory, snapshot
     from virtualinux.vvcm.db import Database
     from virtualinux.vvcm.replica_copy import ReplicaCopy
+    from virtualinux.vvcm.store import parse_url
     from virtualinux.vvcm.store_etcd import EtcdStore
 
     results: dict = {}
@@ -88,7 +89,7 @@ def worker(url: str, writes: int, replicas: list[int], import_nodes: int, tmp: P
 
     results["visible"] = {}
     for count in replicas:
-        copies = [ReplicaCopy(Database(store=url), tmp / f"r{count}-{i}.db", poll_interval=1.0)
+        copies = [ReplicaCopy(parse_url(url), tmp / f"r{count}-{i}.db", poll_interval=1.0)
                   for i in range(count)]
         for copy in copies:
             copy.prepare()

@@ -4,7 +4,8 @@
 in the lab); `Daemon.run` starts the chosen services (`service.service_class(name)`, each with
 its typed `Options`), polls the database generation (a cheap read, off the event loop), reloads
 every service when it grows, refuses to go back to an older one, and writes its `Status`
-(bootsvc.status) to the state directory about once a second for `vlx bootsvc status`. SIGHUP
+(bootsvc.status) to the state directory about once a second for `vlx bootsvc status`; under
+systemd it says when it is ready (sd_notify). SIGHUP
 looks for a new generation at once; SIGTERM and SIGINT stop it cleanly. This is the one way
 services run: production, the lab, the tests and the benches all start `vlx bootsvc run`.
 Imports the model and the services; never the CLI.
@@ -77,6 +78,25 @@ def interface_addresses(interface: str) -> list[ipaddress.IPv4Address]:
                 for message in ipr.get_addr(family=socket.AF_INET, index=index[0])]
 
 
+def notify_systemd(state: str) -> bool:
+    """Tell systemd how the replica is (sd_notify(3): "READY=1" once every service listens,
+    so a unit of Type=notify is started only then, and the units ordered after it, the etcd
+    member on a node, start once it serves). One datagram to $NOTIFY_SOCKET, the whole of the
+    protocol; nothing when systemd did not ask. True if it was sent."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):          # an abstract socket
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as err:
+        log.warning("cannot tell systemd %s: %s", state, err)
+        return False
+    return True
+
+
 def settle_heap() -> None:
     """Once a generation is loaded and every service precomputed from it: collect, then
     freeze what is left (gc.freeze), so the collector's later passes skip it. A generation of
@@ -142,12 +162,14 @@ class Daemon:
             running = self.write_status(State.RUNNING)
             if self.on_running is not None:
                 self.on_running(running)
+            notify_systemd("READY=1")
             while not self._stop.is_set():
                 await self._sleep()
                 if not self._stop.is_set():
                     await self.poll()
                     self.write_status(State.RUNNING)
         finally:
+            notify_systemd("STOPPING=1")
             for sig in (*STOP_SIGNALS, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             for service in reversed(self.services):

@@ -37,7 +37,7 @@ def load_cluster(cmdline: tuple[str, ...], clock: Callable[[], float] = time.mon
         return Database().load()
     os.environ["VLX_STORE"] = store          # for the steps and what they start
     local = default_path()
-    copy = ReplicaCopy(Database(store=parse_url(store)), local)
+    copy = ReplicaCopy(parse_url(store), local)
     deadline = clock() + FIRST_COPY_TIMEOUT
     waiting = False
     while True:

@@ -263,3 +263,24 @@ def test_status_text_shows_every_services_details(tmp_path, capsys):
                      "dhcp discovered 1 entry (--json lists them)", "heartbeat state master",
                      "heartbeat master -"):
         assert expected in lines
+
+
+def test_systemd_is_told_when_the_replica_is_ready(tmp_path, monkeypatch):
+    """Type=notify: the etcd member's unit is ordered after the replica's, and starts once the
+    replica says READY=1 on $NOTIFY_SOCKET (a path, or an abstract name written with @)."""
+    import socket
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert daemon.notify_systemd("READY=1") is False          # not under systemd
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(str(tmp_path / "notify"))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+        assert daemon.notify_systemd("READY=1") is True
+        assert listener.recv(64) == b"READY=1"
+    name = f"vlx-test-notify-{tmp_path.name}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind("\0" + name)
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        assert daemon.notify_systemd("STOPPING=1") is True
+        assert listener.recv(64) == b"STOPPING=1"
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone"))
+    assert daemon.notify_systemd("READY=1") is False          # said, not raised

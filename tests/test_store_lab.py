@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from virtualinux.bench.scale import inventory as big_inventory
 from virtualinux.vm_test.etcd import VLX, Lab
+from virtualinux.vm_test.netns import Namespace
 from virtualinux.vm_test.wait import wait_for
 from virtualinux.vvcm.db import Database
 
@@ -43,8 +44,8 @@ def node_add(lab: Lab, index: int, ip: str | None = None, **kwargs) -> subproces
                    **kwargs)
 
 
-def start_replica(lab: Lab, tmp: Path):
-    ns = lab.plug("replica", REPLICA)
+def start_replica(lab: Lab, tmp: Path, ns: Namespace | None = None):
+    ns = ns or lab.plug("replica", REPLICA)
     state = tmp / "replica-state"
     process = lab.popen(ns, [*VLX, "--store", lab.url, "--db", str(tmp / "copy.db"),
                              "bootsvc", "run", "--interface", "eth0", "--address", REPLICA,
@@ -83,6 +84,26 @@ def test_import_through_etcd_then_a_replica_answers_udhcpc_from_its_local_copy(l
     copy = subprocess.run([*VLX, "--db", str(tmp_path / "copy.db"), "node", "show", "node3",
                            "--json"], capture_output=True, text=True, check=True)
     assert json.loads(copy.stdout)["ip"] == NODE3_IP
+
+
+def test_a_replica_serves_its_older_local_copy_at_once_then_catches_up(lab, tmp_path):
+    """A replica with a good local copy does not ask the store before it serves (a node's
+    start-up has just written one): its thread, started once the services listen, brings the
+    copy to the store's generation in place, and the new node is served."""
+    lab.etcd(1)
+    assert lab.vlx("db", "import", str(EXAMPLE)).returncode == 0
+    ns = lab.plug("replica", REPLICA)
+    first, status = start_replica(lab, tmp_path, ns)
+    first.terminate()
+    assert first.wait(timeout=30) == 0
+    assert node_add(lab, 1).returncode == 0            # gen 2, while no replica runs
+    second, status = start_replica(lab, tmp_path, ns)
+    wait_for(lambda: status().get("generation") == 2, 30, "the replica to catch up")
+    store = status()["store"]
+    assert store["reachable"] and store["rebuilt_because"] is None
+    assert (store["copies_written"], store["copies_whole"]) == (1, 0)   # advanced in place
+    assert dhcp_address(lab, tmp_path, "52:54:00:ff:01:01") == "198.18.0.101"
+    assert second.poll() is None
 
 
 def test_three_members_lose_one_then_quorum_then_heal(lab, tmp_path):
@@ -198,10 +219,10 @@ def test_a_writer_killed_mid_change_leaves_no_half_change(lab, tmp_path, point):
 COPY = """
 import json, sys
 from pathlib import Path
-from virtualinux.vvcm.db import Database
 from virtualinux.vvcm.errors import VlxError
 from virtualinux.vvcm.replica_copy import ReplicaCopy
-copy = ReplicaCopy(Database(store=sys.argv[1]), Path(sys.argv[2]))
+from virtualinux.vvcm.store import parse_url
+copy = ReplicaCopy(parse_url(sys.argv[1]), Path(sys.argv[2]))
 try:
     copy.prepare()
 except VlxError as err:
@@ -269,9 +290,9 @@ def test_a_copy_that_missed_generations_takes_only_them_even_after_a_compaction(
 SPOILED_THEN_ADVANCED = """
 import json, sqlite3, subprocess, sys
 from pathlib import Path
-from virtualinux.vvcm.db import Database
 from virtualinux.vvcm.replica_copy import ReplicaCopy
-copy = ReplicaCopy(Database(store=sys.argv[1]), Path(sys.argv[2]))
+from virtualinux.vvcm.store import parse_url
+copy = ReplicaCopy(parse_url(sys.argv[1]), Path(sys.argv[2]))
 copy.prepare()
 with sqlite3.connect(sys.argv[2]) as conn:       # changed behind the replica's back
     conn.execute("PRAGMA user_version = 99")

@@ -121,6 +121,51 @@ def test_a_local_copy_of_a_newer_schema_is_refused(db, tmp_path):
         Database(db.path).load()
 
 
+LOCAL_COPY_WITHOUT_CLIENT = """
+import json, sys
+from pathlib import Path
+from virtualinux.vvcm.replica_copy import ReplicaCopy
+from virtualinux.vvcm.store import parse_url
+copy = ReplicaCopy(parse_url("etcd://198.18.0.1:2379"), Path(sys.argv[1]))
+usable = copy.open_local()
+print(json.dumps({"usable": usable, "generation": copy.generation,
+                  "reason": copy.rebuilt_reason, "url": copy.status()["url"],
+                  "client_imported": "etcd3gw" in sys.modules or "requests" in sys.modules}))
+"""
+
+
+def open_local_copy(path) -> dict:
+    result = subprocess.run([sys.executable, "-c", LOCAL_COPY_WITHOUT_CLIENT, str(path)],
+                            capture_output=True, text=True, check=True)
+    return json.loads(result.stdout)
+
+
+def test_a_good_local_copy_is_served_before_the_store_client_is_imported(db, tmp_path):
+    cluster = db.update("db import", "t",
+                        lambda c: inventory.apply(c, inventory.load(EXAMPLE), "t"))
+    path = tmp_path / "copy.db"
+    write_copy(path, cluster, db.changes(None))
+    assert open_local_copy(path) == {"usable": True, "generation": cluster.generation,
+                                     "reason": None, "url": "etcd://198.18.0.1:2379",
+                                     "client_imported": False}
+
+
+def test_a_missing_or_spoiled_local_copy_is_not_served_and_says_why(tmp_path):
+    path = tmp_path / "copy.db"
+    missing = open_local_copy(path)
+    assert (missing["usable"], missing["reason"]) == (False, "none yet")
+    path.write_bytes(b"not a database")
+    spoiled = open_local_copy(path)
+    assert spoiled["usable"] is False and "is not a virtualinux database" in spoiled["reason"]
+    assert path.read_bytes() == b"not a database"      # left for prepare() to rebuild
+
+
+def test_a_replica_copy_of_a_sqlite_url_is_refused():
+    from virtualinux.vvcm.replica_copy import ReplicaCopy
+    with pytest.raises(VlxError, match="not a replicated store"):
+        ReplicaCopy(parse_url("sqlite:/tmp/x.db"), EXAMPLE)
+
+
 def test_store_timing_settings_must_allow_an_election(db):
     cluster = db.update("db import", "t",
                         lambda c: inventory.apply(c, inventory.load(EXAMPLE), "t"))

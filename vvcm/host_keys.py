@@ -26,12 +26,17 @@ import dataclasses
 import hashlib
 import os
 from collections.abc import Iterable
-
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
+from typing import TYPE_CHECKING
 
 from .errors import VlxError
 from .model import SSH_HOST_KEY_PREFIX, Cluster, Credential
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+# cryptography is imported by the functions that make or read keys, not at module load: every
+# replica renders node cpios (seed_of, node_file) and needs none of it, and its import costs a
+# node's emulated CPU 0.15-0.3 s before the replica serves.
 
 KEY_TYPE = "ed25519"
 SEED_BYTES = 32
@@ -93,11 +98,13 @@ def read_node_file(text: str, node: str) -> bytes:
 
 
 def _key(seed: bytes) -> ed25519.Ed25519PrivateKey:
+    from cryptography.hazmat.primitives.asymmetric import ed25519
     return ed25519.Ed25519PrivateKey.from_private_bytes(seed)
 
 
 def public_line(seed: bytes, comment: str = "") -> str:
     """`ssh-ed25519 AAAA... COMMENT`, as in a .pub file."""
+    from cryptography.hazmat.primitives import serialization
     public = _key(seed).public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                  serialization.PublicFormat.OpenSSH).decode()
     return f"{public} {comment}".rstrip()
@@ -112,6 +119,7 @@ def fingerprint(seed: bytes) -> str:
 def private_file(seed: bytes) -> str:
     """OpenSSH's private key file for `seed` (sshd's HostKey); its check bytes are random, so
     two calls differ in bytes but not in the key (`seed_of_private_file` reads it back)."""
+    from cryptography.hazmat.primitives import serialization
     return _key(seed).private_bytes(serialization.Encoding.PEM,
                                     serialization.PrivateFormat.OpenSSH,
                                     serialization.NoEncryption()).decode()
@@ -119,6 +127,8 @@ def private_file(seed: bytes) -> str:
 
 def seed_of_private_file(text: str) -> bytes | None:
     """The seed of an OpenSSH Ed25519 key file, or None if it is not one."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
     try:
         key = serialization.load_ssh_private_key(text.encode(), password=None)
     except (ValueError, TypeError):

@@ -17,6 +17,9 @@ damaged, of another schema or changed behind our back, is written whole instead
 
 At start (`prepare`) a local copy that does not open, or has another schema, is refused, said
 so, and rebuilt from the store; with the store unreachable, a good local copy is served as is.
+A replica that has a good local copy may serve it at once (`open_local`) and leave the catching
+up to the thread: the store's client (etcd3gw and the requests stack, ~0.7 s of imports on a
+node's emulated CPU) is made on first use, so it is not imported before the first answer.
 Imports only vvcm.
 """
 
@@ -28,13 +31,16 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
-from .db import Database
+from .db import Database, open_backend
 from .errors import VlxError
 from .model import STORE_CA_OWNER, Change, Cluster
-from .store_etcd import EtcdStore, StoreUnreachable
+from .store import StoreUnreachable, StoreUrl
 from .store_sqlite import advance_copy, write_copy
+
+if TYPE_CHECKING:
+    from .store_etcd import EtcdStore
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +49,14 @@ KEEP_CHANGES = 200          # the newest change-log entries kept in the local co
 
 
 class ReplicaCopy:
-    def __init__(self, store: Database, path: Path, poll_interval: float = POLL_INTERVAL):
-        if not isinstance(store.backend, EtcdStore):
-            raise VlxError(f"{store.name} is not a replicated store: serve a SQLite file "
+    def __init__(self, store: StoreUrl, path: Path, poll_interval: float = POLL_INTERVAL):
+        if store.scheme != "etcd":
+            raise VlxError(f"{store} is not a replicated store: serve a SQLite file "
                            "directly with --db")
-        self.store: EtcdStore = store.backend
+        self.url = store
+        self.name = str(store)
+        self._store: EtcdStore | None = None
+        self._opened = False         # the local copy was read (open_local)
         self.path = path
         self.poll_interval = poll_interval
         self.generation = -1
@@ -64,19 +73,35 @@ class ReplicaCopy:
         self._thread: threading.Thread | None = None
         self._stop_watch: Callable[[], None] | None = None
 
-    def prepare(self) -> int:
-        """Make sure there is a local copy to serve; return its generation."""
+    @property
+    def store(self) -> EtcdStore:
+        """The store's client, made on first use (its imports are the cost)."""
+        if self._store is None:
+            self._store = cast("EtcdStore", open_backend(self.url))
+        return self._store
+
+    def open_local(self) -> bool:
+        """Read the local copy without asking the store: True if it can be served."""
+        self._opened = True
         try:
             if self.path.exists():
                 self._cluster = Database(self.path).load()
                 self.generation = self._cluster.generation
-            else:
-                self.rebuilt_reason = "none yet"
+                self.rebuilt_reason = None
+                return True
+            self.rebuilt_reason = "none yet"
         except (VlxError, sqlite3.DatabaseError, ValueError, KeyError) as err:
             reason = str(err) if isinstance(err, VlxError) else f"{type(err).__name__}: {err}"
             self.rebuilt_reason = reason
             log.warning("refusing the local copy %s (%s): rebuilding it from %s", self.path,
-                        reason, self.store.name)
+                        reason, self.name)
+        return False
+
+    def prepare(self) -> int:
+        """Make sure there is a local copy to serve, as new as the store's if it answers;
+        return its generation."""
+        if not self._opened:
+            self.open_local()
         try:
             self.sync_once(force=self.rebuilt_reason is not None)
         except StoreUnreachable as err:
@@ -96,7 +121,7 @@ class ReplicaCopy:
             if pushed is None:
                 found = self.store.read_head()
                 if found is None:
-                    raise VlxError(f"{self.store.name} holds no virtualinux database")
+                    raise VlxError(f"{self.name} holds no virtualinux database")
                 head, head_revision, self.revision = found
             else:
                 head, head_revision = pushed
@@ -118,7 +143,7 @@ class ReplicaCopy:
                 break
             # etcd compacted head's revision and a newer generation replaced the snapshot
         else:
-            raise VlxError(f"{self.store.name}: the store kept changing under three reads")
+            raise VlxError(f"{self.name}: the store kept changing under three reads")
         cluster, entries = fetched
         if cluster.generation < self.generation:
             return False
@@ -148,7 +173,7 @@ class ReplicaCopy:
                     f"{type(err).__name__}: {err}"
                 self.rebuilt_reason = reason
                 log.warning("refusing the local copy %s (%s): rebuilding it from %s",
-                            self.path, reason, self.store.name)
+                            self.path, reason, self.name)
             entries = self.store.changes(KEEP_CHANGES)
             entries = [entry for entry in entries if entry.generation <= cluster.generation]
         write_copy(self.path, cluster, entries)
@@ -163,7 +188,8 @@ class ReplicaCopy:
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout=self.store.timeout * 3)
+            # A thread still importing the client has no store timeout yet: 1 s.
+            self._thread.join(timeout=(self._store.timeout if self._store else 1.0) * 3)
         self._unwatch()
 
     def status(self) -> dict[str, Any]:
@@ -171,8 +197,8 @@ class ReplicaCopy:
             message = (f"store unreachable since {self.unreachable_since}, serving gen "
                        f"{self.generation}")
         else:
-            message = f"following {self.store.name}, serving gen {self.generation}"
-        return {"url": self.store.name, "local_copy": str(self.path),
+            message = f"following {self.name}, serving gen {self.generation}"
+        return {"url": self.name, "local_copy": str(self.path),
                 "generation": self.generation, "reachable": self.unreachable_since is None,
                 "unreachable_since": self.unreachable_since, "last_error": self.last_error,
                 "copies_written": self.copies_written, "copies_whole": self.copies_whole,
@@ -210,7 +236,7 @@ class ReplicaCopy:
 
     def _reachable(self) -> None:
         if self.unreachable_since is not None:
-            log.info("store %s reachable again (unreachable since %s)", self.store.name,
+            log.info("store %s reachable again (unreachable since %s)", self.name,
                      self.unreachable_since)
         self.unreachable_since = None
 

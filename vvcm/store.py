@@ -47,6 +47,10 @@ class Backend(Protocol):
         """Fill an empty store with `cluster` and its change log (`vlx db migrate`)."""
 
 
+class StoreUnreachable(VlxError):
+    """No endpoint of the store answered (connection refused, timed out, no quorum)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class StoreUrl:
     scheme: str                                  # "sqlite" or "etcd"

@@ -48,7 +48,15 @@ from etcd3gw.watch import Watcher
 from . import snapshot
 from .errors import VlxError
 from .model import Change, Cluster
-from .store import SCHEMA_VERSION, StoreUrl, next_generation, now, pause_point, user
+from .store import (
+    SCHEMA_VERSION,
+    StoreUnreachable,
+    StoreUrl,
+    next_generation,
+    now,
+    pause_point,
+    user,
+)
 
 PREFIX = "virtualinux/"
 HEAD = PREFIX + "head"
@@ -59,10 +67,6 @@ TXN_OPS = 100                # below etcd's --max-txn-ops default of 128
 TIMEOUT = float(os.environ.get("VLX_STORE_TIMEOUT", "5"))
 MAX_ATTEMPTS = 1000          # CAS retries before a writer gives up (others kept winning)
 SORT_ASCEND, SORT_DESCEND = 1, 2   # etcd's RangeRequest.SortOrder
-
-
-class StoreUnreachable(VlxError):
-    """No endpoint of the store answered (connection refused, timed out, no quorum)."""
 
 
 class EtcdStore:

@@ -110,12 +110,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     follower = None
     if url.scheme == "etcd":
         # Serve from a local copy of the replicated store (--db names it), which a thread
-        # keeps up to date; the daemon polls that file like any other database.
+        # keeps up to date; the daemon polls that file like any other database. A good copy
+        # (start-up has just written one on a node) is served at once, and the thread, started
+        # once every service listens, catches up: the store's client is not imported before.
         from .. import replica_copy
-        follower = replica_copy.ReplicaCopy(Database(store=url),
-                                            Path(args.db) if args.db else default_path(),
+        follower = replica_copy.ReplicaCopy(url, Path(args.db) if args.db else default_path(),
                                             poll_interval=args.poll)
-        follower.prepare()
+        if not follower.open_local():
+            follower.prepare()
         db = Database(follower.path)
     else:
         db = database(args)
@@ -125,11 +127,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.quiet:
         for name in args.services:
             logging.getLogger(f"virtualinux.bootsvc.{name}").setLevel(logging.WARNING)
+
+    def running(status: Status) -> None:
+        _print_ready(status)
+        if follower:
+            follower.start()
+
     runner = daemon.Daemon(db, replica, args.services, poll_interval=args.poll,
-                           options=service_options, on_running=_print_ready,
+                           options=service_options, on_running=running,
                            store_status=follower.status if follower else None)
-    if follower:
-        follower.start()
     try:
         asyncio.run(runner.run())
     except PermissionError as err:
