@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from virtualinux.bootsvc.tftp import WORKERS
+from virtualinux.bootsvc.tftp import MAX_WORKERS
 from virtualinux.vm_test.netns import Netns
 from virtualinux.vvcm import inventory
 from virtualinux.vvcm.db import Database
@@ -184,8 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-mb", type=int, default=10, help="file size per client")
     parser.add_argument("--clients", default="20,50",
                         help="client counts of the many-clients rows (default: 20,50)")
-    parser.add_argument("--workers", type=int, default=WORKERS,
-                        help=f"our transfer threads, `--set tftp.workers` (default: {WORKERS})")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="our transfer threads, `--set tftp.workers` (default: 0, the "
+                             "service's own: one per CPU it may run on, at most "
+                             f"{MAX_WORKERS})")
     common.add_flags(parser)
     args = parser.parse_args(argv)
     common.apply_flags(args)

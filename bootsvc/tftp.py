@@ -47,11 +47,18 @@ TFTP_PORT = 69
 MAX_TRANSFERS = 512              # a rack powering on at once fits many times over
 MAX_NETASCII_SIZE = 16 << 20     # netascii is converted in memory: text files only
 STOP_GRACE = 2.0                 # seconds running transfers get to finish on stop
-# Transfer threads. One thread does the work of many (the GIL serialises them anyway), but
-# on a CPU shared with other work each runnable thread gets its own share: bench/tftp.py, 20
-# lock-step clients at load 7 on 2 cores, gave 19 MB/s with 1 (dnsmasq 20, atftpd with a
-# thread per transfer 64) and 94 MB/s with 4 (dnsmasq 29, atftpd 100), the same CPU per MB.
-WORKERS = 4
+# Transfer threads: by default one per CPU this process may run on, at most MAX_WORKERS. The
+# GIL serialises their Python, but their send/recv system calls overlap on other CPUs; on one
+# CPU extra threads only add GIL hand-offs: bench/tftp.py pinned to one CPU on a quiet machine,
+# 20 and 50 lock-step clients, 4 threads gave 128 and 105 MB/s (6.4 and 7.3 ms CPU per MB),
+# 1 thread 146 and 124 MB/s (4.4 and 4.6 ms; dnsmasq 150 and 136 MB/s, 4.9 and 5.8 ms).
+MAX_WORKERS = 4
+
+
+def default_workers() -> int:
+    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+
+
 LOGGED_PER_REASON = 5            # then only every 1000th, so a flood cannot fill the log
 
 
@@ -63,15 +70,16 @@ class TftpService(Service):
         port: int = TFTP_PORT
         # The largest block size a client may negotiate (RFC 2348 allows up to 65464).
         max_blksize: int = MAX_BLKSIZE
-        # Transfer threads (see WORKERS).
-        workers: int = WORKERS
+        # Transfer threads; 0: one per CPU this process may use, at most MAX_WORKERS.
+        workers: int = 0
 
         def __post_init__(self) -> None:
             check_port(self.port)
             if not MIN_BLKSIZE <= self.max_blksize <= MAX_BLKSIZE:
                 raise ValueError(f"max_blksize must be from {MIN_BLKSIZE} to {MAX_BLKSIZE}")
-            if self.workers < 1:
-                raise ValueError("workers must be at least 1")
+            if self.workers < 0:
+                raise ValueError("workers must be 0 (one per CPU, at most "
+                                 f"{MAX_WORKERS}) or more")
 
     def __init__(self, replica: Replica, cluster: Cluster, options: Options | None = None):
         super().__init__(replica, cluster, options)
@@ -88,7 +96,8 @@ class TftpService(Service):
             lambda: _RequestPort(self),
             local_addr=(str(self.replica.address), self.options.port))
         self.port = self._endpoint.get_extra_info("sockname")[1]
-        self._engines = [TransferEngine(f"tftp-{i}") for i in range(self.options.workers)]
+        workers = self.options.workers or default_workers()
+        self._engines = [TransferEngine(f"tftp-{i}") for i in range(workers)]
         for engine in self._engines:
             engine.start()
         log.info("TFTP on %s:%d serving %s (gen %d)", self.replica.address, self.port,

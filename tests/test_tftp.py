@@ -191,3 +191,28 @@ def test_block_numbers_roll_over_after_65535():
     received, sender, results = transfer(data, 8, 64, lose={65_535, 65_536, 65_537})
     assert received == data and results == [None]
     assert sender.acked == sender.last_block > 65_536
+
+
+WORKERS_UNDER_AFFINITY = """
+import os, sys
+from virtualinux.bootsvc.tftp import default_workers
+os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(",")})
+print(default_workers())
+"""
+
+
+def test_transfer_threads_default_to_one_per_usable_cpu_at_most_four():
+    """On one CPU more threads only hand the GIL to each other: a server pinned to one CPU (as
+    bench/tftp.py pins every server) runs one transfer thread."""
+    import subprocess
+    import sys
+
+    cpus = sorted(os.sched_getaffinity(0))
+
+    def workers(allowed: list[int]) -> int:
+        return int(subprocess.run([sys.executable, "-c", WORKERS_UNDER_AFFINITY,
+                                   ",".join(map(str, allowed))], capture_output=True,
+                                  text=True, check=True).stdout)
+
+    assert workers(cpus[:1]) == 1
+    assert workers(cpus) == min(4, len(cpus))
