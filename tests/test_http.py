@@ -40,3 +40,41 @@ def test_byte_ranges(header, expected):
 def test_unsatisfiable_ranges(header):
     with pytest.raises(ValueError):
         byte_range(header, 1000)
+
+
+def test_a_body_is_sent_corked_and_the_socket_uncorked_after_it_also_on_error():
+    """Head and file leave in full segments (TCP_CORK, nginx's tcp_nopush); the socket is
+    uncorked after the body, also when sending failed, or a next small answer would wait."""
+    import asyncio
+    import socket
+
+    from virtualinux.bootsvc.http import corked
+
+    def cork(writer) -> int:
+        return writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK)
+
+    seen: list[int] = []
+    handled = asyncio.Event()
+
+    async def handle(reader, writer):
+        seen.append(cork(writer))
+        with corked(writer):
+            seen.append(cork(writer))
+        seen.append(cork(writer))
+        with pytest.raises(ConnectionError), corked(writer):
+            raise ConnectionResetError
+        seen.append(cork(writer))
+        writer.close()
+        handled.set()
+
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        await handled.wait()
+        writer.close()
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    assert seen == [0, 1, 0, 0]
