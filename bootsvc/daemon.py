@@ -5,9 +5,9 @@ in the lab); `Daemon.run` starts the chosen services (`service.service_class(nam
 its typed `Options`), polls the database generation (a cheap read, off the event loop), reloads
 every service when it grows, refuses to go back to an older one, and writes its `Status`
 (bootsvc.status) to the state directory about once a second for `vlx bootsvc status`; under
-systemd it says when it is ready (sd_notify). SIGHUP
-looks for a new generation at once; SIGTERM and SIGINT stop it cleanly. This is the one way
-services run: production, the lab, the tests and the benches all start `vlx bootsvc run`.
+systemd it says when it is ready (sd_notify). SIGHUP looks for a new generation at once;
+SIGTERM and SIGINT stop it cleanly. This is the one way services run: production, the lab,
+the tests and the benches all start `vlx bootsvc run`.
 Imports the model and the services; never the CLI.
 """
 
