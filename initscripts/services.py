@@ -20,6 +20,20 @@ def systemctl(*args: str) -> None:
         raise VlxError(f"systemctl {' '.join(args)}: {message[-1] if message else 'failed'}")
 
 
+def wait_started(boot: Boot, unit: str, timeout: float) -> bool:
+    """Start `unit` if it is not running and wait until systemd calls it started (a Type=notify
+    unit: until it said READY=1), at most `timeout` seconds; True if it is. A unit whose
+    condition fails (its file was never written) counts as started: nothing will come."""
+    if not boot.live:
+        return True
+    try:
+        result = subprocess.run(["systemctl", "start", unit], capture_output=True, text=True,
+                                timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False
+    return result.returncode == 0
+
+
 def restart_if_changed(boot: Boot, unit: str, changed: bool) -> None:
     """Make `unit` run with the configuration just written: restart it when that changed,
     else start it if it is not running (both idempotent)."""

@@ -275,15 +275,20 @@ def test_nodes_render_with_the_kernel_arguments_of_the_database(db, tmp_path, ca
     assert code == 2 and "kernel_args" in err and "cannot go on a kernel command line" in err
 
 
-def test_db_nodes_run_members_and_every_node_boots_with_the_store(db, tmp_path, capsys,
-                                                                  monkeypatch):
+def with_db_nodes(db, tmp_path, capsys):
+    """The example cluster with node1 and node2 of role db."""
     inventory = tmp_path / "cluster.toml"
     inventory.write_text(EXAMPLE.read_text().replace(
         'roles = ["gateway-primary", "storage"]', 'roles = ["gateway-primary", "storage", "db"]')
         .replace('roles = ["gateway-backup", "storage"]',
                  'roles = ["gateway-backup", "storage", "db"]'))
     assert vlx(capsys, "db", "import", str(inventory))[0] == 0
-    cluster = db.load()
+    return db.load()
+
+
+def test_db_nodes_run_members_and_every_node_boots_with_the_store(db, tmp_path, capsys,
+                                                                  monkeypatch):
+    cluster = with_db_nodes(db, tmp_path, capsys)
     store = "etcd://198.18.0.11:2379,198.18.0.12:2379"
     assert cluster.store_url() == store
     assert scripts.kernel_cmdline(cluster, cluster.node("node3"), ()).endswith(
@@ -324,6 +329,36 @@ def test_db_nodes_run_members_and_every_node_boots_with_the_store(db, tmp_path, 
     assert not (client / "etc/default/virtualinux-etcd").exists()
     assert (client / "etc/default/virtualinux").read_text().splitlines()[1:] == [
         f"VLX_STORE={store}", "VLX_DB=/var/lib/virtualinux/cluster.db"]
+
+
+@pytest.mark.parametrize("replica", ["ready", "not ready in time"])
+def test_a_db_node_adds_and_starts_its_member_once_its_replica_serves(db, tmp_path, capsys,
+                                                                      monkeypatch, replica):
+    """Added before its member starts, a member counts against the quorum: the step waits for
+    the replica's start (its READY=1) first, so the members never wait for one that is held
+    behind the replica; a replica that is not ready in time does not hold the member back."""
+    import subprocess
+
+    from virtualinux.initscripts import services
+    cluster = with_db_nodes(db, tmp_path, capsys)
+    monkeypatch.setenv("VLX_STORE", "etcd://198.18.0.11:2379")
+    calls: list[tuple] = []
+
+    def systemctl(argv, **options):
+        calls.append((*argv, options.get("timeout")))
+        if argv[:2] == ["systemctl", "start"] and replica != "ready":
+            raise subprocess.TimeoutExpired(argv, options["timeout"])
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    monkeypatch.setattr(services.subprocess, "run", systemctl)
+    monkeypatch.setattr(database, "join", lambda boot, url: calls.append(("join", url))
+                        or "node1=http://198.18.0.11:2380,node2=http://198.18.0.12:2380")
+    boot = dataclasses.replace(boot_of(cluster, node_root(tmp_path), "node2"), live=True)
+    assert "joins the running members" in database.run(boot)
+    assert calls == [
+        ("systemctl", "start", "virtualinux-bootsvc.service", database.REPLICA_WAIT),
+        ("join", "etcd://198.18.0.11:2379"),
+        ("systemctl", "restart", "--no-block", "virtualinux-etcd.service", None)]
 
 
 def served_etcd(capsys, env: list[str]) -> str:

@@ -36,7 +36,7 @@ from virtualinux.vvcm.model import Role, Settings
 from virtualinux.vvcm.store import parse_url
 
 from ..files import SERVICE_FILE_HEADER, plain, write_if_changed
-from ..services import restart_if_changed
+from ..services import restart_if_changed, wait_started
 from ..startup import Boot, Step, StepFailed
 
 if TYPE_CHECKING:     # the etcd client is imported only on db nodes that join
@@ -48,6 +48,8 @@ ETCD_ENV_FILE = "/etc/default/virtualinux-etcd"
 # etcd takes tens of seconds on a loaded machine), and between two tries.
 JOIN_TIMEOUT = 600.0
 JOIN_RETRY = 2.0
+# At most as long as systemd waits for the replica's READY=1 (its unit's TimeoutStartSec).
+REPLICA_WAIT = 600.0
 # Where the node's cpio leaves its store certificates (netboot.scripts.node_files): a db node
 # of a cluster with a CA also finds its member's NAME.crt and NAME.key there.
 STORE_TLS_DIR = "/run/virtualinux/node/store"
@@ -167,6 +169,11 @@ def run(boot: Boot) -> str:
     store = _store(boot)
     if Role.DB not in boot.node.roles:
         return f"client of {store}, serving a local copy" if store else "database file"
+    # The member starts once this node's replica serves (its unit is ordered after the
+    # replica's, so etcd's start does not take the CPU the replica's start needs): the add
+    # waits for that too, or the members would count one that has not started, without a
+    # quorum in between when they were one.
+    wait_started(boot, "virtualinux-bootsvc.service", REPLICA_WAIT)
     if (boot.path(str(data_dir(boot))) / "member").is_dir():
         how = "restarts as itself"
         initial, joining = (last_start(boot)
