@@ -15,6 +15,10 @@ drops, stepping `-r` up. Like for like:
   product default asks for 4 MiB); `--ours-receive-buffer` gives ours another, and
   `--rmem-default` sets the default of every server for the run;
 - the same CPUs: servers on CPU 1, perfdhcp on CPU 0; servers interleaved step by step.
+- `--cpu-cap 0.125` adds rows where every server is held to the same quota, an eighth of a
+  CPU (a fresh cgroup per server run, `bench/cgroup.py`): with a whole CPU a fast server is
+  limited by perfdhcp on its one CPU (11,000-15,000 DORA/s here), with the cap by itself
+  again. `--capped-only` leaves the whole-CPU rows out.
 
 Each server's best clean rate is then run `--repeat` times in all (median, min, max). The
 headline is ours against the best peer row. Everything runs in network namespaces this script
@@ -44,6 +48,7 @@ from virtualinux.vvcm import Database, Node, Settings
 from virtualinux.vvcm.changes import validated
 
 from . import common
+from .cgroup import CgroupError, CpuCaps, describe, find_cpu_hierarchy
 from .common import CLIENT_CPU, SERVER_CPU, Stat, pinned
 
 CIDR = ipaddress.IPv4Network("198.18.0.0/18")      # room for 15,000 nodes
@@ -134,6 +139,7 @@ class Sweep:
     """One server's way up the rate steps."""
 
     server: Server
+    caps: CpuCaps | None = None      # None: the server has CPU 1 to itself
     best: PerfResult | None = None
     failed: int | None = None
     repeats: list[PerfResult] = dataclasses.field(default_factory=list)
@@ -236,12 +242,20 @@ def servers(work: Path, namespace: Namespace, count: int, receive_buffer: int,
 
 def measure(sweep: Sweep, work: Path, client: Namespace, server_ns: Namespace, count: int,
             rate: int, seconds: float, log) -> PerfResult:
-    """One perfdhcp run at `rate` against a freshly started server (no leases yet)."""
+    """One perfdhcp run at `rate` against a freshly started server (no leases yet), held to
+    its sweep's CPU cap if it has one."""
     process = sweep.server.start(work)
+    throttled = ""
     try:
-        before, cpu_before = socket_drops(server_ns), cpu_seconds(_server_pid(process))
-        result = perfdhcp(client, work / "macs", count, rate, seconds, timeout=seconds + 20)
         pid = _server_pid(process)
+        with contextlib.ExitStack() as stack:
+            capped = stack.enter_context(sweep.caps.capped(pid)) if sweep.caps else None
+            before, cpu_before = socket_drops(server_ns), cpu_seconds(pid)
+            result = perfdhcp(client, work / "macs", count, rate, seconds,
+                              timeout=seconds + 20)
+            if capped is not None:
+                periods, hit = capped.throttled()
+                throttled = f", quota hit in {hit} of {periods} periods"
         result = dataclasses.replace(result, server_cpu_seconds=cpu_seconds(pid) - cpu_before)
         kernel = socket_drops(server_ns) - before
         sweep.peak_rss_kib = max(sweep.peak_rss_kib, peak_rss_kib(pid))
@@ -251,7 +265,7 @@ def measure(sweep: Sweep, work: Path, client: Namespace, server_ns: Namespace, c
         sweep.counters = read_status(work / "state").counters("dhcp")
     log(f"    {sweep.server.name:<34} -r {rate:>6}: {result.dora_per_second:>8.0f} DORA/s, "
         f"{result.drops} drops ({kernel} in port 67's receive queue), server CPU "
-        f"{result.cpu_us_per_dora:.0f} us/DORA")
+        f"{result.cpu_us_per_dora:.0f} us/DORA{throttled}")
     return result
 
 
@@ -261,7 +275,8 @@ def _server_pid(process: subprocess.Popen) -> int:
 
 
 def sweep_all(sweeps: list[Sweep], work: Path, client: Namespace, server_ns: Namespace,
-              count: int, seconds: float, steps: tuple[int, ...], log) -> None:
+              count: int, seconds: float, steps: tuple[int, ...], log,
+              refine: int = REFINE_STEPS) -> None:
     """Up the steps, all servers at each step before the next; a step with drops is run once
     more before it counts as failed (the machine is shared), the same for every server."""
     def clean(sweep: Sweep, rate: int) -> bool:
@@ -284,7 +299,7 @@ def sweep_all(sweeps: list[Sweep], work: Path, client: Namespace, server_ns: Nam
         rate = steps[0] // 2
         while sweep.best is None and rate >= MIN_RATE and not clean(sweep, rate):
             rate //= 2
-    for _ in range(REFINE_STEPS):
+    for _ in range(refine):
         for sweep in sweeps:
             if sweep.failed is None:
                 continue
@@ -362,7 +377,10 @@ def _wait_ready(ready, process: subprocess.Popen, log_path: Path, timeout: float
 
 
 def run_size(count: int, seconds: float, repeat: int, steps: tuple[int, ...],
-             receive_buffer: int | None, log, baseline: str | None = None) -> list[Sweep]:
+             receive_buffer: int | None, log, baseline: str | None = None,
+             caps: list[CpuCaps | None] | None = None,
+             refine: int = REFINE_STEPS) -> list[list[Sweep]]:
+    """Every server's sweep at `count` MACs, once per entry of `caps` (None: a whole CPU)."""
     with tempfile.TemporaryDirectory(prefix="bench-dhcp-") as tmp, segment() as (server, client):
         work = Path(tmp)
         (work / "macs").write_text("".join(node_mac(i) + "\n" for i in range(count)))
@@ -373,20 +391,25 @@ def run_size(count: int, seconds: float, repeat: int, steps: tuple[int, ...],
             f"the peers keep the kernel's default ({kernel_receive_buffer(server)})" if buffer
             else f"every server has the kernel's default receive buffer "
                  f"({kernel_receive_buffer(server)} bytes)"))
-        sweeps = [Sweep(s) for s in servers(work, server, count, buffer, baseline)]
-        sweep_all(sweeps, work, client, server, count, seconds, steps, log)
-        for sweep in sweeps:
-            if sweep.best:
-                sweep.repeats.append(sweep.best)
-        for _ in range(repeat - 1):
+        under_test = servers(work, server, count, buffer, baseline)
+        groups = []
+        for cap in caps or [None]:
+            log(f" {describe(cap.cap if cap else None)}")
+            sweeps = [Sweep(s, cap) for s in under_test]
+            sweep_all(sweeps, work, client, server, count, seconds, steps, log, refine)
             for sweep in sweeps:
                 if sweep.best:
-                    sweep.repeats.append(measure(sweep, work, client, server, count,
-                                                 sweep.best.rate, seconds, log))
-        if sweeps[0].counters:
-            log("  our counters (last run): " + ", ".join(
-                f"{k} {v}" for k, v in sweeps[0].counters.items()))
-    return sweeps
+                    sweep.repeats.append(sweep.best)
+            for _ in range(repeat - 1):
+                for sweep in sweeps:
+                    if sweep.best:
+                        sweep.repeats.append(measure(sweep, work, client, server, count,
+                                                     sweep.best.rate, seconds, log))
+            if sweeps[0].counters:
+                log("  our counters (last run): " + ", ".join(
+                    f"{k} {v}" for k, v in sweeps[0].counters.items()))
+            groups.append(sweeps)
+    return groups
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -408,65 +431,123 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", metavar="REV",
                         help="also run our server of this git revision (e.g. main), "
                              "interleaved, as virtualinux-before (not a peer)")
+    parser.add_argument("--cpu-cap", metavar="CPUS",
+                        help="also run every server held to this fraction of a CPU (a "
+                             "cgroup quota, the same for all), e.g. 0.25; comma-separated for "
+                             "several")
+    parser.add_argument("--cpu-period-us", type=int, metavar="US",
+                        help="the quota's period (default: the shortest the kernel allows "
+                             "for the cap, whose quota is 1 ms: 8000 us at 0.125)")
+    parser.add_argument("--capped-only", action="store_true",
+                        help="only the --cpu-cap rows, not the whole-CPU ones")
+    parser.add_argument("--refine", type=int, default=REFINE_STEPS,
+                        help="bisections between a server's last clean step and the first "
+                             f"with drops (default: {REFINE_STEPS})")
     common.add_flags(parser)
     args = parser.parse_args(argv)
     common.apply_flags(args)
     if os.geteuid() != 0:
-        print("bench/dhcp: needs root (network namespaces, port 67)", file=sys.stderr)
+        print("bench/dhcp: needs root (network namespaces, port 67, cgroups)", file=sys.stderr)
         return 2
     sizes = [int(size) for size in args.sizes.split(",")]
     if max(sizes) > CIDR.num_addresses - 512:
         print(f"bench/dhcp: at most {CIDR.num_addresses - 512} MACs", file=sys.stderr)
         return 2
+    if args.capped_only and not args.cpu_cap:
+        print("bench/dhcp: --capped-only needs --cpu-cap", file=sys.stderr)
+        return 2
     steps = tuple(r for r in RATE_STEPS if r <= args.max_rate) or RATE_STEPS[:1]
     report = common.Report("dhcp", argv if argv is not None else sys.argv[1:])
-    rows, ratios = [], []
-    with rmem_default(args.rmem_default):
+    with contextlib.ExitStack() as stack:
+        try:
+            settings = cpu_caps(stack, args.cpu_cap, args.cpu_period_us, args.capped_only)
+        except (CgroupError, ValueError) as err:
+            print(f"bench/dhcp: --cpu-cap: {err}", file=sys.stderr)
+            return 2
+        stack.enter_context(rmem_default(args.rmem_default))
         results = [(count, run_size(count, args.seconds, args.repeat, steps,
                                     args.ours_receive_buffer,
-                                    lambda line: print(line, flush=True), args.baseline))
+                                    lambda line: print(line, flush=True), args.baseline,
+                                    settings, args.refine))
                    for count in sizes]
-    for count, sweeps in results:
-        for sweep in sweeps:
-            best = sweep.best
-            rates = Stat.of([r.dora_per_second for r in sweep.repeats]) if best else None
-            cpu = Stat.of([r.cpu_us_per_dora for r in sweep.repeats]) if best else None
-            ceiling = ("above top step" if best and sweep.failed is None else
-                       f"drops at {sweep.failed}" if sweep.failed else "-")
-            drops = sum(r.drops for r in sweep.repeats[1:])
-            rows.append([count, sweep.server.name, best.rate if best else None, ceiling,
-                         rates, drops if len(sweep.repeats) > 1 else None, cpu,
-                         f"{sweep.peak_rss_kib / 1024:.1f} MiB"])
-        ours, peers = sweeps[0], [s for s in sweeps[1:] if s.server.headline and s.best]
-        if ours.best and peers:
-            median = Stat.of([r.dora_per_second for r in ours.repeats]).median
-            strongest = max(peers, key=lambda s: Stat.of(
-                [r.dora_per_second for r in s.repeats]).median)
-            theirs = Stat.of([r.dora_per_second for r in strongest.repeats]).median
-            ratios.append(f"{count} MACs: virtualinux / {strongest.server.name} (the best peer "
-                          f"row) = {median / theirs:.2f}x DORA/s at 0 drops (goal 2x)")
-        earlier = [s for s in sweeps if s.server.name.startswith("virtualinux-before")]
-        if ours.best and earlier and earlier[0].best:
-            cpu_now = Stat.of([r.cpu_us_per_dora for r in ours.repeats]).median
-            cpu_then = Stat.of([r.cpu_us_per_dora for r in earlier[0].repeats]).median
-            ratios.append(f"{count} MACs: virtualinux / {earlier[0].server.name}: server CPU "
-                          f"per DORA {cpu_now:.1f} / {cpu_then:.1f} us = "
-                          f"{cpu_now / cpu_then:.2f}x")
+    rows, ratios = [], []
+    for count, groups in results:
+        for sweeps in groups:
+            rows += table_rows(count, sweeps)
+            ratios += headline(count, sweeps)
     report.table("DHCP: highest perfdhcp rate with 0 drops; each server restarted per step",
-                 ["known MACs", "server", "highest clean -r", "ceiling", "DORA/s measured",
-                  "drops in the repeats", "server CPU us/DORA", "peak RSS"], rows)
+                 ["known MACs", "server", "CPU", "highest clean -r", "ceiling",
+                  "DORA/s measured", "drops in the repeats", "server CPU us/DORA",
+                  "peak RSS"], rows)
     for line in ratios:
         report.note(line)
     buffer = args.rmem_default or int(RMEM_DEFAULT.read_text())
     ours_buffer = (f"ours asks for {args.ours_receive_buffer}, which the kernel doubles"
                    if args.ours_receive_buffer else "ours too: --set dhcp.receive_buffer=0")
+    periods = ", ".join(f"{caps.quota_us} us per {caps.period_us} us" for caps in settings
+                        if caps is not None)
+    capped = (f"; CPU-capped rows: each server run in a fresh cgroup held to the cap "
+              f"({periods}, all its threads)" if periods else "")
     report.note(f"every server's receive buffer: {buffer} bytes (net.core.rmem_default"
                 f"{', set for the run' if args.rmem_default else ''}; {ours_buffer}); "
                 f"servers on CPU {SERVER_CPU}, perfdhcp on CPU "
-                f"{CLIENT_CPU}; 'dnsmasq, lease file on disk' does more work (fsync per lease) "
-                "and is not a headline peer")
+                f"{CLIENT_CPU}{capped}; 'dnsmasq, lease file on disk' does more work (fsync per "
+                "lease) and is not a headline peer")
     report.finish(args.json)
     return 0
+
+
+def cpu_caps(stack: contextlib.ExitStack, spec: str | None, period_us: int | None,
+             capped_only: bool) -> list[CpuCaps | None]:
+    """The CPU setting of each group of rows (None: a whole CPU); the cgroups' parents are
+    removed when `stack` closes."""
+    groups: list[CpuCaps | None] = [] if capped_only else [None]
+    if spec:
+        hierarchy = find_cpu_hierarchy()
+        for cap in (float(value) for value in spec.split(",")):
+            groups.append(stack.enter_context(CpuCaps(
+                hierarchy, cap, period_us, name=f"vlx-bench-{os.getpid()}-{len(groups)}")))
+    return groups
+
+
+def table_rows(count: int, sweeps: list[Sweep]) -> list[list[object]]:
+    rows: list[list[object]] = []
+    for sweep in sweeps:
+        best = sweep.best
+        rates = Stat.of([r.dora_per_second for r in sweep.repeats]) if best else None
+        cpu = Stat.of([r.cpu_us_per_dora for r in sweep.repeats]) if best else None
+        ceiling = ("above top step" if best and sweep.failed is None else
+                   f"drops at {sweep.failed}" if sweep.failed else "-")
+        drops = sum(r.drops for r in sweep.repeats[1:])
+        rows.append([count, sweep.server.name, describe(sweep.caps.cap if sweep.caps else None),
+                     best.rate if best else None, ceiling, rates,
+                     drops if len(sweep.repeats) > 1 else None, cpu,
+                     f"{sweep.peak_rss_kib / 1024:.1f} MiB"])
+    return rows
+
+
+def headline(count: int, sweeps: list[Sweep]) -> list[str]:
+    """Ours against the best peer row (and against --baseline), for one group of rows."""
+    lines = []
+    where = f"{count} MACs, {describe(sweeps[0].caps.cap if sweeps[0].caps else None)}"
+    ours, peers = sweeps[0], [s for s in sweeps[1:] if s.server.headline and s.best]
+    if ours.best and peers:
+        median = Stat.of([r.dora_per_second for r in ours.repeats]).median
+        strongest = max(peers, key=lambda s: Stat.of(
+            [r.dora_per_second for r in s.repeats]).median)
+        theirs = Stat.of([r.dora_per_second for r in strongest.repeats]).median
+        lines.append(f"{where}: virtualinux / {strongest.server.name} (the best peer row) = "
+                     f"{median / theirs:.2f}x DORA/s at 0 drops (goal 2x)")
+    earlier = [s for s in sweeps if s.server.name.startswith("virtualinux-before")]
+    if ours.best and earlier and earlier[0].best:
+        cpu_now = Stat.of([r.cpu_us_per_dora for r in ours.repeats]).median
+        cpu_then = Stat.of([r.cpu_us_per_dora for r in earlier[0].repeats]).median
+        rate_now = Stat.of([r.dora_per_second for r in ours.repeats]).median
+        rate_then = Stat.of([r.dora_per_second for r in earlier[0].repeats]).median
+        lines.append(f"{where}: virtualinux / {earlier[0].server.name}: server CPU per DORA "
+                     f"{cpu_now:.1f} / {cpu_then:.1f} us = {cpu_now / cpu_then:.2f}x; "
+                     f"DORA/s {rate_now / rate_then:.2f}x")
+    return lines
 
 
 if __name__ == "__main__":
