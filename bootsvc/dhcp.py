@@ -7,12 +7,12 @@ counted as `ignored_wrong_network` and logged once.
 A `Responder` holds one generation's answers for one replica: each host's OFFER/ACK (per boot
 file) is built by `dhcp_wire.encode` the first time it is asked for and kept for the
 generation, which also keeps a reload of a 10,000-node cluster quick; the hot path parses a few
-fields, patches xid, flags, ciaddr, giaddr and chaddr into a copy, and appends option 82 if a
-relay sent one. Which replicas answer a client's broadcast at all is `balance`'s decision
-(RFC 3074 load balancing over the nodes). Unknown MACs are counted and logged once, and get no
-answer unless the cluster has a `discovery_pool`: then each gets the pool address its MAC
-hashes to (the same on every replica, no lease state) and is remembered in `discovered` for
-the metamaster to adopt.
+fields and joins the kept pieces of the host's answer with the request's xid, flags, ciaddr,
+giaddr and chaddr, and option 82 if a relay sent one. Which replicas answer a client's
+broadcast at all is `balance`'s decision (RFC 3074 load balancing over the nodes). Unknown
+MACs are counted and logged once, and get no answer unless the cluster has a
+`discovery_pool`: then each gets the pool address its MAC hashes to (the same on every
+replica, no lease state) and is remembered in `discovered` for the metamaster to adopt.
 `DhcpService` binds UDP 67 on the replica's interface, and one more socket per VC bridge here
 (`vc_links` follows them through netlink), each with SO_BINDTODEVICE: the arriving interface
 is the socket's, a broadcast reply leaves by it without per-packet control messages, and each
@@ -78,6 +78,25 @@ class Reply(NamedTuple):
     port: int
 
 
+SECS = bytes(2)
+END = bytes((wire.OPT_END,))
+
+
+class Template(NamedTuple):
+    """One host's encoded answer of one kind, in the pieces that lie between the fields
+    copied from each request."""
+
+    op: bytes                   # op, htype, hlen, hops
+    yiaddr_siaddr: bytes
+    rest: bytes                 # from the end of chaddr up to the options after the host's
+    tail: bytes                 # OPT_END and the padding to MIN_REPLY_LEN
+
+    @classmethod
+    def split(cls, prefix: bytes, tail: bytes) -> Template:
+        return cls(prefix[:wire.XID.start], prefix[wire.YIADDR.start:wire.SIADDR.stop],
+                   prefix[wire.CHADDR.stop:], tail)
+
+
 class Responder:
     """One generation's answers for one replica; `respond` is the per-packet hot path."""
 
@@ -106,7 +125,8 @@ class Responder:
         scheme = "http" if "http" in replica.services else "tftp"
         self.ipxe_url = f"{scheme}://{replica.address}/{layout.IPXE_SCRIPT}"
         self._replica_address = replica.address
-        self._templates: dict[tuple[bytes, int, str | None], tuple[bytes, bytes]] = {}
+        # (MAC, kind, boot file) -> the answer's fixed pieces around the request's fields.
+        self._templates: dict[tuple[bytes, int, str | None], Template] = {}
         # A host's address, MAC and its options (DNS, domain, name), by (network, MAC).
         self._host_parts: dict[tuple[str, bytes], tuple[bytes, bytes, bytes]] = {}
         self._shared: dict[tuple[str, int, str | None], tuple[bytes, bytes, bytes, bytes]] = {}
@@ -203,29 +223,24 @@ class Responder:
         key = (request.mac, kind, bootfile)
         template = self._templates.get(key)
         if template is None:
-            template = self._build(network, host, kind, bootfile, cache)
+            template = Template.split(*self._build(network, host, kind, bootfile, cache))
             if cache:
                 self._templates[key] = template
-        prefix, tail = template
-        packet = bytearray(prefix)
-        packet[wire.XID] = request.xid
-        packet[wire.FLAGS] = request.flags
-        if kind != wire.OFFER:
-            packet[wire.CIADDR] = request.ciaddr
-        packet[wire.GIADDR] = request.giaddr
-        packet[wire.CHADDR] = request.chaddr
+        # One join of the kept pieces and the request's own fields (xid, flags, ciaddr but in
+        # an OFFER, giaddr, chaddr): no copy of the whole answer to patch in place.
+        pieces = (template.op, request.xid, SECS, request.flags,
+                  ZERO if kind == wire.OFFER else request.ciaddr, template.yiaddr_siaddr,
+                  request.giaddr, request.chaddr, template.rest)
         if request.relay_agent is not None:
-            packet += request.relay_agent
-            packet.append(wire.OPT_END)
-            if len(packet) < wire.MIN_REPLY_LEN:
-                packet += bytes(wire.MIN_REPLY_LEN - len(packet))
+            packet = b"".join((*pieces, request.relay_agent, END)).ljust(
+                wire.MIN_REPLY_LEN, b"\0")
         else:
-            packet += tail
+            packet = b"".join((*pieces, template.tail))
         name = "DHCPOFFER" if kind == wire.OFFER else "DHCPACK"
         self.counters[name] += 1
         if self.log_events:
             self._event(name, request, host, logging.INFO)
-        return Reply(bytes(packet), *self._destination(request, nak=False))
+        return Reply(packet, *self._destination(request, nak=False))
 
     def _nak(self, request: wire.Request, network: Network, host: Host,
              wanted: bytes) -> Reply:
