@@ -39,7 +39,7 @@ from pathlib import Path
 from virtualinux.bench import common
 from virtualinux.bench import dhcp as bench
 from virtualinux.bootsvc import dhcp_wire as wire
-from virtualinux.bootsvc.dhcp import Responder
+from virtualinux.bootsvc.dhcp_responder import Responder
 from virtualinux.bootsvc.service import Replica
 from virtualinux.bootsvc.status import STATUS_FILE, read_status
 from virtualinux.vm_test.netns import Netns

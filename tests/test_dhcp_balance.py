@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from virtualinux.bootsvc import balance
 from virtualinux.bootsvc import dhcp_wire as wire
-from virtualinux.bootsvc.dhcp import DhcpService, Responder
+from virtualinux.bootsvc.dhcp import DhcpService
+from virtualinux.bootsvc.dhcp_responder import Responder
 from virtualinux.bootsvc.service import Replica
 from virtualinux.vvcm import Node, VlxError, changes, inventory
 

@@ -12,13 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from virtualinux.bootsvc import dhcp_wire as wire
-from virtualinux.bootsvc.dhcp import (
-    OPT_DOMAIN_SEARCH,
-    DhcpService,
-    Responder,
-    domain_search,
-)
+from virtualinux.bootsvc.dhcp import DhcpService
 from virtualinux.bootsvc.dhcp_networks import served_networks
+from virtualinux.bootsvc.dhcp_responder import OPT_DOMAIN_SEARCH, Responder, domain_search
 from virtualinux.bootsvc.service import Replica
 from virtualinux.netboot import layout
 from virtualinux.vvcm import Node, changes, inventory

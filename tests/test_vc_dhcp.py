@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 from virtualinux.bootsvc import dhcp_wire as wire
-from virtualinux.bootsvc.dhcp import OPT_DOMAIN_SEARCH, Responder, domain_search
 from virtualinux.bootsvc.dhcp_networks import served_networks
+from virtualinux.bootsvc.dhcp_responder import OPT_DOMAIN_SEARCH, Responder, domain_search
 from virtualinux.bootsvc.service import Replica
 from virtualinux.bootsvc.vc_links import served_here, vc_interfaces
 from virtualinux.vvcm import changes, inventory
