@@ -7,7 +7,7 @@ is the socket's, a broadcast reply leaves by it without per-packet control messa
 network has its own receive buffer, so a VM flooding its bridge cannot crowd out the nodes'
 boots on the cluster network (one socket with IP_PKTINFO would share one buffer and receive on
 interfaces we do not serve).
-Imports the model, `balance`, `dhcp_responder`, `dhcp_wire` and `vc_links`.
+Imports the model, `balance`, `dhcp_responder`, `dhcp_wire`, `udp_batch` and `vc_links`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import logging
 import socket
+import threading
 
 from virtualinux.vvcm import Cluster
 
@@ -24,20 +25,26 @@ from . import dhcp_wire as wire
 from .dhcp_responder import LOG_ONCE_LIMIT, Reply, Responder
 from .service import Replica, Service, check_port, set_receive_buffer
 from .status import Status
+from .udp_batch import open_batch, peer_address, peer_of
 from .vc_links import LinkFollower, Present, served_here, vc_interfaces
 
 log = logging.getLogger(__name__)
 
 # Room for a burst of DORA from a rack powering on at once.
 RECEIVE_BUFFER = 4 << 20
-# Datagrams read per wake-up of the event loop before others get a turn.
-DRAIN_BATCH = 64
+# Datagrams a socket's thread takes per recvmmsg (what is queued, up to this), and replies it
+# sends per sendmmsg.
+BATCH = 64
 # Bigger than any DHCP message (RFC 2131 allows up to the client's option 57, at most 64 KiB
-# in UDP); a datagram cut at this size is dropped, not parsed.
+# in UDP); a longer datagram is dropped, not parsed.
 MAX_DATAGRAM = 65535
-# A plain int: `flags & socket.MSG_TRUNC` goes through enum.Flag.__and__, ~5 us a datagram
-# (half the receive path's cost; measured with recvmsg on loopback, py-spy showed it too).
+# Single reads (recvfrom) after a batch of one, before a recvmmsg looks at the queue again.
+SINGLES = 8
+# MSG_TRUNC as a plain int (the enum's & costs microseconds): recvfrom_into then returns a
+# datagram's whole length, so one longer than the buffer is seen, and dropped.
 MSG_TRUNC = int(socket.MSG_TRUNC)
+# How long stop() waits for a socket's thread to see its socket shut down.
+JOIN_S = 5
 # The key of details() under which the discovery pool's answers are reported.
 DISCOVERED = "discovered"
 # The key of details() listing the VC bridges served here.
@@ -45,9 +52,12 @@ VC_INTERFACES = "vc_interfaces"
 
 
 class DhcpService(Service):
-    """UDP 67 on the replica's interface and on each VC bridge here. Each socket is drained in
-    batches from the event loop's reader callback: under load one wake-up serves many
-    datagrams."""
+    """UDP 67 on the replica's interface and on each VC bridge here. Each socket is read by a
+    thread of its own, blocking in the kernel as DNS does (no event-loop round per wake-up,
+    which cost more than the answer): one datagram per call below saturation, batches under
+    load (`_serve`). The threads answer holding one lock (the responder's caches and the
+    balancer's transactions are shared); the event loop only swaps in a new responder and
+    opens and closes the sockets."""
 
     name = "dhcp"
 
@@ -72,6 +82,10 @@ class DhcpService(Service):
                                    self.discovered, transactions=self.transactions)
         # By interface: None is the replica's own, the others VC bridges.
         self._socks: dict[str | None, socket.socket] = {}
+        self._threads: dict[str | None, threading.Thread] = {}
+        self._lock = threading.Lock()
+        # Reply destinations as the sockaddr_in that sendmmsg takes, made once each.
+        self._peers: dict[tuple[str, int], bytes] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._malformed_logged: set[str] = set()
         self.links = LinkFollower(self._links_changed, self.counters)
@@ -88,7 +102,6 @@ class DhcpService(Service):
             set_receive_buffer(sock, self.options.receive_buffer)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
             sock.bind(("0.0.0.0", port))
-            sock.setblocking(False)
         except OSError:
             sock.close()
             raise
@@ -96,15 +109,23 @@ class DhcpService(Service):
 
     def _listen(self, key: str | None, sock: socket.socket) -> None:
         self._socks[key] = sock
-        assert self._loop is not None
-        self._loop.add_reader(sock.fileno(), self._drain, sock, key)
+        thread = threading.Thread(target=self._serve, args=(sock, key), daemon=True,
+                                  name=f"dhcp-{key or self.replica.interface}")
+        self._threads[key] = thread
+        thread.start()
 
     def _close(self, key: str | None) -> None:
         sock = self._socks.pop(key, None)
-        if sock is not None:
-            if self._loop is not None:
-                self._loop.remove_reader(sock.fileno())
-            sock.close()
+        thread = self._threads.pop(key, None)
+        if sock is None:
+            return
+        try:    # ends the thread's blocking recvmmsg (Linux, also for UDP)
+            sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+        if thread is not None:
+            thread.join(JOIN_S)
+        sock.close()
 
     async def start(self) -> None:
         sock = self._open(self.replica.interface, self.options.port)
@@ -169,42 +190,106 @@ class DhcpService(Service):
             details[VC_INTERFACES] = bridges
         return details
 
-    def _drain(self, sock: socket.socket, interface: str | None) -> None:
-        if self._socks.get(interface) is not sock:   # closed between the wake-up and now
-            return
-        for _ in range(DRAIN_BATCH):
+    def _serve(self, sock: socket.socket, interface: str | None) -> None:
+        """The thread of one socket, until `_close` has taken the socket away and shut it
+        down. Never raises: a datagram that breaks something is counted, logged once, and
+        dropped.
+
+        Two ways to read, by how much is queued: below saturation each request comes alone,
+        and one blocking recvfrom_into and one sendto per datagram cost least (a recvmmsg and
+        a sendmmsg through ctypes for a batch of one cost ~5 us more per datagram here);
+        under load, one recvmmsg takes up to BATCH queued requests and one sendmmsg sends
+        their replies. A batch of one switches to single reads; after SINGLES of those, one
+        recvmmsg looks at the queue again."""
+        batch = open_batch(sock, BATCH, MAX_DATAGRAM)
+        counters, lock = self.counters, self._lock
+        buffer = bytearray(MAX_DATAGRAM)
+        view = memoryview(buffer)
+        read_one = sock.recvfrom_into
+        truncated = left = 0
+        while True:
             try:
-                data, _, flags, source = sock.recvmsg(MAX_DATAGRAM)
-            except BlockingIOError:
-                return
+                if left:
+                    left -= 1
+                    size, source = read_one(buffer, 0, MSG_TRUNC)
+                    if not size and self._socks.get(interface) is not sock:
+                        return      # shut down by _close
+                    with lock:
+                        if size > MAX_DATAGRAM:
+                            counters["dropped_oversized"] += 1
+                            continue
+                        try:
+                            self.handle(bytes(view[:size]), source, interface)
+                        except Exception:       # a bug, not the client's
+                            self._internal_error(source)
+                    continue
+                datagrams, peers = batch.receive()
+                if len(datagrams) == 1:
+                    left = SINGLES
             except OSError as err:
-                self.counters["receive_errors"] += 1
+                if self._socks.get(interface) is not sock:
+                    return
+                with lock:
+                    counters["receive_errors"] += 1
                 log.debug("dhcp receive error: %s", err)
-                return
-            if flags & MSG_TRUNC:
-                self.counters["dropped_oversized"] += 1
                 continue
-            self.handle(data, source, interface)
+            if self._socks.get(interface) is not sock:
+                return
+            if batch.truncated != truncated:     # (a batch of only those is empty)
+                with lock:
+                    counters["dropped_oversized"] += batch.truncated - truncated
+                truncated = batch.truncated
+            if not datagrams:
+                continue
+            with lock:
+                replies, destinations = self._answer_batch(datagrams, peers, interface)
+                if replies:
+                    full, failed = batch.send(replies, destinations)
+                    if full:
+                        counters["dropped_send_buffer_full"] += full
+                    if failed:
+                        counters["send_errors"] += failed
+
+    def _answer_batch(self, datagrams: list[bytes], peers: list[bytes],
+                      interface: str | None) -> tuple[list[bytes], list[bytes]]:
+        """The replies to a batch, each with its destination's sockaddr_in."""
+        responder = self.responder      # one generation for the whole batch
+        replies: list[bytes] = []
+        destinations: list[bytes] = []
+        for data, peer in zip(datagrams, peers, strict=True):
+            try:
+                reply = responder.respond(data, interface)
+            except wire.MalformedPacket as err:
+                self._malformed(err, peer_address(peer))
+                continue
+            except Exception:       # a bug, not the client's: keep serving the others
+                self._internal_error(peer_address(peer))
+                continue
+            if reply is not None:
+                replies.append(reply.data)
+                key = (reply.address, reply.port)
+                destination = self._peers.get(key)
+                if destination is None:
+                    if len(self._peers) >= LOG_ONCE_LIMIT:
+                        self._peers.clear()
+                    destination = self._peers[key] = peer_of(key)
+                destinations.append(destination)
+        return replies, destinations
 
     def handle(self, data: bytes, source: tuple[str, int],
                interface: str | None = None) -> Reply | None:
         """Answer one datagram from `source` that arrived on `interface` (None: the
-        replica's own): the reply sent (None: none, or not started)."""
+        replica's own): the reply sent (None: none, or not started). A socket's thread
+        answers its single reads here and its batches in `_answer_batch`."""
         try:
             reply = self.responder.respond(data, interface)
         except wire.MalformedPacket as err:
-            self.counters["dropped_" + err.reason] += 1
-            host = source[0]
-            if host not in self._malformed_logged and len(
-                    self._malformed_logged) < LOG_ONCE_LIMIT:
-                self._malformed_logged.add(host)
-                log.warning("dropped a malformed packet from %s:%d: %s (further ones from "
-                            "there are only counted)", host, source[1], err)
+            self._malformed(err, source)
             return None
         sock = self._socks.get(interface)
         if reply is not None and sock is not None:
             try:
-                sock.sendto(reply.data, (reply.address, reply.port))
+                sock.sendto(reply.data, socket.MSG_DONTWAIT, (reply.address, reply.port))
             except BlockingIOError:
                 self.counters["dropped_send_buffer_full"] += 1
             except OSError as err:
@@ -212,6 +297,22 @@ class DhcpService(Service):
                 self.counters["send_errors"] += 1
                 log.debug("dhcp send to %s failed: %s", reply.address, err)
         return reply
+
+    def _malformed(self, err: wire.MalformedPacket, source: tuple[str, int]) -> None:
+        self.counters["dropped_" + err.reason] += 1
+        host = source[0]
+        if host not in self._malformed_logged and len(self._malformed_logged) < LOG_ONCE_LIMIT:
+            self._malformed_logged.add(host)
+            log.warning("dropped a malformed packet from %s:%d: %s (further ones from "
+                        "there are only counted)", host, source[1], err)
+
+    def _internal_error(self, source: tuple[str, int]) -> None:
+        self.counters["internal_error"] += 1
+        host = source[0]
+        if host not in self._malformed_logged and len(self._malformed_logged) < LOG_ONCE_LIMIT:
+            self._malformed_logged.add(host)
+            log.exception("internal error answering %s:%d (further ones from there are only "
+                          "counted)", host, source[1])
 
 
 def discovered(status: Status) -> dict[str, str]:

@@ -223,6 +223,65 @@ def test_perfdhcp_completes_dora_and_every_request_read_is_answered(segment, db_
     assert result.received <= counters["DHCPOFFER"] + counters["DHCPACK"]
 
 
+BURST_CLIENT = """
+import socket, sys, time
+macs = [bytes.fromhex(line.replace(":", "")) for line in open(sys.argv[1])]
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"eth0")
+sock.bind(("0.0.0.0", 68))
+print("bound", flush=True)
+sys.stdin.readline()                # the replica is stopped: send the burst now
+for xid, mac in enumerate(macs, 1):
+    header = bytes([1, 1, 6, 0]) + xid.to_bytes(4, "big") + bytes(20) + mac + bytes(10 + 192)
+    sock.sendto(header + bytes.fromhex("63825363") + bytes([53, 1, 1, 255]),
+                ("255.255.255.255", 67))
+print("sent", flush=True)
+sock.settimeout(10)
+offered = set()
+try:
+    while len(offered) < len(macs):
+        data = sock.recv(2048)
+        if data[0] == 2:
+            offered.add(int.from_bytes(data[4:8], "big"))
+except socket.timeout:
+    pass
+print(len(offered), flush=True)
+"""
+
+
+def test_a_burst_queued_while_the_replica_was_stopped_is_answered_in_full(segment, db_path,
+                                                                         tmp_path):
+    """Every DISCOVER of a burst that queued up while the replica could not run (SIGSTOP)
+    gets its OFFER: it is read and answered in batches (recvmmsg, sendmmsg), and nothing in a
+    batch is lost."""
+    count = 150
+    bench.cluster_database(db_path, count)
+    replica = segment.replica(str(bench.SERVER_ADDRESS), "--quiet", prefix=bench.CIDR.prefixlen)
+    client = segment.plug("burst", f"{bench.CLIENT_ADDRESS}/{bench.CIDR.prefixlen}")
+    (tmp_path / "macs").write_text("".join(bench.node_mac(i) + "\n" for i in range(count)))
+    (tmp_path / "burst.py").write_text(BURST_CLIENT)
+    burst = client.popen([sys.executable, str(tmp_path / "burst.py"), str(tmp_path / "macs")],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert burst.stdout.readline() == "bound\n"
+        replica.process.send_signal(signal.SIGSTOP)
+        try:
+            burst.stdin.write("go\n")
+            burst.stdin.flush()
+            assert burst.stdout.readline() == "sent\n"
+        finally:
+            replica.process.send_signal(signal.SIGCONT)
+        offered = int(burst.stdout.readline())
+    finally:
+        burst.kill()
+        burst.wait(10)
+    assert offered == count
+    assert replica.stop() == 0
+    counters = replica.status().counters("dhcp")
+    assert counters["DHCPDISCOVER"] == counters["DHCPOFFER"] == count, counters
+
+
 MALFORMED_SENDER = """
 import signal, socket, sys, time
 packets = [bytes.fromhex(line) for line in open(sys.argv[1])]
