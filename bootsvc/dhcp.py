@@ -25,7 +25,7 @@ from . import dhcp_wire as wire
 from .dhcp_responder import LOG_ONCE_LIMIT, Reply, Responder
 from .service import Replica, Service, check_port, set_receive_buffer
 from .status import Status
-from .udp_batch import open_batch, peer_address, peer_of
+from .udp_batch import open_batch, peer_address, peer_of, send_counted
 from .vc_links import LinkFollower, Present, served_here, vc_interfaces
 
 log = logging.getLogger(__name__)
@@ -245,11 +245,7 @@ class DhcpService(Service):
             with lock:
                 replies, destinations = self._answer_batch(datagrams, peers, interface)
                 if replies:
-                    full, failed = batch.send(replies, destinations)
-                    if full:
-                        counters["dropped_send_buffer_full"] += full
-                    if failed:
-                        counters["send_errors"] += failed
+                    send_counted(batch, replies, destinations, counters)
 
     def _answer_batch(self, datagrams: list[bytes], peers: list[bytes],
                       interface: str | None) -> tuple[list[bytes], list[bytes]]:

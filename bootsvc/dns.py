@@ -55,7 +55,15 @@ from .dns_cache import Cache, Forwarder, Upstream
 from .dns_vc import VcListeners
 from .dns_zone import ClusterZones
 from .service import Replica, Service, set_receive_buffer
-from .udp_batch import HOST, MmsgBatch, PlainBatch, open_batch, peer_address, peer_host
+from .udp_batch import (
+    HOST,
+    MmsgBatch,
+    PlainBatch,
+    open_batch,
+    peer_address,
+    peer_host,
+    send_counted,
+)
 
 log = logging.getLogger(__name__)
 
@@ -412,11 +420,7 @@ class DnsService(Service):
                 replies, reply_peers = self._answer_batch(datagrams, peers, keys, tails,
                                                           hit_memo, now, loop)
             if replies:
-                full, failed = batch.send(replies, reply_peers)
-                if full:
-                    counts["dropped_send_buffer_full"] += full
-                if failed:
-                    counts["send_errors"] += failed
+                send_counted(batch, replies, reply_peers, counts)
             if batch.truncated != truncated:
                 counts["dropped_oversized"] += batch.truncated - truncated
                 truncated = batch.truncated

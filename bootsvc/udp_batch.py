@@ -41,7 +41,7 @@ import errno
 import socket
 import struct
 from array import array
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from itertools import accumulate
 from operator import add
 from typing import Any
@@ -296,6 +296,17 @@ def _send_each(sock: socket.socket, replies: Sequence[bytes], peers: Sequence[by
             else:
                 failed += 1
     return full, failed
+
+
+def send_counted(batch: MmsgBatch | PlainBatch, replies: Sequence[bytes],
+                 peers: Sequence[bytes], counters: MutableMapping[str, int]) -> None:
+    """`batch.send`, counting into a service's counters what did not fit the send buffer
+    (`dropped_send_buffer_full`) and what failed otherwise (`send_errors`)."""
+    full, failed = batch.send(replies, peers)
+    if full:
+        counters["dropped_send_buffer_full"] += full
+    if failed:
+        counters["send_errors"] += failed
 
 
 def open_batch(sock: socket.socket, count: int = 64, size: int = 4096
