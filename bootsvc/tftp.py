@@ -19,13 +19,14 @@ import mmap
 import os
 import socket
 import time
+from collections import Counter
 from pathlib import Path
 
 from virtualinux.netboot.files import BootFiles, DiskFile, FileMissing, RequestRefused
 from virtualinux.vvcm import Cluster
 
 from .service import Replica, Service, check_port
-from .tftp_window import Transfer, TransferEngine
+from .tftp_window import DEFAULT_SPIN, Transfer, TransferEngine
 from .tftp_wire import (
     ERR_ACCESS,
     ERR_ILLEGAL,
@@ -53,12 +54,14 @@ STOP_GRACE = 2.0                 # seconds running transfers get to finish on st
 # 20 and 50 lock-step clients, 4 threads gave 128 and 105 MB/s (6.4 and 7.3 ms CPU per MB),
 # 1 thread 146 and 124 MB/s (4.4 and 4.6 ms; dnsmasq 150 and 136 MB/s, 4.9 and 5.8 ms).
 MAX_WORKERS = 4
+MAX_SPIN_US = 10_000
 
 
 def default_workers() -> int:
     return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
 
 
+WAIT_COUNTERS = ("spin_hits", "spin_misses", "sleeps")
 LOGGED_PER_REASON = 5            # then only every 1000th, so a flood cannot fill the log
 
 
@@ -72,6 +75,9 @@ class TftpService(Service):
         max_blksize: int = MAX_BLKSIZE
         # Transfer threads; 0: one per CPU this process may use, at most MAX_WORKERS.
         workers: int = 0
+        # Microseconds a transfer thread polls for the next ACK before it sleeps, while
+        # transfers run (bootsvc.tftp_window says why); 0: sleep at once.
+        spin_us: int = round(DEFAULT_SPIN * 1e6)
 
         def __post_init__(self) -> None:
             check_port(self.port)
@@ -80,6 +86,8 @@ class TftpService(Service):
             if self.workers < 0:
                 raise ValueError("workers must be 0 (one per CPU, at most "
                                  f"{MAX_WORKERS}) or more")
+            if not 0 <= self.spin_us <= MAX_SPIN_US:
+                raise ValueError(f"spin_us must be from 0 to {MAX_SPIN_US}")
 
     def __init__(self, replica: Replica, cluster: Cluster, options: Options | None = None):
         super().__init__(replica, cluster, options)
@@ -87,6 +95,7 @@ class TftpService(Service):
         self.files = BootFiles(Path(replica.netboot_root), cluster)
         self.transfers: dict[tuple[str, int], Transfer] = {}
         self._engines: list[TransferEngine] = []
+        self._stopped_waits: Counter[str] = Counter()     # of engines stopped
         self._endpoint: asyncio.DatagramTransport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -97,7 +106,8 @@ class TftpService(Service):
             local_addr=(str(self.replica.address), self.options.port))
         self.port = self._endpoint.get_extra_info("sockname")[1]
         workers = self.options.workers or default_workers()
-        self._engines = [TransferEngine(f"tftp-{i}") for i in range(workers)]
+        self._engines = [TransferEngine(f"tftp-{i}", self.options.spin_us / 1e6)
+                         for i in range(workers)]
         for engine in self._engines:
             engine.start()
         log.info("TFTP on %s:%d serving %s (gen %d)", self.replica.address, self.port,
@@ -114,6 +124,7 @@ class TftpService(Service):
             await asyncio.sleep(0.05)
         for engine in self._engines:
             await asyncio.to_thread(engine.stop)
+            self._stopped_waits.update({name: getattr(engine, name) for name in WAIT_COUNTERS})
         self._engines = []
         await asyncio.sleep(0)      # let the engines' last call_soon_threadsafe callbacks run
         self.transfers.clear()
@@ -121,6 +132,14 @@ class TftpService(Service):
     def reload(self, cluster: Cluster) -> None:
         super().reload(cluster)
         self.files.reload(cluster)
+
+    def details(self) -> dict[str, object]:
+        """Running transfers, and how the transfer threads waited for datagrams: spins that
+        found one, spins that ran out, sleeps (bootsvc.tftp_window)."""
+        waits = self._stopped_waits.copy()
+        for engine in self._engines:
+            waits.update({name: getattr(engine, name) for name in WAIT_COUNTERS})
+        return {"transfers": len(self.transfers), **{name: waits[name] for name in WAIT_COUNTERS}}
 
     # -- requests --------------------------------------------------------------------------------
 

@@ -7,10 +7,11 @@ import os
 import socket
 import struct
 import threading
+import time
 from pathlib import Path
 
 import pytest
-from virtualinux.bootsvc import tftp_wire
+from virtualinux.bootsvc import tftp_window, tftp_wire
 from virtualinux.bootsvc.tftp_window import Transfer, TransferEngine
 from virtualinux.bootsvc.tftp_wire import MalformedPacket, Request
 
@@ -105,13 +106,17 @@ def test_error_packet_and_netascii():
 class Client:
     """A TFTP reader on one end of a socketpair, with a plan of blocks to 'lose'."""
 
-    def __init__(self, sock: socket.socket, windowsize: int, lose: set[int]):
+    def __init__(self, sock: socket.socket, windowsize: int, lose: set[int],
+                 ack_delay: float = 0.0):
         self.sock, self.windowsize, self.lose = sock, windowsize, set(lose)
+        self.ack_delay = ack_delay      # seconds before each ACK: a client slower than a spin
         self.received = bytearray()
         self.expected = 1
         self.acks_sent = 0
 
     def ack(self, block: int) -> None:
+        if self.ack_delay:
+            time.sleep(self.ack_delay)
         self.sock.send(struct.pack("!HH", 4, block & 0xFFFF))
         self.acks_sent += 1
 
@@ -145,7 +150,8 @@ class Client:
 
 
 def transfer(data: bytes, blksize: int, windowsize: int, lose: set[int] = frozenset(),
-             oack: bool = True) -> tuple[bytes, Transfer, list]:
+             oack: bool = True, ack_delay: float = 0.0,
+             spin: float = tftp_window.DEFAULT_SPIN) -> tuple[bytes, Transfer, list]:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     ours.setblocking(False)
     done = threading.Event()
@@ -158,11 +164,11 @@ def transfer(data: bytes, blksize: int, windowsize: int, lose: set[int] = frozen
         done.set()
 
     sender = Transfer(ours, data, options, finished, "test")
-    engine = TransferEngine("test")
+    engine = TransferEngine("test", spin)
     engine.start()
     try:
         engine.submit(sender)
-        received = Client(theirs, windowsize, lose).run(blksize, oack)
+        received = Client(theirs, windowsize, lose, ack_delay).run(blksize, oack)
         assert done.wait(10)
     finally:
         engine.stop()
@@ -191,6 +197,26 @@ def test_block_numbers_roll_over_after_65535():
     received, sender, results = transfer(data, 8, 64, lose={65_535, 65_536, 65_537})
     assert received == data and results == [None]
     assert sender.acked == sender.last_block > 65_536
+
+
+def test_spins_back_off_for_a_client_slower_than_the_spin():
+    """A client that takes 3 ms per ACK (a slow guest's iPXE) makes every spin miss; after a
+    miss the engine skips spinning for 1, 2, 4 ... 64 waits, so 100 blocks cost a handful of
+    spins, not 100."""
+    data = os.urandom(100 * 512)
+    received, sender, results = transfer(data, 512, 1, oack=False, ack_delay=0.003)
+    engine = sender.engine
+    assert received == data and results == [None]
+    assert engine.sleeps >= 100
+    assert 1 <= engine.spin_misses + engine.spin_hits <= 15, vars(engine)
+
+
+def test_no_spin_when_the_spin_is_zero():
+    data = os.urandom(20 * 512)
+    received, sender, _ = transfer(data, 512, 1, oack=False, spin=0.0)
+    assert received == data
+    assert (sender.engine.spin_hits, sender.engine.spin_misses) == (0, 0)
+    assert sender.engine.sleeps >= 21
 
 
 WORKERS_UNDER_AFFINITY = """
