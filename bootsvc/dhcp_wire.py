@@ -259,15 +259,17 @@ def encode(message: Message, pad_to: int = MIN_REPLY_LEN) -> bytes:
 
 
 def encode_options(options: tuple[tuple[int, bytes], ...] | list[tuple[int, bytes]]) -> bytes:
-    out = bytearray()
-    for code, value in options:
-        if not 0 < code < OPT_END:
-            raise ValueError(f"option code {code} cannot carry a value")
-        # RFC 3396: a value longer than 255 bytes goes in several options of the same code.
-        chunks = [value[i:i + 255] for i in range(0, len(value), 255)] or [b""]
-        for chunk in chunks:
-            out += bytes((code, len(chunk))) + chunk
-    return bytes(out)
+    return b"".join(encode_option(code, value) for code, value in options)
+
+
+def encode_option(code: int, value: bytes) -> bytes:
+    if not 0 < code < OPT_END:
+        raise ValueError(f"option code {code} cannot carry a value")
+    if len(value) <= 255:
+        return bytes((code, len(value))) + value
+    # RFC 3396: a value longer than 255 bytes goes in several options of the same code.
+    return b"".join(bytes((code, len(chunk))) + chunk
+                    for chunk in (value[i:i + 255] for i in range(0, len(value), 255)))
 
 
 def decode(data: bytes) -> Message:

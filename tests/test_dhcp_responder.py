@@ -347,13 +347,14 @@ def test_every_replica_offers_an_unknown_mac_the_same_pool_address(pooled):
     assert other in pooled.settings.cidr   # another MAC: its own hash, same pool
 
 
-def test_a_flood_of_made_up_macs_does_not_grow_the_answer_cache(pooled):
+def test_a_flood_of_made_up_macs_does_not_grow_the_kept_answers(pooled):
     r = responder(pooled)
+    known = sum(len(network.hosts) for network in r.networks)
+    assert known and r.encoded_hosts == known     # every known host's, before any request
     for i in range(200):
         answer(r, "discover", bytes([0x02, 0, 0, 0, i >> 8, i & 0xFF]))
-    assert r.cached_answers == 0 and len(r.discovered) == 200
-    answer(r, "discover", NODE1)        # a known node's answer is kept
-    assert r.cached_answers == 1
+    assert len(r.discovered) == 200 and r.counters["DHCPOFFER"] == 200
+    assert r.encoded_hosts == known
 
 
 def test_a_known_node_never_gets_a_pool_address(pooled):
@@ -392,6 +393,13 @@ def _encoded_whole(r: Responder, network, host, kind: int, bootfile) -> bytes:
         file=bootfile.encode() if bootfile else b""))
 
 
+def _joined(r: Responder, network, host, kind: int, bootfile) -> bytes:
+    """The responder's answer for a request with all its own fields zero."""
+    return r._join(r._shared_parts(network, kind, bootfile), r._encode_host(network, host), kind,
+                   xid=bytes(4), flags=bytes(2), ciaddr=bytes(4), giaddr=bytes(4),
+                   chaddr=host.mac.ljust(16, b"\0"), relay_agent=None)
+
+
 def test_spliced_answers_are_byte_for_byte_the_whole_encoding(cluster):
     r = responder(cluster, services=("dhcp", "http"))
     checked = 0
@@ -399,7 +407,22 @@ def test_spliced_answers_are_byte_for_byte_the_whole_encoding(cluster):
         for host in network.hosts.values():
             for kind in (wire.OFFER, wire.ACK, wire.INFORM):
                 for bootfile in (None, "undionly.kpxe", r.ipxe_url):
-                    prefix, tail = r._build(network, host, kind, bootfile)
-                    assert prefix + tail == _encoded_whole(r, network, host, kind, bootfile)
+                    assert (_joined(r, network, host, kind, bootfile)
+                            == _encoded_whole(r, network, host, kind, bootfile))
                     checked += 1
     assert checked >= 9 * len(cluster.nodes)
+
+
+@pytest.mark.parametrize("name_length", [1, 30, 63])
+@pytest.mark.parametrize("domain_length", [5, 100, 253])
+def test_answers_longer_than_the_minimum_are_not_padded_and_shorter_ones_are(
+        cluster, name_length, domain_length):
+    r = responder(cluster, services=("dhcp", "http"))
+    network = dataclasses.replace(r.local, domain=("d" * 63 + ".") * (domain_length // 64)
+                                  + "e" * (domain_length % 64 or 1))
+    host = dataclasses.replace(next(iter(network.hosts.values())), name="h" * name_length)
+    for kind in (wire.OFFER, wire.ACK, wire.INFORM):
+        for bootfile in (None, r.ipxe_url):
+            whole = _encoded_whole(r, network, host, kind, bootfile)
+            assert _joined(r, network, host, kind, bootfile) == whole
+            assert len(whole) >= wire.MIN_REPLY_LEN
