@@ -59,6 +59,8 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "cluster.toml"
 KERNEL_ARGS = ("console=ttyS0",)
 BOOT_TIMEOUT = 300.0
+# How often the nodes' consoles and the servers' logs are read: each time is known to within it.
+POLL_INTERVAL = 0.05
 SERVER_START_TIMEOUT = 30.0
 
 
@@ -214,12 +216,19 @@ def boot_once(cluster: Cluster, count: int, row: Row, firmware: str, image_dir: 
     layout = vplan.plan(cluster, state_dir, count, row.replicas, firmware)
     running = start(layout, row, cluster, image_dir)
     try:
-        watcher = running.wait(BOOT_TIMEOUT, until="init")
+        watcher = running.wait(BOOT_TIMEOUT, until="init", interval=POLL_INTERVAL)
         to_init, waits, to_dhcp, to_kernel = [], [], [], []
         for name, node in watcher.nodes.items():
             if "init" not in node.seen:
-                raise RuntimeError(f"{row.key}: {name} did not reach /init in "
-                                   f"{BOOT_TIMEOUT:g} s (state in {state_dir})")
+                # The state directory goes with the lab: what it said goes in the error.
+                paths = running.paths
+                logs = [paths.node_dir(name) / "serial.log",
+                        *map(paths.replica_log, running.record.replicas)]
+                raise RuntimeError(
+                    f"{row.key}: {name} did not reach /init in {BOOT_TIMEOUT:g} s (reached: "
+                    f"{', '.join(node.seen) or 'nothing'})\n"
+                    + "\n".join(f"--- {path.name} ({path.parent.name})\n{vlab.tail(path, 40)}"
+                                for path in logs))
             to_init.append(node.seen["init"] - node.seen["powered"])
             seen = node.seen
             if "dhcp" in seen and "files" in seen:

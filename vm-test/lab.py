@@ -207,8 +207,10 @@ class Lab:
         return make_watcher(self.record, self.paths)
 
     def wait(self, timeout: float, until: str = "ready",
-             show: Callable[[NodeProgress, str, float], None] | None = None) -> Watcher:
-        """Follow the nodes until all reach `until` or `timeout` seconds pass."""
+             show: Callable[[NodeProgress, str, float], None] | None = None,
+             interval: float = 0.2) -> Watcher:
+        """Follow the nodes until all reach `until` or `timeout` seconds pass, reading their
+        logs every `interval` seconds (a phase's time is known to within it)."""
         watcher = self.watcher()
         for name, when in self.power_on.items():
             watcher.power_on(name, when)
@@ -221,7 +223,7 @@ class Lab:
             if watcher.all_at(until) or time.monotonic() > deadline:
                 self.remember(watcher)
                 return watcher
-            time.sleep(0.2)
+            time.sleep(interval)
 
 
     def remember(self, watcher: Watcher) -> None:
