@@ -110,6 +110,27 @@ def start_ours(namespace, cmd_args: dict[str, Any], log: Path | None = None,
     return process
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of `pid` and of its live descendants (nginx's workers are its children); 0 for
+    a process that is gone."""
+    total, pending = 0.0, [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            total += cpu_seconds(current)
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending += map(int, (task / "children").read_text().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
 # The checkout the benches run from: --baseline takes older revisions of ours from it.
 REPO = Path(__file__).resolve().parent.parent
 

@@ -49,7 +49,7 @@ from virtualinux.vvcm.changes import validated
 
 from . import common
 from .cgroup import CgroupError, CpuCaps, describe, find_cpu_hierarchy
-from .common import CLIENT_CPU, SERVER_CPU, Stat, pinned
+from .common import CLIENT_CPU, SERVER_CPU, Stat, cpu_seconds, pinned
 
 CIDR = ipaddress.IPv4Network("198.18.0.0/18")      # room for 15,000 nodes
 GATEWAY_VIP = ipaddress.IPv4Address("198.18.0.254")
@@ -328,12 +328,6 @@ def rmem_default(value: int | None):
 
 def kernel_receive_buffer(namespace: Namespace) -> int:
     return int(namespace.run(["cat", "/proc/sys/net/core/rmem_default"]).stdout)
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of `pid` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
 
 def socket_drops(server: Namespace) -> int:
     """Datagrams the kernel dropped because UDP port 67's receive queue was full."""

@@ -52,8 +52,8 @@ from virtualinux.vm_test.netns import Namespace, Netns
 from virtualinux.vvcm import changes
 
 from . import common
-from .common import CLIENT_CPU, SERVER_CPU, ours_command, pinned, settings_of
-from .dhcp import cluster_database, cpu_seconds, node_ip, peak_rss_kib
+from .common import CLIENT_CPU, SERVER_CPU, cpu_seconds, ours_command, pinned, settings_of
+from .dhcp import cluster_database, node_ip, peak_rss_kib
 
 CLIENT = "198.18.0.200"
 SERVERS = {"virtualinux": "198.18.0.201", "dnsmasq": "198.18.0.202", "unbound": "198.18.0.203",

@@ -87,8 +87,13 @@ ROWS = (Row("tftp-ours", "tftp", True), Row("tftp-dnsmasq", "tftp", False),
         Row("http-ours-no-ra", "http", True, ra=False, headline=False))
 
 
-def load_cluster(path: Path) -> Cluster:
-    return inventory.apply(Cluster(0, None), inventory.load(path), str(path))
+def load_cluster(path: Path, cpus: int | None = None) -> Cluster:
+    """The inventory's cluster; with `cpus`, every node given that many vCPUs."""
+    cluster = inventory.apply(Cluster(0, None), inventory.load(path), str(path))
+    if cpus is None:
+        return cluster
+    return dataclasses.replace(cluster, nodes=tuple(dataclasses.replace(node, cpus=cpus)
+                                                    for node in cluster.nodes))
 
 
 def dnsmasq_command(cluster: Cluster, server: vplan.ReplicaPlan, tree: Path,
@@ -171,8 +176,16 @@ def start_servers(running: vlab.Lab, row: Row, fresh: Cluster) -> None:
             wait_for_text(radvd_log, "polling for", "radvd")   # its main loop runs
 
 
-def start(layout: vplan.LabPlan, row: Row, cluster: Cluster, image_dir: Path) -> vlab.Lab:
-    """The lab's network and nodes, with the row's servers in the replica namespaces."""
+def servers_cpu_seconds(running: vlab.Lab) -> float:
+    """CPU time the row's servers (ours, or dnsmasq, nginx and radvd) have used so far."""
+    return sum(common.tree_cpu_seconds(entry.pid) for entry in running.record.processes
+               if entry.pid is not None and not entry.role.startswith("qemu-"))
+
+
+def start(layout: vplan.LabPlan, row: Row, cluster: Cluster,
+          image_dir: Path) -> tuple[vlab.Lab, float]:
+    """The lab's network and nodes, with the row's servers in the replica namespaces; and the
+    CPU time the servers had used when the nodes powered on (their start-up)."""
     vlab.preflight(layout)
     layout.state_dir.mkdir(parents=True)
     record = LabRecord(state_dir=layout.state_dir, prefix=layout.prefix, started=time.time(),
@@ -194,11 +207,12 @@ def start(layout: vplan.LabPlan, row: Row, cluster: Cluster, image_dir: Path) ->
         render.render(fresh, image_dir, running.paths.netboot, KERNEL_ARGS)
         running.make_network()
         start_servers(running, row, fresh)
+        started = servers_cpu_seconds(running)
         running.start_nodes()
     except BaseException:
         vlab.down(layout.state_dir)
         raise
-    return running
+    return running, started
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,15 +222,17 @@ class Boot:
     to_dhcp: list[float]          # power-on to the node's DHCPACK in the server's log
     dhcp_to_kernel: list[float]   # DHCPACK to "Linux version" on the serial console: iPXE's
                                   # wait, its scripts, and the kernel and initrd transfers
+    server_cpu: float             # CPU seconds the servers used from power-on to the last /init
 
 
 def boot_once(cluster: Cluster, count: int, row: Row, firmware: str, image_dir: Path,
               state_dir: Path) -> Boot:
     """Power `count` nodes on at once; seconds from power-on to /init for each."""
     layout = vplan.plan(cluster, state_dir, count, row.replicas, firmware)
-    running = start(layout, row, cluster, image_dir)
+    running, started = start(layout, row, cluster, image_dir)
     try:
         watcher = running.wait(BOOT_TIMEOUT, until="init", interval=POLL_INTERVAL)
+        server_cpu = servers_cpu_seconds(running) - started
         to_init, waits, to_dhcp, to_kernel = [], [], [], []
         for name, node in watcher.nodes.items():
             if "init" not in node.seen:
@@ -237,7 +253,7 @@ def boot_once(cluster: Cluster, count: int, row: Row, firmware: str, image_dir: 
                 to_dhcp.append(seen["dhcp"] - seen["powered"])
                 if "kernel" in seen:
                     to_kernel.append(seen["kernel"] - seen["dhcp"])
-        return Boot(to_init, waits, to_dhcp, to_kernel)
+        return Boot(to_init, waits, to_dhcp, to_kernel, server_cpu)
     finally:
         vlab.down(state_dir)
 
@@ -250,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default=",".join(row.key for row in ROWS),
                         help="rows to run (default: all)")
     parser.add_argument("--inventory", type=Path, default=EXAMPLE)
+    # One: a TCG guest's vCPUs are host threads, and the inventory's 4 per node put 16 on two
+    # cores for 4 nodes; SMP guests also hung in TCG now and then (3 of ~150 boots, both sides).
+    parser.add_argument("--cpus", type=int, default=1,
+                        help="vCPUs per node (default: 1; 0: the inventory's)")
     parser.add_argument("--state-dir", type=Path, default=Path("/run/virtualinux/bench-pxe"))
     common.add_flags(parser)
     args = parser.parse_args(argv)
@@ -264,10 +284,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyError as err:
         print(f"--rows: unknown row {err} (choose from {', '.join(by_key)})", file=sys.stderr)
         return 2
+    if args.cpus < 0:
+        print("--cpus: a number of vCPUs, or 0 for the inventory's", file=sys.stderr)
+        return 2
     counts = [int(c) for c in args.counts.split(",")]
     firmwares = [f for f in args.firmware.split(",") if f]
     report = common.Report("pxe", argv if argv is not None else sys.argv[1:])
-    cluster = load_cluster(args.inventory)
+    cluster = load_cluster(args.inventory, args.cpus or None)
     image_dir = build_tiny()
     results: dict[tuple[str, int, str], list[Boot]] = {}
     for run in range(args.repeat):
@@ -302,13 +325,17 @@ def main(argv: list[str] | None = None) -> int:
                 table.append([firmware, count, row.label, medians[row.key], last_up,
                               Stat.of(to_dhcp) if to_dhcp else None,
                               Stat.of(waits) if waits else None,
-                              Stat.of(to_kernel) if to_kernel else None, ratio, scaling])
+                              Stat.of(to_kernel) if to_kernel else None,
+                              Stat.of([b.server_cpu * 1000 for b in boots], digits=0), ratio,
+                              scaling])
     report.table("PXE: seconds from power-on to /init (QEMU TCG)",
                  ["firmware", "nodes", "row", "power-on to /init", "last node up",
                   "power-on to DHCPACK", "DHCPACK to first file", "DHCPACK to kernel",
-                  "ours/peer, same protocol", "last up / 1 node"], table)
+                  "server CPU ms", "ours/peer, same protocol", "last up / 1 node"], table)
     report.note("every row but 'no RA' has the 'no default router' RA on the segment: ours "
                 "from the ra service, the peers from radvd")
+    report.note("server CPU ms: what the row's servers (ours; dnsmasq, nginx and radvd) used "
+                "from power-on to the last node's /init, their start-up not counted")
     report.finish(args.json)
     return 0
 

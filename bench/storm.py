@@ -214,11 +214,11 @@ def storm(work: Path, replicas: int, clients: int, rate: int, k: int, dead: floa
 def _one_run(client, processes, states, work: Path, k: int, clients: int, rate: int,
              retry: float, log) -> Run:
     live = [(p, s) for p, s in zip(processes, states, strict=True) if p.poll() is None]
-    idle_start = [bench.cpu_seconds(p.pid) for p, _ in live]
+    idle_start = [common.cpu_seconds(p.pid) for p, _ in live]
     time.sleep(1.0)   # the idle CPU of each replica (status writes, database polls)
-    idle = [bench.cpu_seconds(p.pid) - c for (p, _), c in zip(live, idle_start, strict=True)]
+    idle = [common.cpu_seconds(p.pid) - c for (p, _), c in zip(live, idle_start, strict=True)]
     before = [_counters(s) for _, s in live]
-    cpu_before = [bench.cpu_seconds(p.pid) for p, _ in live]
+    cpu_before = [common.cpu_seconds(p.pid) for p, _ in live]
     timeout = clients / rate + 10 * retry + 10
     started = time.monotonic()
     out = client.run([sys.executable, "-m", "virtualinux.bench.dora_client",
@@ -239,7 +239,7 @@ def _one_run(client, processes, states, work: Path, k: int, clients: int, rate: 
         log("    (a replica missed some requests: its receive queue overflowed)")
     time.sleep(0.5)   # one more status write, so the counters are the final ones
     after = [_counters(s) for _, s in live]
-    cpu = [bench.cpu_seconds(p.pid) - c - i * took
+    cpu = [common.cpu_seconds(p.pid) - c - i * took
            for (p, _), c, i in zip(live, cpu_before, idle, strict=True)]
 
     def delta(names: tuple[str, ...]) -> list[int]:

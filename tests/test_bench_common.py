@@ -103,3 +103,21 @@ raise SystemExit(common.run(main))
     finally:
         bench.kill()
     assert not made.exists()
+
+
+def test_tree_cpu_seconds_counts_the_live_children_too():
+    # A shell whose child burns 0.3 s of CPU and stays alive: the shell itself used ~none.
+    burn = ("import sys, time\n"
+            "while time.process_time() < 0.3: pass\n"
+            "print('burnt', flush=True)\n"
+            "sys.stdin.read()\n")
+    shell = subprocess.Popen(["sh", "-c", f'{sys.executable} -c "$0"; true', burn],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert shell.stdout.readline() == "burnt\n"
+        assert common.cpu_seconds(shell.pid) < 0.1
+        assert common.tree_cpu_seconds(shell.pid) >= 0.3
+    finally:
+        shell.stdin.close()
+        shell.wait(10)
+    assert common.tree_cpu_seconds(shell.pid) == 0.0     # gone (reaped)
