@@ -138,8 +138,9 @@ class Responder:
             self.counters["ignored_no_network"] += 1
             return None
         host = network.hosts.get(request.mac)
-        parts = None
-        if host is None:
+        if host is not None:
+            parts = self._host_parts[network.name][request.mac]
+        else:
             home = self._home.get(request.mac)
             if home is not None:
                 self._wrong_network(request, network, home)
@@ -163,8 +164,6 @@ class Responder:
                                              request.secs, request.xid, request.mac,
                                              self.counters)):
             return None
-        if parts is None:
-            parts = self._host_parts[network.name][request.mac]
         if kind == wire.DISCOVER:
             return self._answer(request, network, host, parts, wire.OFFER)
         if kind == wire.REQUEST:
