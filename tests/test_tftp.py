@@ -149,9 +149,9 @@ class Client:
                 return bytes(self.received)
 
 
-def transfer(data: bytes, blksize: int, windowsize: int, lose: set[int] = frozenset(),
-             oack: bool = True, ack_delay: float = 0.0,
-             spin: float = tftp_window.DEFAULT_SPIN) -> tuple[bytes, Transfer, list]:
+def sender_and_socket(data: bytes, blksize: int, windowsize: int, lose: bool, oack: bool
+                      ) -> tuple[Transfer, socket.socket, threading.Event, list]:
+    """A Transfer on one end of a socketpair, the client's end, and what it ends with."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     ours.setblocking(False)
     done = threading.Event()
@@ -163,7 +163,13 @@ def transfer(data: bytes, blksize: int, windowsize: int, lose: set[int] = frozen
         results.append(error)
         done.set()
 
-    sender = Transfer(ours, data, options, finished, "test")
+    return Transfer(ours, data, options, finished, "test"), theirs, done, results
+
+
+def transfer(data: bytes, blksize: int, windowsize: int, lose: set[int] = frozenset(),
+             oack: bool = True, ack_delay: float = 0.0,
+             spin: float = tftp_window.DEFAULT_SPIN) -> tuple[bytes, Transfer, list]:
+    sender, theirs, done, results = sender_and_socket(data, blksize, windowsize, bool(lose), oack)
     engine = TransferEngine("test", spin)
     engine.start()
     try:
@@ -258,6 +264,67 @@ def test_no_spin_when_the_spin_is_zero():
     assert received == data
     assert (sender.engine.spin_hits, sender.engine.spin_misses) == (0, 0)
     assert sender.engine.sleeps >= 21
+
+
+def test_a_lone_transfer_hands_the_thread_back_when_another_comes():
+    """A transfer alone on its engine is served from a blocking read on its own socket; one
+    submitted meanwhile ends that and is served beside it: a 60-block file finishes while a
+    1000-block one whose client waits 1 ms per ACK is still going. Both arrive whole (with
+    lost blocks resent), and the one left runs alone again."""
+    engine = TransferEngine("test")
+    engine.start()
+    long, short = os.urandom(1000 * 512), os.urandom(60 * 512 + 7)
+    clients: list[threading.Thread] = []
+    got: dict[str, bytes] = {}
+    try:
+        first, first_theirs, first_done, first_results = sender_and_socket(
+            long, 512, 1, lose=True, oack=True)
+        client = Client(first_theirs, 1, {5, 900}, ack_delay=0.001)
+        clients.append(threading.Thread(target=lambda: got.update(long=client.run(512, True))))
+        clients[-1].start()
+        engine.submit(first)
+        deadline = time.monotonic() + 10
+        while engine.lone_runs < 1 or first.acked < 20:
+            assert time.monotonic() < deadline, vars(engine)
+            time.sleep(0.005)
+        second, second_theirs, second_done, second_results = sender_and_socket(
+            short, 512, 1, lose=True, oack=False)
+        engine.submit(second)
+        got["short"] = Client(second_theirs, 1, {30}).run(512, False)
+        assert second_done.wait(10)
+        assert not first_done.is_set(), "the second transfer waited for the first"
+        assert first_done.wait(20)
+    finally:
+        engine.stop()
+        for thread in clients:
+            thread.join(10)
+    assert got == {"long": long, "short": short}
+    assert first_results == second_results == [None]
+    assert first.retransmits >= 2 and second.retransmits >= 1
+    assert engine.lone_runs >= 2    # the first one alone, then whichever was left
+
+
+def test_a_late_wake_up_does_not_keep_a_lone_transfer_spinning():
+    """A wake-up byte can reach the pipe after its transfer was taken (submit appends, then
+    writes). A lone transfer's spin sees the pipe readable; unless it drains it, every spin
+    'finds' it and a client slower than the spin (3 ms per ACK) is spun for on every block."""
+    engine = TransferEngine("test")
+    engine.start()
+    data = os.urandom(100 * 512)
+    try:
+        sender, theirs, done, results = sender_and_socket(data, 512, 1, lose=False, oack=False)
+        engine.submit(sender)
+        client = Client(theirs, 1, set(), ack_delay=0.003)
+        deadline = time.monotonic() + 10
+        while engine.lone_runs < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        engine._wake()          # the late byte
+        assert client.run(512, False) == data and done.wait(10)
+    finally:
+        engine.stop()
+    assert results == [None] and engine.lone_runs == 1
+    assert engine.spin_hits + engine.spin_misses <= 16, vars(engine)
 
 
 WORKERS_UNDER_AFFINITY = """
