@@ -324,7 +324,9 @@ class TransferEngine:
                             skip = backoff
                 if not events:
                     self.sleeps += 1
-                    events = poll(wait)
+                    # Idle, nothing can time out: sleep until a transfer comes, as an idle
+                    # replica on every node should cost nothing (it woke 10 times a second).
+                    events = poll(wait if transfers else -1)
                 for fd, _ in events:
                     transfer = transfers.get(fd)
                     if transfer is not None:

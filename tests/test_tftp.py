@@ -327,6 +327,23 @@ def test_a_late_wake_up_does_not_keep_a_lone_transfer_spinning():
     assert engine.spin_hits + engine.spin_misses <= 16, vars(engine)
 
 
+def test_an_idle_engine_sleeps_until_a_transfer_comes():
+    """No transfer, nothing to time out: the thread sleeps once, where it used to wake every
+    TICK; a transfer submitted later still wakes it and is sent."""
+    engine = TransferEngine("test")
+    engine.start()
+    try:
+        time.sleep(4 * tftp_window.TICK)
+        assert engine.sleeps <= 1, vars(engine)
+        data = os.urandom(3 * 512)
+        sender, theirs, done, results = sender_and_socket(data, 512, 1, lose=False, oack=False)
+        engine.submit(sender)
+        assert Client(theirs, 1, set()).run(512, False) == data and done.wait(10)
+    finally:
+        engine.stop()
+    assert results == [None]
+
+
 WORKERS_UNDER_AFFINITY = """
 import os, sys
 from virtualinux.bootsvc.tftp import default_workers
