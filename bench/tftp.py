@@ -39,8 +39,7 @@ from virtualinux.vvcm import inventory
 from virtualinux.vvcm.db import Database
 
 from . import common
-from .common import CLIENT_CPU, SERVER_CPU, Stat, pinned
-from .dhcp import cpu_seconds
+from .common import CLIENT_CPU, SERVER_CPU, Stat, cpu_seconds, pinned
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cluster.toml"
 OURS, ANCHOR, THIRD, CLIENT = "198.18.0.1", "198.18.0.2", "198.18.0.3", "198.18.0.200"
