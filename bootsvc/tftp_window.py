@@ -319,9 +319,7 @@ class TransferEngine:
                     if skip:
                         skip -= 1
                     else:
-                        events, backoff = self._spin(backoff)
-                        if not events:
-                            skip = backoff
+                        events, skip, backoff = self._spin(backoff)
                 if not events:
                     self.sleeps += 1
                     # Idle, nothing can time out: sleep until a transfer comes, as an idle
@@ -380,12 +378,10 @@ class TransferEngine:
                 if skip:
                     skip -= 1
                 else:
-                    events, backoff = self._spin(backoff)
-                    if not events:
-                        skip = backoff
-                    elif incoming or self._stopping:
+                    events, skip, backoff = self._spin(backoff)
+                    if events and (incoming or self._stopping):
                         continue
-                    elif len(events) > 1 or events[0][0] == self._wake_read:
+                    if len(events) > 1 or events and events[0][0] == self._wake_read:
                         self._drain_wake()  # a late wake-up for a transfer taken already
             sleeps += 1
             packet: bytes | None
@@ -428,8 +424,9 @@ class TransferEngine:
             sock.setblocking(False)
         return next_tick
 
-    def _spin(self, backoff: int) -> tuple[list[tuple[int, int]], int]:
-        """Poll for up to `spin` seconds: what was found (nothing: []) and the back-off after."""
+    def _spin(self, backoff: int) -> tuple[list[tuple[int, int]], int, int]:
+        """Poll for up to `spin` seconds: what was found (nothing: []), the waits to skip
+        spinning for after it, and the back-off after it."""
         poll, monotonic = self._epoll.poll, time.monotonic
         events = poll(0)
         if not events:
@@ -440,7 +437,8 @@ class TransferEngine:
             self.spin_hits += 1
         else:
             self.spin_misses += 1
-        return events, backoff_after(backoff, found=bool(events))
+        backoff = backoff_after(backoff, found=bool(events))
+        return events, 0 if events else backoff, backoff
 
     def _drain_wake(self) -> None:
         try:
